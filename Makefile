@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   creates .venv, installs, runs the main job on the embedded demo data
+#   make test   creates .venv, installs with the dev extra, runs the tests
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKSPACE ?= handlens-workspace
+# the local package index prints one warning per package it does not hold: keep the log readable
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/handlens --workspace $(WORKSPACE) demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/import_speed.py
+
+clean:
+	rm -rf $(VENV) $(WORKSPACE) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The ``handlens`` command: a thin shell over library functions. Heavy imports happen inside commands."""

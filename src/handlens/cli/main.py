@@ -1,0 +1,297 @@
+"""``handlens``: import, inspect and split datasets (training, explanations and serving come on top).
+
+Every command is a thin shell: it parses flags, calls one library function, prints the result.
+Nothing heavy is imported at module level, so ``handlens --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from handlens.cli.output import emit_json, fmt, handle_errors, stderr, stdout, table, warn
+
+app = typer.Typer(
+    name="handlens",
+    help="A workbench for small, expert-labelled image collections: catalog, transfer learning, "
+    "explanations and serving, offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    workspace: Path | None = typer.Option(
+        None, "--workspace", envvar="HANDLENS_WORKSPACE",
+        help="Workspace directory (default ./handlens-workspace); created on first use.",
+    ),
+    db: str | None = typer.Option(
+        None, "--db", envvar="HANDLENS_DB_URL",
+        help="Catalog database URL (any SQLAlchemy URL; default: SQLite inside the workspace).",
+    ),
+) -> None:
+    ctx.obj = {"workspace": workspace, "db": db}
+
+
+def _open(ctx: typer.Context) -> tuple[Any, Any]:
+    """The workspace and its catalog, opened on first use by a command."""
+    from handlens.core.workspace import Workspace
+    from handlens.data.catalog import open_catalog
+
+    ws = Workspace.open(ctx.obj["workspace"], ctx.obj["db"])
+    return ws, open_catalog(ws.db_url)
+
+
+# --------------------------------------------------------------------------- import
+
+
+@app.command("import")
+@handle_errors
+def import_cmd(
+    ctx: typer.Context,
+    path: Path = typer.Argument(..., help="A folder of class folders, or a CSV manifest."),
+    dataset: str = typer.Option(..., "--dataset", help="Dataset to add the images to (created if new)."),
+    labelset: str | None = typer.Option(None, "--labelset", help="Labelset for the labels (default 'default')."),
+    csv: Path | None = typer.Option(None, "--csv", help="CSV manifest: path,label[,labelset][,group]."),
+    allow_outside: bool = typer.Option(False, "--allow-outside", help="Accept manifest rows outside PATH."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Decoding processes (default: all cores)."),
+    min_size: int = typer.Option(16, "--min-size", min=1, help="Skip images whose shorter side is below this."),
+    max_pixels: int = typer.Option(250_000_000, "--max-pixels", min=1, help="Skip images above this many pixels."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Import images into a dataset, validating every file. Bad files are reported and skipped."""
+    from handlens.data.importer import import_path
+
+    _, catalog = _open(ctx)
+    with _progress("decoding", enabled=not as_json) as progress:
+        report = import_path(catalog, path, dataset, labelset, csv, allow_outside, workers, min_size,
+                             max_pixels, progress)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    _print_import(report)
+
+
+class _progress:
+    """A rich progress bar on stderr (only on a terminal) fed by (done, total) callbacks."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.label, self.enabled = label, enabled and stderr.is_terminal
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return None
+        from rich.progress import Progress
+
+        self._bar = Progress(console=stderr, transient=True)
+        self._bar.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._bar.add_task(self.label, total=total)
+        self._bar.update(self._task, completed=done)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _print_import(report: Any) -> None:
+    if report.nothing_new and not report.skipped:
+        stdout.print(f"Nothing new: all {report.unchanged:,} images from {report.source} are already in "
+                     f"dataset '{report.dataset}'.")
+    else:
+        stdout.print(
+            f"Dataset '{report.dataset}': {report.added:,} added, {report.updated:,} updated, "
+            f"{report.unchanged:,} unchanged, {len(report.skipped):,} skipped "
+            f"({report.scanned:,} images checked in {report.seconds:.1f}s, {report.images_per_second:,.0f}/s)."
+        )
+        if report.nothing_new:
+            stdout.print("Nothing new was added.")
+    if report.skipped:
+        rows = [[s.reason, s.path, s.detail] for s in report.skipped[:25]]
+        stdout.print(table("Skipped files", ["reason", "file", "detail"], rows, justify_numbers=False))
+        if len(report.skipped) > 25:
+            stdout.print(f"... and {len(report.skipped) - 25} more (use --json for all)")
+    for labelset, counts in report.class_counts.items():
+        stdout.print(table(f"Labelset '{labelset}'", ["class", "images"], [[c, n] for c, n in counts.items()]))
+    if report.duplicates:
+        warn([f"{len(report.duplicates)} sets of identical images (same SHA-256) in the dataset"])
+    for conflict in report.label_conflicts:
+        labels = ", ".join(f"{Path(p).name}={lab}" for p, lab in conflict["labels"].items())
+        warn([f"label conflict in '{conflict['labelset']}': identical images labelled {labels}"])
+
+
+# --------------------------------------------------------------------------- datasets and stats
+
+
+@app.command("datasets")
+@handle_errors
+def datasets_cmd(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """List the datasets in the catalog."""
+    from handlens.data.queries import dataset_summaries
+
+    _, catalog = _open(ctx)
+    with catalog.session() as session:
+        summaries = dataset_summaries(session)
+    if as_json:
+        emit_json(summaries)
+        return
+    if not summaries:
+        stdout.print("No datasets yet. Import one with: handlens import PATH --dataset NAME")
+        return
+    rows = [[s["name"], s["images"], ", ".join(f"{k} ({v} classes)" for k, v in s["labelsets"].items()),
+             ", ".join(s["splits"]) or "-"] for s in summaries]
+    stdout.print(table("Datasets", ["dataset", "images", "labelsets", "splits"], rows))
+
+
+@app.command("stats")
+@handle_errors
+def stats_cmd(
+    ctx: typer.Context,
+    dataset: str = typer.Argument(..., help="Dataset name."),
+    labelset: str | None = typer.Option(None, "--labelset", help="Labelset (needed when there are several)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Class balance, image sizes per class, duplicates, label conflicts and shortcut warnings."""
+    from handlens.data.queries import find_dataset, find_labelset
+    from handlens.data.stats import dataset_stats
+
+    _, catalog = _open(ctx)
+    with catalog.session() as session:
+        ds = find_dataset(session, dataset)
+        stats = dataset_stats(session, ds, find_labelset(session, ds, labelset))
+    if as_json:
+        emit_json(stats)
+        return
+    by_size = stats["size_shortcut"]["per_class"]
+    rows = []
+    for label, info in stats["classes"].items():
+        w, h = info["width"], info["height"]
+        rows.append([label, info["count"], f"{info['share']:.1%}", f"{w['min']}/{fmt(w['median'])}/{w['max']}",
+                     f"{h['min']}/{fmt(h['median'])}/{h['max']}",
+                     f"{by_size[label]['precision']:.2f}/{by_size[label]['recall']:.2f}",
+                     f"{by_size[label]['others_with_sizes_never_seen']:.0%}"])
+    stdout.print(table(f"Dataset '{stats['dataset']}', labelset '{stats['labelset']}': {stats['images']:,} images",
+                       ["class", "images", "share", "width min/med/max", "height min/med/max",
+                        "size-only P/R", "others in sizes it lacks"], rows))
+    shortcut = stats["size_shortcut"]
+    stdout.print(f"imbalance ratio {stats['imbalance_ratio']:.2f}:1 · size-only accuracy "
+                 f"{shortcut['size_only_accuracy']:.2f} vs majority baseline {shortcut['majority_baseline']:.2f}"
+                 f" · {len(stats['duplicates'])} duplicate sets · {len(stats['label_conflicts'])} label conflicts"
+                 f" · {stats['groups']} groups")
+    warn(stats["warnings"])
+
+
+# --------------------------------------------------------------------------- split
+
+
+@app.command("split")
+@handle_errors
+def split_cmd(
+    ctx: typer.Context,
+    dataset: str = typer.Argument(..., help="Dataset name."),
+    labelset: str | None = typer.Option(None, "--labelset", help="Labelset to stratify on."),
+    ratios: str = typer.Option("0.8,0.1,0.1", "--ratios", help="train,val[,test] shares summing to 1."),
+    group_by: str | None = typer.Option(None, "--group-by", help="'group' (import's group column) or 'hash'."),
+    folds: int | None = typer.Option(None, "--folds", help="K-fold cross-validation (test share held out first)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same split."),
+    name: str | None = typer.Option(None, "--name", help="Split name (default splitN)."),
+    min_per_class: int = typer.Option(1, "--min-per-class", min=1,
+                                      help="Refuse if a non-zero share gets fewer images of a class."),
+    max_per_class: int | None = typer.Option(None, "--max-per-class", min=1,
+                                             help="Use at most this many images per class."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Split a dataset into train/val/test (stratified, grouped, k-fold); report leakage."""
+    from handlens.data.splits import make_split
+
+    _, catalog = _open(ctx)
+    summary = make_split(catalog, dataset, labelset, ratios, seed, group_by, folds, name,
+                         min_per_class, max_per_class)
+    if as_json:
+        emit_json(summary)
+        return
+    _print_split(summary)
+
+
+def _print_split(summary: dict[str, Any]) -> None:
+    stdout.print(f"Split '{summary['name']}' of '{summary['dataset']}' (labelset '{summary['labelset']}') "
+                 "saved; it is now the default for training.")
+    for fold, counts in summary["counts"].items():
+        subsets = list(counts)
+        classes = list(next(iter(counts.values())))
+        rows = [[c, *[counts[s][c] for s in subsets], summary["class_weights"][fold].get(c, 0.0)] for c in classes]
+        rows.append(["total", *[sum(counts[s].values()) for s in subsets], ""])
+        title = f"Fold {fold}" if len(summary["counts"]) > 1 else "Images per split"
+        stdout.print(table(title, ["class", *subsets, "class weight"], rows))
+    if summary["excluded_by_max_per_class"]:
+        stdout.print(f"{summary['excluded_by_max_per_class']} images left out by --max-per-class.")
+    leaks = summary["leakage"]
+    if leaks:
+        warn([f"leakage: {len(leaks)} identical image(s) sit in more than one split "
+              "(re-split with --group-by hash to keep copies together)"])
+    else:
+        stdout.print("Leakage check: no identical image appears in two splits.")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+@handle_errors
+def demo_cmd(
+    ctx: typer.Context,
+    name: str = typer.Argument("textures", help="Embedded demo dataset."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """The main job on embedded data: build a demo dataset offline, import it, show stats, split it."""
+    from handlens.data.demo import DEMO_DATASETS
+    from handlens.data.importer import import_path
+    from handlens.data.queries import find_dataset, find_labelset, latest_split
+    from handlens.data.splits import make_split, split_summary
+    from handlens.data.stats import dataset_stats
+
+    demo = DEMO_DATASETS.get(name)
+    ws, catalog = _open(ctx)
+    manifest = demo.build(ws.demo_dir / demo.name, seed=seed)
+    report = import_path(catalog, manifest, demo.name)
+    with catalog.session() as session:
+        ds = find_dataset(session, demo.name)
+        labelset = find_labelset(session, ds, None)
+        stats = dataset_stats(session, ds, labelset)
+        existing = latest_split(session, ds, labelset)
+        summary = split_summary(existing, ds.name, labelset.name) if existing else None
+    if summary is None:
+        summary = make_split(catalog, demo.name, None, "0.6,0.2,0.2", seed, demo.group_by, name="demo")
+    result = {"workspace": str(ws.root), "catalog": ws.db_url, "images": str(manifest.parent),
+              "import": report.to_dict(), "stats": stats, "split": summary}
+    if as_json:
+        emit_json(result)
+        return
+    _print_import(report)
+    stdout.print(f"Stats: {stats['images']} images in {len(stats['classes'])} classes, imbalance "
+                 f"{stats['imbalance_ratio']:.2f}:1, {stats['groups']} groups.")
+    warn(stats["warnings"])
+    _print_split(summary)
+    stdout.print(f"\nworkspace: {ws.root}\ncatalog:   {ws.db_url}\nimages:    {manifest.parent}")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,66 @@
+"""Printing: one JSON document for ``--json``, readable rich tables otherwise."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from handlens.core.errors import HandlensError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+stdout = Console(highlight=False, soft_wrap=True)
+if not stdout.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+    stdout.width = max(stdout.width, 140)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def emit_json(document: Any) -> None:
+    """Write exactly one JSON document to stdout."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def handle_errors(command: F) -> F:
+    """Turn a HandlensError into a one-line message on stderr and its exit code (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except HandlensError as exc:
+            stderr.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]], justify_numbers: bool = True) -> Table:
+    out = Table(title=title, title_justify="left", show_lines=False)
+    for index, column in enumerate(columns):
+        out.add_column(column, justify="right" if justify_numbers and index > 0 else "left")
+    for row in rows:
+        out.add_row(*[fmt(v) for v in row])
+    return out
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e6:
+            return f"{int(value):,}"
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def warn(messages: list[str]) -> None:
+    for message in messages:
+        stdout.print(f"[yellow]warning:[/] {message}")

@@ -1,0 +1,1 @@
+"""Datasets: the catalog, import and validation, statistics, splits, demo data."""

@@ -1,0 +1,28 @@
+"""The catalog: a SQL database (SQLite by default, any SQLAlchemy URL) describing the user's images."""
+
+from handlens.data.catalog.db import Catalog, open_catalog
+from handlens.data.catalog.schema import (
+    SCHEMA_VERSION,
+    Dataset,
+    Image,
+    ImportRecord,
+    Label,
+    Labelset,
+    Split,
+    SplitAssignment,
+    Tag,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Catalog",
+    "Dataset",
+    "Image",
+    "ImportRecord",
+    "Label",
+    "Labelset",
+    "Split",
+    "SplitAssignment",
+    "Tag",
+    "open_catalog",
+]

@@ -1,0 +1,157 @@
+"""Catalog tables.
+
+Images stay where they are: a row holds the absolute path, the SHA-256 of the file's bytes and what
+decoding told us (size, mode, format). Labels live in *labelsets* so that one image can carry
+several label schemes (e.g. Dunham and Lucia classes for the same thin section).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+#: Bump when the tables change, and add a step to ``db.MIGRATIONS``.
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    """One row: the schema version the catalog was last written with."""
+
+    __tablename__ = "schema_version"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="dataset", cascade="all, delete-orphan")
+    labelsets: Mapped[list[Labelset]] = relationship(back_populates="dataset", cascade="all, delete-orphan")
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "path", name="uq_image_path"),
+        Index("ix_images_sha256", "sha256"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    width: Mapped[int] = mapped_column(Integer, nullable=False)
+    height: Mapped[int] = mapped_column(Integer, nullable=False)
+    mode: Mapped[str] = mapped_column(String(16), nullable=False)
+    format: Mapped[str] = mapped_column(String(16), nullable=False)
+    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    #: file modification time at import: an unchanged (path, bytes, mtime) is not decoded again.
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    group: Mapped[str | None] = mapped_column("group_name", String(200), nullable=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    dataset: Mapped[Dataset] = relationship(back_populates="images")
+    labels: Mapped[list[Label]] = relationship(back_populates="image", cascade="all, delete-orphan")
+    tags: Mapped[list[Tag]] = relationship(back_populates="image", cascade="all, delete-orphan")
+
+
+class Labelset(Base):
+    __tablename__ = "labelsets"
+    __table_args__ = (UniqueConstraint("dataset_id", "name", name="uq_labelset_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+
+    dataset: Mapped[Dataset] = relationship(back_populates="labelsets")
+
+
+class Label(Base):
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("image_id", "labelset_id", name="uq_label_per_labelset"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), nullable=False)
+    labelset_id: Mapped[int] = mapped_column(ForeignKey("labelsets.id", ondelete="CASCADE"), nullable=False)
+    label: Mapped[str] = mapped_column(String(200), nullable=False)
+
+    image: Mapped[Image] = relationship(back_populates="labels")
+    labelset: Mapped[Labelset] = relationship()
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+    __table_args__ = (UniqueConstraint("image_id", "tag", name="uq_tag"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), nullable=False)
+    tag: Mapped[str] = mapped_column(String(200), nullable=False)
+
+    image: Mapped[Image] = relationship(back_populates="tags")
+
+
+class ImportRecord(Base):
+    """Every import keeps its full report, skipped files and their reasons included: nothing is lost."""
+
+    __tablename__ = "imports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+
+
+class Split(Base):
+    """A named partition of one dataset under one labelset; the newest is the default for training."""
+
+    __tablename__ = "splits"
+    __table_args__ = (UniqueConstraint("dataset_id", "name", name="uq_split_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False)
+    labelset_id: Mapped[int] = mapped_column(ForeignKey("labelsets.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: ratios, seed, group_by, folds, min/max per class: everything needed to redo the split.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    #: {fold: {class: weight}}: inverse-frequency weights from that fold's train subset.
+    class_weights: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    #: leakage and other findings at split time.
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+
+    labelset: Mapped[Labelset] = relationship()
+
+
+class SplitAssignment(Base):
+    """Which subset (train/val/test) an image belongs to in one fold of a split."""
+
+    __tablename__ = "split_assignments"
+    __table_args__ = (
+        UniqueConstraint("split_id", "fold", "image_id", name="uq_assignment"),
+        Index("ix_assignment_split_fold", "split_id", "fold"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    split_id: Mapped[int] = mapped_column(ForeignKey("splits.id", ondelete="CASCADE"), nullable=False)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), nullable=False)
+    fold: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    subset: Mapped[str] = mapped_column(String(8), nullable=False)

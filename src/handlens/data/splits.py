@@ -1,0 +1,286 @@
+"""Leak-free splits: stratified by class, optionally grouped, optionally k-fold, reproducible.
+
+* Stratified: each class is divided by the shares (largest-remainder rounding), so every split
+  keeps the class proportions.
+* Grouped (``group_by="group"``): whole groups go to one split (all images of one rock sample or
+  one patient stay together); groups are placed greedily, largest first, where their classes are
+  most lacking. ``group_by="hash"`` keeps identical files together.
+* k-fold: an optional test share is held out first; the rest is cut into K parts, and fold k
+  validates on part k and trains on the others.
+
+After planning, identical images (same SHA-256) found in two subsets of a fold are reported as
+leakage, and inverse-frequency class weights are computed from each fold's train subset.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from handlens.core.errors import ConflictError, InputError
+from handlens.data.catalog import Split, SplitAssignment
+from handlens.data.queries import LabelledImage, find_dataset, find_labelset, labelled_images
+
+SUBSETS = ("train", "val", "test")
+GROUP_KEYS = ("group", "hash")
+
+
+@dataclass
+class SplitPlan:
+    """Fold -> image id -> subset, with class weights per fold and a report of findings."""
+
+    assignments: dict[int, dict[int, str]]
+    class_weights: dict[str, dict[str, float]]
+    counts: dict[str, dict[str, dict[str, int]]]
+    leakage: list[dict[str, Any]] = field(default_factory=list)
+    excluded: int = 0
+
+
+def parse_ratios(text: str | list[float] | tuple[float, ...]) -> tuple[float, float, float]:
+    """``"0.8,0.1,0.1"`` or ``"0.9,0.1"`` -> (train, val, test); shares must sum to 1."""
+    try:
+        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    except ValueError:
+        raise InputError(f"--ratios {text!r}: give two or three numbers like 0.8,0.1,0.1") from None
+    if len(values) not in (2, 3) or any(v < 0 for v in values):
+        raise InputError(f"--ratios {text!r}: give two (train,val) or three (train,val,test) non-negative shares")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise InputError(f"--ratios {text!r} sums to {sum(values):g}; the shares must sum to 1")
+    if values[0] <= 0:
+        raise InputError("--ratios: the train share must be above zero")
+    return (values[0], values[1], values[2] if len(values) == 3 else 0.0)
+
+
+def _largest_remainder(n: int, shares: list[float]) -> list[int]:
+    raw = [n * s for s in shares]
+    counts = [int(r) for r in raw]
+    order = sorted(range(len(shares)), key=lambda i: (raw[i] - counts[i], shares[i]), reverse=True)
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _partition(units: dict[str, list[LabelledImage]], shares: list[float], rng: random.Random,
+               grouped: bool) -> dict[str, int]:
+    """Assign each unit (a group of images) to one part, keeping class proportions per part."""
+    placement: dict[str, int] = {}
+    if not grouped:  # every unit is one image: exact per-class stratification
+        by_class: dict[str, list[str]] = defaultdict(list)
+        for key, members in sorted(units.items()):
+            by_class[members[0].label].append(key)
+        for label in sorted(by_class):
+            keys = by_class[label]
+            rng.shuffle(keys)
+            start = 0
+            for part, count in enumerate(_largest_remainder(len(keys), shares)):
+                for key in keys[start:start + count]:
+                    placement[key] = part
+                start += count
+        return placement
+    totals = Counter(img.label for members in units.values() for img in members)
+    targets = [{c: n * s for c, n in totals.items()} for s in shares]
+    current: list[Counter[str]] = [Counter() for _ in shares]
+    keys = sorted(units)
+    rng.shuffle(keys)
+    keys.sort(key=lambda k: len(units[k]), reverse=True)  # stable: ties keep the seeded order
+    for key in keys:
+        composition = Counter(img.label for img in units[key])
+
+        def need(part: int, composition: Counter[str] = composition) -> float:
+            return sum(k * (targets[part][c] - current[part][c]) / totals[c] for c, k in composition.items())
+
+        candidates = [p for p, s in enumerate(shares) if s > 0]
+        best = max(candidates, key=lambda p: (need(p), shares[p]))
+        placement[key] = best
+        current[best].update(composition)
+    return placement
+
+
+def _unit_key(img: LabelledImage, group_by: str | None) -> str:
+    if group_by == "group":
+        return f"g:{img.group}" if img.group else f"i:{img.id}"
+    if group_by == "hash":
+        return f"h:{img.sha256}"
+    return f"i:{img.id}"
+
+
+def plan_split(
+    images: list[LabelledImage],
+    ratios: tuple[float, float, float],
+    seed: int = 0,
+    group_by: str | None = None,
+    folds: int | None = None,
+    min_per_class: int = 1,
+    max_per_class: int | None = None,
+) -> SplitPlan:
+    """Plan a split of ``images`` (see the module docstring). Pure: same input and seed, same plan."""
+    if group_by is not None and group_by not in GROUP_KEYS:
+        raise InputError(f"--group-by {group_by!r}: choose 'group' (the import's group column) or 'hash'")
+    if group_by == "group" and not any(img.group for img in images):
+        raise InputError("--group-by group: no image has a group; import a CSV manifest with a group column")
+    if folds is not None and folds < 2:
+        raise InputError("--folds must be 2 or more")
+    if not images:
+        raise InputError("no labelled images to split")
+    rng = random.Random(seed)
+    excluded = 0
+    if max_per_class is not None:
+        by_class: dict[str, list[LabelledImage]] = defaultdict(list)
+        for img in images:
+            by_class[img.label].append(img)
+        kept: list[LabelledImage] = []
+        for label in sorted(by_class):
+            members = sorted(by_class[label], key=lambda i: i.id)
+            rng.shuffle(members)
+            kept.extend(members[:max_per_class])
+        excluded = len(images) - len(kept)
+        images = sorted(kept, key=lambda i: i.id)
+
+    units: dict[str, list[LabelledImage]] = defaultdict(list)
+    for img in images:
+        units[_unit_key(img, group_by)].append(img)
+    grouped = group_by is not None
+    train, val, test = ratios
+
+    assignments: dict[int, dict[int, str]] = {}
+    active: dict[str, bool]
+    if folds is None:
+        placement = _partition(units, [train, val, test], rng, grouped)
+        assignments[0] = {img.id: SUBSETS[placement[key]] for key, members in units.items() for img in members}
+        active = {"train": True, "val": val > 0, "test": test > 0}
+    else:
+        rest = units
+        test_ids: set[int] = set()
+        if test > 0:
+            outer = _partition(units, [1 - test, test], rng, grouped)
+            rest = {k: v for k, v in units.items() if outer[k] == 0}
+            test_ids = {img.id for k, v in units.items() if outer[k] == 1 for img in v}
+        inner = _partition(rest, [1 / folds] * folds, rng, grouped)
+        for fold in range(folds):
+            assignment = {img_id: "test" for img_id in test_ids}
+            for key, members in rest.items():
+                for img in members:
+                    assignment[img.id] = "val" if inner[key] == fold else "train"
+            assignments[fold] = assignment
+        active = {"train": True, "val": True, "test": test > 0}
+
+    classes = sorted({img.label for img in images})
+    label_of = {img.id: img.label for img in images}
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for fold, assignment in assignments.items():
+        per_subset: dict[str, Counter[str]] = {s: Counter() for s in SUBSETS}
+        for img_id, subset in assignment.items():
+            per_subset[subset][label_of[img_id]] += 1
+        counts[str(fold)] = {s: {c: per_subset[s][c] for c in classes} for s in SUBSETS if active[s]}
+        for subset, per_class in counts[str(fold)].items():
+            short = {c: n for c, n in per_class.items() if n < min_per_class}
+            if short:
+                where = f" in fold {fold}" if folds else ""
+                detail = ", ".join(f"{c!r} ({n})" for c, n in short.items())
+                raise InputError(
+                    f"the {subset} split{where} would hold fewer than {min_per_class} image(s) of class "
+                    f"{detail}; raise that share in --ratios, use fewer --folds, set its share to 0, "
+                    "or add images of that class"
+                )
+
+    return SplitPlan(
+        assignments=assignments,
+        class_weights={fold: inverse_frequency_weights(c["train"]) for fold, c in counts.items()},
+        counts=counts,
+        leakage=find_leakage(images, assignments),
+        excluded=excluded,
+    )
+
+
+def inverse_frequency_weights(train_counts: dict[str, int]) -> dict[str, float]:
+    """w_c = N / (K * n_c): balanced classes all get 1; rare classes weigh more."""
+    total, k = sum(train_counts.values()), len(train_counts)
+    return {c: round(total / (k * n), 6) if n else 0.0 for c, n in train_counts.items()}
+
+
+def find_leakage(images: list[LabelledImage], assignments: dict[int, dict[int, str]]) -> list[dict[str, Any]]:
+    """Identical files (by SHA-256) placed in more than one subset of the same fold."""
+    by_hash: dict[str, list[LabelledImage]] = defaultdict(list)
+    for img in images:
+        by_hash[img.sha256].append(img)
+    leaks = []
+    for fold, assignment in assignments.items():
+        for sha, members in by_hash.items():
+            subsets: dict[str, list[str]] = defaultdict(list)
+            for img in members:
+                if img.id in assignment:
+                    subsets[assignment[img.id]].append(img.path)
+            if len(subsets) > 1:
+                leaks.append({"fold": fold, "sha256": sha, "subsets": dict(sorted(subsets.items()))})
+    return leaks
+
+
+# --------------------------------------------------------------------------- catalog side
+
+
+def make_split(
+    catalog: Any,
+    dataset_name: str,
+    labelset_name: str | None = None,
+    ratios: str | tuple[float, ...] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    group_by: str | None = None,
+    folds: int | None = None,
+    name: str | None = None,
+    min_per_class: int = 1,
+    max_per_class: int | None = None,
+) -> dict[str, Any]:
+    """Plan a split of a catalog dataset and store it; returns its summary (what ``split`` prints)."""
+    shares = parse_ratios(ratios)
+    with catalog.session() as session:
+        dataset = find_dataset(session, dataset_name)
+        labelset = find_labelset(session, dataset, labelset_name)
+        images = labelled_images(session, labelset)
+        plan = plan_split(images, shares, seed, group_by, folds, min_per_class, max_per_class)
+        if name is None:
+            existing = session.scalar(select(func.count(Split.id)).where(Split.dataset_id == dataset.id)) or 0
+            name = f"split{existing + 1}"
+        if session.scalars(select(Split).where(Split.dataset_id == dataset.id, Split.name == name)).first():
+            raise ConflictError(f"dataset {dataset_name!r} already has a split named {name!r}; choose another --name")
+        params = {"ratios": list(shares), "seed": seed, "group_by": group_by, "folds": folds,
+                  "min_per_class": min_per_class, "max_per_class": max_per_class}
+        report = {"counts": plan.counts, "leakage": plan.leakage, "excluded_by_max_per_class": plan.excluded}
+        split = Split(dataset_id=dataset.id, labelset_id=labelset.id, name=name, params=params,
+                      class_weights=plan.class_weights, report=report)
+        session.add(split)
+        session.flush()
+        session.execute(
+            SplitAssignment.__table__.insert(),
+            [{"split_id": split.id, "image_id": img_id, "fold": fold, "subset": subset}
+             for fold, assignment in plan.assignments.items() for img_id, subset in assignment.items()],
+        )
+        return split_summary(split, dataset_name, labelset.name)
+
+
+def split_summary(split: Any, dataset_name: str, labelset_name: str) -> dict[str, Any]:
+    return {
+        "id": split.id,
+        "name": split.name,
+        "dataset": dataset_name,
+        "labelset": labelset_name,
+        "params": split.params,
+        "counts": split.report["counts"],
+        "class_weights": split.class_weights,
+        "leakage": split.report["leakage"],
+        "excluded_by_max_per_class": split.report.get("excluded_by_max_per_class", 0),
+    }
+
+
+def split_members(session: Any, split_id: int, fold: int = 0) -> dict[str, list[int]]:
+    """Image ids per subset for one fold of a stored split."""
+    members: dict[str, list[int]] = {s: [] for s in SUBSETS}
+    rows = session.execute(select(SplitAssignment.image_id, SplitAssignment.subset)
+                           .where(SplitAssignment.split_id == split_id, SplitAssignment.fold == fold)
+                           .order_by(SplitAssignment.image_id))
+    for image_id, subset in rows:
+        members[subset].append(image_id)
+    return members

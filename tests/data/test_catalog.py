@@ -1,0 +1,34 @@
+import pytest
+from sqlalchemy import text
+
+from handlens.core.errors import CatalogVersionError
+from handlens.data.catalog import SCHEMA_VERSION, open_catalog
+
+
+def test_new_catalog_records_its_schema_version(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    catalog = open_catalog(url)
+    with catalog.engine.connect() as conn:
+        assert conn.execute(text("select version from schema_version")).scalar() == SCHEMA_VERSION
+    catalog.close()
+    open_catalog(url).close()  # opening again is fine
+
+
+def test_catalog_from_a_newer_handlens_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    catalog = open_catalog(url)
+    with catalog.engine.begin() as conn:
+        conn.execute(text("update schema_version set version = :v"), {"v": SCHEMA_VERSION + 1})
+    catalog.close()
+    with pytest.raises(CatalogVersionError, match="upgrade handlens"):
+        open_catalog(url)
+
+
+def test_foreign_database_is_not_taken_over(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("create table images (id integer)")
+    with pytest.raises(CatalogVersionError, match="new database"):
+        open_catalog(f"sqlite:///{path}")
