@@ -32,3 +32,14 @@ def test_foreign_database_is_not_taken_over(tmp_path):
         conn.execute("create table images (id integer)")
     with pytest.raises(CatalogVersionError, match="new database"):
         open_catalog(f"sqlite:///{path}")
+
+
+def test_unreachable_database_is_a_clear_error_without_the_password(tmp_path):
+    from handlens.core.errors import InputError
+
+    with pytest.raises(InputError, match="cannot connect to catalog database") as caught:
+        open_catalog(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'x.db'}")
+    assert "Check that the server runs" in str(caught.value)
+    with pytest.raises(InputError) as caught:
+        open_catalog("postgresql+nosuchdriver://user:s3cret@127.0.0.1:1/db")
+    assert "s3cret" not in str(caught.value) and "***" in str(caught.value)

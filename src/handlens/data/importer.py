@@ -10,17 +10,18 @@ import csv
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from handlens.core.errors import InputError
 from handlens.core.workspace import is_within
 from handlens.data.catalog import Catalog, Dataset, Image, ImportRecord, Label, Labelset
+from handlens.data.catalog.schema import utcnow
 from handlens.data.imaging import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
@@ -177,24 +178,28 @@ def probe_many(
     min_side: int = DEFAULT_MIN_SIDE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: ProgressCallback | None = None,
-) -> list[Probe]:
-    """Probe ``paths`` on ``workers`` processes (default: every core), in input order."""
+) -> Iterator[Probe]:
+    """Probe ``paths`` on ``workers`` processes (default: every core), yielding results in input order.
+
+    A generator, so the caller writes results to the catalog while the workers keep decoding.
+    """
     workers = max(1, workers or os.cpu_count() or 1)
     total = len(paths)
-    results: list[Probe] = []
     if workers == 1 or total < 8:
-        for path in paths:
-            results.append(probe_image(path, min_side, max_pixels))
-            if progress:
-                progress(len(results), total)
-        return results
+        results: Iterable[Probe] = (probe_image(path, min_side, max_pixels) for path in paths)
+        yield from _counted(results, total, progress)
+        return
     chunk = max(1, min(32, total // (workers * 8)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for probe in pool.map(probe_image, paths, [min_side] * total, [max_pixels] * total, chunksize=chunk):
-            results.append(probe)
-            if progress:
-                progress(len(results), total)
-    return results
+        results = pool.map(probe_image, paths, [min_side] * total, [max_pixels] * total, chunksize=chunk)
+        yield from _counted(results, total, progress)
+
+
+def _counted(results: Iterable[Probe], total: int, progress: ProgressCallback | None) -> Iterator[Probe]:
+    for done, probe in enumerate(results, start=1):
+        if progress:
+            progress(done, total)
+        yield probe
 
 
 # --------------------------------------------------------------------------- writing to the catalog
@@ -228,37 +233,43 @@ def import_entries(
 
         # Unchanged files (same size and mtime as at their last import) are not decoded again.
         stats = {e.path: _stat(e.path) for e in entries}
-        to_probe = [e.path for e in entries if not _unchanged(existing.get(e.path), stats[e.path])]
-        probes = {p.path: p for p in probe_many(to_probe, workers, min_side, max_pixels, progress)}
+        needs_probe = [not _unchanged(existing.get(e.path), stats[e.path]) for e in entries]
+        probes = probe_many([e.path for e, needed in zip(entries, needs_probe, strict=True) if needed],
+                            workers, min_side, max_pixels, progress)
 
-        labelsets = {ls.name: ls for ls in session.scalars(select(Labelset).where(Labelset.dataset_id == dataset.id))}
-        for entry in entries:
-            probe = probes.get(entry.path)
+        labelsets = _ensure_labelsets(session, dataset, {name for e in entries for name in e.labels})
+        current_labels: dict[int, dict[int, Label]] = defaultdict(dict)
+        for label in session.scalars(select(Label).join(Image).where(Image.dataset_id == dataset.id)):
+            current_labels[label.image_id][label.labelset_id] = label
+        new_rows: dict[str, dict[str, Any]] = {}
+        new_labels: dict[str, dict[int, str]] = {}
+        for entry, needed in zip(entries, needs_probe, strict=True):
+            probe = next(probes) if needed else None  # results stream in while workers decode
             image = existing.get(entry.path)
             if probe is not None and not probe.ok:
                 report.skipped.append(Skipped(entry.path, probe.reason, probe.detail))
                 continue
-            if image is None:
+            if image is None:  # new: collected for one bulk insert below
                 assert probe is not None
-                image = Image(dataset_id=dataset.id, path=entry.path, group=entry.group,
-                              mtime_ns=stats[entry.path], **_facts(probe))
-                session.add(image)
-                existing[entry.path] = image
-                report.added += 1
-            elif probe is not None and probe.sha256 != image.sha256:
+                if entry.path not in new_rows:
+                    report.added += 1
+                new_rows[entry.path] = {"dataset_id": dataset.id, "path": entry.path, "group": entry.group,
+                                        "mtime_ns": stats[entry.path], **_facts(probe)}
+                new_labels[entry.path] = {labelsets[n].id: v for n, v in entry.labels.items()}
+                continue
+            if probe is not None and probe.sha256 != image.sha256:
                 for key, value in _facts(probe).items():
                     setattr(image, key, value)
-                image.mtime_ns = stats[entry.path]
                 report.updated += 1
             else:
-                if probe is not None:
-                    image.mtime_ns = stats[entry.path]
                 report.unchanged += 1
+            if probe is not None:
+                image.mtime_ns = stats[entry.path]
             if entry.group and image.group != entry.group:
                 image.group = entry.group
-            session.flush()
-            report.relabelled += _apply_labels(session, dataset, image, entry.labels, labelsets)
+            report.relabelled += _apply_labels(image, entry.labels, labelsets, current_labels[image.id])
 
+        _bulk_insert(session, dataset.id, new_rows, new_labels)
         session.flush()
         dups, conflicts = duplicate_report(session, dataset.id)
         report.duplicates, report.label_conflicts = dups, conflicts
@@ -289,21 +300,37 @@ def _facts(probe: Probe) -> dict[str, Any]:
             "mode": probe.mode, "format": probe.format, "bytes": probe.bytes}
 
 
-def _apply_labels(session: Any, dataset: Dataset, image: Image, labels: dict[str, str],
-                  labelsets: dict[str, Labelset]) -> int:
-    """Set ``image``'s labels; returns 1 if an existing label changed, else 0."""
+def _bulk_insert(session: Any, dataset_id: int, rows: dict[str, dict[str, Any]],
+                 labels: dict[str, dict[int, str]]) -> None:
+    """Insert new images and their labels with two Core statements: ORM objects cost more than decoding."""
+    if not rows:
+        return
+    session.flush()
+    session.execute(insert(Image), [{**row, "added_at": utcnow()} for row in rows.values()])
+    ids = dict(session.execute(select(Image.path, Image.id).where(Image.dataset_id == dataset_id)).all())
+    label_rows = [{"image_id": ids[path], "labelset_id": labelset_id, "label": value}
+                  for path, per_labelset in labels.items() for labelset_id, value in per_labelset.items()]
+    if label_rows:
+        session.execute(insert(Label), label_rows)
+
+
+def _ensure_labelsets(session: Any, dataset: Dataset, names: set[str]) -> dict[str, Labelset]:
+    labelsets = {ls.name: ls for ls in session.scalars(select(Labelset).where(Labelset.dataset_id == dataset.id))}
+    for name in sorted(names - set(labelsets)):
+        labelsets[name] = Labelset(dataset_id=dataset.id, name=name)
+        session.add(labelsets[name])
+    session.flush()
+    return labelsets
+
+
+def _apply_labels(image: Image, labels: dict[str, str], labelsets: dict[str, Labelset],
+                  current: dict[int, Label]) -> int:
+    """Set an existing image's labels; returns 1 if a label it already had changed, else 0."""
     changed = 0
-    current = {lab.labelset_id: lab for lab in image.labels} if image.id else {}
     for name, value in labels.items():
-        labelset = labelsets.get(name)
-        if labelset is None:
-            labelset = Labelset(dataset_id=dataset.id, name=name)
-            session.add(labelset)
-            session.flush()
-            labelsets[name] = labelset
-        label = current.get(labelset.id)
+        label = current.get(labelsets[name].id)
         if label is None:
-            image.labels.append(Label(labelset_id=labelset.id, label=value))
+            image.labels.append(Label(labelset_id=labelsets[name].id, label=value))
         elif label.label != value:
             label.label = value
             changed = 1

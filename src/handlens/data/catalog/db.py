@@ -6,7 +6,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy import Engine, create_engine, event, inspect, make_url, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from handlens.core.errors import CatalogVersionError, InputError
@@ -51,14 +52,31 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 def open_catalog(url: str) -> Catalog:
     """Connect to the catalog at ``url``, creating or upgrading its tables as needed."""
+    shown = _redacted(url)
     try:
         engine = create_engine(url, future=True)
     except Exception as exc:  # bad URL or missing driver
-        raise InputError(f"cannot open catalog database {url!r}: {exc}. Check --db / HANDLENS_DB_URL") from exc
+        raise InputError(f"cannot open catalog database {shown}: {exc}. Check --db / HANDLENS_DB_URL") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    _ensure_schema(engine)
+    try:
+        _ensure_schema(engine)
+    except DBAPIError as exc:
+        engine.dispose()
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise InputError(
+            f"cannot connect to catalog database {shown}: {reason}. Check that the server runs and the URL "
+            "(--db / HANDLENS_DB_URL) is right"
+        ) from exc
     return Catalog(url=url, engine=engine, _sessions=sessionmaker(engine, expire_on_commit=False))
+
+
+def _redacted(url: str) -> str:
+    """The URL as it may be shown to a user: any password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparseable URL)"
 
 
 def _ensure_schema(engine: Engine) -> None:
