@@ -43,3 +43,20 @@ def test_unreachable_database_is_a_clear_error_without_the_password(tmp_path):
     with pytest.raises(InputError) as caught:
         open_catalog("postgresql+nosuchdriver://user:s3cret@127.0.0.1:1/db")
     assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+
+
+def test_version_one_catalog_is_migrated(tmp_path):
+    """A catalog written before the runs table existed gains it, with its data kept."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    catalog = open_catalog(url)
+    with catalog.engine.begin() as conn:
+        conn.execute(text("insert into datasets (name, description, created_at) values ('old', '', '2026-01-01')"))
+        conn.execute(text("drop table runs"))
+        conn.execute(text("update schema_version set version = 1"))
+    catalog.close()
+    upgraded = open_catalog(url)
+    with upgraded.engine.connect() as conn:
+        assert conn.execute(text("select version from schema_version")).scalar() == SCHEMA_VERSION
+        assert conn.execute(text("select count(*) from runs")).scalar() == 0
+        assert conn.execute(text("select name from datasets")).scalar() == "old"
+    upgraded.close()

@@ -288,6 +288,203 @@ def demo_cmd(
     stdout.print(f"\nworkspace: {ws.root}\ncatalog:   {ws.db_url}\nimages:    {manifest.parent}")
 
 
+# --------------------------------------------------------------------------- training and inference
+
+
+def _backbone_names() -> list[str]:
+    from handlens.models.backbones import BACKBONES
+
+    return BACKBONES.names()
+
+
+def _tracking_names() -> list[str]:
+    from handlens.track import TRACKERS
+
+    return TRACKERS.names()
+
+
+def _run_config(config: Path | None, overrides: list[str] | None, **flags: Any) -> Any:
+    """The run config: YAML file <- flags given on the command line <- key=value overrides."""
+    from handlens.train.config import load_config
+
+    sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}, "tracking": {}}
+    where = {"dataset": "data", "labelset": "data", "split": "data", "backbone": "model", "weights": "model",
+             "freeze": "model", "epochs": "train", "overfit_batches": "train", "tracking": "tracking"}
+    for key, value in flags.items():
+        if value is not None:
+            sections[where[key]]["backend" if key == "tracking" else key] = value
+    return load_config(config, overrides or [], sections)
+
+
+DATASET_OPT = typer.Option(None, "--dataset", help="Dataset to train on.")
+LABELSET_OPT = typer.Option(None, "--labelset", help="Labelset (default: the split's).")
+SPLIT_OPT = typer.Option(None, "--split", help="Split name (default: the newest).")
+BACKBONE_OPT = typer.Option(None, "--backbone", help="Backbone: " + ", ".join(_backbone_names())
+                            + " (default efficientnet_lite0).")
+WEIGHTS_OPT = typer.Option(None, "--weights", help="packaged (offline ImageNet, efficientnet_lite0), imagenet "
+                           "(download), none, or a .safetensors/.pth file (default packaged).")
+FREEZE_OPT = typer.Option(None, "--freeze", help="frozen, partial:N or full (default frozen).")
+CONFIG_OPT = typer.Option(None, "--config", help="Run config YAML; flags and key=value override it.")
+OVERRIDES_ARG = typer.Argument(None, help="Config overrides: section.key=value, e.g. train.lr=0.01.")
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    ctx: typer.Context,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    dataset: str | None = DATASET_OPT,
+    labelset: str | None = LABELSET_OPT,
+    split: str | None = SPLIT_OPT,
+    backbone: str | None = BACKBONE_OPT,
+    weights: str | None = WEIGHTS_OPT,
+    freeze: str | None = FREEZE_OPT,
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs (default 10)."),
+    overfit_batches: int | None = typer.Option(None, "--overfit-batches", min=1,
+                                               help="Sanity run: can the model overfit K batches?"),
+    tracking: str | None = typer.Option(None, "--tracking", help="mlflow (default), tensorboard or none."),
+    config: Path | None = CONFIG_OPT,
+    resume: str | None = typer.Option(None, "--resume", help="Continue run RUN from its last checkpoint."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Train a classifier by transfer learning. The last line printed is the bundle's path."""
+    from handlens.train.run import train
+
+    ws, catalog = _open(ctx)
+    catalog.close()
+    if backbone is not None and backbone not in _backbone_names():
+        from handlens.core.errors import InputError
+
+        raise InputError(f"--backbone {backbone!r}: choose one of {', '.join(_backbone_names())}")
+    if tracking is not None and tracking not in _tracking_names():
+        from handlens.core.errors import InputError
+
+        raise InputError(f"--tracking {tracking!r}: choose one of {', '.join(_tracking_names())}")
+    cfg = None if resume else _run_config(config, overrides, dataset=dataset, labelset=labelset, split=split,
+                                          backbone=backbone, weights=weights, freeze=freeze, epochs=epochs,
+                                          overfit_batches=overfit_batches, tracking=tracking)
+    result = train(cfg, ws, resume=resume)  # type: ignore[arg-type]
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    stdout.print(f"run:      {result.run_id}{' (resumed)' if result.resumed else ''}")
+    stdout.print(f"epochs:   {result.epochs} (best {result.best_epoch}) in {result.seconds:.1f}s")
+    for subset in ("val", "test"):
+        m = result.metrics.get(subset)
+        if m:
+            auc = f", ROC-AUC {m['roc_auc']:.3f}" if m.get("roc_auc") is not None else ""
+            stdout.print(f"{subset + ':':9} accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}{auc} "
+                         f"({m['n']} images)")
+    if result.tracking_uri:
+        how = (f"mlflow ui --backend-store-uri {result.tracking_uri}" if result.tracking_uri.startswith("sqlite")
+               else f"tensorboard --logdir {result.tracking_uri}")
+        stdout.print(f"tracking: {how}")
+    stdout.print(f"run dir:  {result.run_dir}")
+    print(result.bundle, flush=True)
+
+
+@app.command("lr-find")
+@handle_errors
+def lr_find_cmd(
+    ctx: typer.Context,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    dataset: str | None = DATASET_OPT,
+    labelset: str | None = LABELSET_OPT,
+    split: str | None = SPLIT_OPT,
+    backbone: str | None = BACKBONE_OPT,
+    weights: str | None = WEIGHTS_OPT,
+    freeze: str | None = FREEZE_OPT,
+    config: Path | None = CONFIG_OPT,
+    steps: int = typer.Option(100, "--steps", min=10, help="Learning rates to try."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Learning-rate range test: train briefly with a rising LR and suggest one."""
+    from handlens.train.run import lr_find, quiet_lightning
+
+    quiet_lightning()
+    ws, catalog = _open(ctx)
+    catalog.close()
+    cfg = _run_config(config, overrides, dataset=dataset, labelset=labelset, split=split, backbone=backbone,
+                      weights=weights, freeze=freeze)
+    result = lr_find(cfg, ws, steps=steps)
+    if as_json:
+        emit_json(result)
+        return
+    if result["suggestion"]:
+        stdout.print(f"suggested learning rate: {result['suggestion']:.2e}  (use train.lr={result['suggestion']:.2e})")
+    else:
+        stdout.print(result["note"])
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate_cmd(
+    ctx: typer.Context,
+    bundle: str = typer.Argument(..., help="Run id or bundle directory."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Dataset (default: the one it trained on)."),
+    subset: str = typer.Option("test", "--split", help="Subset of the split: train, val or test."),
+    split_name: str | None = typer.Option(None, "--split-name", help="Stored split (default: the training one)."),
+    images: Path | None = typer.Option(None, "--images", help="A folder-per-class tree outside the catalog."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the confusion-matrix PNG."),
+    top: int = typer.Option(10, "--top", min=0, help="How many top losses to list."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Accuracy, macro-F1, per-class precision/recall/F1, ROC-AUC, confusion matrix and top losses."""
+    from handlens.train.evaluate import evaluate
+
+    ws, catalog = _open(ctx)
+    catalog.close()
+    report = evaluate(bundle, ws, dataset, subset, split_name, images, out, top)
+    if as_json:
+        emit_json(report)
+        return
+    auc = f"{report['roc_auc']:.3f}" if report.get("roc_auc") is not None else "n/a (a class is absent)"
+    stdout.print(f"{report['source']}: {report['n']} images · accuracy {report['accuracy']:.3f} · "
+                 f"macro-F1 {report['macro_f1']:.3f} · ROC-AUC {auc}")
+    rows = [[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in report["per_class"].items()]
+    stdout.print(table("Per class", ["class", "precision", "recall", "F1", "images"], rows))
+    classes = report["classes"]
+    stdout.print(table("Confusion (rows: true, columns: predicted)", ["", *classes],
+                       [[c, *row] for c, row in zip(classes, report["confusion"], strict=True)]))
+    if report["top_losses"]:
+        stdout.print(table("Top losses (most confidently wrong)", ["image", "true", "predicted", "confidence"],
+                           [[x["path"], x["true"], x["predicted"], x["confidence"]] for x in report["top_losses"]]))
+    stdout.print(f"confusion matrix: {report['confusion_png']}")
+
+
+@app.command("predict")
+@handle_errors
+def predict_cmd(
+    ctx: typer.Context,
+    bundle: str = typer.Argument(..., help="Run id or bundle directory."),
+    images: list[Path] = typer.Argument(..., help="Image files or folders."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Classes to show per image."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Predict the class of images with a trained bundle."""
+    from handlens.core.errors import InputError
+    from handlens.models.bundle import iter_images, load_bundle
+    from handlens.train.evaluate import resolve_bundle
+
+    ws, catalog = _open(ctx)
+    catalog.close()
+    loaded = load_bundle(resolve_bundle(ws, bundle))
+    files = iter_images(images)
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise InputError(f"no such image file: {missing[0]}")
+    try:
+        predictions = loaded.predict(files, top_k=top_k)
+    except OSError as exc:
+        raise InputError(f"cannot read an image: {exc}") from exc
+    if as_json:
+        emit_json([p.to_dict() for p in predictions])
+        return
+    rows = [[p.source, p.top[0][0], p.top[0][1], ", ".join(f"{c} {v:.3f}" for c, v in p.top[1:])]
+            for p in predictions]
+    stdout.print(table("Predictions", ["image", "class", "probability", "next"], rows))
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

@@ -13,8 +13,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from handlens.core.errors import CatalogVersionError, InputError
 from handlens.data.catalog.schema import SCHEMA_VERSION, Base, SchemaVersion
 
+
+def _add_runs_table(engine: Engine) -> None:
+    """1 -> 2: the ``runs`` table (created by ``create_all`` for any table a catalog lacks)."""
+    Base.metadata.create_all(engine)
+
+
 #: version -> step that upgrades a catalog from ``version`` to ``version + 1``.
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {}
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {1: _add_runs_table}
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Backbones, classifiers, freezing, weight sources and model bundles (the inference path: no Lightning)."""

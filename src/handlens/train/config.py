@@ -1,0 +1,141 @@
+"""The run config: one pydantic model, read from YAML with ``key=value`` overrides, saved with every run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from handlens.core.errors import InputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    dataset: str = ""
+    labelset: str | None = None
+    split: str | None = Field(None, description="split name; default: the dataset's newest split")
+    fold: int = 0
+
+
+class PreprocessConfig(_Section):
+    size: int | None = Field(None, description="input size; default: the backbone's")
+    resize: Literal["shorter-crop", "stretch", "letterbox"] = "shorter-crop"
+
+
+class AugmentConfig(_Section):
+    policy: Literal["none", "basic"] = "basic"
+    hflip: bool = True
+    vflip: bool = False
+    crop_scale: float = Field(0.8, gt=0, le=1, description="random resized crop: smallest area share")
+
+
+class ModelConfig(_Section):
+    backbone: str = "efficientnet_lite0"
+    weights: str = "packaged"
+    freeze: str = "frozen"
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: int = 256
+    dropout: float = Field(0.0, ge=0, lt=1)
+    freeze_norm: bool = False
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    body_lr_mult: float = Field(1.0, gt=0, description="discriminative LR: backbone LR = lr x this")
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = 0.9
+    schedule: Literal["cosine", "step", "plateau", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    step_size: int = Field(5, ge=1)
+    gamma: float = 0.1
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = 2.0
+    class_weights: Literal["auto", "none"] | list[float] = "auto"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    monitor: str = "val_macro_f1"
+    monitor_mode: Literal["max", "min"] = "max"
+    early_stopping: int = Field(0, ge=0, description="patience in epochs; 0 turns early stopping off")
+    seed: int = 0
+    overfit_batches: int = Field(0, ge=0)
+    feature_cache: Literal["auto", "on", "off"] = "auto"
+    views: int = Field(0, ge=0, description="augmented views per image cached for frozen backbones")
+    workers: int | None = None
+    progress: bool = True
+
+
+class TrackingConfig(_Section):
+    backend: Literal["mlflow", "tensorboard", "none"] = "mlflow"
+    experiment: str = "handlens"
+
+
+class RunConfig(_Section):
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _freeze_is_valid(cls, value: ModelConfig) -> ModelConfig:
+        from handlens.models.freeze import FreezeSpec
+
+        FreezeSpec.parse(value.freeze)
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_value(text: str) -> Any:
+    """``key=value`` values are YAML scalars or lists: 0.01, true, null, [1, 2], cosine."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: write it as section.key=value, e.g. train.lr=0.01")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = parse_value(value)
+    return data
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """YAML file (optional) <- ``base`` (e.g. CLI flags) <- ``key=value`` overrides -> a validated RunConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"cannot read run config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InputError(f"run config {path} must be a mapping of sections (data, model, train, ...)")
+    for section, values in (base or {}).items():
+        data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise InputError(f"invalid run config: {problems}") from None

@@ -1,0 +1,166 @@
+"""The LightningModule: one loop for images (fine-tuning) and for cached features (frozen backbones)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from handlens.core.errors import HandlensError
+from handlens.train.losses import build_loss
+from handlens.train.metrics import classification_metrics, scalar_metrics
+from handlens.transforms.augment import BasicPolicy, augment_batch
+from handlens.transforms.preprocess import normalize_batch
+
+
+class NonFiniteLossError(HandlensError):
+    """Training produced a NaN or infinite loss."""
+
+
+class ClassifierModule(pl.LightningModule):
+    """Trains ``model`` on uint8 image batches, or (``on_features``) a head on cached feature vectors.
+
+    Per-epoch metrics for train and val are computed from all of the epoch's predictions and kept in
+    ``history``; the scalar ones are logged for checkpointing, early stopping and tracking.
+    """
+
+    def __init__(self, model: nn.Module, classes: list[str], train_cfg: Any, augment: BasicPolicy | None,
+                 mean: tuple[float, ...], std: tuple[float, ...], class_weights: list[float] | None,
+                 on_features: bool = False, body_params: list[nn.Parameter] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.classes = classes
+        self.cfg = train_cfg
+        self.policy = augment
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.on_features = on_features
+        self.body_param_ids = {id(p) for p in (body_params or [])}
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.loss_fn = build_loss(train_cfg.loss, weight, train_cfg.label_smoothing, train_cfg.focal_gamma)
+        self.lr = train_cfg.lr
+        self.history: list[dict[str, Any]] = []
+        #: called with each epoch's record once it is complete (reporting, tracking, resume state)
+        self.epoch_listeners: list[Any] = []
+        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"train": [], "val": []}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.on_features:
+            x = normalize_batch(x, self.mean, self.std)
+        return self.model(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        if stage == "train" and not self.on_features and self.policy is not None:
+            x = augment_batch(x, self.policy)
+        logits = self(x)
+        loss = self.loss_fn(logits, y)
+        if stage == "train" and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at epoch {self.current_epoch + 1}, step "
+                f"{self.global_step}; lower the learning rate (e.g. train.lr={self.lr / 10:g}) or check the data. "
+                "The last good checkpoint is kept"
+            )
+        self._outputs[stage].append((torch.softmax(logits.detach().float(), 1).cpu(), y.cpu()))
+        self.log(f"{stage}_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=stage == "val",
+                 batch_size=len(y))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def _epoch_metrics(self, stage: str) -> dict[str, Any]:
+        outputs = self._outputs[stage]
+        self._outputs[stage] = []
+        if not outputs:
+            return {}
+        probs = torch.cat([p for p, _ in outputs])
+        target = torch.cat([t for _, t in outputs])
+        return classification_metrics(probs, target, self.classes)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._epoch_metrics("val")
+        if self.trainer.sanity_checking or not metrics:
+            return
+        self._val_metrics = metrics
+        scalars = scalar_metrics(metrics, "val")
+        for key, value in scalars.items():
+            self.log(key, value, prog_bar=key == "val_macro_f1")
+        self._log_checkpoint_score(scalars)
+
+    def _log_checkpoint_score(self, scalars: dict[str, float]) -> None:
+        """``checkpoint_score``: the monitored metric with ties broken by the lower validation loss.
+
+        Macro-F1 on a small validation set often ties across epochs (1.0 from epoch 1 on an easy
+        task); keeping the first of the tied epochs would keep the least-trained model.
+        """
+        monitor, mode = self.cfg.monitor, self.cfg.monitor_mode
+        logged = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        value = scalars.get(monitor, logged.get(monitor))
+        if value is None:
+            return
+        loss = logged.get("val_loss", 0.0)
+        tie_break = 0.0 if monitor == "val_loss" else 1e-6 * min(loss, 1e3)
+        self.log("checkpoint_score", value - tie_break if mode == "max" else value + tie_break)
+
+    def on_train_epoch_end(self) -> None:
+        train = self._epoch_metrics("train")
+        for key, value in scalar_metrics(train, "train").items():
+            self.log(key, value)
+        logged = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        record = {"epoch": self.current_epoch + 1, **{k: v for k, v in logged.items() if math.isfinite(v)},
+                  "lr": float(self.trainer.optimizers[0].param_groups[-1]["lr"]) if self.trainer.optimizers else None,
+                  "val": getattr(self, "_val_metrics", None), "train": train}
+        self.history.append(record)
+        for listener in self.epoch_listeners:
+            listener(record)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.cfg
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        body = [p for p in trainable if id(p) in self.body_param_ids]
+        rest = [p for p in trainable if id(p) not in self.body_param_ids]
+        groups = [{"params": rest, "lr": self.lr}]
+        if body:
+            groups.insert(0, {"params": body, "lr": self.lr * cfg.body_lr_mult})
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                        nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=cfg.weight_decay)
+        scheduler = build_scheduler(optimizer, cfg)
+        if scheduler is None:
+            return optimizer
+        if cfg.schedule == "plateau":
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": cfg.monitor,
+                                                             "interval": "epoch", "strict": False}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any) -> Any:
+    """Per-epoch schedule: linear warm-up, then cosine / step / plateau / constant."""
+    from torch.optim import lr_scheduler as sched
+
+    warmup = min(cfg.warmup_epochs, max(0, cfg.epochs - 1))
+    main_epochs = max(1, cfg.epochs - warmup)
+    if cfg.schedule == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, mode=cfg.monitor_mode, factor=cfg.gamma, patience=2)
+    if cfg.schedule == "cosine":
+        main: Any = sched.CosineAnnealingLR(optimizer, T_max=main_epochs)
+    elif cfg.schedule == "step":
+        main = sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    else:
+        main = None
+    if warmup == 0:
+        return main
+    ramp = sched.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+    if main is None:
+        return ramp
+    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])

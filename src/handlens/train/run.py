@@ -1,0 +1,394 @@
+"""``train(cfg) -> RunResult``: from a catalog split to a model bundle, with metrics and tracking.
+
+A run lives in ``<workspace>/runs/<run id>/``: ``config.yaml`` (enough to repeat it),
+``checkpoints/`` (``last.ckpt`` to resume, ``best.ckpt``), ``history.json``, ``metrics.json``,
+confusion-matrix PNGs and ``bundle/``. Images are decoded once (cached across runs); a frozen
+backbone's features are computed once (also cached) and only the head trains on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handlens.core.errors import HandlensError, InputError, NotFoundError
+from handlens.core.workspace import Workspace
+from handlens.train.config import RunConfig, load_config
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    bundle: Path
+    epochs: int
+    best_epoch: int | None
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    tracking_uri: str = ""
+    resumed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "bundle": str(self.bundle),
+                "epochs": self.epochs, "best_epoch": self.best_epoch, "metrics": self.metrics,
+                "seconds": round(self.seconds, 2), "timings": {k: round(v, 2) for k, v in self.timings.items()},
+                "tracking_uri": self.tracking_uri, "resumed": self.resumed}
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Prepared:
+    """Everything a training loop needs, built from a config (shared by train and lr-find)."""
+
+    cfg: RunConfig
+    data: Any
+    model: Any
+    module: Any
+    preprocess: Any
+    train_loader: Any
+    val_loader: Any | None
+    eval_inputs: dict[str, Any]  # subset -> (inputs, targets) for final metrics
+    on_features: bool
+    timings: dict[str, float]
+    weights_info: dict[str, Any]
+
+
+def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
+    import lightning.pytorch as pl
+    import torch
+
+    from handlens.models.backbones import BACKBONES
+    from handlens.models.classifier import create_classifier
+    from handlens.models.freeze import FreezeSpec
+    from handlens.train.data import as_tensor_images, load_split_data
+    from handlens.train.features import ViewDataset, cached_features, compute_features, features_key
+    from handlens.train.module import ClassifierModule
+    from handlens.transforms.augment import BasicPolicy
+    from handlens.transforms.cache import decode_many
+
+    if not cfg.data.dataset:
+        raise InputError("no dataset given: pass --dataset NAME (or data.dataset=NAME)")
+    timings: dict[str, float] = {}
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    torch.set_num_threads(os.cpu_count() or 1)
+    spec = BACKBONES.get(cfg.model.backbone)
+    preprocess = spec.preprocess(cfg.preprocess.resize)
+    if cfg.preprocess.size:
+        from dataclasses import replace
+
+        preprocess = replace(preprocess, size=cfg.preprocess.size)
+    data = load_split_data(catalog, cfg.data.dataset, cfg.data.labelset, cfg.data.split, cfg.data.fold)
+    if len(data.subsets["train"]) == 0:
+        raise InputError(f"split {data.split!r} has no training images")
+    class_weights = _class_weights(cfg, data)
+
+    started = time.perf_counter()
+    model = create_classifier(cfg.model.backbone, len(data.classes), cfg.model.weights, cfg.model.freeze,
+                              cfg.model.head, cfg.model.hidden, cfg.model.dropout, cfg.model.freeze_norm)
+    timings["model"] = time.perf_counter() - started
+    freeze = FreezeSpec.parse(cfg.model.freeze)
+    on_features = cfg.train.feature_cache == "on" or (cfg.train.feature_cache == "auto" and freeze.mode == "frozen")
+    if on_features and freeze.mode != "frozen":
+        raise InputError("train.feature_cache=on needs model.freeze=frozen: a backbone that learns has no "
+                         "fixed features")
+
+    started = time.perf_counter()
+    subsets = {name: s for name, s in data.subsets.items() if len(s)}
+    images = {name: as_tensor_images(decode_many(s.paths, preprocess, s.sha256s, ws.cache_dir, cfg.train.workers))
+              for name, s in subsets.items()}
+    timings["decode"] = time.perf_counter() - started
+    policy = BasicPolicy.from_config(cfg.augment)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    loader_kwargs = {"batch_size": cfg.train.batch_size, "num_workers": 0}
+
+    if on_features:
+        started = time.perf_counter()
+        weights_id = _weights_identity(cfg.model.weights)
+        base = {"backbone": spec.name, "weights": weights_id, "preprocess": preprocess.key()}
+        feats: dict[str, Any] = {}
+        for name, subset in subsets.items():
+            views = cfg.train.views if name == "train" else 0
+            parts = {**base, "views": views, "augment": cfg.augment.model_dump() if views else None,
+                     "seed": cfg.train.seed if views else None}
+
+            def compute(name: str = name, views: int = views) -> Any:
+                if views == 0:
+                    return compute_features(model.backbone, images[name], preprocess.mean, preprocess.std)
+                return torch.stack([compute_features(model.backbone, images[name], preprocess.mean, preprocess.std,
+                                                     policy=policy or BasicPolicy(), generator=generator)
+                                    for _ in range(views)], dim=1)
+
+            feats[name] = cached_features(ws.cache_dir, features_key(parts, subset.sha256s), compute)
+        timings["features"] = time.perf_counter() - started
+        datasets = {name: ViewDataset(feats[name], subsets[name].targets) for name in subsets}
+        eval_inputs = {name: (feats[name] if feats[name].dim() == 2 else feats[name][:, 0], subsets[name].targets)
+                       for name in subsets if name != "train"}
+        module = ClassifierModule(model.head, data.classes, cfg.train, None, preprocess.mean, preprocess.std,
+                                  class_weights, on_features=True)
+    else:
+        datasets = {name: torch.utils.data.TensorDataset(images[name], torch.from_numpy(subsets[name].targets))
+                    for name in subsets}
+        eval_inputs = {name: (images[name], subsets[name].targets) for name in subsets if name != "train"}
+        module = ClassifierModule(model, data.classes, cfg.train, policy, preprocess.mean, preprocess.std,
+                                  class_weights, body_params=list(model.backbone.parameters()))
+
+    n_train = len(datasets["train"])
+    train_loader = torch.utils.data.DataLoader(
+        datasets["train"], shuffle=True, drop_last=n_train > cfg.train.batch_size and not on_features,
+        generator=generator, **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(datasets["val"], **loader_kwargs) if "val" in datasets else None
+    return Prepared(cfg, data, model, module, preprocess, train_loader, val_loader, eval_inputs, on_features,
+                    timings, {"source": cfg.model.weights})
+
+
+def _class_weights(cfg: RunConfig, data: Any) -> list[float] | None:
+    setting = cfg.train.class_weights
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return [float(data.class_weights.get(c, 1.0)) for c in data.classes]
+    if len(setting) != len(data.classes):
+        raise InputError(f"train.class_weights has {len(setting)} values for {len(data.classes)} classes "
+                         f"({', '.join(data.classes)})")
+    return [float(w) for w in setting]
+
+
+def _weights_identity(source: str) -> str:
+    """What identifies the backbone weights in a cache key: the name, or a local file's size and mtime."""
+    if source in ("none", "imagenet", "packaged"):
+        return source
+    path = Path(source).expanduser()
+    stat = path.stat() if path.exists() else None
+    return f"{path.resolve()}:{stat.st_size if stat else 0}:{stat.st_mtime_ns if stat else 0}"
+
+
+def _epoch_reporter(tracker: Any, total_epochs: int, run_dir: Path, history: list[dict[str, Any]]) -> Any:
+    """One line per epoch on stderr, metrics to the tracker, and the history so far for a resume."""
+
+    def report(record: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in record.items() if isinstance(v, float)}
+        tracker.log_metrics(scalars, step=record["epoch"])
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in scalars.items()
+                          if k in ("train_loss", "val_loss", "train_macro_f1", "val_macro_f1", "val_accuracy"))
+        print(f"epoch {record['epoch']}/{total_epochs}  {shown}", file=sys.stderr, flush=True)
+        (run_dir / "history.partial.json").write_text(json.dumps(history, indent=1))
+
+    return report
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's banners (accelerator info, tips) and a known deprecation notice off the terminal."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
+def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None = None,
+          progress: bool | None = None) -> RunResult:
+    """Train a classifier as ``cfg`` says (or resume run ``resume`` from its last checkpoint)."""
+    import lightning.pytorch as pl
+    import rich
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+
+    from handlens.data.catalog import Dataset, Run, open_catalog
+    from handlens.models.bundle import save_bundle
+    from handlens.track import create_tracker, flatten
+
+    started = time.perf_counter()
+    quiet_lightning()
+    ws = workspace or Workspace.open()
+    catalog = open_catalog(ws.db_url)
+    ckpt_path: Path | None = None
+    if resume:
+        run_id = resume
+        run_dir = ws.runs_dir / run_id
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise NotFoundError(f"no run {run_id!r} in {ws.runs_dir}; see the run ids printed by `handlens train`")
+        cfg = load_config(run_dir / CONFIG_FILE)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = last if last.is_file() else None
+    else:
+        run_id = new_run_id()
+        run_dir = ws.runs_dir / run_id
+        run_dir.mkdir(parents=True)
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+
+    prepared = prepare(cfg, ws, catalog)
+    data, module = prepared.data, prepared.module
+    with catalog.session() as session:
+        dataset_id = session.query(Dataset.id).filter(Dataset.name == data.dataset).scalar()
+        record = session.get(Run, run_id) or Run(id=run_id, config=cfg.model_dump(mode="json"), status="running")
+        record.dataset_id, record.split_name, record.status = dataset_id, data.split, "running"
+        session.merge(record)
+
+    tracker = create_tracker(cfg.tracking.backend, ws.runs_dir, cfg.tracking.experiment)
+    tracker.start(run_id, {**flatten(cfg.model_dump(mode="json")), "data.split_resolved": data.split,
+                           "data.classes": ",".join(data.classes)})
+    has_val = prepared.val_loader is not None
+    monitor = cfg.train.monitor if has_val else cfg.train.monitor.replace("val_", "train_", 1)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+                                 monitor="checkpoint_score" if has_val else monitor,
+                                 mode=cfg.train.monitor_mode, save_top_k=1, save_last=True,
+                                 enable_version_counter=False)
+    callbacks: list[Any] = [checkpoint]
+    if resume:
+        _restore_history(module, run_dir)
+    module.epoch_listeners.append(_epoch_reporter(tracker, cfg.train.epochs, run_dir, module.history))
+    if cfg.train.early_stopping:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=cfg.train.monitor_mode,
+                                       patience=cfg.train.early_stopping))
+    show_bar = cfg.train.progress and (progress if progress is not None else sys.stderr.isatty())
+    if show_bar:
+        rich.reconfigure(stderr=True)  # Lightning prints through rich's console: keep stdout for results
+        callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))
+    trainer = pl.Trainer(
+        max_epochs=cfg.train.epochs, accelerator="auto", devices=1, logger=False, callbacks=callbacks,
+        enable_progress_bar=show_bar, enable_model_summary=False, default_root_dir=str(run_dir),
+        num_sanity_val_steps=0, overfit_batches=cfg.train.overfit_batches or 0.0, log_every_n_steps=10,
+    )
+    status = "failed"
+    try:
+        fit_started = time.perf_counter()
+        trainer.fit(module, prepared.train_loader, prepared.val_loader if has_val else None,
+                    ckpt_path=str(ckpt_path) if ckpt_path else None)
+        prepared.timings["fit"] = time.perf_counter() - fit_started
+        (run_dir / "history.json").write_text(json.dumps(module.history, indent=1))
+        best_epoch = _load_best(module, checkpoint)
+        metrics = _final_metrics(prepared, run_dir)
+        metrics["best_epoch"] = best_epoch
+        bundle = save_bundle(run_dir / "bundle", prepared.model, _manifest(cfg, prepared, metrics, run_id))
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        for png in sorted(run_dir.glob("confusion_*.png")):
+            tracker.log_artifact(png)
+        tracker.log_artifact(bundle)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        tracker.finish(status)
+        with catalog.session() as session:
+            row = session.get(Run, run_id)
+            row.status = status
+            row.finished_at = datetime.now(UTC)
+            row.tracking = {"backend": cfg.tracking.backend, "uri": tracker.uri,
+                            "run_id": getattr(tracker, "run_id", None)}
+            if status == "finished":
+                row.bundle_path, row.metrics = str(bundle), _jsonable(metrics)
+        catalog.close()
+    torch.set_grad_enabled(True)
+    return RunResult(run_id=run_id, run_dir=run_dir, bundle=bundle, epochs=trainer.current_epoch,
+                     best_epoch=best_epoch, metrics=metrics, history=module.history,
+                     seconds=time.perf_counter() - started, timings=prepared.timings, tracking_uri=tracker.uri,
+                     resumed=bool(resume))
+
+
+def _restore_history(module: Any, run_dir: Path) -> None:
+    """Earlier epochs' metrics of a resumed run (written at each epoch end by the history callback)."""
+    path = run_dir / "history.partial.json"
+    if path.is_file():
+        module.history[:] = json.loads(path.read_text())
+
+
+def _load_best(module: Any, checkpoint: Any) -> int | None:
+    """Put the best checkpoint's weights back into the module (weights only, nothing unpickled)."""
+    import torch
+
+    path = checkpoint.best_model_path
+    if not path or not Path(path).is_file():
+        return module.history[-1]["epoch"] if module.history else None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return int(state.get("epoch", 0)) + 1
+
+
+def _final_metrics(prepared: Prepared, run_dir: Path) -> dict[str, Any]:
+    """Metrics of the best model on each held-out subset, plus confusion PNGs."""
+    import torch
+
+    from handlens.train.metrics import classification_metrics, confusion_png
+
+    module = prepared.module
+    module.eval()
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        for name, (inputs, targets) in prepared.eval_inputs.items():
+            probs = torch.cat([torch.softmax(module(inputs[i:i + 64]).float(), 1)
+                               for i in range(0, len(inputs), 64)])
+            metrics = classification_metrics(probs, torch.from_numpy(targets), prepared.data.classes)
+            out[name] = metrics
+            confusion_png(metrics["confusion"], prepared.data.classes, run_dir / f"confusion_{name}.png",
+                          f"{name}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+    return out
+
+
+def _manifest(cfg: RunConfig, prepared: Prepared, metrics: dict[str, Any], run_id: str) -> dict[str, Any]:
+    data = prepared.data
+    return {
+        "run_id": run_id,
+        "backbone": cfg.model.backbone,
+        "weights": cfg.model.weights,
+        "freeze": cfg.model.freeze,
+        "head": {"type": cfg.model.head, "hidden": cfg.model.hidden, "dropout": cfg.model.dropout},
+        "classes": data.classes,
+        "dataset": data.dataset,
+        "labelset": data.labelset,
+        "split": data.split,
+        "fold": data.fold,
+        "preprocess": prepared.preprocess.to_dict(),
+        "config": cfg.model_dump(mode="json"),
+        "metrics": _jsonable(metrics),
+        "split_membership": data.membership(),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+
+
+def lr_find(cfg: RunConfig, workspace: Workspace | None = None, min_lr: float = 1e-6, max_lr: float = 1.0,
+            steps: int = 100) -> dict[str, Any]:
+    """Leslie Smith's LR range test (Smith, "Cyclical Learning Rates for Training Neural Networks", WACV 2017)
+    through Lightning's tuner; returns the suggestion and the loss curve."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.tuner import Tuner
+
+    from handlens.data.catalog import open_catalog
+
+    ws = workspace or Workspace.open()
+    catalog = open_catalog(ws.db_url)
+    try:
+        prepared = prepare(cfg, ws, catalog)
+    finally:
+        catalog.close()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=str(ws.cache_dir), accelerator="auto", devices=1)
+    finder = Tuner(trainer).lr_find(prepared.module, train_dataloaders=prepared.train_loader, min_lr=min_lr,
+                                    max_lr=max_lr, num_training=steps, update_attr=False)
+    if finder is None:
+        raise HandlensError("the learning-rate finder did not run")
+    suggestion = finder.suggestion()
+    return {"suggestion": suggestion, "lr": [float(x) for x in finder.results["lr"]],
+            "loss": [float(x) for x in finder.results["loss"]],
+            "note": None if suggestion else "no clear minimum: the loss diverged early; try a smaller max_lr"}
