@@ -50,3 +50,39 @@ def catalog(tmp_path: Path) -> Catalog:
     cat = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
     yield cat
     cat.close()
+
+
+def colour_tree(root: Path, per_class: int = 16, size: int = 40) -> Path:
+    """A learnable tree: each class has its own dominant colour, with noise and random shapes."""
+    rng = np.random.default_rng(7)
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    for label, colour in colours.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.array(colour, dtype=np.float32)[None, None] * rng.uniform(0.7, 1.0)
+            noise = rng.normal(0, 25, (size, size, 3))
+            Image.fromarray((base + noise).clip(0, 255).astype(np.uint8)).save(root / label / f"{label}_{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def trained_workspace(tmp_path: Path):
+    """A workspace with the colour dataset imported as 'colours' and split 50/25/25."""
+    from handlens.core.workspace import Workspace
+    from handlens.data.importer import import_path
+    from handlens.data.splits import make_split
+
+    ws = Workspace.open(tmp_path / "ws")
+    catalog = open_catalog(ws.db_url)
+    import_path(catalog, colour_tree(tmp_path / "colours"), "colours", workers=1)
+    make_split(catalog, "colours", ratios="0.5,0.25,0.25", seed=0)
+    catalog.close()
+    return ws
+
+
+def tiny_config(*overrides: str):
+    from handlens.train.config import load_config
+
+    return load_config(None, ["data.dataset=colours", "model.backbone=tiny_cnn", "model.weights=none",
+                              "model.freeze=full", "train.epochs=2", "train.batch_size=8", "train.lr=0.01",
+                              "tracking.backend=none", "train.progress=false", *overrides])

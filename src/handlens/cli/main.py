@@ -254,9 +254,11 @@ def demo_cmd(
     ctx: typer.Context,
     name: str = typer.Argument("textures", help="Embedded demo dataset."),
     seed: int = typer.Option(0, "--seed"),
+    train_model: bool = typer.Option(True, "--train/--no-train", help="Also train, evaluate and predict."),
+    epochs: int = typer.Option(15, "--epochs", min=1, help="Epochs for the demo model."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """The main job on embedded data: build a demo dataset offline, import it, show stats, split it."""
+    """The main job on embedded data: build a demo dataset offline, import, split, train, evaluate, predict."""
     from handlens.data.demo import DEMO_DATASETS
     from handlens.data.importer import import_path
     from handlens.data.queries import find_dataset, find_labelset, latest_split
@@ -275,17 +277,58 @@ def demo_cmd(
         summary = split_summary(existing, ds.name, labelset.name) if existing else None
     if summary is None:
         summary = make_split(catalog, demo.name, None, "0.6,0.2,0.2", seed, demo.group_by, name="demo")
-    result = {"workspace": str(ws.root), "catalog": ws.db_url, "images": str(manifest.parent),
-              "import": report.to_dict(), "stats": stats, "split": summary}
+    catalog.close()
+    result: dict[str, Any] = {"workspace": str(ws.root), "catalog": ws.db_url, "images": str(manifest.parent),
+                              "import": report.to_dict(), "stats": stats, "split": summary}
+    if not as_json:
+        _print_import(report)
+        stdout.print(f"Stats: {stats['images']} images in {len(stats['classes'])} classes, imbalance "
+                     f"{stats['imbalance_ratio']:.2f}:1, {stats['groups']} groups.")
+        warn(stats["warnings"])
+        _print_split(summary)
+    if train_model:
+        result.update(_demo_train(ws, demo.name, seed, epochs, quiet=as_json))
     if as_json:
         emit_json(result)
         return
-    _print_import(report)
-    stdout.print(f"Stats: {stats['images']} images in {len(stats['classes'])} classes, imbalance "
-                 f"{stats['imbalance_ratio']:.2f}:1, {stats['groups']} groups.")
-    warn(stats["warnings"])
-    _print_split(summary)
     stdout.print(f"\nworkspace: {ws.root}\ncatalog:   {ws.db_url}\nimages:    {manifest.parent}")
+    if train_model:
+        stdout.print(f"bundle:    {result['train']['bundle']}\n"
+                     f"tracking:  mlflow ui --backend-store-uri {result['train']['tracking_uri']}\n"
+                     f"next:      handlens --workspace {ws.root} predict {result['train']['bundle']} YOUR_IMAGE.png")
+
+
+def _demo_train(ws: Any, dataset: str, seed: int, epochs: int, quiet: bool) -> dict[str, Any]:
+    """Train EfficientNet-Lite0 (packaged ImageNet weights, frozen), evaluate on test, predict two images."""
+    from handlens.models.bundle import load_bundle
+    from handlens.train.config import load_config
+    from handlens.train.evaluate import evaluate
+    from handlens.train.run import train
+
+    cfg = load_config(None, [f"data.dataset={dataset}", "model.backbone=efficientnet_lite0", "model.weights=packaged",
+                             "model.freeze=frozen", f"train.epochs={epochs}", f"train.seed={seed}"])
+    if not quiet:
+        stdout.print(f"\nTraining efficientnet_lite0 (packaged ImageNet weights, frozen) for {epochs} epochs...")
+    result = train(cfg, ws)
+    report = evaluate(result.bundle, ws, subset="test")
+    bundle = load_bundle(result.bundle)
+    members = bundle.manifest["split_membership"]["test"]
+    from handlens.data.catalog import Image as ImageRow
+    from handlens.data.catalog import open_catalog
+
+    catalog = open_catalog(ws.db_url)
+    with catalog.session() as session:
+        rows = {row.id: row.path for row in session.query(ImageRow).filter(ImageRow.id.in_(members))}
+    catalog.close()
+    picks = [rows[members[0]], rows[members[-1]]]
+    predictions = [p.to_dict() for p in bundle.predict(picks, top_k=2)]
+    if not quiet:
+        stdout.print(f"test: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f} "
+                     f"({report['n']} images); trained in {result.seconds:.1f}s")
+        for p in predictions:
+            stdout.print(f"predict {Path(p['source']).name}: {p['label']} ({p['confidence']:.2f})")
+    return {"train": result.to_dict(), "evaluate": {k: report[k] for k in ("accuracy", "macro_f1", "n")},
+            "predictions": predictions}
 
 
 # --------------------------------------------------------------------------- training and inference
@@ -396,6 +439,8 @@ def lr_find_cmd(
     freeze: str | None = FREEZE_OPT,
     config: Path | None = CONFIG_OPT,
     steps: int = typer.Option(100, "--steps", min=10, help="Learning rates to try."),
+    min_lr: float = typer.Option(1e-6, "--min-lr", help="Smallest learning rate tried."),
+    max_lr: float = typer.Option(1.0, "--max-lr", help="Largest learning rate tried."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Learning-rate range test: train briefly with a rising LR and suggest one."""
@@ -406,7 +451,7 @@ def lr_find_cmd(
     catalog.close()
     cfg = _run_config(config, overrides, dataset=dataset, labelset=labelset, split=split, backbone=backbone,
                       weights=weights, freeze=freeze)
-    result = lr_find(cfg, ws, steps=steps)
+    result = lr_find(cfg, ws, min_lr=min_lr, max_lr=max_lr, steps=steps)
     if as_json:
         emit_json(result)
         return

@@ -84,6 +84,15 @@ def _tiny_cnn() -> Any:
         def forward(self, x: Any) -> Any:
             return self.global_pool(self.stages(x)).flatten(1)
 
+        def forward_intermediates(self, x: Any, indices: list[int]) -> tuple[Any, list[Any]]:
+            """timm's interface: the final feature map and the outputs of the given stages."""
+            kept = []
+            for index, stage in enumerate(self.stages):
+                x = stage(x)
+                if index in indices:
+                    kept.append(x)
+            return x, kept
+
     return TinyCNN()
 
 

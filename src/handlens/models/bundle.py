@@ -191,7 +191,8 @@ def build_from_manifest(manifest: dict[str, Any]) -> Any:
     head = manifest.get("head", {})
     return create_classifier(manifest["backbone"], len(manifest["classes"]), weights="none",
                              freeze=manifest.get("freeze", "full"), head=head.get("type", "linear"),
-                             hidden=head.get("hidden", 256), dropout=head.get("dropout", 0.0))
+                             hidden=head.get("hidden", 256), dropout=head.get("dropout", 0.0),
+                             pool=head.get("pool", "avg"))
 
 
 def load_bundle(path: str | Path) -> Bundle:

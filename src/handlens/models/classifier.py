@@ -25,24 +25,58 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.La
 CONTAINER_NAMES = ("blocks", "stages", "features")
 
 
-class Classifier(nn.Module):
-    """``backbone`` (images -> pooled features) then ``head`` (features -> logits)."""
+POOLS = ("avg", "texture")
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, spec: BackboneSpec) -> None:
+
+def _mean_std(features: torch.Tensor, prefix_tokens: int = 0) -> torch.Tensor:
+    """Per-channel mean and standard deviation over space (CNN maps) or over patch tokens (ViT)."""
+    if features.dim() == 4:
+        return torch.cat([features.mean((2, 3)), features.std((2, 3), correction=0)], 1)
+    tokens = features[:, prefix_tokens:]
+    return torch.cat([tokens.mean(1), tokens.std(1, correction=0)], 1)
+
+
+def texture_stage(backbone: nn.Module) -> tuple[int, int]:
+    """The stage whose statistics texture pooling adds: the one before the last (index, channels)."""
+    info = backbone.feature_info
+    entries = info if isinstance(info, list) else info.get_dicts()
+    index = max(0, len(entries) - 2)
+    return index, int(entries[index]["num_chs"])
+
+
+class Classifier(nn.Module):
+    """``backbone`` (images -> pooled features) then ``head`` (features -> logits).
+
+    ``pool="avg"`` is the backbone's own global average pooling. ``pool="texture"`` describes an image
+    by the mean *and standard deviation* of each channel of the final feature map and of the stage
+    before it: second-order statistics are what characterise texture (Gatys et al., "Texture
+    Synthesis Using Convolutional Neural Networks", NeurIPS 2015; Cimpoi et al., "Deep Filter Banks for
+    Texture Recognition and Segmentation", CVPR 2015), and thin sections, X-ray patterns and fungal
+    surfaces are textures more than objects.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, spec: BackboneSpec, pool: str = "avg") -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.spec = spec
+        self.pool = pool
+        self.texture_index = texture_stage(backbone)[0] if pool == "texture" else -1
         self.layers = {name: f"backbone.{path}" for name, path in named_layers(spec, backbone).items()}
         self.default_layer = default_layer(spec, self.layers)
         self.layers["head"] = "head"
         self.frozen_modules: list[str] = []  # kept in eval mode by .train()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.features(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        """The pooled feature vector the head sees."""
+        if self.pool == "avg":
+            return self.backbone(x)
+        final, (middle,) = self.backbone.forward_intermediates(x, indices=[self.texture_index])
+        prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        return torch.cat([_mean_std(final, prefix), _mean_std(middle)], 1)
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
@@ -82,14 +116,20 @@ def create_classifier(
     hidden: int = 256,
     dropout: float = 0.0,
     freeze_norm: bool = False,
+    pool: str = "avg",
 ) -> Classifier:
     """Build a registry backbone with ``weights`` and a fresh head, then apply ``freeze``."""
     if num_classes < 2:
         raise InputError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if pool not in POOLS:
+        raise InputError(f"pool {pool!r}: choose one of {', '.join(POOLS)}")
     spec = BACKBONES.get(name)
     backbone = build_backbone(spec)
     load_backbone_weights(backbone, spec, weights)
-    model = Classifier(backbone, build_head(backbone.num_features, num_classes, head, hidden, dropout), spec)
+    if pool == "texture" and not hasattr(backbone, "forward_intermediates"):
+        raise InputError(f"{name} cannot give intermediate features; use pool=avg")
+    in_features = backbone.num_features if pool == "avg" else 2 * (backbone.num_features + texture_stage(backbone)[1])
+    model = Classifier(backbone, build_head(in_features, num_classes, head, hidden, dropout), spec, pool)
     apply_freeze(model, FreezeSpec.parse(freeze), freeze_norm)
     return model
 

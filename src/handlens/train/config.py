@@ -42,6 +42,7 @@ class ModelConfig(_Section):
     hidden: int = 256
     dropout: float = Field(0.0, ge=0, lt=1)
     freeze_norm: bool = False
+    pool: Literal["avg", "texture"] = Field("avg", description="avg, or texture: mean+std of two stages")
 
 
 class TrainConfig(_Section):

@@ -28,22 +28,22 @@ def features_key(parts: dict[str, Any], sha256s: list[str]) -> str:
 
 
 @torch.inference_mode()
-def compute_features(backbone: torch.nn.Module, images: torch.Tensor, mean: tuple[float, ...],
+def compute_features(model: Any, images: torch.Tensor, mean: tuple[float, ...],
                      std: tuple[float, ...], batch_size: int = 64, policy: BasicPolicy | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pooled features of (N, 3, H, W) uint8 images, optionally of one augmented view each."""
-    was_training = backbone.training
-    backbone.eval()
+    """``model.features`` of (N, 3, H, W) uint8 images, optionally of one augmented view each."""
+    was_training = model.training
+    model.eval()
     try:
         out = []
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             if policy is not None:
                 batch = augment_batch(batch, policy, generator)
-            out.append(backbone(normalize_batch(batch, mean, std)).float())
+            out.append(model.features(normalize_batch(batch, mean, std)).float())
         return torch.cat(out) if out else torch.zeros((0, 0))
     finally:
-        backbone.train(was_training)
+        model.train(was_training)
 
 
 def cached_features(cache_dir: Path | None, key: str, compute: Any) -> torch.Tensor:

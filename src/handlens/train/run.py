@@ -100,7 +100,8 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
 
     started = time.perf_counter()
     model = create_classifier(cfg.model.backbone, len(data.classes), cfg.model.weights, cfg.model.freeze,
-                              cfg.model.head, cfg.model.hidden, cfg.model.dropout, cfg.model.freeze_norm)
+                              cfg.model.head, cfg.model.hidden, cfg.model.dropout, cfg.model.freeze_norm,
+                              cfg.model.pool)
     timings["model"] = time.perf_counter() - started
     freeze = FreezeSpec.parse(cfg.model.freeze)
     on_features = cfg.train.feature_cache == "on" or (cfg.train.feature_cache == "auto" and freeze.mode == "frozen")
@@ -120,7 +121,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
     if on_features:
         started = time.perf_counter()
         weights_id = _weights_identity(cfg.model.weights)
-        base = {"backbone": spec.name, "weights": weights_id, "preprocess": preprocess.key()}
+        base = {"backbone": spec.name, "weights": weights_id, "preprocess": preprocess.key(), "pool": cfg.model.pool}
         feats: dict[str, Any] = {}
         for name, subset in subsets.items():
             views = cfg.train.views if name == "train" else 0
@@ -129,8 +130,8 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
 
             def compute(name: str = name, views: int = views) -> Any:
                 if views == 0:
-                    return compute_features(model.backbone, images[name], preprocess.mean, preprocess.std)
-                return torch.stack([compute_features(model.backbone, images[name], preprocess.mean, preprocess.std,
+                    return compute_features(model, images[name], preprocess.mean, preprocess.std)
+                return torch.stack([compute_features(model, images[name], preprocess.mean, preprocess.std,
                                                      policy=policy or BasicPolicy(), generator=generator)
                                     for _ in range(views)], dim=1)
 
@@ -350,7 +351,8 @@ def _manifest(cfg: RunConfig, prepared: Prepared, metrics: dict[str, Any], run_i
         "backbone": cfg.model.backbone,
         "weights": cfg.model.weights,
         "freeze": cfg.model.freeze,
-        "head": {"type": cfg.model.head, "hidden": cfg.model.hidden, "dropout": cfg.model.dropout},
+        "head": {"type": cfg.model.head, "hidden": cfg.model.hidden, "dropout": cfg.model.dropout,
+                 "pool": cfg.model.pool},
         "classes": data.classes,
         "dataset": data.dataset,
         "labelset": data.labelset,
@@ -382,8 +384,10 @@ def lr_find(cfg: RunConfig, workspace: Workspace | None = None, min_lr: float = 
         prepared = prepare(cfg, ws, catalog)
     finally:
         catalog.close()
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=str(ws.cache_dir), accelerator="auto", devices=1)
+    # epochs enough for ``steps`` batches however small the dataset; no validation during the range test
+    trainer = pl.Trainer(max_epochs=steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(ws.cache_dir),
+                         accelerator="auto", devices=1)
     finder = Tuner(trainer).lr_find(prepared.module, train_dataloaders=prepared.train_loader, min_lr=min_lr,
                                     max_lr=max_lr, num_training=steps, update_attr=False)
     if finder is None:

@@ -1,0 +1,167 @@
+"""train(cfg) end to end on tiny synthetic data: bundles, feature cache, NaN guard, resume, tracking."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from handlens.data.catalog import Run, open_catalog
+from handlens.models.bundle import load_bundle
+from handlens.models.classifier import Classifier
+from handlens.train.module import NonFiniteLossError
+from handlens.train.run import train
+from tests.conftest import tiny_config
+
+
+def test_train_writes_a_bundle_config_history_and_a_run_record(trained_workspace):
+    result = train(tiny_config(), trained_workspace)
+    assert result.epochs == 2 and len(result.history) == 2
+    assert {"val", "test"} <= set(result.metrics)
+    assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (result.run_dir / "confusion_test.png").is_file()
+    bundle = load_bundle(result.bundle)
+    assert bundle.classes == ["blue", "green", "red"]
+    manifest = bundle.manifest
+    assert manifest["dataset"] == "colours" and manifest["split"] == "split1"
+    assert sorted(manifest["split_membership"]) == ["test", "train", "val"]
+    assert len(manifest["split_membership"]["train"]) == 24
+    catalog = open_catalog(trained_workspace.db_url)
+    with catalog.session() as session:
+        row = session.get(Run, result.run_id)
+        assert row.status == "finished" and row.bundle_path == str(result.bundle)
+    catalog.close()
+
+
+def test_frozen_backbone_features_are_computed_once(trained_workspace, monkeypatch):
+    calls = {"n": 0}
+    original = Classifier.features
+
+    def counting(self, x):
+        calls["n"] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(Classifier, "features", counting)
+    first = train(tiny_config("model.freeze=frozen", "train.epochs=5"), trained_workspace)
+    # one batch of at most 64 per subset: the backbone ran 3 times, not 5 epochs x batches
+    assert calls["n"] == 3
+    assert first.timings["features"] > 0
+    calls["n"] = 0
+    again = train(tiny_config("model.freeze=frozen", "train.epochs=3"), trained_workspace)
+    assert calls["n"] == 0  # features came from the cache
+    assert again.metrics["test"]["n"] == 12
+    # the bundle is the full model; its backbone is untouched by training (same seed, same weights)
+    one, two = load_bundle(first.bundle).module, load_bundle(again.bundle).module
+    for (name, a), b in zip(one.backbone.state_dict().items(), two.backbone.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_frozen_bundle_predicts_like_the_cached_head(trained_workspace):
+    result = train(tiny_config("model.freeze=frozen", "train.epochs=8", "train.lr=0.05"), trained_workspace)
+    bundle = load_bundle(result.bundle)
+    from handlens.train.evaluate import evaluate
+
+    report = evaluate(result.bundle, trained_workspace, subset="test")
+    assert report["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    assert bundle.module.pool == "avg"
+
+
+def test_texture_pooling_trains_and_round_trips(trained_workspace):
+    result = train(tiny_config("model.pool=texture", "model.freeze=frozen"), trained_workspace)
+    bundle = load_bundle(result.bundle)
+    assert bundle.module.pool == "texture"
+    assert bundle.module.head[0].in_features == 2 * (32 + 16)  # mean+std of the last two stages
+
+
+def test_nan_loss_stops_with_a_clear_message(trained_workspace, monkeypatch):
+    import handlens.train.module as module
+
+    class Exploding(torch.nn.Module):
+        def forward(self, logits, target):
+            return torch.nn.functional.cross_entropy(logits, target) * float("nan")
+
+    monkeypatch.setattr(module, "build_loss", lambda *a, **k: Exploding())
+    with pytest.raises(NonFiniteLossError, match=r"became nan at epoch 1.*lower the learning rate"):
+        train(tiny_config(), trained_workspace)
+    catalog = open_catalog(trained_workspace.db_url)
+    with catalog.session() as session:
+        assert [r.status for r in session.query(Run)] == ["failed"]
+    catalog.close()
+
+
+def test_overfit_batches_sanity_run(trained_workspace):
+    result = train(tiny_config("train.overfit_batches=1", "train.epochs=40", "train.lr=0.02",
+                               "augment.policy=none", "train.schedule=none"), trained_workspace)
+    assert result.history[-1]["train"]["accuracy"] == 1.0
+
+
+SLOW_CLI = """
+import sys, time
+import handlens.train.module as module
+step = module.ClassifierModule.training_step
+def slow(self, batch, batch_idx):
+    time.sleep(0.15)
+    return step(self, batch, batch_idx)
+module.ClassifierModule.training_step = slow
+from handlens.cli.main import app
+app(sys.argv[1:])
+"""
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(trained_workspace):
+    """SIGKILL mid-run, then `handlens train --resume RUN` ends with the same number of epochs."""
+    ws = str(trained_workspace.root)
+    args = ["--workspace", ws, "train", "--dataset", "colours", "--backbone", "tiny_cnn", "--weights", "none",
+            "--freeze", "full", "--epochs", "6", "--tracking", "none", "train.batch_size=8"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    runs = trained_workspace.runs_dir
+    deadline = time.time() + 120
+    history: list = []
+    while time.time() < deadline:
+        partial = list(runs.glob("*/history.partial.json"))
+        if partial:
+            try:
+                history = json.loads(partial[0].read_text())
+            except json.JSONDecodeError:
+                history = []
+            if len(history) >= 2 and (partial[0].parent / "checkpoints" / "last.ckpt").exists():
+                break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and 2 <= len(history) < 6
+    run_id = partial[0].parent.name
+    resumed = subprocess.run([sys.executable, "-m", "handlens.cli.main", "--workspace", ws, "train",
+                              "--resume", run_id, "--json"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    out = json.loads(resumed.stdout)
+    assert out["resumed"] and out["epochs"] == 6 and out["run_id"] == run_id
+    epochs_run_again = [line for line in resumed.stderr.splitlines() if line.startswith("epoch ")]
+    assert epochs_run_again and not epochs_run_again[0].startswith("epoch 1/")  # it did not start over
+    full = json.loads((runs / run_id / "history.json").read_text())
+    assert [h["epoch"] for h in full][-1] == 6 and Path(out["bundle"]).is_dir()
+
+
+def test_mlflow_tracking_records_params_metrics_and_artifacts(trained_workspace):
+    result = train(tiny_config("tracking.backend=mlflow", "tracking.experiment=tests"), trained_workspace)
+    assert result.tracking_uri.startswith("sqlite:///") and (trained_workspace.runs_dir / "mlflow.db").is_file()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["model.backbone"] == "tiny_cnn"
+    history = client.get_metric_history(run.info.run_id, "val_macro_f1")
+    assert sorted(m.step for m in history) == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"bundle", "confusion_test.png"} <= artifacts
+    assert str(trained_workspace.runs_dir.resolve()) in run.info.artifact_uri
+
+
+def test_tensorboard_tracking_writes_event_files(trained_workspace):
+    result = train(tiny_config("tracking.backend=tensorboard"), trained_workspace)
+    assert list(Path(result.tracking_uri).rglob("events.out.tfevents.*"))
