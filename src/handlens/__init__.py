@@ -4,4 +4,21 @@ Importing this package is cheap: nothing heavy (torch, timm, Lightning) is impor
 function that needs it runs.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from handlens.models.bundle import Bundle
+
+
+def load_bundle(path: Any) -> Bundle:
+    """Load a model bundle directory (see :func:`handlens.models.bundle.load_bundle`)."""
+    from handlens.models.bundle import load_bundle as _load
+
+    return _load(path)
+
+
+__all__ = ["__version__", "load_bundle"]

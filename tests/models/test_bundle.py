@@ -83,3 +83,12 @@ def test_inference_path_does_not_import_lightning(tmp_path):
             "print([m for m in ('lightning', 'pytorch_lightning', 'mlflow') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_top_level_load_bundle_is_the_public_entry_point(tmp_path):
+    import handlens
+
+    model, path = _bundle(tmp_path)
+    bundle = handlens.load_bundle(path)
+    assert bundle.classes == ["brick", "grass", "gravel"]
+    assert bundle.predict(np.zeros((40, 40, 3), dtype=np.uint8))[0].top[0][0] in bundle.classes

@@ -165,3 +165,28 @@ def test_mlflow_tracking_records_params_metrics_and_artifacts(trained_workspace)
 def test_tensorboard_tracking_writes_event_files(trained_workspace):
     result = train(tiny_config("tracking.backend=tensorboard"), trained_workspace)
     assert list(Path(result.tracking_uri).rglob("events.out.tfevents.*"))
+
+
+def test_a_run_that_cannot_start_leaves_nothing_behind(trained_workspace):
+    from handlens.core.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="no dataset named 'missing'"):
+        train(tiny_config("data.dataset=missing"), trained_workspace)
+    assert list(trained_workspace.runs_dir.iterdir()) == []
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(trained_workspace, monkeypatch):
+    import lightning.pytorch as pl
+
+    from handlens.train.run import RunInterrupted
+
+    def interrupted_fit(self, *args, **kwargs):
+        raise SystemExit(1)  # what Lightning does after its graceful Ctrl-C shutdown
+
+    monkeypatch.setattr(pl.Trainer, "fit", interrupted_fit)
+    with pytest.raises(RunInterrupted, match=r"handlens train --resume \S+"):
+        train(tiny_config(), trained_workspace)
+    catalog = open_catalog(trained_workspace.db_url)
+    with catalog.session() as session:
+        assert [r.status for r in session.query(Run)] == ["interrupted"]
+    catalog.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,6 +46,14 @@ class ClassifierModule(pl.LightningModule):
         #: called with each epoch's record once it is complete (reporting, tracking, resume state)
         self.epoch_listeners: list[Any] = []
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"train": [], "val": []}
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_started = time.perf_counter()
+        self._train_seconds: float | None = None
+
+    def on_validation_start(self) -> None:
+        if self.trainer.training and getattr(self, "_train_seconds", 0.0) is None:
+            self._train_seconds = time.perf_counter() - self._epoch_started
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.on_features:
@@ -116,6 +125,9 @@ class ClassifierModule(pl.LightningModule):
         record = {"epoch": self.current_epoch + 1, **{k: v for k, v in logged.items() if math.isfinite(v)},
                   "lr": float(self.trainer.optimizers[0].param_groups[-1]["lr"]) if self.trainer.optimizers else None,
                   "val": getattr(self, "_val_metrics", None), "train": train}
+        now = time.perf_counter()
+        record["epoch_seconds"] = now - self._epoch_started
+        record["train_seconds"] = self._train_seconds if self._train_seconds is not None else now - self._epoch_started
         self.history.append(record)
         for listener in self.epoch_listeners:
             listener(record)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,12 @@ from handlens.core.workspace import Workspace
 from handlens.train.config import RunConfig, load_config
 
 CONFIG_FILE = "config.yaml"
+
+
+class RunInterrupted(HandlensError):
+    """The user stopped a run (Ctrl-C); its last checkpoint is kept for ``--resume``."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -183,7 +190,7 @@ def _epoch_reporter(tracker: Any, total_epochs: int, run_dir: Path, history: lis
     """One line per epoch on stderr, metrics to the tracker, and the history so far for a resume."""
 
     def report(record: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in record.items() if isinstance(v, float)}
+        scalars = {k: v for k, v in record.items() if isinstance(v, float) and not k.endswith("_seconds")}
         tracker.log_metrics(scalars, step=record["epoch"])
         shown = "  ".join(f"{k}={v:.4f}" for k, v in scalars.items()
                           if k in ("train_loss", "val_loss", "train_macro_f1", "val_macro_f1", "val_accuracy"))
@@ -235,7 +242,13 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
         run_dir.mkdir(parents=True)
         (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
 
-    prepared = prepare(cfg, ws, catalog)
+    try:
+        prepared = prepare(cfg, ws, catalog)
+    except BaseException:
+        catalog.close()
+        if not resume:  # nothing was trained: leave no empty run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     data, module = prepared.data, prepared.module
     with catalog.session() as session:
         dataset_id = session.query(Dataset.id).filter(Dataset.name == data.dataset).scalar()
@@ -271,8 +284,13 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
     status = "failed"
     try:
         fit_started = time.perf_counter()
-        trainer.fit(module, prepared.train_loader, prepared.val_loader if has_val else None,
-                    ckpt_path=str(ckpt_path) if ckpt_path else None)
+        try:
+            trainer.fit(module, prepared.train_loader, prepared.val_loader if has_val else None,
+                        ckpt_path=str(ckpt_path) if ckpt_path else None)
+        except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown
+            status = "interrupted"
+            raise RunInterrupted(f"run {run_id} was interrupted; continue it with "
+                                 f"`handlens train --resume {run_id}`") from None
         prepared.timings["fit"] = time.perf_counter() - fit_started
         (run_dir / "history.json").write_text(json.dumps(module.history, indent=1))
         best_epoch = _load_best(module, checkpoint)
