@@ -88,7 +88,7 @@ def test_inference_path_does_not_import_lightning(tmp_path):
 def test_top_level_load_bundle_is_the_public_entry_point(tmp_path):
     import handlens
 
-    model, path = _bundle(tmp_path)
+    _, path = _bundle(tmp_path)
     bundle = handlens.load_bundle(path)
     assert bundle.classes == ["brick", "grass", "gravel"]
     assert bundle.predict(np.zeros((40, 40, 3), dtype=np.uint8))[0].top[0][0] in bundle.classes

@@ -42,3 +42,11 @@ def test_bad_values_name_the_key(override, message):
 def test_override_into_a_scalar_is_refused():
     with pytest.raises(InputError, match="not a section"):
         apply_overrides({"train": 3}, ["train.lr=1"])
+
+
+def test_yaml_boolean_words_work_as_users_write_them(tmp_path):
+    cfg = load_config(None, ["train.feature_cache=off", "augment.vflip=yes", "train.progress=off"])
+    assert cfg.train.feature_cache == "off" and cfg.augment.vflip is True and cfg.train.progress is False
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  feature_cache: on\n")
+    assert load_config(path).train.feature_cache == "on"

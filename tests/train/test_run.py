@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,32 @@ def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(trained_workspa
     with catalog.session() as session:
         assert [r.status for r in session.query(Run)] == ["interrupted"]
     catalog.close()
+
+
+def test_same_seed_same_training(trained_workspace):
+    one = train(tiny_config("train.seed=3"), trained_workspace)
+    two = train(tiny_config("train.seed=3"), trained_workspace)
+    assert [h["train_loss"] for h in one.history] == [h["train_loss"] for h in two.history]
+    assert one.metrics["test"]["confusion"] == two.metrics["test"]["confusion"]
+
+
+@pytest.mark.parametrize("options", [
+    ("train.optimizer=sgd", "train.schedule=step", "train.step_size=1", "train.warmup_epochs=1"),
+    ("train.schedule=plateau", "train.class_weights=[1, 2, 1]"),
+    ("train.loss=focal", "train.label_smoothing=0.1", "train.class_weights=none", "train.schedule=none"),
+    ("model.freeze=partial:1", "model.head=mlp", "model.dropout=0.2", "train.body_lr_mult=0.1",
+     "model.freeze_norm=true"),
+])
+def test_optimisers_schedules_and_losses_train(trained_workspace, options):
+    result = train(tiny_config(*options, "train.epochs=3"), trained_workspace)
+    assert result.epochs == 3 and all(np.isfinite(h["train_loss"]) for h in result.history)
+    lrs = [h["lr"] for h in result.history]
+    if "train.schedule=step" in options:
+        assert lrs[-1] < lrs[0]
+
+
+def test_wrong_number_of_class_weights_is_refused(trained_workspace):
+    from handlens.core.errors import InputError
+
+    with pytest.raises(InputError, match="3 classes"):
+        train(tiny_config("train.class_weights=[1, 2]"), trained_workspace)

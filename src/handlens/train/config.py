@@ -71,6 +71,12 @@ class TrainConfig(_Section):
     workers: int | None = None
     progress: bool = True
 
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        """``feature_cache: off`` in a YAML file arrives as False."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class TrackingConfig(_Section):
     backend: Literal["mlflow", "tensorboard", "none"] = "mlflow"
@@ -97,8 +103,14 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+#: YAML 1.1 reads these as booleans; in an override they are words (pydantic still reads them for bools)
+YAML_BOOLEAN_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
+
+
 def parse_value(text: str) -> Any:
-    """``key=value`` values are YAML scalars or lists: 0.01, true, null, [1, 2], cosine."""
+    """``key=value`` values are YAML scalars or lists: 0.01, true, null, [1, 2], cosine, off."""
+    if text.strip().lower() in YAML_BOOLEAN_WORDS:
+        return text.strip()
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
