@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from handlens.models.bundle import Bundle
+    from handlens.explain.api import ExplainableBundle
 
 
-def load_bundle(path: Any) -> Bundle:
-    """Load a model bundle directory (see :func:`handlens.models.bundle.load_bundle`)."""
-    from handlens.models.bundle import load_bundle as _load
+def load_bundle(path: Any) -> ExplainableBundle:
+    """Load a model bundle directory: ``.classes``, ``.module``, ``.transform``, ``.layer_names``,
+    ``.layer(name)``, ``.predict(images, top_k=...)`` and ``.explain(images, method=..., layer=..., target=...)``."""
+    from handlens.explain.api import load_bundle as _load
 
     return _load(path)
 

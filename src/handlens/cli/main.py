@@ -530,6 +530,62 @@ def predict_cmd(
     stdout.print(table("Predictions", ["image", "class", "probability", "next"], rows))
 
 
+# --------------------------------------------------------------------------- explanations
+
+
+def _explainer_names() -> list[str]:
+    from handlens.explain.registry import EXPLAINERS
+
+    return EXPLAINERS.names()
+
+
+@app.command("explain")
+@handle_errors
+def explain_cmd(
+    ctx: typer.Context,
+    bundle: str = typer.Argument(..., help="Run id or bundle directory."),
+    images: list[Path] = typer.Argument(..., help="Image files or folders."),
+    method: str = typer.Option("gradcam", "--method", help="One of: " + ", ".join(_explainer_names()) + "."),
+    layer: str | None = typer.Option(None, "--layer", help="Named layer (stage4, conv_head...) or module path; "
+                                     "default: the model's last feature map."),
+    target: str = typer.Option("pred", "--target", help="pred, a class name, or all."),
+    out: Path = typer.Option(Path("explanations"), "--out", help="Folder for overlays (PNG), maps (.npy), index."),
+    opacity: float = typer.Option(0.5, "--opacity", min=0.0, max=1.0, help="Overlay opacity."),
+    param: list[str] | None = typer.Option(None, "--param", help="Method parameter key=value, e.g. steps=50."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Where the model looks: heatmaps over images, as PNG overlays and raw .npy maps."""
+    from handlens.core.errors import InputError
+    from handlens.explain.api import load_bundle
+    from handlens.explain.output import write_explanations
+    from handlens.models.bundle import iter_images
+    from handlens.train.config import parse_value
+    from handlens.train.evaluate import resolve_bundle
+
+    if method not in _explainer_names():
+        raise InputError(f"--method {method!r}: choose one of {', '.join(_explainer_names())}")
+    params = {}
+    for item in param or []:
+        if "=" not in item:
+            raise InputError(f"--param {item!r}: write key=value, e.g. --param steps=50")
+        key, value = item.split("=", 1)
+        params[key] = parse_value(value)
+    ws, catalog = _open(ctx)
+    catalog.close()
+    loaded = load_bundle(resolve_bundle(ws, bundle))
+    files = iter_images(images)
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing or not files:
+        raise InputError(f"no such image file: {missing[0] if missing else images}")
+    index = write_explanations(loaded, files, out, method, layer, target, opacity, params)
+    if as_json:
+        emit_json(index)
+        return
+    for item in index["images"]:
+        stdout.print(f"{Path(item['image']).name}: {item['target']} ({item['probability']:.2f}) -> {item['overlay']}")
+    stdout.print(f"{index['method']} on {index['layer'] or 'pixels'}; index: {index['index']}")
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

@@ -32,6 +32,9 @@ class BackboneSpec:
     stem_entries: int = 0
     #: what the feature_info entries are called: "stage" (stage1..N) or "block" for transformers
     stage_prefix: str = "stage"
+    #: the default layer is pooled by global *average* pooling straight into the head, so closed-form
+    #: CAM applies there (not for ViT's class token, ConvNeXt's post-pool norm or VGG's MLP)
+    closed_form_cam: bool = False
     #: weight sources besides none / imagenet / a local file
     packaged_weights: bool = False
     builder: Callable[[], Any] | None = None
@@ -45,17 +48,18 @@ BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
 _HALF = (0.5, 0.5, 0.5)
 for spec in (
-    BackboneSpec("resnet18", "resnet18", "ResNet-18 (11 M parameters)", stem_entries=1),
-    BackboneSpec("resnet50", "resnet50", "ResNet-50 (25 M)", stem_entries=1),
+    BackboneSpec("resnet18", "resnet18", "ResNet-18 (11 M parameters)", stem_entries=1, closed_form_cam=True),
+    BackboneSpec("resnet50", "resnet50", "ResNet-50 (25 M)", stem_entries=1, closed_form_cam=True),
     BackboneSpec("vgg11", "vgg11", "VGG-11 (133 M; slow on CPU)", interpolation="bilinear"),
     BackboneSpec("vgg19", "vgg19", "VGG-19 (143 M; slow on CPU)", interpolation="bilinear"),
     BackboneSpec("mobilenetv2", "mobilenetv2_100", "MobileNetV2 1.0 (3.5 M)",
-                 extra_layers={"conv_head": "bn2"}, default_layer="conv_head"),
+                 extra_layers={"conv_head": "bn2"}, default_layer="conv_head", closed_form_cam=True),
     BackboneSpec("efficientnet_lite0", "efficientnet_lite0",
                  "EfficientNet-Lite0 (4.7 M); offline ImageNet weights with --weights packaged",
-                 extra_layers={"conv_head": "bn2"}, default_layer="conv_head", packaged_weights=True),
+                 extra_layers={"conv_head": "bn2"}, default_layer="conv_head", packaged_weights=True,
+                 closed_form_cam=True),
     BackboneSpec("inception_v3", "inception_v3", "Inception v3 (24 M; 299x299 input)", input_size=299,
-                 mean=_HALF, std=_HALF),
+                 mean=_HALF, std=_HALF, closed_form_cam=True),
     BackboneSpec("convnext", "convnext_atto", "ConvNeXt-Atto (3.7 M), the smallest ConvNeXt"),
     BackboneSpec("vit_small", "vit_small_patch16_224", "ViT-S/16 (22 M), a Vision Transformer",
                  mean=_HALF, std=_HALF, stage_prefix="block"),
@@ -98,7 +102,7 @@ def _tiny_cnn() -> Any:
 
 BACKBONES.register("tiny_cnn", BackboneSpec("tiny_cnn", "", "a tiny 3-stage CNN for tests (random weights)",
                                             input_size=32, mean=_HALF, std=_HALF, interpolation="bilinear",
-                                            builder=_tiny_cnn))
+                                            builder=_tiny_cnn, closed_form_cam=True))
 
 
 def build_backbone(spec: BackboneSpec) -> Any:

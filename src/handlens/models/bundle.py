@@ -195,8 +195,12 @@ def build_from_manifest(manifest: dict[str, Any]) -> Any:
                              pool=head.get("pool", "avg"))
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load a bundle directory: weights from safetensors (never pickle), model in eval mode."""
+def load_bundle(path: str | Path, bundle_class: type[Bundle] = Bundle) -> Bundle:
+    """Load a bundle directory: weights from safetensors (never pickle), model in eval mode.
+
+    ``bundle_class`` lets a higher layer (``handlens.explain``) return its richer bundle without this
+    module importing it.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -210,7 +214,7 @@ def load_bundle(path: str | Path) -> Bundle:
     model.load_state_dict(load_file(str(weights)), strict=True)
     model.eval()
     torch.set_grad_enabled(True)  # explanations need gradients; inference uses inference_mode
-    return Bundle(path, manifest, model)
+    return bundle_class(path, manifest, model)
 
 
 def iter_images(paths: Iterable[str | Path]) -> list[str]:

@@ -1,0 +1,82 @@
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from handlens.cli.main import app
+from handlens.explain.render import colormap, grid, normalise, overlay
+from handlens.train.run import train
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+
+
+def test_colormap_and_normalise():
+    ramp = colormap(np.array([0.0, 0.5, 1.0]))
+    assert ramp.shape == (3, 3) and ramp.dtype == np.uint8
+    assert ramp[0, 2] > ramp[0, 0] and ramp[2, 0] > ramp[2, 2]  # blue at 0, red at 1
+    m = np.zeros((100, 100))
+    m[0, 0] = 1000.0  # one hot pixel
+    m[50:, :] = 1.0
+    assert normalise(m).max() == 1.0 and normalise(m)[70, 70] == 1.0  # the percentile keeps the region visible
+    assert normalise(np.zeros((4, 4))).max() == 0.0
+    assert normalise(np.array([[-2.0, 1.0]]), signed=True).min() < 0
+
+
+def test_signed_overlay_is_green_for_positive_and_red_for_negative():
+    image = np.full((4, 4, 3), 100, dtype=np.uint8)
+    heat = np.zeros((4, 4))
+    heat[0, 0], heat[3, 3] = 1.0, -1.0
+    out = overlay(image, heat, opacity=1.0, signed=True)
+    assert tuple(out[0, 0]) == (0, 255, 0) and tuple(out[3, 3]) == (255, 0, 0)
+    assert tuple(out[1, 1]) == (100, 100, 100)  # no evidence: the image shows through
+
+
+def test_overlay_resizes_the_map_and_opacity_zero_shows_the_image():
+    image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(overlay(image, np.ones((5, 5)), opacity=0.0), image)
+    assert overlay(image, np.ones((5, 5))).shape == (20, 30, 3)
+    assert grid([image, image, image], ["a", "b", "c"]).size[0] < 4 * 34
+
+
+@pytest.fixture
+def bundle_path(trained_workspace):
+    return train(tiny_config(), trained_workspace).bundle
+
+
+def test_bundle_explain_api(bundle_path, tmp_path):
+    import handlens
+
+    bundle = handlens.load_bundle(bundle_path)
+    image = next((tmp_path / "colours" / "red").iterdir())
+    result = bundle.explain([image, image], method="gradcam", layer="stage2", target="red")
+    assert result.maps.shape == (2, 32, 32) and result.target_names == ["red", "red"]
+    every = bundle.explain(image, method="layercam", target="all")
+    assert every.maps.shape == (1, 3, 32, 32) and every.layer == bundle.layer_names[0]
+    signed = bundle.explain(image, method="integrated_gradients", steps=8, baseline="blur")
+    assert signed.signed and len(signed.extras["convergence_delta"]) == 1
+
+
+def test_cli_explain_writes_overlays_maps_and_an_index(trained_workspace, bundle_path, tmp_path):
+    images = sorted((tmp_path / "colours" / "green").iterdir())[:2]
+    out = tmp_path / "maps"
+    result = runner.invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(bundle_path),
+                                 *map(str, images), "--method", "gradcam++", "--target", "all", "--out", str(out),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    index = json.loads(result.stdout)
+    assert index["method"] == "gradcam++" and len(index["images"]) == 2
+    first = index["images"][0]
+    assert np.load(first["map"]).shape == (3, 32, 32)  # all classes
+    assert (out / "index.json").is_file() and first["overlay"].endswith(".png") and first["all_classes"]
+    with_params = runner.invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(bundle_path),
+                                      str(images[0]), "--method", "occlusion", "--param", "window=8",
+                                      "--param", "stride=8", "--out", str(out)])
+    assert with_params.exit_code == 0, with_params.output
+    bad = runner.invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(bundle_path),
+                              str(images[0]), "--method", "magic"])
+    assert bad.exit_code == 2 and "choose one of" in bad.output
+    bad_layer = runner.invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(bundle_path),
+                                    str(images[0]), "--layer", "stage9"])
+    assert bad_layer.exit_code == 2 and "named layers" in bad_layer.output
