@@ -24,11 +24,13 @@ EXPLAINERS: Registry[ExplainerSpec] = Registry("explanation method")
 
 
 def _register() -> None:
-    from handlens.explain import attribution, cam
+    """Register every method. Names and descriptions only: the code (torch, Captum) loads when one runs."""
 
     def gradient(method: str) -> Callable[..., Any]:
         def run(model: Any, inputs: Any, classes: list[str], layer: Any, layer_name: str, target: Any = "pred",
                 **params: Any) -> Any:
+            from handlens.explain import cam
+
             return cam.gradient_cam(model, inputs, classes, layer, layer_name, method, target,
                                     class_chunk=int(params.get("class_chunk", 256)))
 
@@ -46,6 +48,8 @@ def _register() -> None:
 
     def scorecam(model: Any, inputs: Any, classes: list[str], layer: Any, layer_name: str, target: Any = "pred",
                  **params: Any) -> Any:
+        from handlens.explain import cam
+
         return cam.score_cam(model, inputs, classes, layer, layer_name, target,
                              batch_size=int(params.get("batch_size", 64)), max_channels=params.get("max_channels"))
 
@@ -55,31 +59,33 @@ def _register() -> None:
 
     def closed(model: Any, inputs: Any, classes: list[str], layer: Any, layer_name: str, target: Any = "pred",
                **_: Any) -> Any:
+        from handlens.explain import cam
+
         return cam.closed_form_cam(model, inputs, classes, layer, layer_name, target)
 
     EXPLAINERS.register("cam", ExplainerSpec(
         "cam", "CAM: closed form from the linear head, final layer only (Zhou et al. 2016)", closed,
         uses_layer=True, all_classes=True))
 
-    def pixel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def pixel(function: str) -> Callable[..., Any]:
         def run(model: Any, inputs: Any, classes: list[str], layer: Any, layer_name: str, target: Any = "pred",
                 **params: Any) -> Any:
-            return fn(model, inputs, classes, target, **params)
+            from handlens.explain import attribution
+
+            return getattr(attribution, function)(model, inputs, classes, target, **params)
 
         return run
 
-    for name, fn, text, signed, expensive in (
-        ("integrated_gradients", attribution.integrated_gradients,
+    for name, function, text, signed, expensive in (
+        ("integrated_gradients", "integrated_gradients",
          "Integrated Gradients: path integral from a baseline (Sundararajan et al. 2017)", True, True),
-        ("saliency", attribution.saliency, "Saliency: input-gradient magnitude (Simonyan et al. 2014)", False, False),
-        ("smoothgrad", attribution.smoothgrad, "SmoothGrad: saliency averaged over noisy copies (Smilkov et al. 2017)",
+        ("saliency", "saliency", "Saliency: input-gradient magnitude (Simonyan et al. 2014)", False, False),
+        ("smoothgrad", "smoothgrad", "SmoothGrad: saliency averaged over noisy copies (Smilkov et al. 2017)",
          False, True),
-        ("gradient_shap", attribution.gradient_shap, "GradientSHAP: expected gradients (Lundberg & Lee 2017)",
-         True, True),
-        ("occlusion", attribution.occlusion, "Occlusion: score drop under a sliding patch (Zeiler & Fergus 2014)",
-         True, True),
+        ("gradient_shap", "gradient_shap", "GradientSHAP: expected gradients (Lundberg & Lee 2017)", True, True),
+        ("occlusion", "occlusion", "Occlusion: score drop under a sliding patch (Zeiler & Fergus 2014)", True, True),
     ):
-        EXPLAINERS.register(name, ExplainerSpec(name, text, pixel(fn), uses_layer=False, signed=signed,
+        EXPLAINERS.register(name, ExplainerSpec(name, text, pixel(function), uses_layer=False, signed=signed,
                                                 expensive=expensive))
 
 
