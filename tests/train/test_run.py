@@ -137,6 +137,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(trained_workspace):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and 2 <= len(history) < 6
     run_id = partial[0].parent.name
+    last = torch.load(runs / run_id / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    killed_at_epoch = last["epoch"] + 1  # epochs completed in the checkpoint
+    assert [h["epoch"] for h in last["handlens_history"]] == list(range(1, killed_at_epoch + 1))
     resumed = subprocess.run([sys.executable, "-m", "handlens.cli.main", "--workspace", ws, "train",
                               "--resume", run_id, "--json"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -144,8 +147,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(trained_workspace):
     assert out["resumed"] and out["epochs"] == 6 and out["run_id"] == run_id
     epochs_run_again = [line for line in resumed.stderr.splitlines() if line.startswith("epoch ")]
     assert epochs_run_again and not epochs_run_again[0].startswith("epoch 1/")  # it did not start over
+    first_again = int(epochs_run_again[0].split()[1].split("/")[0])
+    assert first_again == killed_at_epoch + 1  # from the last finished epoch, not the best one
     full = json.loads((runs / run_id / "history.json").read_text())
-    assert [h["epoch"] for h in full][-1] == 6 and Path(out["bundle"]).is_dir()
+    assert [h["epoch"] for h in full] == [1, 2, 3, 4, 5, 6] and Path(out["bundle"]).is_dir()
+    again = subprocess.run([sys.executable, "-m", "handlens.cli.main", "--workspace", ws, "train", "--resume",
+                            run_id], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 4 and "already finished" in again.stderr
 
 
 def test_mlflow_tracking_records_params_metrics_and_artifacts(trained_workspace):
@@ -220,3 +228,24 @@ def test_wrong_number_of_class_weights_is_refused(trained_workspace):
 
     with pytest.raises(InputError, match="3 classes"):
         train(tiny_config("train.class_weights=[1, 2]"), trained_workspace)
+
+
+def test_the_saved_config_pins_the_split_so_resume_never_switches(trained_workspace):
+    """A newer split made after the run started must not leak into it."""
+    from handlens.data.splits import make_split
+    from handlens.train.config import load_config
+
+    result = train(tiny_config(), trained_workspace)
+    saved = load_config(result.run_dir / "config.yaml")
+    assert saved.data.split == "split1" and saved.data.labelset == "default" and saved.preprocess.size == 32
+    catalog = open_catalog(trained_workspace.db_url)
+    make_split(catalog, "colours", ratios="0.5,0.5", seed=9)
+    catalog.close()
+    assert load_config(result.run_dir / "config.yaml").data.split == "split1"
+    assert not (result.run_dir / "history.partial.json").exists()
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_when_it_is_not_the_best(trained_workspace):
+    result = train(tiny_config("train.epochs=4", "train.lr=0.5"), trained_workspace)  # noisy: best != last
+    last = torch.load(result.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 3  # 0-based: the fourth epoch

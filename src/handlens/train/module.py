@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -43,9 +42,12 @@ class ClassifierModule(pl.LightningModule):
         self.loss_fn = build_loss(train_cfg.loss, weight, train_cfg.label_smoothing, train_cfg.focal_gamma)
         self.lr = train_cfg.lr
         self.history: list[dict[str, Any]] = []
+        self._recorded = False
+        self._val_metrics: dict[str, Any] | None = None
         #: called with each epoch's record once it is complete (reporting, tracking, resume state)
         self.epoch_listeners: list[Any] = []
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"train": [], "val": []}
+        self._loss_sums: dict[str, float] = {"train": 0.0, "val": 0.0}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_started = time.perf_counter()
@@ -73,6 +75,7 @@ class ClassifierModule(pl.LightningModule):
                 "The last good checkpoint is kept"
             )
         self._outputs[stage].append((torch.softmax(logits.detach().float(), 1).cpu(), y.cpu()))
+        self._loss_sums[stage] += float(loss.detach()) * len(y)
         self.log(f"{stage}_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=stage == "val",
                  batch_size=len(y))
         return loss
@@ -84,13 +87,15 @@ class ClassifierModule(pl.LightningModule):
         self._step(batch, "val")
 
     def _epoch_metrics(self, stage: str) -> dict[str, Any]:
-        outputs = self._outputs[stage]
-        self._outputs[stage] = []
+        outputs, loss_sum = self._outputs[stage], self._loss_sums[stage]
+        self._outputs[stage], self._loss_sums[stage] = [], 0.0
         if not outputs:
             return {}
         probs = torch.cat([p for p, _ in outputs])
         target = torch.cat([t for _, t in outputs])
-        return classification_metrics(probs, target, self.classes)
+        metrics = classification_metrics(probs, target, self.classes)
+        metrics["loss"] = loss_sum / max(1, len(target))
+        return metrics
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._epoch_metrics("val")
@@ -118,19 +123,46 @@ class ClassifierModule(pl.LightningModule):
         self.log("checkpoint_score", value - tie_break if mode == "max" else value + tie_break)
 
     def on_train_epoch_end(self) -> None:
+        if not self._recorded:  # no validation this epoch: record now (the recorder callback ran first)
+            self.record_epoch(log_train=True)
+        self._recorded = False
+
+    def record_epoch(self, log_train: bool = False) -> None:
+        """Append this epoch's record to ``history`` and tell the listeners.
+
+        Called by :class:`EpochRecorder` *before* the checkpoint callbacks save the epoch, so a
+        checkpoint always carries the history up to and including its own epoch (see
+        ``on_save_checkpoint``): a resumed run neither repeats nor loses epochs in its history.
+        """
         train = self._epoch_metrics("train")
-        for key, value in scalar_metrics(train, "train").items():
-            self.log(key, value)
-        logged = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
-        record = {"epoch": self.current_epoch + 1, **{k: v for k, v in logged.items() if math.isfinite(v)},
-                  "lr": float(self.trainer.optimizers[0].param_groups[-1]["lr"]) if self.trainer.optimizers else None,
-                  "val": getattr(self, "_val_metrics", None), "train": train}
+        scalars = scalar_metrics(train, "train")
+        if log_train:
+            for key, value in scalars.items():
+                self.log(key, value)
+        val = getattr(self, "_val_metrics", None)
+        record: dict[str, Any] = {"epoch": self.current_epoch + 1}
+        if "loss" in train:
+            record["train_loss"] = float(train["loss"])
+        record.update(scalars)
+        if val:
+            record["val_loss"] = float(val["loss"])
+            record.update(scalar_metrics(val, "val"))
         now = time.perf_counter()
+        record["lr"] = float(self.trainer.optimizers[0].param_groups[-1]["lr"]) if self.trainer.optimizers else None
+        record["val"], record["train"] = val, train
         record["epoch_seconds"] = now - self._epoch_started
-        record["train_seconds"] = self._train_seconds if self._train_seconds is not None else now - self._epoch_started
+        record["train_seconds"] = self._train_seconds if self._train_seconds is not None else record["epoch_seconds"]
         self.history.append(record)
+        self._val_metrics = None
+        self._recorded = True
         for listener in self.epoch_listeners:
             listener(record)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["handlens_history"] = self.history  # plain JSON-like data: loads with weights_only=True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history[:] = checkpoint.get("handlens_history", [])
 
     # ------------------------------------------------------------------ optimisation
 
@@ -176,3 +208,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any) -> Any:
     if main is None:
         return ramp
     return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+class EpochRecorder(pl.Callback):
+    """Records the epoch once validation has finished, before Lightning's checkpoint callbacks run."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: ClassifierModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            pl_module.record_epoch()

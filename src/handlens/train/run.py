@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from handlens.core.errors import HandlensError, InputError, NotFoundError
+from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
 from handlens.train.config import RunConfig, load_config
 
@@ -195,7 +195,7 @@ def _epoch_reporter(tracker: Any, total_epochs: int, run_dir: Path, history: lis
         shown = "  ".join(f"{k}={v:.4f}" for k, v in scalars.items()
                           if k in ("train_loss", "val_loss", "train_macro_f1", "val_macro_f1", "val_accuracy"))
         print(f"epoch {record['epoch']}/{total_epochs}  {shown}", file=sys.stderr, flush=True)
-        (run_dir / "history.partial.json").write_text(json.dumps(history, indent=1))
+        (run_dir / "history.partial.json").write_text(json.dumps(history, indent=1))  # progress, for people
 
     return report
 
@@ -223,6 +223,7 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
     from handlens.data.catalog import Dataset, Run, open_catalog
     from handlens.models.bundle import save_bundle
     from handlens.track import create_tracker, flatten
+    from handlens.train.module import EpochRecorder
 
     started = time.perf_counter()
     quiet_lightning()
@@ -235,8 +236,11 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
         if not (run_dir / CONFIG_FILE).is_file():
             raise NotFoundError(f"no run {run_id!r} in {ws.runs_dir}; see the run ids printed by `handlens train`")
         cfg = load_config(run_dir / CONFIG_FILE)
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = last if last.is_file() else None
+        last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = last_ckpt if last_ckpt.is_file() else None
+        if (run_dir / "bundle" / "bundle.json").is_file() and (run_dir / "history.json").is_file():
+            raise ConflictError(f"run {run_id} already finished; its bundle is {run_dir / 'bundle'}. "
+                                "Start a new run to train more")
     else:
         run_id = new_run_id()
         run_dir = ws.runs_dir / run_id
@@ -251,6 +255,10 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     data, module = prepared.data, prepared.module
+    if not resume:  # pin what "default" resolved to, so a resume or repeat uses the same split and size
+        cfg.data.split, cfg.data.labelset = data.split, data.labelset
+        cfg.preprocess.size = prepared.preprocess.size
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
     with catalog.session() as session:
         dataset_id = session.query(Dataset.id).filter(Dataset.name == data.dataset).scalar()
         record = session.get(Run, run_id) or Run(id=run_id, config=cfg.model_dump(mode="json"), status="running")
@@ -264,11 +272,12 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
     monitor = cfg.train.monitor if has_val else cfg.train.monitor.replace("val_", "train_", 1)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
                                  monitor="checkpoint_score" if has_val else monitor,
-                                 mode=cfg.train.monitor_mode, save_top_k=1, save_last=True,
-                                 enable_version_counter=False)
-    callbacks: list[Any] = [checkpoint]
-    if resume:
-        _restore_history(module, run_dir)
+                                 mode=cfg.train.monitor_mode, save_top_k=1, enable_version_counter=False)
+    # Its own callback: with a monitor, Lightning refreshes save_last only when the metric improves,
+    # and a resume would then repeat every epoch after the best one.
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
+    callbacks: list[Any] = [EpochRecorder(), checkpoint, last]
     module.epoch_listeners.append(_epoch_reporter(tracker, cfg.train.epochs, run_dir, module.history))
     if cfg.train.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor, mode=cfg.train.monitor_mode,
@@ -294,6 +303,7 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
                                  f"`handlens train --resume {run_id}`") from None
         prepared.timings["fit"] = time.perf_counter() - fit_started
         (run_dir / "history.json").write_text(json.dumps(module.history, indent=1))
+        (run_dir / "history.partial.json").unlink(missing_ok=True)
         best_epoch = _load_best(module, checkpoint)
         metrics = _final_metrics(prepared, run_dir)
         metrics["best_epoch"] = best_epoch
@@ -322,13 +332,6 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
                      best_epoch=best_epoch, metrics=metrics, history=module.history,
                      seconds=time.perf_counter() - started, timings=prepared.timings, tracking_uri=tracker.uri,
                      resumed=bool(resume))
-
-
-def _restore_history(module: Any, run_dir: Path) -> None:
-    """Earlier epochs' metrics of a resumed run (written at each epoch end by the history callback)."""
-    path = run_dir / "history.partial.json"
-    if path.is_file():
-        module.history[:] = json.loads(path.read_text())
 
 
 def _load_best(module: Any, checkpoint: Any) -> int | None:
