@@ -32,9 +32,16 @@ def test_train_prints_the_bundle_path_last_then_evaluate_and_predict(trained_wor
     assert "macro-F1" in human and "Per class" in human
 
     image = next((tmp_path / "colours" / "red").iterdir())
-    predictions = json.loads(cli(trained_workspace, "predict", bundle, str(image), "--top-k", "2", "--json").stdout)
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    out = json.loads(cli(trained_workspace, "predict", bundle, str(image), str(notes), "--top-k", "2",
+                         "--json").stdout)
+    predictions = out["predictions"]
     assert len(predictions) == 1 and len(predictions[0]["top"]) == 2
     assert abs(sum(predictions[0]["probabilities"].values()) - 1) < 1e-4
+    assert out["skipped"][0]["path"] == str(notes) and "not_an_image" in out["skipped"][0]["reason"]
+    only_bad = cli(trained_workspace, "predict", bundle, str(notes))
+    assert only_bad.exit_code == 2 and "no readable image" in only_bad.output
 
 
 def test_train_json_is_one_document(trained_workspace):
@@ -55,6 +62,11 @@ def test_evaluate_images_folder_with_an_unknown_class_names_it(trained_workspace
     shutil.rmtree(folder / "purple")
     ok = json.loads(cli(trained_workspace, "evaluate", bundle, "--images", str(folder), "--json").stdout)
     assert ok["n"] == 16 and ok["source"] == str(folder.resolve())
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((folder / "red").iterdir()), flat / "a.png")
+    unlabelled = cli(trained_workspace, "evaluate", bundle, "--images", str(flat))
+    assert unlabelled.exit_code == 2 and "not in class folders" in unlabelled.output
 
 
 def test_training_errors_are_clear(trained_workspace):

@@ -8,7 +8,7 @@ from handlens.core.workspace import Workspace, resolve_inside
 
 def test_workspace_is_created_with_its_folders(tmp_path: Path):
     ws = Workspace.open(tmp_path / "ws")
-    for sub in ("runs", "cache", "demo"):
+    for sub in ("runs", "cache"):
         assert (ws.root / sub).is_dir()
     assert ws.db_url == f"sqlite:///{ws.root / 'handlens.db'}"
 

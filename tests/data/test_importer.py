@@ -200,3 +200,15 @@ def test_read_manifest_merges_rows_of_one_path(tmp_path):
     manifest = _manifest(tmp_path / "m.csv", ["path,label,labelset", "a.png,x,s1", "a.png,y,s2"])
     entries, skipped = read_manifest(manifest, tmp_path)
     assert len(entries) == 1 and entries[0].labels == {"s1": "x", "s2": "y"} and not skipped
+
+
+def test_an_import_that_imports_nothing_leaves_no_empty_dataset(tmp_path, catalog):
+    from handlens.data.queries import dataset_summaries
+
+    flat = tmp_path / "flat"
+    write_image(flat / "a.png", 1)
+    (flat / "broken.jpg").write_bytes(b"nope")
+    with pytest.raises(InputError, match=r"nothing imported .*unlabelled"):
+        import_path(catalog, flat, "flat")
+    with catalog.session() as session:
+        assert dataset_summaries(session) == []

@@ -92,3 +92,14 @@ def test_top_level_load_bundle_is_the_public_entry_point(tmp_path):
     bundle = handlens.load_bundle(path)
     assert bundle.classes == ["brick", "grass", "gravel"]
     assert bundle.predict(np.zeros((40, 40, 3), dtype=np.uint8))[0].top[0][0] in bundle.classes
+
+
+def test_bundles_are_readable_by_colleagues(tmp_path):
+    import os
+    import stat
+
+    _, path = _bundle(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((path / "weights.safetensors").stat().st_mode) == 0o666 & ~umask

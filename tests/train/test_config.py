@@ -31,7 +31,8 @@ def test_config_round_trips_through_yaml(tmp_path):
     ("train.lr=-1", "train.lr"),
     ("train.optimizer=adam", "train.optimizer"),
     ("model.freeze=half", "partial:N"),
-    ("train.unknown=1", "train.unknown"),
+    ("train.lrr=1", r"train.lrr: unknown key; did you mean train.lr\?"),
+    ("lr=0.1", "lr: not a section; write section.key=value"),
     ("train.epochs", "section.key=value"),
 ])
 def test_bad_values_name_the_key(override, message):

@@ -492,8 +492,10 @@ def evaluate_cmd(
     stdout.print(table("Confusion (rows: true, columns: predicted)", ["", *classes],
                        [[c, *row] for c, row in zip(classes, report["confusion"], strict=True)]))
     if report["top_losses"]:
-        stdout.print(table("Top losses (most confidently wrong)", ["image", "true", "predicted", "confidence"],
-                           [[x["path"], x["true"], x["predicted"], x["confidence"]] for x in report["top_losses"]]))
+        stdout.print(table("Top losses (most confidently wrong, by loss)",
+                           ["image", "true", "predicted", "confidence", "loss"],
+                           [[x["path"], x["true"], x["predicted"], x["confidence"], x["loss"]]
+                            for x in report["top_losses"]]))
     stdout.print(f"confusion matrix: {report['confusion_png']}")
 
 
@@ -513,18 +515,26 @@ def predict_cmd(
 
     ws, catalog = _open(ctx)
     catalog.close()
+    from handlens.data.imaging import probe_image
+
     loaded = load_bundle(resolve_bundle(ws, bundle))
     files = iter_images(images)
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise InputError(f"no such image file: {missing[0]}")
-    try:
-        predictions = loaded.predict(files, top_k=top_k)
-    except OSError as exc:
-        raise InputError(f"cannot read an image: {exc}") from exc
+    problems = {}
+    for f in files:  # a bad file is reported and skipped; the others are still predicted
+        probe = probe_image(f)
+        if not probe.ok:
+            problems[f] = f"{probe.reason}: {probe.detail}"
+    readable = [f for f in files if f not in problems]
+    if not readable:
+        detail = "; ".join(f"{Path(f).name} ({why})" for f, why in list(problems.items())[:3])
+        raise InputError(f"no readable image to predict: {detail or images}")
+    predictions = loaded.predict(readable, top_k=top_k)
     if as_json:
-        emit_json([p.to_dict() for p in predictions])
+        emit_json({"predictions": [p.to_dict() for p in predictions],
+                   "skipped": [{"path": f, "reason": why} for f, why in problems.items()]})
         return
+    for f, why in problems.items():
+        warn([f"skipped {f}: {why}"])
     rows = [[p.source, p.top[0][0], p.top[0][1], ", ".join(f"{c} {v:.3f}" for c, v in p.top[1:])]
             for p in predictions]
     stdout.print(table("Predictions", ["image", "class", "probability", "next"], rows))

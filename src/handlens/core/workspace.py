@@ -37,7 +37,7 @@ class Workspace:
         path = Path(chosen).expanduser().resolve()
         if path.exists() and not path.is_dir():
             raise InputError(f"workspace {path} exists and is not a directory; pass --workspace DIR")
-        for sub in ("", "runs", "cache", "demo"):
+        for sub in ("", "runs", "cache"):
             (path / sub).mkdir(parents=True, exist_ok=True)
         url = db_url or os.environ.get(DB_URL_ENV) or f"sqlite:///{path / CATALOG_FILENAME}"
         return cls(root=path, db_url=url)
@@ -52,6 +52,7 @@ class Workspace:
 
     @property
     def demo_dir(self) -> Path:
+        """Where embedded demo datasets are built (created when a demo is)."""
         return self.root / "demo"
 
     def inside(self, relative: str | Path) -> Path:

@@ -225,6 +225,7 @@ def import_entries(
                           workers=max(1, workers or os.cpu_count() or 1))
     with catalog.session() as session:
         dataset = session.scalars(select(Dataset).where(Dataset.name == dataset_name)).first()
+        created = dataset is None
         if dataset is None:
             dataset = Dataset(name=dataset_name, description=f"imported from {source}")
             session.add(dataset)
@@ -275,6 +276,11 @@ def import_entries(
         report.duplicates, report.label_conflicts = dups, conflicts
         report.class_counts = _class_counts(session, dataset.id)
         report.seconds = time.perf_counter() - started
+        if created and report.added == 0:
+            session.rollback()  # no empty dataset left behind
+            reasons = ", ".join(f"{n} {r}" for r, n in report.skipped_by_reason().items()) or "no images"
+            example = report.skipped[0].detail if report.skipped else "no image files found"
+            raise InputError(f"nothing imported from {source} ({reasons}); e.g. {example}")
         session.add(ImportRecord(dataset_id=dataset.id, source=source, report=report.to_dict()))
     return report
 

@@ -101,14 +101,17 @@ def dataset_stats(session: Session, dataset: Dataset, labelset: Labelset) -> dic
         if min(score["precision"], score["recall"]) >= SIZE_SHORTCUT_SCORE and counts[label] >= 5 and len(counts) > 1:
             warnings.append(
                 f"class {label!r}: image size alone identifies it (precision {score['precision']:.2f}, recall "
-                f"{score['recall']:.2f}), a shortcut a model will learn: resize all images to one size "
-                "before training"
+                f"{score['recall']:.2f}): a shortcut. Training resizes every image to one input size, so size "
+                "itself is gone, but the resampling (grain scale, blur) still differs by class: compare "
+                "explanations, and collect images of this class at the other sizes if you can"
             )
         elif score["others_with_sizes_never_seen"] >= SIZE_NEVER_SEEN_SHARE and len(counts) > 1:
             warnings.append(
                 f"class {label!r} never has size {', '.join(score['sizes_never_seen'])}, which "
                 f"{score['others_with_sizes_never_seen']:.0%} of the other classes' images have: size alone "
-                f"tells {label!r} apart from them (a shortcut); resize all images to one size before training"
+                f"tells {label!r} apart from them (a shortcut). Training resizes every image to one input size, "
+                "so size itself is gone, but the resampling (grain scale, blur) still differs by class: "
+                "check what the model looks at with `handlens explain`"
             )
     if shortcut["size_only_accuracy"] - shortcut["majority_baseline"] >= SIZE_ACCURACY_MARGIN:
         warnings.append(

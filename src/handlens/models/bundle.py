@@ -61,6 +61,7 @@ def save_bundle(directory: Path, model: Any, manifest: dict[str, Any]) -> Path:
             **manifest,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, default=_jsonable))
+        _share_like_other_files(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -73,6 +74,16 @@ def save_bundle(directory: Path, model: Any, manifest: dict[str, Any]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _share_like_other_files(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory: give the bundle the permissions the umask gives any file,
+    so colleagues sharing the disk can load it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for item in directory.iterdir():
+        item.chmod(0o666 & ~umask)
 
 
 def _jsonable(value: Any) -> Any:

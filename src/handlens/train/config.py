@@ -150,5 +150,23 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None,
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_explain_error(e) for e in exc.errors())
         raise InputError(f"invalid run config: {problems}") from None
+
+
+def _explain_error(error: Any) -> str:
+    """A pydantic error in words a user can act on; unknown keys get the nearest valid ones."""
+    import difflib
+
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] != "extra_forbidden":
+        return f"{where}: {error['msg']}"
+    if len(error["loc"]) == 1:
+        sections = list(RunConfig.model_fields)
+        return (f"{where}: not a section; write section.key=value with a section among "
+                f"{', '.join(sections)} (e.g. train.lr=0.01)")
+    section = RunConfig.model_fields.get(str(error["loc"][0]))
+    keys = list(section.annotation.model_fields) if section is not None else []  # type: ignore[union-attr]
+    close = difflib.get_close_matches(str(error["loc"][-1]), keys, n=1)
+    hint = f"did you mean {error['loc'][0]}.{close[0]}?" if close else f"valid keys: {', '.join(keys)}"
+    return f"{where}: unknown key; {hint}"

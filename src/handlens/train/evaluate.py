@@ -62,7 +62,10 @@ def evaluate(
 
         if not Path(images).is_dir():
             raise InputError(f"--images {images}: give a folder with one sub-folder per class")
-        entries, _, _ = scan_folder(Path(images))
+        entries, loose, _ = scan_folder(Path(images))
+        if not entries and loose:
+            raise InputError(f"the images in {images} are not in class folders; put each image in a sub-folder "
+                             "named after its class (to predict without labels, use `handlens predict`)")
         labels = [e.labels["default"] for e in entries]
         unknown = sorted(set(labels) - set(index))
         if unknown:

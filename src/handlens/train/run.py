@@ -205,8 +205,12 @@ def quiet_lightning() -> None:
     import logging
     import warnings
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: set them after it)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*`weights_only` was not set.*")
+    warnings.filterwarnings("ignore", message=r".*defined a `validation_step` but have no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
