@@ -20,6 +20,14 @@ from handlens.train.run import train
 from tests.conftest import tiny_config
 
 
+def run_statuses(ws) -> list[str]:
+    catalog = open_catalog(ws.db_url)
+    with catalog.session() as session:
+        statuses = [r.status for r in session.query(Run)]
+    catalog.close()
+    return statuses
+
+
 def test_train_writes_a_bundle_config_history_and_a_run_record(trained_workspace):
     result = train(tiny_config(), trained_workspace)
     assert result.epochs == 2 and len(result.history) == 2
@@ -89,10 +97,7 @@ def test_nan_loss_stops_with_a_clear_message(trained_workspace, monkeypatch):
     monkeypatch.setattr(module, "build_loss", lambda *a, **k: Exploding())
     with pytest.raises(NonFiniteLossError, match=r"became nan at epoch 1.*lower the learning rate"):
         train(tiny_config(), trained_workspace)
-    catalog = open_catalog(trained_workspace.db_url)
-    with catalog.session() as session:
-        assert [r.status for r in session.query(Run)] == ["failed"]
-    catalog.close()
+    assert run_statuses(trained_workspace) == ["failed"]
 
 
 def test_overfit_batches_sanity_run(trained_workspace):
@@ -195,10 +200,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(trained_workspa
     monkeypatch.setattr(pl.Trainer, "fit", interrupted_fit)
     with pytest.raises(RunInterrupted, match=r"handlens train --resume \S+"):
         train(tiny_config(), trained_workspace)
-    catalog = open_catalog(trained_workspace.db_url)
-    with catalog.session() as session:
-        assert [r.status for r in session.query(Run)] == ["interrupted"]
-    catalog.close()
+    assert run_statuses(trained_workspace) == ["interrupted"]
 
 
 def test_same_seed_same_training(trained_workspace):

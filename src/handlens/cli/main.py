@@ -40,12 +40,18 @@ def main(
     ctx.obj = {"workspace": workspace, "db": db}
 
 
+def _workspace(ctx: typer.Context) -> Any:
+    """The workspace (created on first use), for commands whose library call opens the catalog itself."""
+    from handlens.core.workspace import Workspace
+
+    return Workspace.open(ctx.obj["workspace"], ctx.obj["db"])
+
+
 def _open(ctx: typer.Context) -> tuple[Any, Any]:
     """The workspace and its catalog, opened on first use by a command."""
-    from handlens.core.workspace import Workspace
     from handlens.data.catalog import open_catalog
 
-    ws = Workspace.open(ctx.obj["workspace"], ctx.obj["db"])
+    ws = _workspace(ctx)
     return ws, open_catalog(ws.db_url)
 
 
@@ -393,8 +399,7 @@ def train_cmd(
     """Train a classifier by transfer learning. The last line printed is the bundle's path."""
     from handlens.train.run import train
 
-    ws, catalog = _open(ctx)
-    catalog.close()
+    ws = _workspace(ctx)
     if backbone is not None and backbone not in _backbone_names():
         from handlens.core.errors import InputError
 
@@ -447,8 +452,7 @@ def lr_find_cmd(
     from handlens.train.run import lr_find, quiet_lightning
 
     quiet_lightning()
-    ws, catalog = _open(ctx)
-    catalog.close()
+    ws = _workspace(ctx)
     cfg = _run_config(config, overrides, dataset=dataset, labelset=labelset, split=split, backbone=backbone,
                       weights=weights, freeze=freeze)
     result = lr_find(cfg, ws, min_lr=min_lr, max_lr=max_lr, steps=steps)
@@ -477,8 +481,7 @@ def evaluate_cmd(
     """Accuracy, macro-F1, per-class precision/recall/F1, ROC-AUC, confusion matrix and top losses."""
     from handlens.train.evaluate import evaluate
 
-    ws, catalog = _open(ctx)
-    catalog.close()
+    ws = _workspace(ctx)
     report = evaluate(bundle, ws, dataset, subset, split_name, images, out, top)
     if as_json:
         emit_json(report)
@@ -513,8 +516,7 @@ def predict_cmd(
     from handlens.models.bundle import iter_images, load_bundle
     from handlens.train.evaluate import resolve_bundle
 
-    ws, catalog = _open(ctx)
-    catalog.close()
+    ws = _workspace(ctx)
     from handlens.data.imaging import probe_image
 
     loaded = load_bundle(resolve_bundle(ws, bundle))
@@ -580,8 +582,7 @@ def explain_cmd(
             raise InputError(f"--param {item!r}: write key=value, e.g. --param steps=50")
         key, value = item.split("=", 1)
         params[key] = parse_value(value)
-    ws, catalog = _open(ctx)
-    catalog.close()
+    ws = _workspace(ctx)
     loaded = load_bundle(resolve_bundle(ws, bundle))
     files = iter_images(images)
     missing = [f for f in files if not Path(f).is_file()]

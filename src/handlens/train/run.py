@@ -221,7 +221,6 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
     """Train a classifier as ``cfg`` says (or resume run ``resume`` from its last checkpoint)."""
     import lightning.pytorch as pl
     import rich
-    import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
     from handlens.data.catalog import Dataset, Run, open_catalog
@@ -232,7 +231,6 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
     started = time.perf_counter()
     quiet_lightning()
     ws = workspace or Workspace.open()
-    catalog = open_catalog(ws.db_url)
     ckpt_path: Path | None = None
     if resume:
         run_id = resume
@@ -251,6 +249,7 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
         run_dir.mkdir(parents=True)
         (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
 
+    catalog = open_catalog(ws.db_url)
     try:
         prepared = prepare(cfg, ws, catalog)
     except BaseException:
@@ -331,7 +330,6 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
             if status == "finished":
                 row.bundle_path, row.metrics = str(bundle), _jsonable(metrics)
         catalog.close()
-    torch.set_grad_enabled(True)
     return RunResult(run_id=run_id, run_dir=run_dir, bundle=bundle, epochs=trainer.current_epoch,
                      best_epoch=best_epoch, metrics=metrics, history=module.history,
                      seconds=time.perf_counter() - started, timings=prepared.timings, tracking_uri=tracker.uri,
