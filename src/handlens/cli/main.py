@@ -597,6 +597,67 @@ def explain_cmd(
     stdout.print(f"{index['method']} on {index['layer'] or 'pixels'}; index: {index['index']}")
 
 
+annotate_app = typer.Typer(help="Expert regions (masks or polygons) on catalog images.", no_args_is_help=True)
+app.add_typer(annotate_app, name="annotate")
+
+
+@annotate_app.command("import")
+@handle_errors
+def annotate_import_cmd(
+    ctx: typer.Context,
+    dataset: str = typer.Argument(..., help="Dataset whose images the regions belong to."),
+    folder: Path = typer.Argument(..., help="Files named after the images: <stem>.png masks or <stem>.json polygons."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Import expert regions: binary PNG masks or polygon JSON, matched to images by file name."""
+    from handlens.data.annotations import import_annotations
+
+    _, catalog = _open(ctx)
+    report = import_annotations(catalog, dataset, folder)
+    catalog.close()
+    if as_json:
+        emit_json(report)
+        return
+    stdout.print(f"{report['added']} regions added to '{dataset}'.")
+    warn([f"{len(report['unmatched'])} files match no image (e.g. {report['unmatched'][0]})"]
+         if report["unmatched"] else [])
+    warn([f"{len(report['ambiguous'])} files match several images with the same name"] if report["ambiguous"] else [])
+    warn([f"invalid {item['path']}: {item['reason']}" for item in report["invalid"]])
+
+
+@app.command("agreement")
+@handle_errors
+def agreement_cmd(
+    ctx: typer.Context,
+    bundle: str = typer.Argument(..., help="Run id or bundle directory."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Dataset with expert regions (default: the model's)."),
+    method: str = typer.Option("gradcam", "--method", help="Explanation method."),
+    layer: str | None = typer.Option(None, "--layer", help="Layer for CAM methods (default: the last)."),
+    subset: str | None = typer.Option(None, "--split", help="Only images of this subset of the model's split."),
+    fraction: float = typer.Option(0.2, "--top", min=0.01, max=1.0, help="Top share of the map for the IoU."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Do models look where experts look? Pointing game, energy inside the region, top-k% IoU."""
+    from handlens.explain.agreement import agreement_report
+    from handlens.explain.api import load_bundle
+    from handlens.train.evaluate import resolve_bundle
+
+    ws, catalog = _open(ctx)
+    try:
+        report = agreement_report(load_bundle(resolve_bundle(ws, bundle)), catalog, dataset, method, layer,
+                                  fraction, subset=subset)
+    finally:
+        catalog.close()
+    if as_json:
+        emit_json(report)
+        return
+    rows = [[name, v["n"], v.get("pointing_hit_rate", 0.0), v.get("energy_inside", 0.0), v.get("top_iou", 0.0),
+             v.get("region_share", 0.0)] for name, v in {**report["per_class"], "all": report["overall"]}.items()]
+    stdout.print(table(f"Agreement of {report['method']} ({report['layer']}) with expert regions",
+                       ["class", "images", "pointing hit rate", "energy inside", f"top-{fraction:.0%} IoU",
+                        "region share (chance)"], rows))
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

@@ -69,8 +69,10 @@ def resolve_targets(target: Any, classes: list[str], logits: torch.Tensor) -> li
     if len(items) != n:
         raise InputError(f"{len(items)} targets for {n} images; give one target, or one per image")
     out = []
-    for item in items:
-        if isinstance(item, (int, np.integer)) and 0 <= int(item) < len(classes):
+    for row, item in enumerate(items):
+        if item is None or item == "pred":
+            out.append(int(logits[row].argmax()))
+        elif isinstance(item, (int, np.integer)) and 0 <= int(item) < len(classes):
             out.append(int(item))
         elif isinstance(item, str) and item in classes:
             out.append(classes.index(item))

@@ -3,6 +3,7 @@
 from handlens.data.catalog.db import Catalog, open_catalog
 from handlens.data.catalog.schema import (
     SCHEMA_VERSION,
+    Annotation,
     Dataset,
     Image,
     ImportRecord,
@@ -16,6 +17,7 @@ from handlens.data.catalog.schema import (
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Annotation",
     "Catalog",
     "Dataset",
     "Image",

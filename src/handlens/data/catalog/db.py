@@ -14,13 +14,13 @@ from handlens.core.errors import CatalogVersionError, InputError
 from handlens.data.catalog.schema import SCHEMA_VERSION, Base, SchemaVersion
 
 
-def _add_runs_table(engine: Engine) -> None:
-    """1 -> 2: the ``runs`` table (created by ``create_all`` for any table a catalog lacks)."""
+def _add_new_tables(engine: Engine) -> None:
+    """1 -> 2 (``runs``) and 2 -> 3 (``annotations``): new tables, created by ``create_all``."""
     Base.metadata.create_all(engine)
 
 
 #: version -> step that upgrades a catalog from ``version`` to ``version + 1``.
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {1: _add_runs_table}
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {1: _add_new_tables, 2: _add_new_tables}  # 2 -> 3: annotations
 
 
 @dataclass

@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 #: Bump when the tables change, and add a step to ``db.MIGRATIONS``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -171,3 +171,18 @@ class Run(Base):
     bundle_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     tracking: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Annotation(Base):
+    """An expert region on one image (schema version 3): a binary mask file or polygons in pixel coordinates."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (Index("ix_annotations_image", "image_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # mask | polygon
+    label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    mask_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    polygons: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    source: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

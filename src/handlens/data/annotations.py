@@ -1,0 +1,102 @@
+"""Expert regions: import binary masks or polygons per image, and rasterise them.
+
+A folder of annotations names each file after its image: ``<image stem>.png`` (a mask, any non-zero
+pixel inside the region; resized to the image if its size differs) or ``<image stem>.json`` with
+``{"label": "optional class", "polygons": [[[x, y], ...], ...]}`` in the image's pixel coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from handlens.core.errors import InputError
+from handlens.data.catalog import Annotation, Catalog, Image
+from handlens.data.queries import find_dataset
+
+
+def import_annotations(catalog: Catalog, dataset_name: str, folder: Path, replace: bool = True) -> dict[str, Any]:
+    """Attach every mask/polygon file in ``folder`` to the dataset image with the same stem."""
+    from PIL import Image as PILImage
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder of annotation files (<image stem>.png or .json)")
+    report: dict[str, Any] = {"dataset": dataset_name, "added": 0, "unmatched": [], "ambiguous": [], "invalid": []}
+    with catalog.session() as session:
+        dataset = find_dataset(session, dataset_name)
+        by_stem: dict[str, list[Image]] = defaultdict(list)
+        for image in session.scalars(select(Image).where(Image.dataset_id == dataset.id)):
+            by_stem[Path(image.path).stem].append(image)
+        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".json")):
+            matches = by_stem.get(path.stem, [])
+            if not matches:
+                report["unmatched"].append(str(path))
+                continue
+            if len(matches) > 1:
+                report["ambiguous"].append(str(path))
+                continue
+            image = matches[0]
+            try:
+                if path.suffix.lower() == ".json":
+                    data = json.loads(path.read_text())
+                    polygons = data["polygons"] if isinstance(data, dict) else data
+                    label = data.get("label") if isinstance(data, dict) else None
+                    _check_polygons(polygons)
+                    row = Annotation(image_id=image.id, kind="polygon", polygons=polygons, label=label,
+                                     source=str(path))
+                else:
+                    with PILImage.open(path) as mask:
+                        mask.load()
+                    row = Annotation(image_id=image.id, kind="mask", mask_path=str(path.resolve()), source=str(path))
+            except (ValueError, KeyError, OSError, TypeError) as exc:
+                report["invalid"].append({"path": str(path), "reason": f"{type(exc).__name__}: {exc}"})
+                continue
+            if replace:
+                for old in session.scalars(select(Annotation).where(Annotation.image_id == image.id,
+                                                                    Annotation.kind == row.kind)):
+                    session.delete(old)
+            session.add(row)
+            report["added"] += 1
+    return report
+
+
+def _check_polygons(polygons: Any) -> None:
+    if not isinstance(polygons, list) or not polygons:
+        raise ValueError("'polygons' must be a non-empty list of polygons")
+    for polygon in polygons:
+        if len(polygon) < 3 or any(len(point) != 2 for point in polygon):
+            raise ValueError("each polygon needs at least 3 [x, y] points")
+
+
+def region_mask(annotations: list[Annotation], width: int, height: int) -> np.ndarray:
+    """The union of an image's annotations as a (height, width) boolean mask in image coordinates."""
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    canvas = PILImage.new("L", (width, height), 0)
+    for annotation in annotations:
+        if annotation.kind == "mask" and annotation.mask_path:
+            with PILImage.open(annotation.mask_path) as mask:
+                layer = mask.convert("L")
+                if layer.size != (width, height):
+                    layer = layer.resize((width, height), PILImage.NEAREST)
+                canvas.paste(255, mask=layer.point(lambda v: 255 if v > 0 else 0))
+        elif annotation.polygons:
+            draw = ImageDraw.Draw(canvas)
+            for polygon in annotation.polygons:
+                draw.polygon([tuple(map(float, point)) for point in polygon], fill=255)
+    return np.asarray(canvas) > 0
+
+
+def annotated_images(session: Any, dataset_id: int) -> dict[int, list[Annotation]]:
+    rows = session.scalars(select(Annotation).join(Image).where(Image.dataset_id == dataset_id))
+    out: dict[int, list[Annotation]] = defaultdict(list)
+    for row in rows:
+        out[row.image_id].append(row)
+    return dict(out)
