@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,25 @@ def test_cli_explain_writes_overlays_maps_and_an_index(trained_workspace, bundle
     bad_layer = runner.invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(bundle_path),
                                     str(images[0]), "--layer", "stage9"])
     assert bad_layer.exit_code == 2 and "named layers" in bad_layer.output
+
+
+def test_explain_a_whole_split_resumes_and_draws_the_top_losses(trained_workspace, bundle_path, tmp_path):
+    out = tmp_path / "split_maps"
+    args = ["--workspace", str(trained_workspace.root), "explain", str(bundle_path), "--split", "test",
+            "--method", "gradcam", "--out", str(out), "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    index = json.loads(first.stdout)
+    assert len(index["images"]) == 12 and (out / "index.json").is_file()
+    maps = sorted(out.glob("*.npy"))
+    assert len(maps) == 12
+    stamp = {p: p.stat().st_mtime_ns for p in maps}
+    maps[0].unlink()  # as if the run had been killed before this one
+    again = json.loads(runner.invoke(app, args).stdout)
+    assert len(again["images"]) == 12
+    assert all(p.stat().st_mtime_ns == stamp[p] for p in maps[1:])  # kept, not recomputed
+    assert maps[0].is_file()
+    wrong = [e for e in again["images"] if e["predicted"] != Path(e["image"]).parent.name]
+    assert (again["gallery"] is not None) == bool(wrong)
+    missing = runner.invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(bundle_path)])
+    assert missing.exit_code == 2 and "--split" in missing.output

@@ -556,7 +556,9 @@ def _explainer_names() -> list[str]:
 def explain_cmd(
     ctx: typer.Context,
     bundle: str = typer.Argument(..., help="Run id or bundle directory."),
-    images: list[Path] = typer.Argument(..., help="Image files or folders."),
+    images: list[Path] | None = typer.Argument(None, help="Image files or folders (or use --dataset/--split)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Explain catalog images (default: the model's)."),
+    subset: str | None = typer.Option(None, "--split", help="Subset of the model's split: train, val or test."),
     method: str = typer.Option("gradcam", "--method", help="One of: " + ", ".join(_explainer_names()) + "."),
     layer: str | None = typer.Option(None, "--layer", help="Named layer (stage4, conv_head...) or module path; "
                                      "default: the model's last feature map."),
@@ -582,15 +584,34 @@ def explain_cmd(
             raise InputError(f"--param {item!r}: write key=value, e.g. --param steps=50")
         key, value = item.split("=", 1)
         params[key] = parse_value(value)
-    ws = _workspace(ctx)
+    if not images and not subset:
+        raise InputError("give image files, or --split train|val|test (with --dataset) to explain catalog images")
+    ws, catalog = _open(ctx)
     loaded = load_bundle(resolve_bundle(ws, bundle))
-    files = iter_images(images)
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing or not files:
-        raise InputError(f"no such image file: {missing[0] if missing else images}")
-    index = write_explanations(loaded, files, out, method, layer, target, opacity, params)
+    if subset:
+        from handlens.explain.output import explain_subset
+
+        try:
+            with _progress("explaining", enabled=not as_json) as progress:
+                index = explain_subset(loaded, catalog, subset, out, method, layer, target, dataset, opacity,
+                                       params, progress=progress)
+        finally:
+            catalog.close()
+    else:
+        catalog.close()
+        files = iter_images(images or [])
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing or not files:
+            raise InputError(f"no such image file: {missing[0] if missing else images}")
+        index = write_explanations(loaded, files, out, method, layer, target, opacity, params)
     if as_json:
         emit_json(index)
+        return
+    if subset:
+        stdout.print(f"{len(index['images'])} images explained with {index['method']} -> {out}")
+        if index.get("gallery"):
+            stdout.print(f"top losses with their maps: {index['gallery']}")
+        stdout.print(f"index: {index['index']}")
         return
     for item in index["images"]:
         stdout.print(f"{Path(item['image']).name}: {item['target']} ({item['probability']:.2f}) -> {item['overlay']}")

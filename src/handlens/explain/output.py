@@ -13,17 +13,28 @@ from handlens.transforms.preprocess import preprocess_image
 
 
 def write_explanations(bundle: Any, files: list[str], out: Path, method: str, layer: str | None, target: str,
-                       opacity: float = 0.5, params: dict[str, Any] | None = None,
-                       batch_size: int = 8) -> dict[str, Any]:
-    """Explain ``files`` in batches and write ``<stem>.<method>.png`` / ``.npy`` plus ``index.json``."""
+                       opacity: float = 0.5, params: dict[str, Any] | None = None, batch_size: int = 8,
+                       resume: bool = False, progress: Any = None) -> dict[str, Any]:
+    """Explain ``files`` in batches and write ``<stem>.<method>.png`` / ``.npy`` plus ``index.json``.
+
+    With ``resume``, images whose entries an earlier ``index.json`` in ``out`` already lists (and whose
+    maps exist) are kept and not explained again; the index is rewritten after every batch, so a killed
+    run loses at most one batch.
+    """
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
+    if resume and (out / "index.json").is_file():
+        previous = json.loads((out / "index.json").read_text())
+        if previous.get("method") == method and previous.get("target") == target:
+            entries = [e for e in previous.get("images", []) if Path(e["map"]).is_file() and e["image"] in files]
+    done = {e["image"] for e in entries}
+    todo = [f for f in files if f not in done]
     timings: list[dict[str, float]] = []
-    used_layer = None
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
+    used_layer = layer
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
         result = bundle.explain(chunk, method=method, layer=layer, target=target, **(params or {}))
         used_layer = result.layer
         timings.append(result.timings)
@@ -47,8 +58,79 @@ def write_explanations(bundle: Any, files: list[str], out: Path, method: str, la
             if "convergence_delta" in result.extras:
                 entry["convergence_delta"] = result.extras["convergence_delta"][i]
             entries.append(entry)
-    index = {"bundle": str(bundle.path), "method": method, "layer": used_layer, "target": target,
+        _write_index(out, bundle, method, used_layer, target, params, entries, timings)
+        if progress:
+            progress(len(done) + start + len(chunk), len(files))
+    return _write_index(out, bundle, method, used_layer, target, params, entries, timings)
+
+
+def _write_index(out: Path, bundle: Any, method: str, layer: str | None, target: str, params: dict[str, Any] | None,
+                 entries: list[dict[str, Any]], timings: list[dict[str, float]]) -> dict[str, Any]:
+    index = {"bundle": str(bundle.path), "method": method, "layer": layer, "target": target,
              "params": params or {}, "images": entries, "index": str(out / "index.json"),
              "seconds": round(sum(t.get("total", 0.0) for t in timings), 4)}
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.replace(out / "index.json")
+    return index
+
+
+def explain_subset(bundle: Any, catalog: Any, subset: str, out: Path, method: str, layer: str | None = None,
+                   target: str = "pred", dataset: str | None = None, opacity: float = 0.5,
+                   params: dict[str, Any] | None = None, gallery: int = 12, progress: Any = None) -> dict[str, Any]:
+    """Explain every image of one subset of the bundle's split; resumable; with a gallery of the top losses."""
+    from sqlalchemy import select
+
+    from handlens.core.errors import InputError
+    from handlens.data.catalog import Image, Label, Labelset
+    from handlens.data.queries import find_dataset
+
+    manifest = bundle.manifest
+    ids = manifest.get("split_membership", {}).get(subset)
+    if ids is None:
+        raise InputError(f"--split {subset!r}: the model's split has subsets "
+                         f"{', '.join(manifest.get('split_membership', {}))}")
+    if not ids:
+        raise InputError(f"the {subset} subset of the model's split is empty")
+    with catalog.session() as session:
+        ds = find_dataset(session, dataset or manifest["dataset"])
+        labelset = session.scalars(select(Labelset).where(Labelset.dataset_id == ds.id,
+                                                          Labelset.name == manifest.get("labelset"))).first()
+        rows = session.execute(select(Image.id, Image.path).where(Image.id.in_(ids)).order_by(Image.id)).all()
+        labels = dict(session.execute(select(Label.image_id, Label.label)
+                                      .where(Label.labelset_id == labelset.id)).all()) if labelset else {}
+    files = [row.path for row in rows]
+    truth = {row.path: labels.get(row.id) for row in rows}
+    index = write_explanations(bundle, files, out, method, layer, target, opacity, params, resume=True,
+                               progress=progress)
+    index["gallery"] = _top_loss_gallery(bundle, index["images"], truth, out, method, gallery)
+    return _write_index_with(out, index)
+
+
+def _write_index_with(out: Path, index: dict[str, Any]) -> dict[str, Any]:
     (out / "index.json").write_text(json.dumps(index, indent=1))
     return index
+
+
+def _top_loss_gallery(bundle: Any, entries: list[dict[str, Any]], truth: dict[str, str | None], out: Path,
+                      method: str, count: int) -> str | None:
+    """The most confidently wrong images with their maps, side by side: where a model errs is worth seeing."""
+    from PIL import Image
+
+    wrong = []
+    for entry in entries:
+        label = truth.get(entry["image"])
+        if label is None or label == entry["predicted"]:
+            continue
+        loss = -float(np.log(max(entry["probabilities"].get(label, 0.0), 1e-12)))
+        wrong.append((loss, entry, label))
+    if not wrong or count <= 0:
+        return None
+    wrong.sort(key=lambda item: -item[0])
+    panels, titles = [], []
+    for _, entry, label in wrong[:count]:
+        panels.append(np.asarray(Image.open(entry["overlay"]).convert("RGB")))
+        titles.append(f"{label}->{entry['predicted']} {entry['probabilities'][entry['predicted']]:.2f}")
+    path = out / f"top_losses.{method}.png"
+    grid(panels, titles).save(path)
+    return str(path)
