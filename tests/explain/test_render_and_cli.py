@@ -103,3 +103,17 @@ def test_explain_a_whole_split_resumes_and_draws_the_top_losses(trained_workspac
     assert (again["gallery"] is not None) == bool(wrong)
     missing = runner.invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(bundle_path)])
     assert missing.exit_code == 2 and "--split" in missing.output
+
+
+def test_trust_command_reports_faithfulness_beside_random_and_sanity(trained_workspace, bundle_path, tmp_path):
+    images = sorted((tmp_path / "colours" / "blue").iterdir())[:2]
+    result = runner.invoke(app, ["--workspace", str(trained_workspace.root), "trust", str(bundle_path),
+                                 *map(str, images), "--method", "gradcam", "--steps", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc"} <= set(
+        report["faithfulness"])
+    assert report["sanity"]["steps"][0]["randomised_down_to"] == "head"
+    human = runner.invoke(app, ["--workspace", str(trained_workspace.root), "trust", str(bundle_path),
+                                str(images[0]), "--sanity-steps", "1"])
+    assert human.exit_code == 0 and "random map AUC" in human.output and "sanity check" in human.output

@@ -618,6 +618,53 @@ def explain_cmd(
     stdout.print(f"{index['method']} on {index['layer'] or 'pixels'}; index: {index['index']}")
 
 
+@app.command("trust")
+@handle_errors
+def trust_cmd(
+    ctx: typer.Context,
+    bundle: str = typer.Argument(..., help="Run id or bundle directory."),
+    images: list[Path] = typer.Argument(..., help="Image files or folders (a handful is enough)."),
+    method: str = typer.Option("gradcam", "--method", help="Explanation method to check."),
+    layer: str | None = typer.Option(None, "--layer", help="Layer for CAM methods."),
+    baseline: str = typer.Option("blur", "--baseline", help="What removed pixels become: blur or mean."),
+    steps: int = typer.Option(20, "--steps", min=2, help="Points on the deletion/insertion curves."),
+    sanity_steps: int | None = typer.Option(None, "--sanity-steps", min=1,
+                                            help="Blocks to randomise from the head down (default: all)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Can the maps be trusted? Deletion/insertion AUC beside a random map, and the randomisation sanity check."""
+    from handlens.explain.api import load_bundle
+    from handlens.explain.metrics import deletion_insertion, parameter_randomisation
+    from handlens.models.bundle import iter_images
+    from handlens.train.evaluate import resolve_bundle
+
+    ws = _workspace(ctx)
+    loaded = load_bundle(resolve_bundle(ws, bundle))
+    files = iter_images(images)
+    inputs = loaded.transform_many(files)
+    result = loaded.explain(files, method=method, layer=layer)
+    faithfulness = deletion_insertion(loaded.module, inputs, result.maps if result.maps.ndim == 3 else
+                                      result.maps[:, 0], result.targets, baseline, steps)
+    sanity = parameter_randomisation(loaded.module, inputs, loaded.classes, method, layer, sanity_steps,
+                                     mean=loaded.preprocess.mean, std=loaded.preprocess.std)
+    report = {"method": method, "layer": result.layer, "images": files, "faithfulness": faithfulness,
+              "sanity": sanity}
+    if as_json:
+        emit_json(report)
+        return
+    f = faithfulness
+    stdout.print(table(f"Faithfulness of {method} ({len(files)} images, {baseline} baseline)",
+                       ["curve", f"{method} AUC", "random map AUC", "better is"],
+                       [["deletion", f["deletion_auc"], f["random_deletion_auc"], "lower"],
+                        ["insertion", f["insertion_auc"], f["random_insertion_auc"], "higher"]]))
+    rows = [[step["randomised_down_to"], step["spearman"]] for step in sanity["steps"]]
+    stdout.print(table("Sanity: rank correlation with the trained model's maps as blocks are randomised",
+                       ["randomised down to", "Spearman"], rows))
+    verdict = "passes" if sanity["passed"] else "FAILS (its maps barely depend on the model's weights)"
+    stdout.print(f"sanity check {verdict}: final correlation {sanity['final_spearman']:.2f} "
+                 f"(threshold {sanity['threshold']})")
+
+
 annotate_app = typer.Typer(help="Expert regions (masks or polygons) on catalog images.", no_args_is_help=True)
 app.add_typer(annotate_app, name="annotate")
 

@@ -132,6 +132,8 @@ def parameter_randomisation(model: nn.Module, inputs: torch.Tensor, classes: lis
     from handlens.explain.api import explain
 
     reference = explain(model, inputs, classes, method, layer, "pred", **params)
+    if reference.maps.ndim != 3:
+        raise InputError("the sanity check compares one map per image; use a single target")
     targets = reference.targets
     randomised = copy.deepcopy(model).eval()
     generator = torch.Generator().manual_seed(seed)
