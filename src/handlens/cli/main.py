@@ -566,6 +566,9 @@ def explain_cmd(
     out: Path = typer.Option(Path("explanations"), "--out", help="Folder for overlays (PNG), maps (.npy), index."),
     opacity: float = typer.Option(0.5, "--opacity", min=0.0, max=1.0, help="Overlay opacity."),
     param: list[str] | None = typer.Option(None, "--param", help="Method parameter key=value, e.g. steps=50."),
+    tile: int | None = typer.Option(None, "--tile", min=8, help="Large images: tiles of this many pixels, "
+                                    "predicted and explained in batches, stitched at full resolution."),
+    overlap: float = typer.Option(0.25, "--overlap", min=0.0, max=0.9, help="Tile overlap share (with --tile)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Where the model looks: heatmaps over images, as PNG overlays and raw .npy maps."""
@@ -586,6 +589,19 @@ def explain_cmd(
         params[key] = parse_value(value)
     if not images and not subset:
         raise InputError("give image files, or --split train|val|test (with --dataset) to explain catalog images")
+    if tile is not None:
+        from handlens.explain.output import write_tiled
+
+        loaded = load_bundle(resolve_bundle(_workspace(ctx), bundle))
+        files = iter_images(images or [])
+        index = write_tiled(loaded, files, out, method, layer, target, tile, overlap, opacity, params)
+        if as_json:
+            emit_json(index)
+            return
+        for item in index["images"]:
+            stdout.print(f"{Path(item['image']).name}: {item['label']} ({item['probability']:.2f}) from "
+                         f"{item['tiles']} tiles -> {item['overlay']}")
+        return
     ws, catalog = _open(ctx)
     loaded = load_bundle(resolve_bundle(ws, bundle))
     if subset:

@@ -134,3 +134,36 @@ def _top_loss_gallery(bundle: Any, entries: list[dict[str, Any]], truth: dict[st
     path = out / f"top_losses.{method}.png"
     grid(panels, titles).save(path)
     return str(path)
+
+
+def write_tiled(bundle: Any, files: list[str], out: Path, method: str, layer: str | None, target: str,
+                tile: int, overlap: float, opacity: float = 0.5, params: dict[str, Any] | None = None,
+                preview: int = 2048) -> dict[str, Any]:
+    """Tiled explanation of large images: full-resolution heatmap (.npy), probability map (.npy), and an
+    overlay PNG (downscaled to ``preview`` pixels on its long side, for viewing)."""
+    from PIL import Image
+
+    from handlens.explain.tiles import tiled_explain
+    from handlens.transforms.preprocess import load_rgb
+
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for path in files:
+        result = tiled_explain(bundle, path, tile, overlap, method=method, layer=layer, target=target,
+                               **(params or {}))
+        stem = f"{Path(path).stem}.{method}.tiled"
+        np.save(out / f"{stem}.npy", result.heatmap)
+        np.save(out / f"{stem}.probabilities.npy", result.probability_map)
+        picture = load_rgb(path)
+        scale = min(1.0, preview / max(picture.size))
+        if scale < 1.0:
+            picture = picture.resize((round(picture.width * scale), round(picture.height * scale)))
+        Image.fromarray(overlay(np.asarray(picture), result.heatmap, opacity)).save(out / f"{stem}.png")
+        entries.append({"image": str(path), "overlay": str(out / f"{stem}.png"), "map": str(out / f"{stem}.npy"),
+                        "probability_map": str(out / f"{stem}.probabilities.npy"),
+                        "label": bundle.classes[result.target],
+                        "probability": float(result.probabilities[result.target]), **result.summary()})
+    index = {"bundle": str(bundle.path), "method": method, "tile": tile, "overlap": overlap, "images": entries,
+             "index": str(out / "index.json")}
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    return index
