@@ -127,3 +127,12 @@ def test_targets_by_name_index_pred_and_all():
     assert resolve_targets("all", ["x", "y", "z"], logits) is None
     with pytest.raises(InputError, match="one per image"):
         resolve_targets(["x"], ["x", "y", "z"], logits)
+
+
+def test_separable_upsample_equals_bilinear_interpolation():
+    from handlens.explain.base import upsample
+
+    maps = torch.rand(2, 5, 7, 9)
+    reference = torch.nn.functional.interpolate(maps, size=(64, 50), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(upsample(maps, (64, 50)).numpy(), reference.numpy(), atol=1e-6)
+    assert upsample(maps[0, 0], (7, 9)).shape == (7, 9)

@@ -7,6 +7,7 @@ float maps at the input's resolution, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -124,11 +125,24 @@ def as_spatial(tensor: torch.Tensor, prefix_tokens: int = 0) -> torch.Tensor:
     raise InputError(f"layer output has shape {tuple(tensor.shape)}; explain a convolutional or token layer")
 
 
+@functools.lru_cache(maxsize=32)
+def _linear_weights(out: int, inp: int) -> torch.Tensor:
+    """(out, inp) matrix of 1-D linear interpolation weights, taken from ``F.interpolate`` itself."""
+    return F.interpolate(torch.eye(inp)[None], size=out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(..., h, w) -> (..., H, W), bilinear (the same as Captum's ``LayerAttribution.interpolate``)."""
-    lead = maps.shape[:-2]
-    flat = maps.reshape(-1, 1, *maps.shape[-2:])
-    return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*lead, *size)
+    """(..., h, w) -> (..., H, W), bilinear, align_corners=False (as Captum's ``LayerAttribution.interpolate``).
+
+    Bilinear interpolation is separable, so it is computed as ``U_h @ M @ U_w^T`` with the 1-D weight
+    matrices: the same numbers as ``F.interpolate`` (to float rounding), faster for the 1,000 maps of an
+    all-class explanation.
+    """
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps.clone()
+    rows = _linear_weights(size[0], maps.shape[-2]).to(maps.dtype)
+    cols = _linear_weights(size[1], maps.shape[-1]).to(maps.dtype)
+    return rows @ maps @ cols.T
 
 
 def prefix_tokens(model: nn.Module) -> int:
