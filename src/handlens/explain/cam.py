@@ -89,7 +89,12 @@ def gradient_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], lay
             grads = as_spatial(grad_raw, prefix)
             cam = _combine(method, activation, grads)  # (N, h, w)
         else:
-            cam = _all_classes(method, logits, raw, activation, prefix, class_chunk)  # (N, C, h, w)
+            head = linear_head(model, layer_name) if method == "gradcam" else None
+            if head is not None:  # d logit_c / dA = W_c / (h w) everywhere: no backward pass needed
+                hw = activation.shape[-2] * activation.shape[-1]
+                cam = (torch.einsum("ck,nkhw->nchw", head, activation) / hw).clamp(min=0)
+            else:
+                cam = _all_classes(method, logits, raw, activation, prefix, class_chunk)  # (N, C, h, w)
         timings["backward"] = time.perf_counter() - started
     started = time.perf_counter()
     maps = upsample(cam.detach(), tuple(inputs.shape[-2:]))
@@ -116,14 +121,23 @@ def _all_classes(method: str, logits: torch.Tensor, raw: torch.Tensor, activatio
     return torch.cat(out).transpose(0, 1)  # (N, C, h, w)
 
 
-def closed_form_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], layer: nn.Module,
-                    layer_name: str, target: Any = "pred") -> Explanation:
-    """CAM from the head's weights: valid where the layer is the map that the head pools and reads linearly."""
+def linear_head(model: nn.Module, layer_name: str | None) -> torch.Tensor | None:
+    """The (C, K) weight of the head when ``layer_name``'s map is average-pooled straight into one linear
+    layer (declared per backbone), else None. Then logits are linear in the map and closed forms hold."""
     head = getattr(model, "head", None)
     linear = [m for m in head.modules() if isinstance(m, nn.Linear)] if head is not None else []
     spec = getattr(model, "spec", None)
     if (not getattr(spec, "closed_form_cam", False) or getattr(model, "pool", None) != "avg" or len(linear) != 1
             or layer_name != getattr(model, "default_layer", None)):
+        return None
+    return linear[0].weight.detach()
+
+
+def closed_form_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], layer: nn.Module,
+                    layer_name: str, target: Any = "pred") -> Explanation:
+    """CAM from the head's weights: valid where the layer is the map that the head pools and reads linearly."""
+    weight = linear_head(model, layer_name)
+    if weight is None:
         raise InputError("closed-form CAM needs a backbone whose final feature map is average-pooled straight "
                          "into a linear head (ResNet, EfficientNet, MobileNet, Inception; pool=avg, linear head), "
                          f"explained at that map ({getattr(model, 'default_layer', '?')}); use gradcam otherwise")
@@ -133,7 +147,6 @@ def closed_form_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], 
         logits = model(inputs)
         activation = as_spatial(store["activation"], prefix_tokens(model))
     timings["forward"] = time.perf_counter() - started
-    weight = linear[0].weight.detach()  # (C, K)
     if weight.shape[1] != activation.shape[1]:
         raise InputError(f"the head reads {weight.shape[1]} features but {layer_name} has {activation.shape[1]} "
                          "channels: closed-form CAM does not apply here")
