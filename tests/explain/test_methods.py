@@ -142,3 +142,15 @@ def test_separable_upsample_equals_bilinear_interpolation():
     reference = torch.nn.functional.interpolate(maps, size=(64, 50), mode="bilinear", align_corners=False)
     np.testing.assert_allclose(upsample(maps, (64, 50)).numpy(), reference.numpy(), atol=1e-6)
     assert upsample(maps[0, 0], (7, 9)).shape == (7, 9)
+
+
+def test_ig_memory_estimate_counts_activations_per_sample_not_weights():
+    from handlens.explain.attribution import backward_bytes_per_sample, internal_batch_size
+
+    x = torch.randn(4, 3, 64, 64)
+    small_head = backward_bytes_per_sample(create_classifier("resnet18", 3).eval(), x)
+    big_head = backward_bytes_per_sample(create_classifier("resnet18", 1000).eval(), x)
+    assert abs(small_head - big_head) / small_head < 0.01  # the 1000-class head's weights are not per sample
+    model = create_classifier("resnet18", 3).eval()
+    assert internal_batch_size(model, x, 1) == 1
+    assert internal_batch_size(model, x, 10_000) > internal_batch_size(model, x, 100) >= 1

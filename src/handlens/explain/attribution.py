@@ -25,29 +25,27 @@ from handlens.explain.base import Explanation, explaining, resolve_targets
 DEFAULT_MEMORY_BUDGET_MB = 500
 
 
-def activation_bytes_per_sample(model: nn.Module, inputs: torch.Tensor) -> int:
-    """Bytes of activations one sample creates in a forward pass (what backward keeps alive)."""
-    total = 0
+def backward_bytes_per_sample(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward pass of one sample: the tensors saved for backward, each
+    storage counted once (what an IG step batch holds in memory on top of the model)."""
+    seen: dict[int, int] = {}
+    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights serve the whole batch
 
-    def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel() * output.element_size()
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in shared:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    try:
-        with torch.no_grad():
-            model(inputs[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(inputs[:1].detach().clone().requires_grad_(True))
+    return sum(seen.values())
 
 
 def internal_batch_size(model: nn.Module, inputs: torch.Tensor, budget_mb: float) -> int:
-    """Samples per IG step batch so that (activations + their gradients) fit the memory budget."""
-    per_sample = 2 * activation_bytes_per_sample(model, inputs)  # forward values + gradients
+    """Samples per IG step batch so that the saved activations, plus their gradients' working set
+    (a quarter more), fit the memory budget."""
+    per_sample = 1.25 * backward_bytes_per_sample(model, inputs)
     return max(1, int(budget_mb * 1024 * 1024 // max(per_sample, 1)))
 
 
