@@ -117,3 +117,15 @@ def test_trust_command_reports_faithfulness_beside_random_and_sanity(trained_wor
     human = runner.invoke(app, ["--workspace", str(trained_workspace.root), "trust", str(bundle_path),
                                 str(images[0]), "--sanity-steps", "1"])
     assert human.exit_code == 0 and "random map AUC" in human.output and "sanity check" in human.output
+
+
+def test_split_resume_never_reuses_maps_of_another_method_or_layer(trained_workspace, bundle_path, tmp_path):
+    out = tmp_path / "maps"
+    base = ["--workspace", str(trained_workspace.root), "explain", str(bundle_path), "--split", "val",
+            "--out", str(out), "--json"]
+    runner.invoke(app, [*base, "--method", "gradcam", "--layer", "stage3"])
+    first = {p: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    runner.invoke(app, [*base, "--method", "gradcam", "--layer", "stage2"])  # same file names, other layer
+    assert all(p.stat().st_mtime_ns != t for p, t in first.items())  # recomputed, not reused
+    index = json.loads((out / "index.json").read_text())
+    assert index["layer"] == "stage2"

@@ -11,6 +11,9 @@ import numpy as np
 from handlens.explain.render import grid, overlay
 from handlens.transforms.preprocess import preprocess_image
 
+#: panels in an all-class overlay grid: the most probable classes (a 1,000-class grid helps nobody)
+ALL_CLASS_PANELS = 12
+
 
 def write_explanations(bundle: Any, files: list[str], out: Path, method: str, layer: str | None, target: str,
                        opacity: float = 0.5, params: dict[str, Any] | None = None, batch_size: int = 8,
@@ -27,7 +30,10 @@ def write_explanations(bundle: Any, files: list[str], out: Path, method: str, la
     entries: list[dict[str, Any]] = []
     if resume and (out / "index.json").is_file():
         previous = json.loads((out / "index.json").read_text())
-        if previous.get("method") == method and previous.get("target") == target:
+        same = (previous.get("bundle"), previous.get("method"), previous.get("requested_layer"),
+                previous.get("target"), previous.get("params")) == (str(bundle.path), method, layer, target,
+                                                                   params or {})
+        if same:  # maps of another model, layer or method are never reused
             entries = [e for e in previous.get("images", []) if Path(e["map"]).is_file() and e["image"] in files]
     done = {e["image"] for e in entries}
     todo = [f for f in files if f not in done]
@@ -50,23 +56,25 @@ def write_explanations(bundle: Any, files: list[str], out: Path, method: str, la
                      "target": bundle.classes[chosen], "predicted": bundle.classes[predicted],
                      "probability": float(result.probabilities[i, chosen]),
                      "probabilities": dict(zip(bundle.classes, map(float, result.probabilities[i]), strict=True))}
-            if result.maps.ndim == 4:  # all classes: one panel per class side by side
-                panels = [overlay(picture, result.maps[i, c], opacity, result.signed)
-                          for c in range(len(bundle.classes))]
-                grid(panels, bundle.classes).save(out / f"{stem}.all.png")
+            if result.maps.ndim == 4:  # all classes: the most probable ones side by side (.npy holds all)
+                shown = np.argsort(-result.probabilities[i])[:ALL_CLASS_PANELS]
+                panels = [overlay(picture, result.maps[i, c], opacity, result.signed) for c in shown]
+                grid(panels, [bundle.classes[c] for c in shown]).save(out / f"{stem}.all.png")
                 entry["all_classes"] = str(out / f"{stem}.all.png")
             if "convergence_delta" in result.extras:
                 entry["convergence_delta"] = result.extras["convergence_delta"][i]
             entries.append(entry)
-        _write_index(out, bundle, method, used_layer, target, params, entries, timings)
+        _write_index(out, bundle, method, used_layer, target, params, entries, timings, layer)
         if progress:
             progress(len(done) + start + len(chunk), len(files))
-    return _write_index(out, bundle, method, used_layer, target, params, entries, timings)
+    return _write_index(out, bundle, method, used_layer, target, params, entries, timings, layer)
 
 
 def _write_index(out: Path, bundle: Any, method: str, layer: str | None, target: str, params: dict[str, Any] | None,
-                 entries: list[dict[str, Any]], timings: list[dict[str, float]]) -> dict[str, Any]:
-    index = {"bundle": str(bundle.path), "method": method, "layer": layer, "target": target,
+                 entries: list[dict[str, Any]], timings: list[dict[str, float]],
+                 requested_layer: str | None = None) -> dict[str, Any]:
+    index = {"bundle": str(bundle.path), "method": method, "layer": layer, "requested_layer": requested_layer,
+             "target": target,
              "params": params or {}, "images": entries, "index": str(out / "index.json"),
              "seconds": round(sum(t.get("total", 0.0) for t in timings), 4)}
     tmp = out / "index.json.tmp"
