@@ -681,6 +681,58 @@ def trust_cmd(
                  f"(threshold {sanity['threshold']})")
 
 
+@app.command("augment-preview")
+@handle_errors
+def augment_preview_cmd(
+    ctx: typer.Context,
+    dataset: str = typer.Argument(..., help="Dataset to sample images from."),
+    policy: str = typer.Option("basic", "--policy", help="basic, a preset (natural-photo, xray, thin-section, "
+                               "microscopy) or a policy .yaml file."),
+    n: int = typer.Option(16, "--n", min=1, max=256, help="How many images."),
+    size: int = typer.Option(224, "--size", min=16, help="Input size the images are resized to first."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("augment-preview.png"), "--out", help="Where to write the grid PNG."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """See what the network sees: originals beside their augmented versions, in one grid."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from handlens.data.queries import find_dataset, find_labelset, labelled_images
+    from handlens.explain.render import grid
+    from handlens.train.config import load_config
+    from handlens.transforms.augment import build_augmenter
+    from handlens.transforms.cache import decode_many
+    from handlens.transforms.preprocess import Preprocess
+
+    ws, catalog = _open(ctx)
+    with catalog.session() as session:
+        ds = find_dataset(session, dataset)
+        images = labelled_images(session, find_labelset(session, ds, None))
+    catalog.close()
+    picks = random.Random(seed).sample(images, min(n, len(images)))
+    originals = decode_many([p.path for p in picks], Preprocess(size=size), [p.sha256 for p in picks], ws.cache_dir)
+    torch.manual_seed(seed)
+    augment = build_augmenter(load_config(None, [f"augment.policy={policy}"]).augment)  # clear errors
+    batch = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()
+    augmented = (augment(batch) if augment else batch).permute(0, 2, 3, 1).numpy()
+    panels, titles = [], []
+    for pick, before, after in zip(picks, originals, augmented, strict=True):
+        panels += [before, np.ascontiguousarray(after)]
+        titles += [pick.label, f"{pick.label} ({policy})"]
+    grid(panels, titles, columns=8).save(out)
+    uniform = [p.path for p, a in zip(picks, augmented, strict=True) if float(a.std()) < 2.0]
+    report = {"out": str(out.resolve()), "policy": policy, "images": len(picks), "nearly_uniform": uniform}
+    if as_json:
+        emit_json(report)
+        return
+    stdout.print(f"{len(picks)} originals and their '{policy}' augmentations: {report['out']}")
+    warn([f"{len(uniform)} augmented samples are nearly uniform (all-black or blank patches?), e.g. {uniform[0]}"]
+         if uniform else [])
+
+
 annotate_app = typer.Typer(help="Expert regions (masks or polygons) on catalog images.", no_args_is_help=True)
 app.add_typer(annotate_app, name="annotate")
 

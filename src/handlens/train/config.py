@@ -28,10 +28,24 @@ class PreprocessConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    policy: Literal["none", "basic"] = "basic"
+    policy: str = Field("basic", description="none, basic, a preset (natural-photo, xray, thin-section, "
+                        "microscopy) or a policy .yaml file")
     hflip: bool = True
     vflip: bool = False
     crop_scale: float = Field(0.8, gt=0, le=1, description="random resized crop: smallest area share")
+
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in ("none", "basic"):
+            from handlens.transforms.policy import load_policy
+
+            try:
+                load_policy(value)
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class ModelConfig(_Section):

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from handlens.transforms.augment import BasicPolicy, augment_batch
 from handlens.transforms.preprocess import normalize_batch
 
 
@@ -29,7 +28,7 @@ def features_key(parts: dict[str, Any], sha256s: list[str]) -> str:
 
 @torch.inference_mode()
 def compute_features(model: Any, images: torch.Tensor, mean: tuple[float, ...],
-                     std: tuple[float, ...], batch_size: int = 64, policy: BasicPolicy | None = None,
+                     std: tuple[float, ...], batch_size: int = 64, augment: Any = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """``model.features`` of (N, 3, H, W) uint8 images, optionally of one augmented view each."""
     was_training = model.training
@@ -38,8 +37,8 @@ def compute_features(model: Any, images: torch.Tensor, mean: tuple[float, ...],
         out = []
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            if policy is not None:
-                batch = augment_batch(batch, policy, generator)
+            if augment is not None:
+                batch = augment(batch, generator)
             out.append(model.features(normalize_batch(batch, mean, std)).float())
         return torch.cat(out) if out else torch.zeros((0, 0))
     finally:

@@ -12,7 +12,6 @@ from torch import nn
 from handlens.core.errors import HandlensError
 from handlens.train.losses import build_loss
 from handlens.train.metrics import classification_metrics, scalar_metrics
-from handlens.transforms.augment import BasicPolicy, augment_batch
 from handlens.transforms.preprocess import normalize_batch
 
 
@@ -27,14 +26,14 @@ class ClassifierModule(pl.LightningModule):
     ``history``; the scalar ones are logged for checkpointing, early stopping and tracking.
     """
 
-    def __init__(self, model: nn.Module, classes: list[str], train_cfg: Any, augment: BasicPolicy | None,
+    def __init__(self, model: nn.Module, classes: list[str], train_cfg: Any, augment: Any,
                  mean: tuple[float, ...], std: tuple[float, ...], class_weights: list[float] | None,
                  on_features: bool = False, body_params: list[nn.Parameter] | None = None) -> None:
         super().__init__()
         self.model = model
         self.classes = classes
         self.cfg = train_cfg
-        self.policy = augment
+        self.augment = augment  # batch -> batch on uint8 images (transforms.augment.build_augmenter)
         self.mean, self.std = tuple(mean), tuple(std)
         self.on_features = on_features
         self.body_param_ids = {id(p) for p in (body_params or [])}
@@ -64,8 +63,8 @@ class ClassifierModule(pl.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        if stage == "train" and not self.on_features and self.policy is not None:
-            x = augment_batch(x, self.policy)
+        if stage == "train" and not self.on_features and self.augment is not None:
+            x = self.augment(x)
         logits = self(x)
         loss = self.loss_fn(logits, y)
         if stage == "train" and not torch.isfinite(loss):

@@ -86,7 +86,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
     from handlens.train.data import as_tensor_images, load_split_data
     from handlens.train.features import ViewDataset, cached_features, compute_features, features_key
     from handlens.train.module import ClassifierModule
-    from handlens.transforms.augment import BasicPolicy
+    from handlens.transforms.augment import BasicPolicy, augment_batch, build_augmenter
     from handlens.transforms.cache import decode_many
 
     if not cfg.data.dataset:
@@ -121,7 +121,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
     images = {name: as_tensor_images(decode_many(s.paths, preprocess, s.sha256s, ws.cache_dir, cfg.train.workers))
               for name, s in subsets.items()}
     timings["decode"] = time.perf_counter() - started
-    policy = BasicPolicy.from_config(cfg.augment)
+    augmenter = build_augmenter(cfg.augment)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     loader_kwargs = {"batch_size": cfg.train.batch_size, "num_workers": 0}
 
@@ -138,8 +138,9 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
             def compute(name: str = name, views: int = views) -> Any:
                 if views == 0:
                     return compute_features(model, images[name], preprocess.mean, preprocess.std)
+                views_augment = augmenter or (lambda batch, g=None: augment_batch(batch, BasicPolicy(), g))
                 return torch.stack([compute_features(model, images[name], preprocess.mean, preprocess.std,
-                                                     policy=policy or BasicPolicy(), generator=generator)
+                                                     augment=views_augment, generator=generator)
                                     for _ in range(views)], dim=1)
 
             feats[name] = cached_features(ws.cache_dir, features_key(parts, subset.sha256s), compute)
@@ -153,7 +154,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
         datasets = {name: torch.utils.data.TensorDataset(images[name], torch.from_numpy(subsets[name].targets))
                     for name in subsets}
         eval_inputs = {name: (images[name], subsets[name].targets) for name in subsets if name != "train"}
-        module = ClassifierModule(model, data.classes, cfg.train, policy, preprocess.mean, preprocess.std,
+        module = ClassifierModule(model, data.classes, cfg.train, augmenter, preprocess.mean, preprocess.std,
                                   class_weights, body_params=list(model.backbone.parameters()))
 
     n_train = len(datasets["train"])

@@ -52,3 +52,35 @@ def augment_batch(batch: Any, policy: BasicPolicy | None, generator: Any = None)
             img = F.vertical_flip(img)
         out[i] = img
     return out
+
+
+def build_augmenter(config: Any) -> Any:
+    """The augmentation a run config asks for, as ``batch -> batch`` (None for ``policy: none``).
+
+    ``basic`` is a random resized crop and flips (``augment.hflip/vflip/crop_scale``); any other name
+    is a preset (``thin-section``, ``xray``...) or a policy YAML file (see ``transforms.policy``).
+    """
+    if config.policy == "none":
+        return None
+    if config.policy == "basic":
+        basic = BasicPolicy.from_config(config)
+
+        def run_basic(batch: Any, generator: Any = None) -> Any:
+            return augment_batch(batch, basic, generator)
+
+        return run_basic
+    from handlens.transforms.policy import apply_policy, load_policy
+
+    policy = load_policy(config.policy)
+
+    def run_policy(batch: Any, generator: Any = None) -> Any:
+        seed = int(torch_randint(generator)) if generator is not None else None
+        return apply_policy(batch, policy, seed)
+
+    return run_policy
+
+
+def torch_randint(generator: Any) -> Any:
+    import torch
+
+    return torch.randint(2**31, (1,), generator=generator)
