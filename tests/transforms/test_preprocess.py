@@ -3,8 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from handlens.transforms.augment import BasicPolicy, augment_batch
+from handlens.transforms.augment import basic_policy
 from handlens.transforms.cache import decode_many
+from handlens.transforms.policy import apply_policy
 from handlens.transforms.preprocess import Preprocess, load_rgb, normalize_batch, preprocess_image
 
 
@@ -45,10 +46,10 @@ def test_augment_keeps_shape_and_varies_samples():
     torch.manual_seed(0)
     batch = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).reshape(2, 3, 16, 16).remainder(256).to(torch.uint8)
     batch = batch.repeat(8, 1, 1, 1)
-    out = augment_batch(batch, BasicPolicy(hflip=True, vflip=True, crop_scale=0.5))
+    out = apply_policy(batch, basic_policy(hflip=True, vflip=True, crop_scale=0.5))
     assert out.shape == batch.shape and out.dtype == torch.uint8
     assert len({bytes(out[i].numpy()) for i in range(0, 16, 2)}) > 1  # per-sample randomness
-    assert augment_batch(batch, None) is batch
+    assert apply_policy(batch, None) is batch
 
 
 def test_decode_cache_is_reused_and_keyed_by_preprocessing(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 
 from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
-from handlens.train.config import RunConfig, load_config
+from handlens.train.config import AugmentConfig, RunConfig, load_config
 
 CONFIG_FILE = "config.yaml"
 
@@ -86,7 +86,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
     from handlens.train.data import as_tensor_images, load_split_data
     from handlens.train.features import ViewDataset, cached_features, compute_features, features_key
     from handlens.train.module import ClassifierModule
-    from handlens.transforms.augment import BasicPolicy, augment_batch, build_augmenter
+    from handlens.transforms.augment import build_augmenter
     from handlens.transforms.cache import decode_many
 
     if not cfg.data.dataset:
@@ -138,7 +138,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
             def compute(name: str = name, views: int = views) -> Any:
                 if views == 0:
                     return compute_features(model, images[name], preprocess.mean, preprocess.std)
-                views_augment = augmenter or (lambda batch, g=None: augment_batch(batch, BasicPolicy(), g))
+                views_augment = augmenter or build_augmenter(AugmentConfig(policy="basic"))
                 return torch.stack([compute_features(model, images[name], preprocess.mean, preprocess.std,
                                                      augment=views_augment, generator=generator)
                                     for _ in range(views)], dim=1)
