@@ -77,10 +77,7 @@ def _write_index(out: Path, bundle: Any, method: str, layer: str | None, target:
              "target": target,
              "params": params or {}, "images": entries, "index": str(out / "index.json"),
              "seconds": round(sum(t.get("total", 0.0) for t in timings), 4)}
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(out / "index.json")
-    return index
+    return _save_index(out, index)
 
 
 def explain_subset(bundle: Any, catalog: Any, subset: str, out: Path, method: str, layer: str | None = None,
@@ -112,11 +109,14 @@ def explain_subset(bundle: Any, catalog: Any, subset: str, out: Path, method: st
     index = write_explanations(bundle, files, out, method, layer, target, opacity, params, resume=True,
                                progress=progress)
     index["gallery"] = _top_loss_gallery(bundle, index["images"], truth, out, method, gallery)
-    return _write_index_with(out, index)
+    return _save_index(out, index)
 
 
-def _write_index_with(out: Path, index: dict[str, Any]) -> dict[str, Any]:
-    (out / "index.json").write_text(json.dumps(index, indent=1))
+def _save_index(out: Path, index: dict[str, Any]) -> dict[str, Any]:
+    """Write ``index.json`` atomically (temp file, then rename): a killed run never leaves half an index."""
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.replace(out / "index.json")
     return index
 
 
@@ -173,5 +173,4 @@ def write_tiled(bundle: Any, files: list[str], out: Path, method: str, layer: st
                         "probability": float(result.probabilities[result.target]), **result.summary()})
     index = {"bundle": str(bundle.path), "method": method, "tile": tile, "overlap": overlap, "images": entries,
              "index": str(out / "index.json")}
-    (out / "index.json").write_text(json.dumps(index, indent=1))
-    return index
+    return _save_index(out, index)
