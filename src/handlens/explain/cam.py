@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -199,7 +198,3 @@ def score_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], layer:
     return Explanation(maps=upsample(cam, size).numpy(), method="scorecam", layer=layer_name, targets=targets,
                        classes=classes, probabilities=torch.softmax(logits.float(), 1).numpy(),
                        params={"batch_size": batch_size, "max_channels": max_channels}, timings=timings)
-
-
-def to_numpy(maps: torch.Tensor) -> np.ndarray:
-    return maps.detach().cpu().numpy()
