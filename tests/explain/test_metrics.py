@@ -94,3 +94,20 @@ def test_spearman_of_identical_and_reversed_maps():
     a = np.arange(16.0).reshape(4, 4)
     assert spearman(a, a) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
     assert spearman(a, np.zeros_like(a)) == 0.0
+
+
+def test_a_roi_keeps_background_out_of_deletion_and_insertion():
+    """Only the ROI's pixels are removed or inserted: evidence outside it never changes on either curve."""
+    x = torch.zeros(1, 3, 32, 32)
+    x[:, :, :16, :16] = 1.0  # the evidence sits in the top-left quadrant...
+    roi = np.zeros((1, 32, 32), dtype=bool)
+    roi[:, 16:, :] = True  # ...and the ROI is the bottom half: evidence is background here
+    heat = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    plain = deletion_insertion(TopLeftModel(), x, heat, [0], baseline="mean", steps=8)
+    masked = deletion_insertion(TopLeftModel(), x, heat, [0], baseline="mean", steps=8, rois=roi)
+    deletion, insertion = masked["images"][0]["deletion"], masked["images"][0]["insertion"]
+    assert max(deletion) - min(deletion) < 0.05 and max(insertion) - min(insertion) < 0.05
+    assert masked["roi"] and masked["images"][0]["roi_share"] == 0.5
+    assert plain["images"][0]["deletion"][-1] < 0.2  # without the ROI the evidence is deleted
+    with pytest.raises(InputError, match="ROI masks"):
+        deletion_insertion(TopLeftModel(), x, heat, [0], rois=roi[:, :8])

@@ -117,6 +117,13 @@ def test_trust_command_reports_faithfulness_beside_random_and_sanity(trained_wor
     human = runner.invoke(app, ["--workspace", str(trained_workspace.root), "trust", str(bundle_path),
                                 str(images[0]), "--sanity-steps", "1"])
     assert human.exit_code == 0 and "random map AUC" in human.output and "sanity check" in human.output
+    on_roi = runner.invoke(app, ["--workspace", str(trained_workspace.root), "trust", str(bundle_path),
+                                 str(images[0]), "--roi", "threshold", "--steps", "4", "--sanity-steps", "1", "--json"])
+    assert on_roi.exit_code == 0, on_roi.output
+    assert json.loads(on_roi.stdout)["faithfulness"]["roi"] is True
+    no_regions = runner.invoke(app, ["--workspace", str(trained_workspace.root), "trust", str(bundle_path),
+                                     str(images[0]), "--roi", "annotations", "--sanity-steps", "1"])
+    assert no_regions.exit_code == 2 and "annotate import" in no_regions.output
 
 
 def test_split_resume_never_reuses_maps_of_another_method_or_layer(trained_workspace, bundle_path, tmp_path):

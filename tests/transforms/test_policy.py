@@ -93,3 +93,47 @@ def test_augment_preview_writes_a_grid(trained_workspace, tmp_path):
     bad = CliRunner().invoke(app, ["--workspace", str(trained_workspace.root), "augment-preview", "colours",
                                    "--policy", "nope", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown augmentation preset" in bad.output
+
+
+def test_presets_recommend_their_preprocessing():
+    assert load_policy("xray").preprocess == {"normalize": "percentile", "clip_percentiles": [1, 99]}
+    thin = load_policy("thin-section")
+    assert thin.preprocess["patches"]["enabled"] is True
+    assert load_policy("natural-photo").preprocess == {}
+
+
+def test_natural_photo_keeps_up_up():
+    """Photos of fungi on a table: mild rotation only, never upside down."""
+    policy = load_policy("natural-photo")
+    for seed in range(10):
+        out = apply_policy(top_bright(), policy, seed=seed).float()
+        top, bottom = out[:, :, :16].mean((1, 2, 3)), out[:, :, 32:].mean((1, 2, 3))
+        assert bool((top > bottom).all()), f"seed {seed}"
+
+
+def test_microscopy_keeps_stain_colour_close():
+    """Slides: any orientation, but hue shifts stay small (stain colour carries the class)."""
+    policy = load_policy("microscopy")
+    reddish = torch.zeros(50, 3, 24, 24, dtype=torch.uint8)
+    reddish[:, 0], reddish[:, 1], reddish[:, 2] = 180, 60, 90
+    out = apply_policy(reddish, policy, seed=0).float().mean((2, 3))
+    assert bool((out[:, 0] > out[:, 1] + 60).all()) and bool((out[:, 0] > out[:, 2] + 40).all())
+
+
+def test_mixup_and_cutmix_are_batch_steps_with_soft_targets():
+    from handlens.transforms.policy import batch_mixer
+
+    policy = parse_policy({"steps": [{"op": "hflip", "p": 0.5}, {"op": "mixup", "p": 1.0, "alpha": 0.4}]})
+    assert [s.op for s in policy.batch_steps] == ["mixup"] and [s.op for s in policy.image_steps] == ["hflip"]
+    batch = torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8)
+    assert apply_policy(batch, parse_policy({"steps": [{"op": "cutmix", "p": 1.0}]}), seed=0) is batch
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mixed, soft = batch_mixer(policy.batch_steps, 3)(x, y)
+    assert soft.shape == (8, 3) and torch.allclose(soft.sum(1), torch.ones(8)) and not torch.equal(mixed, x)
+    assert (soft.max(1).values < 1).any()  # labels really were mixed
+    never = batch_mixer(parse_policy({"steps": [{"op": "cutmix", "p": 0.0}]}).batch_steps, 3)
+    same, hard = never(x, y)
+    assert torch.equal(same, x) and torch.equal(hard.argmax(1), y)
+    with pytest.raises(InputError, match="only alpha"):
+        parse_policy({"steps": [{"op": "mixup", "beta": 1}]})

@@ -356,9 +356,10 @@ def _run_config(config: Path | None, overrides: list[str] | None, **flags: Any) 
     """The run config: YAML file <- flags given on the command line <- key=value overrides."""
     from handlens.train.config import load_config
 
-    sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}, "tracking": {}}
+    sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}, "tracking": {}, "augment": {}}
     where = {"dataset": "data", "labelset": "data", "split": "data", "backbone": "model", "weights": "model",
-             "freeze": "model", "epochs": "train", "overfit_batches": "train", "tracking": "tracking"}
+             "freeze": "model", "epochs": "train", "overfit_batches": "train", "tracking": "tracking",
+             "policy": "augment", "balance": "data"}
     for key, value in flags.items():
         if value is not None:
             sections[where[key]]["backend" if key == "tracking" else key] = value
@@ -392,6 +393,10 @@ def train_cmd(
     overfit_batches: int | None = typer.Option(None, "--overfit-batches", min=1,
                                                help="Sanity run: can the model overfit K batches?"),
     tracking: str | None = typer.Option(None, "--tracking", help="mlflow (default), tensorboard or none."),
+    policy: str | None = typer.Option(None, "--policy", help="Augmentation: none, basic (default), a preset "
+                                      "(natural-photo, xray, thin-section, microscopy) or a policy .yaml file."),
+    balance: str | None = typer.Option(None, "--balance", help="Class balance: none (default), oversample, sampler "
+                                       "or downsample (with data.per_class=N)."),
     config: Path | None = CONFIG_OPT,
     resume: str | None = typer.Option(None, "--resume", help="Continue run RUN from its last checkpoint."),
     as_json: bool = JSON_OPTION,
@@ -410,7 +415,8 @@ def train_cmd(
         raise InputError(f"--tracking {tracking!r}: choose one of {', '.join(_tracking_names())}")
     cfg = None if resume else _run_config(config, overrides, dataset=dataset, labelset=labelset, split=split,
                                           backbone=backbone, weights=weights, freeze=freeze, epochs=epochs,
-                                          overfit_batches=overfit_batches, tracking=tracking)
+                                          overfit_batches=overfit_batches, tracking=tracking, policy=policy,
+                                          balance=balance)
     result = train(cfg, ws, resume=resume)  # type: ignore[arg-type]
     if as_json:
         emit_json(result.to_dict())
@@ -646,6 +652,8 @@ def trust_cmd(
     steps: int = typer.Option(20, "--steps", min=2, help="Points on the deletion/insertion curves."),
     sanity_steps: int | None = typer.Option(None, "--sanity-steps", min=1,
                                             help="Blocks to randomise from the head down (default: all)."),
+    roi: str = typer.Option("none", "--roi", help="Measure on the specimen only: none, threshold (the model's ROI "
+                            "rule, else Otsu) or annotations (expert regions in the catalog)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Can the maps be trusted? Deletion/insertion AUC beside a random map, and the randomisation sanity check."""
@@ -659,10 +667,12 @@ def trust_cmd(
     files = iter_images(images)
     inputs = loaded.transform_many(files)
     result = loaded.explain(files, method=method, layer=layer)
+    rois = _input_rois(ws, loaded.preprocess, files, roi)
     faithfulness = deletion_insertion(loaded.module, inputs, result.maps if result.maps.ndim == 3 else
-                                      result.maps[:, 0], result.targets, baseline, steps)
+                                      result.maps[:, 0], result.targets, baseline, steps, rois=rois)
+    mean, std = loaded.preprocess.affine()
     sanity = parameter_randomisation(loaded.module, inputs, loaded.classes, method, layer, sanity_steps,
-                                     mean=loaded.preprocess.mean, std=loaded.preprocess.std)
+                                     mean=mean, std=std)
     report = {"method": method, "layer": result.layer, "images": files, "faithfulness": faithfulness,
               "sanity": sanity}
     if as_json:
@@ -679,6 +689,45 @@ def trust_cmd(
     verdict = "passes" if sanity["passed"] else "FAILS (its maps barely depend on the model's weights)"
     stdout.print(f"sanity check {verdict}: final correlation {sanity['final_spearman']:.2f} "
                  f"(threshold {sanity['threshold']})")
+
+
+def _input_rois(ws: Any, preprocess: Any, files: list[str], source: str) -> Any:
+    """ROI masks on the model input grid for ``files`` (None for ``none``)."""
+    import numpy as np
+
+    from handlens.core.errors import InputError
+    from handlens.transforms.preprocess import preprocess_image
+    from handlens.transforms.roi import RoiRule, mask_for_input, threshold_roi
+
+    if source == "none":
+        return None
+    if source == "threshold":
+        rule = RoiRule.from_dict((preprocess.patches or {}).get("roi"))
+        if rule.source != "threshold":
+            rule = RoiRule(source="threshold")
+        return np.stack([threshold_roi(preprocess_image(f, preprocess), rule) for f in files])
+    if source != "annotations":
+        raise InputError(f"--roi {source!r}: choose none, threshold or annotations")
+    from sqlalchemy import select
+
+    from handlens.data.annotations import annotated_images_by_id, region_mask
+    from handlens.data.catalog import Image, open_catalog
+
+    catalog = open_catalog(ws.db_url)
+    masks = []
+    try:
+        with catalog.session() as session:
+            for f in files:
+                row = session.scalars(select(Image).where(Image.path == str(Path(f).resolve()))).first()
+                found = annotated_images_by_id(session, [row.id]).get(row.id) if row is not None else None
+                if not found:
+                    raise InputError(f"{f} has no expert region in the catalog; import regions with "
+                                     "`handlens annotate import` or use --roi threshold")
+                mask = region_mask(found, int(row.width), int(row.height))
+                masks.append(mask_for_input(mask, preprocess.size, preprocess.resize))
+    finally:
+        catalog.close()
+    return np.stack(masks)
 
 
 @app.command("augment-preview")
@@ -705,6 +754,7 @@ def augment_preview_cmd(
     from handlens.train.config import load_config
     from handlens.transforms.augment import build_augmenter
     from handlens.transforms.cache import decode_many
+    from handlens.transforms.policy import load_policy
     from handlens.transforms.preprocess import Preprocess
 
     ws, catalog = _open(ctx)
@@ -715,9 +765,21 @@ def augment_preview_cmd(
     picks = random.Random(seed).sample(images, min(n, len(images)))
     originals = decode_many([p.path for p in picks], Preprocess(size=size), [p.sha256 for p in picks], ws.cache_dir)
     torch.manual_seed(seed)
-    augment = build_augmenter(load_config(None, [f"augment.policy={policy}"]).augment)  # clear errors
+    cfg = load_config(None, [f"augment.policy={policy}"])  # clear errors for unknown policies
+    augment = build_augmenter(cfg.augment)
     batch = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()
-    augmented = (augment(batch) if augment else batch).permute(0, 2, 3, 1).numpy()
+    recommended = (load_policy(policy).preprocess if policy not in ("none", "basic") else {}).get("patches", {})
+    if recommended.get("enabled"):  # the policy trains on patches: show the patches the network gets
+        from handlens.transforms.cache import decode_working_many
+        from handlens.transforms.patches import PatchSpec, crop_resize, sample_boxes
+
+        spec = PatchSpec.from_dict({k: v for k, v in recommended.items() if k != "enabled"})
+        working = decode_working_many([p.path for p in picks], spec.max_side, [], [p.sha256 for p in picks],
+                                      ws.cache_dir)
+        rng = random.Random(seed)
+        batch = torch.stack([crop_resize(w, sample_boxes(w.shape[0], w.shape[1], spec, rng, count=1)[0], size)
+                             for w in working])
+    augmented = (augment(batch).round().to(torch.uint8) if augment else batch).permute(0, 2, 3, 1).numpy()
     panels, titles = [], []
     for pick, before, after in zip(picks, originals, augmented, strict=True):
         panels += [before, np.ascontiguousarray(after)]

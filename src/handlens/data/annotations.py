@@ -100,3 +100,13 @@ def annotated_images(session: Any, dataset_id: int) -> dict[int, list[Annotation
     for row in rows:
         out[row.image_id].append(row)
     return dict(out)
+
+
+def annotated_images_by_id(session: Any, image_ids: list[int]) -> dict[int, list[Annotation]]:
+    """Annotations of the given images (chunked, so any number of ids works on every database)."""
+    out: dict[int, list[Annotation]] = defaultdict(list)
+    for start in range(0, len(image_ids), 500):
+        chunk = image_ids[start:start + 500]
+        for row in session.scalars(select(Annotation).where(Annotation.image_id.in_(chunk))):
+            out[row.image_id].append(row)
+    return dict(out)

@@ -42,8 +42,8 @@ class ExplainableBundle(Bundle):
         """Maps at the model's input resolution for one or several paths, PIL images or arrays."""
         items: Sequence[Any] = list(images) if isinstance(images, (list, tuple)) else [images]
         inputs = self.transform_many(items)
-        return explain(self.module, inputs, self.classes, method, layer, target, self.preprocess.mean,
-                       self.preprocess.std, **params)
+        mean, std = self.preprocess.affine()
+        return explain(self.module, inputs, self.classes, method, layer, target, mean, std, **params)
 
 
 def load_bundle(path: str | Path) -> ExplainableBundle:

@@ -44,17 +44,27 @@ def _baseline(inputs: torch.Tensor, kind: str) -> torch.Tensor:
 
 @torch.no_grad()
 def _curves(model: nn.Module, image: torch.Tensor, base: torch.Tensor, heatmap: np.ndarray, target: int,
-            steps: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deletion and insertion curves (steps + 1 points each) for one image and one map."""
+            steps: int, batch_size: int, roi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Deletion and insertion curves (steps + 1 points each) for one image and one map.
+
+    With a ``roi`` (boolean, same shape as the map) only its pixels are ranked, removed and inserted;
+    background pixels stay as they are in the image on both curves, so the score measures the map
+    on the specimen alone.
+    """
     h, w = heatmap.shape
-    order = np.argsort(-heatmap.reshape(-1), kind="stable")
-    counts = np.linspace(0, h * w, steps + 1).round().astype(int)
+    flat = heatmap.reshape(-1)
+    candidates = np.flatnonzero(roi.reshape(-1)) if roi is not None else np.arange(h * w)
+    order = candidates[np.argsort(-flat[candidates], kind="stable")]
+    counts = np.linspace(0, len(order), steps + 1).round().astype(int)
     masks = np.zeros((steps + 1, h * w), dtype=np.float32)
     for i, count in enumerate(counts):
         masks[i, order[:count]] = 1.0
     m = torch.from_numpy(masks).view(steps + 1, 1, h, w)
     deleted = image[None] * (1 - m) + base[None] * m
     inserted = base[None] * (1 - m) + image[None] * m
+    if roi is not None:
+        inside = torch.from_numpy(roi.astype(np.float32)).view(1, 1, h, w)
+        inserted = inserted * inside + image[None] * (1 - inside)
     out = []
     for batch in (deleted, inserted):
         probs = [torch.softmax(model(batch[i:i + batch_size]).float(), 1)[:, target]
@@ -64,10 +74,18 @@ def _curves(model: nn.Module, image: torch.Tensor, base: torch.Tensor, heatmap: 
 
 
 def deletion_insertion(model: nn.Module, inputs: torch.Tensor, maps: np.ndarray, targets: list[int],
-                       baseline: str = "blur", steps: int = 20, batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
-    """Deletion and insertion AUCs of ``maps`` (N, H, W) for ``targets``, beside those of random maps."""
+                       baseline: str = "blur", steps: int = 20, batch_size: int = 32, seed: int = 0,
+                       rois: np.ndarray | None = None) -> dict[str, Any]:
+    """Deletion and insertion AUCs of ``maps`` (N, H, W) for ``targets``, beside those of random maps.
+
+    Deletion/insertion after Petsiuk et al., "RISE: Randomized Input Sampling for Explanation of
+    Black-box Models", BMVC 2018. ``rois`` (N, H, W) booleans restrict both curves to the foreground
+    (see ``_curves``); an image whose ROI is empty is measured over all its pixels.
+    """
     if maps.shape[0] != inputs.shape[0] or maps.shape[-2:] != tuple(inputs.shape[-2:]):
         raise InputError(f"maps {maps.shape} do not match inputs {tuple(inputs.shape)}")
+    if rois is not None and rois.shape != maps.shape:
+        raise InputError(f"ROI masks {rois.shape} do not match the maps {maps.shape}")
     rng = np.random.default_rng(seed)
     was_training = model.training
     model.eval()
@@ -75,17 +93,20 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, maps: np.ndarray,
         base = _baseline(inputs, baseline)
         rows = []
         for i in range(inputs.shape[0]):
-            deletion, insertion = _curves(model, inputs[i], base[i], maps[i], targets[i], steps, batch_size)
+            roi = rois[i] if rois is not None and rois[i].any() else None
+            deletion, insertion = _curves(model, inputs[i], base[i], maps[i], targets[i], steps, batch_size, roi)
             random_map = rng.random(maps[i].shape)
-            r_deletion, r_insertion = _curves(model, inputs[i], base[i], random_map, targets[i], steps, batch_size)
+            r_deletion, r_insertion = _curves(model, inputs[i], base[i], random_map, targets[i], steps, batch_size,
+                                              roi)
             rows.append({"deletion_auc": _auc(deletion), "insertion_auc": _auc(insertion),
                          "random_deletion_auc": _auc(r_deletion), "random_insertion_auc": _auc(r_insertion),
+                         "roi_share": float(roi.mean()) if roi is not None else 1.0,
                          "deletion": deletion.round(5).tolist(), "insertion": insertion.round(5).tolist()})
     finally:
         model.train(was_training)
     summary = {key: float(np.mean([r[key] for r in rows])) for key in
                ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc")}
-    return {"baseline": baseline, "steps": steps, **summary, "images": rows}
+    return {"baseline": baseline, "steps": steps, "roi": rois is not None, **summary, "images": rows}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

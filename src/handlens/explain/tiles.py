@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from handlens.core.errors import InputError
-from handlens.transforms.preprocess import load_rgb, normalize_batch
+from handlens.transforms.preprocess import load_rgb
 
 
 def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
@@ -54,7 +54,7 @@ class TiledResult:
 
 
 def _tile_batch(picture: np.ndarray, origins: list[tuple[int, int]], tile: int, size: int,
-                mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+                preprocess: Any) -> torch.Tensor:
     from PIL import Image
 
     crops = []
@@ -64,7 +64,7 @@ def _tile_batch(picture: np.ndarray, origins: list[tuple[int, int]], tile: int, 
             crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
         crops.append(crop)
     batch = torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2)
-    return normalize_batch(batch, mean, std)
+    return preprocess.normalize_batch(batch)
 
 
 def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: float = 0.25, batch_size: int = 8,
@@ -82,14 +82,14 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     size = bundle.preprocess.size
     tile = min(tile or size, height, width)
     origins = [(x, y) for y in tile_origins(height, tile, overlap) for x in tile_origins(width, tile, overlap)]
-    mean, std = bundle.preprocess.mean, bundle.preprocess.std
+    mean, std = bundle.preprocess.affine()
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
     probs = []
     with torch.inference_mode():
         for start in range(0, len(origins), batch_size):
-            batch = _tile_batch(picture, origins[start:start + batch_size], tile, size, mean, std)
+            batch = _tile_batch(picture, origins[start:start + batch_size], tile, size, bundle.preprocess)
             probs.append(torch.softmax(bundle.module(batch).float(), 1).numpy())
     tile_probs = np.concatenate(probs)
     image_probs = tile_probs.mean(0)
@@ -107,7 +107,7 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     weight = np.zeros((height, width), dtype=np.float32)
     for start in range(0, len(origins), batch_size):
         chunk = origins[start:start + batch_size]
-        batch = _tile_batch(picture, chunk, tile, size, mean, std)
+        batch = _tile_batch(picture, chunk, tile, size, bundle.preprocess)
         result = explain(bundle.module, batch, bundle.classes, method, layer, [chosen] * len(chunk), mean, std,
                          **params)
         maps = torch.from_numpy(result.maps)[:, None]

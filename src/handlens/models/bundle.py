@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from handlens.core.errors import InputError, NotFoundError
-from handlens.transforms.preprocess import Preprocess, normalize_batch, preprocess_image
+from handlens.transforms.preprocess import Preprocess, decode_working, preprocess_image
 
 BUNDLE_SCHEMA_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -135,14 +135,14 @@ class Bundle:
 
         array = preprocess_image(image, self.preprocess)
         batch = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
-        return normalize_batch(batch, self.preprocess.mean, self.preprocess.std)[0]
+        return self.preprocess.normalize_batch(batch)[0]
 
     def transform_many(self, images: Sequence[Any]) -> Any:
         import torch
 
         arrays = np.stack([preprocess_image(image, self.preprocess) for image in images])
         batch = torch.from_numpy(arrays).permute(0, 3, 1, 2)
-        return normalize_batch(batch, self.preprocess.mean, self.preprocess.std)
+        return self.preprocess.normalize_batch(batch)
 
     def predict_arrays(self, arrays: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Probabilities for already preprocessed (N, S, S, 3) uint8 arrays (e.g. from the decode cache)."""
@@ -152,14 +152,50 @@ class Bundle:
         with torch.inference_mode():
             for start in range(0, len(arrays), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(arrays[start:start + batch_size])).permute(0, 3, 1, 2)
-                logits = self.module(normalize_batch(batch, self.preprocess.mean, self.preprocess.std))
+                logits = self.module(self.preprocess.normalize_batch(batch))
                 outputs.append(torch.softmax(logits.float(), dim=1).numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    @property
+    def patch_trained(self) -> bool:
+        """True for a model trained on patches: it predicts an image as the mean over its grid patches."""
+        return bool(self.preprocess.patches)
+
+    def predict_working(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Image-level probabilities of a patch-trained model from working images (``decode_working``):
+        the mean class probability of each image's grid patches (ROI-aware with a threshold ROI rule)."""
+        import torch
+
+        from handlens.transforms.patches import PatchSpec, RoiIntegral, crop_resize, grid_boxes, mean_by_image
+        from handlens.transforms.roi import RoiRule, threshold_roi
+
+        settings = dict(self.preprocess.patches or {})
+        spec, rule = PatchSpec.from_dict(settings), RoiRule.from_dict(settings.get("roi"))
+        patches, owners = [], []
+        for index, image in enumerate(images):
+            roi = RoiIntegral(threshold_roi(image, rule)) if rule.source == "threshold" else None
+            for box in grid_boxes(image.shape[0], image.shape[1], spec, roi):
+                patches.append(crop_resize(image, box, self.preprocess.size))
+                owners.append(index)
+        if not patches:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        batch = torch.stack(patches)
+        probs = []
+        with torch.inference_mode():
+            for start in range(0, len(batch), batch_size):
+                logits = self.module(self.preprocess.normalize_batch(batch[start:start + batch_size]))
+                probs.append(torch.softmax(logits.float(), dim=1))
+        return mean_by_image(torch.cat(probs), torch.tensor(owners), len(images)).numpy()
 
     def predict_proba(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
         """Class probabilities, (N, classes)."""
         import torch
 
+        if self.patch_trained:
+            settings = self.preprocess.patches or {}
+            working = [decode_working(image, int(settings.get("max_side", 1024)), self.preprocess.morphology)
+                       for image in images]
+            return self.predict_working(working, batch_size)
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from handlens.core.errors import InputError
 
@@ -20,11 +20,65 @@ class DataConfig(_Section):
     labelset: str | None = None
     split: str | None = Field(None, description="split name; default: the dataset's newest split")
     fold: int = 0
+    balance: Literal["none", "oversample", "sampler", "downsample"] = Field(
+        "none", description="oversample minority classes (each copy augmented anew), a weighted sampler, or "
+        "downsample to data.per_class images per class; class weights (auto) are then off")
+    per_class: int | None = Field(None, ge=1, description="downsample: images kept per class; oversample: "
+                                  "target per class (default: the largest class)")
+
+    @model_validator(mode="after")
+    def _per_class_needed(self) -> DataConfig:
+        if self.balance == "downsample" and not self.per_class:
+            raise ValueError("data.balance=downsample needs data.per_class=N (images kept per class)")
+        return self
+
+
+class RoiConfig(_Section):
+    source: Literal["none", "annotations", "threshold"] = "none"
+    method: Literal["otsu", "fixed"] = "otsu"
+    value: float = Field(128.0, ge=0, le=255)
+    invert: bool = Field(False, description="the dark side is the specimen (e.g. a dark rock on a bright slide)")
+    clean_radius: int = Field(0, ge=0, le=64)
+
+
+class PatchesConfig(_Section):
+    enabled: bool = False
+    size: int = Field(224, ge=8, description="patch side in working-image pixels (before scale)")
+    scale: tuple[float, float] = Field((0.75, 1.25), description="random zoom factor range of the patch side")
+    per_image: int = Field(4, ge=1, description="random patches per image per epoch")
+    min_roi: float = Field(0.5, ge=0, le=1, description="least foreground share of a patch (with a ROI)")
+    max_side: int = Field(1024, ge=0, description="working image's longer side (0: full resolution)")
+    grid_max: int = Field(16, ge=1, description="most grid patches per image for validation and prediction")
 
 
 class PreprocessConfig(_Section):
     size: int | None = Field(None, description="input size; default: the backbone's")
     resize: Literal["shorter-crop", "stretch", "letterbox"] = "shorter-crop"
+    normalize: Literal["backbone", "unit", "minmax", "percentile", "dataset"] = Field(
+        "backbone", description="backbone mean/std, /255, per-image min-max, per-image percentile clipping, "
+        "or per-dataset statistics from the train split")
+    clip_percentiles: tuple[float, float] = (1.0, 99.0)
+    morphology: list[dict[str, Any]] = Field(default_factory=list, description="threshold/erosion/dilation/"
+                                             "opening/closing steps, e.g. [{op: opening, radius: 2}]")
+    roi: RoiConfig = RoiConfig()
+    patches: PatchesConfig = PatchesConfig()
+
+    @field_validator("morphology")
+    @classmethod
+    def _morphology_steps(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from handlens.transforms.morphology import check_steps
+
+        try:
+            return check_steps(value)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("clip_percentiles")
+    @classmethod
+    def _percentiles(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("write [low, high] with 0 <= low < high <= 100, e.g. [1, 99]")
+        return value
 
 
 class AugmentConfig(_Section):
@@ -33,7 +87,9 @@ class AugmentConfig(_Section):
     hflip: bool = True
     vflip: bool = False
     crop_scale: float = Field(0.8, gt=0, le=1, description="random resized crop: smallest area share")
-
+    mixup: float = Field(0.0, ge=0, description="mixup Beta(alpha, alpha) alpha; 0 is off (Zhang et al. 2018)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha; 0 is off (Yun et al. 2019)")
+    mix_p: float = Field(0.5, ge=0, le=1, description="share of batches mixed when mixup/cutmix are on")
 
     @field_validator("policy")
     @classmethod
@@ -83,6 +139,8 @@ class TrainConfig(_Section):
     feature_cache: Literal["auto", "on", "off"] = "auto"
     views: int = Field(0, ge=0, description="augmented views per image cached for frozen backbones")
     workers: int | None = None
+    loader_workers: int | None = Field(None, ge=0, description="processes that cut patches and augment batches "
+                                       "beside training (default 0: in-process, batched ops on all cores)")
     progress: bool = True
 
     @field_validator("feature_cache", mode="before")

@@ -49,7 +49,7 @@ def evaluate(
     from handlens.data.catalog import open_catalog
     from handlens.models.bundle import load_bundle
     from handlens.train.metrics import classification_metrics, confusion_png
-    from handlens.transforms.cache import decode_many
+    from handlens.transforms.cache import decode_many, decode_working_many
 
     ws = workspace or Workspace.open()
     path = resolve_bundle(ws, bundle_ref)
@@ -95,8 +95,13 @@ def evaluate(
         labels = [data.classes[t] for t in chosen.targets]
         source = f"{data.dataset}/{data.split}/{subset}"
     targets = np.array([index[label] for label in labels], dtype=np.int64)
-    arrays = decode_many(paths, bundle.preprocess, sha256s, ws.cache_dir if sha256s else None)
-    probs = bundle.predict_arrays(arrays)
+    if bundle.patch_trained:  # image-level: mean probability over each image's grid patches
+        working = decode_working_many(paths, int(bundle.preprocess.patches.get("max_side", 1024)),
+                                      bundle.preprocess.morphology, sha256s, ws.cache_dir if sha256s else None)
+        probs = bundle.predict_working(working)
+    else:
+        arrays = decode_many(paths, bundle.preprocess, sha256s, ws.cache_dir if sha256s else None)
+        probs = bundle.predict_arrays(arrays)
     metrics = classification_metrics(torch.from_numpy(probs), torch.from_numpy(targets), bundle.classes)
     out_dir = Path(out_dir) if out_dir else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from handlens.transforms.preprocess import normalize_batch
-
 
 def features_key(parts: dict[str, Any], sha256s: list[str]) -> str:
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
@@ -27,8 +25,7 @@ def features_key(parts: dict[str, Any], sha256s: list[str]) -> str:
 
 
 @torch.inference_mode()
-def compute_features(model: Any, images: torch.Tensor, mean: tuple[float, ...],
-                     std: tuple[float, ...], batch_size: int = 64, augment: Any = None,
+def compute_features(model: Any, images: torch.Tensor, normalize: Any, batch_size: int = 64, augment: Any = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """``model.features`` of (N, 3, H, W) uint8 images, optionally of one augmented view each."""
     was_training = model.training
@@ -39,7 +36,7 @@ def compute_features(model: Any, images: torch.Tensor, mean: tuple[float, ...],
             batch = images[start:start + batch_size]
             if augment is not None:
                 batch = augment(batch, generator)
-            out.append(model.features(normalize_batch(batch, mean, std)).float())
+            out.append(model.features(normalize(batch)).float())
         return torch.cat(out) if out else torch.zeros((0, 0))
     finally:
         model.train(was_training)

@@ -18,9 +18,11 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", weight if weight is not None else None)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``target``: class indices (N,) or class probabilities (N, C) from mixup/cutmix."""
         ce = F.cross_entropy(logits, target, weight=self.weight, reduction="none",
                              label_smoothing=self.label_smoothing)
-        p_t = torch.softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+        probs = torch.softmax(logits, dim=1)
+        p_t = (probs * target).sum(1) if target.dim() == 2 else probs.gather(1, target[:, None]).squeeze(1)
         return ((1 - p_t) ** self.gamma * ce).mean()
 
 

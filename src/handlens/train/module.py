@@ -12,7 +12,7 @@ from torch import nn
 from handlens.core.errors import HandlensError
 from handlens.train.losses import build_loss
 from handlens.train.metrics import classification_metrics, scalar_metrics
-from handlens.transforms.preprocess import normalize_batch
+from handlens.transforms.patches import mean_by_image
 
 
 class NonFiniteLossError(HandlensError):
@@ -27,14 +27,15 @@ class ClassifierModule(pl.LightningModule):
     """
 
     def __init__(self, model: nn.Module, classes: list[str], train_cfg: Any, augment: Any,
-                 mean: tuple[float, ...], std: tuple[float, ...], class_weights: list[float] | None,
-                 on_features: bool = False, body_params: list[nn.Parameter] | None = None) -> None:
+                 normalize: Any, class_weights: list[float] | None, on_features: bool = False,
+                 body_params: list[nn.Parameter] | None = None, mixer: Any = None) -> None:
         super().__init__()
         self.model = model
         self.classes = classes
         self.cfg = train_cfg
         self.augment = augment  # batch -> batch on uint8 images (transforms.augment.build_augmenter)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.normalize = normalize  # uint8 batch -> model input (Preprocess.normalize_batch)
+        self.mixer = mixer  # (x, y) -> (x, soft targets): mixup/cutmix (transforms.policy.batch_mixer)
         self.on_features = on_features
         self.body_param_ids = {id(p) for p in (body_params or [])}
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -45,7 +46,7 @@ class ClassifierModule(pl.LightningModule):
         self._val_metrics: dict[str, Any] | None = None
         #: called with each epoch's record once it is complete (reporting, tracking, resume state)
         self.epoch_listeners: list[Any] = []
-        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"train": [], "val": []}
+        self._outputs: dict[str, list[tuple[torch.Tensor, ...]]] = {"train": [], "val": []}
         self._loss_sums: dict[str, float] = {"train": 0.0, "val": 0.0}
 
     def on_train_epoch_start(self) -> None:
@@ -58,22 +59,31 @@ class ClassifierModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.on_features:
-            x = normalize_batch(x, self.mean, self.std)
+            x = self.normalize(x)
         return self.model(x)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
-        if stage == "train" and not self.on_features and self.augment is not None:
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        """One batch: (inputs, targets) or, for grid patches, (inputs, targets, image indices)."""
+        x, y = batch[0], batch[1]
+        image_index = batch[2] if len(batch) > 2 else None
+        training = stage == "train" and not self.on_features
+        if training and self.augment is not None:
             x = self.augment(x)
-        logits = self(x)
-        loss = self.loss_fn(logits, y)
+        if training and self.mixer is not None:
+            mixed, soft = self.mixer(self.normalize(x), y)
+            logits = self.model(mixed)
+            loss = self.loss_fn(logits, soft)
+        else:
+            logits = self(x)
+            loss = self.loss_fn(logits, y)
         if stage == "train" and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the training loss became {loss.item()} at epoch {self.current_epoch + 1}, step "
                 f"{self.global_step}; lower the learning rate (e.g. train.lr={self.lr / 10:g}) or check the data. "
                 "The last good checkpoint is kept"
             )
-        self._outputs[stage].append((torch.softmax(logits.detach().float(), 1).cpu(), y.cpu()))
+        output = (torch.softmax(logits.detach().float(), 1).cpu(), y.cpu())
+        self._outputs[stage].append(output if image_index is None else (*output, image_index.cpu()))
         self._loss_sums[stage] += float(loss.detach()) * len(y)
         self.log(f"{stage}_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=stage == "val",
                  batch_size=len(y))
@@ -90,8 +100,10 @@ class ClassifierModule(pl.LightningModule):
         self._outputs[stage], self._loss_sums[stage] = [], 0.0
         if not outputs:
             return {}
-        probs = torch.cat([p for p, _ in outputs])
-        target = torch.cat([t for _, t in outputs])
+        probs = torch.cat([o[0] for o in outputs])
+        target = torch.cat([o[1] for o in outputs])
+        if len(outputs[0]) > 2:  # grid patches: metrics of the image-level (mean probability) predictions
+            probs, target = image_level(probs, target, torch.cat([o[2] for o in outputs]))
         metrics = classification_metrics(probs, target, self.classes)
         metrics["loss"] = loss_sum / max(1, len(target))
         return metrics
@@ -207,6 +219,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any) -> Any:
     if main is None:
         return ramp
     return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def image_level(probs: torch.Tensor, target: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """Patch probabilities and targets -> one mean-probability prediction and one target per image."""
+    n_images = int(image_index.max()) + 1 if len(image_index) else 0
+    image_target = torch.zeros(n_images, dtype=target.dtype).index_copy_(0, image_index, target)
+    return mean_by_image(probs, image_index, n_images), image_target
 
 
 class EpochRecorder(pl.Callback):

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
 from handlens.train.config import AugmentConfig, RunConfig, load_config
+from handlens.transforms.augment import build_augmenter
 
 CONFIG_FILE = "config.yaml"
 
@@ -83,23 +85,19 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
     from handlens.models.backbones import BACKBONES
     from handlens.models.classifier import create_classifier
     from handlens.models.freeze import FreezeSpec
-    from handlens.train.data import as_tensor_images, load_split_data
-    from handlens.train.features import ViewDataset, cached_features, compute_features, features_key
+    from handlens.train.data import load_split_data
     from handlens.train.module import ClassifierModule
-    from handlens.transforms.augment import build_augmenter
-    from handlens.transforms.cache import decode_many
+    from handlens.transforms.augment import policy_for
+    from handlens.transforms.policy import batch_mixer
 
     if not cfg.data.dataset:
         raise InputError("no dataset given: pass --dataset NAME (or data.dataset=NAME)")
     timings: dict[str, float] = {}
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     torch.set_num_threads(os.cpu_count() or 1)
+    policy = policy_for(cfg.augment)
+    apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
     spec = BACKBONES.get(cfg.model.backbone)
-    preprocess = spec.preprocess(cfg.preprocess.resize)
-    if cfg.preprocess.size:
-        from dataclasses import replace
-
-        preprocess = replace(preprocess, size=cfg.preprocess.size)
     data = load_split_data(catalog, cfg.data.dataset, cfg.data.labelset, cfg.data.split, cfg.data.fold)
     if len(data.subsets["train"]) == 0:
         raise InputError(f"split {data.split!r} has no training images")
@@ -111,65 +109,282 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
                               cfg.model.pool)
     timings["model"] = time.perf_counter() - started
     freeze = FreezeSpec.parse(cfg.model.freeze)
-    on_features = cfg.train.feature_cache == "on" or (cfg.train.feature_cache == "auto" and freeze.mode == "frozen")
-    if on_features and freeze.mode != "frozen":
-        raise InputError("train.feature_cache=on needs model.freeze=frozen: a backbone that learns has no "
-                         "fixed features")
-
-    started = time.perf_counter()
+    patches = cfg.preprocess.patches.enabled
+    if cfg.train.feature_cache == "on" and (freeze.mode != "frozen" or patches):
+        raise InputError("train.feature_cache=on needs model.freeze=frozen and no patch sampling: a backbone "
+                         "that learns, or a new random patch each epoch, has no fixed features")
+    on_features = cfg.train.feature_cache == "on" or (
+        cfg.train.feature_cache == "auto" and freeze.mode == "frozen" and not patches
+        and cfg.augment.mixup == 0 and cfg.augment.cutmix == 0)
     subsets = {name: s for name, s in data.subsets.items() if len(s)}
-    images = {name: as_tensor_images(decode_many(s.paths, preprocess, s.sha256s, ws.cache_dir, cfg.train.workers))
-              for name, s in subsets.items()}
-    timings["decode"] = time.perf_counter() - started
-    augmenter = build_augmenter(cfg.augment)
+    preprocess = build_preprocess(cfg, spec)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    loader_kwargs = {"batch_size": cfg.train.batch_size, "num_workers": 0}
+    augmenter = build_augmenter(cfg.augment)
+    mixer = batch_mixer(policy.batch_steps, len(data.classes)) if policy is not None else None
+    started = time.perf_counter()
+    if patches:
+        inputs = _patch_inputs(cfg, ws, catalog, subsets, preprocess)
+    else:
+        inputs = _whole_inputs(cfg, ws, subsets, preprocess)
+    timings["decode"] = time.perf_counter() - started
+    if cfg.preprocess.normalize == "dataset":
+        from dataclasses import replace
+
+        mean, std = inputs.pop("_stats")
+        preprocess = replace(preprocess, mean=mean, std=std)
+    inputs.pop("_stats", None)
 
     if on_features:
         started = time.perf_counter()
-        weights_id = _weights_identity(cfg.model.weights)
-        base = {"backbone": spec.name, "weights": weights_id, "preprocess": preprocess.key(), "pool": cfg.model.pool}
-        feats: dict[str, Any] = {}
-        for name, subset in subsets.items():
-            views = cfg.train.views if name == "train" else 0
-            parts = {**base, "views": views, "augment": cfg.augment.model_dump() if views else None,
-                     "seed": cfg.train.seed if views else None}
-
-            def compute(name: str = name, views: int = views) -> Any:
-                if views == 0:
-                    return compute_features(model, images[name], preprocess.mean, preprocess.std)
-                views_augment = augmenter or build_augmenter(AugmentConfig(policy="basic"))
-                return torch.stack([compute_features(model, images[name], preprocess.mean, preprocess.std,
-                                                     augment=views_augment, generator=generator)
-                                    for _ in range(views)], dim=1)
-
-            feats[name] = cached_features(ws.cache_dir, features_key(parts, subset.sha256s), compute)
+        datasets, eval_inputs = _feature_datasets(cfg, ws, spec, model, preprocess, subsets, inputs, augmenter,
+                                                  generator)
         timings["features"] = time.perf_counter() - started
-        datasets = {name: ViewDataset(feats[name], subsets[name].targets) for name in subsets}
-        eval_inputs = {name: (feats[name] if feats[name].dim() == 2 else feats[name][:, 0], subsets[name].targets)
-                       for name in subsets if name != "train"}
-        module = ClassifierModule(model.head, data.classes, cfg.train, None, preprocess.mean, preprocess.std,
+        module = ClassifierModule(model.head, data.classes, cfg.train, None, preprocess.normalize_batch,
                                   class_weights, on_features=True)
     else:
-        datasets = {name: torch.utils.data.TensorDataset(images[name], torch.from_numpy(subsets[name].targets))
-                    for name in subsets}
-        eval_inputs = {name: (images[name], subsets[name].targets) for name in subsets if name != "train"}
-        module = ClassifierModule(model, data.classes, cfg.train, augmenter, preprocess.mean, preprocess.std,
-                                  class_weights, body_params=list(model.backbone.parameters()))
+        datasets, eval_inputs = _image_datasets(cfg, preprocess, subsets, inputs)
+        # the train loader augments (in its workers); the module only normalises and mixes
+        module = ClassifierModule(model, data.classes, cfg.train, None, preprocess.normalize_batch,
+                                  class_weights, body_params=list(model.backbone.parameters()), mixer=mixer)
 
-    n_train = len(datasets["train"])
-    train_loader = torch.utils.data.DataLoader(
-        datasets["train"], shuffle=True, drop_last=n_train > cfg.train.batch_size and not on_features,
-        generator=generator, **loader_kwargs)
+    train_loader = build_train_loader(cfg, datasets["train"], None if on_features else augmenter,
+                                      subsets["train"].targets, generator, on_features)
+    loader_kwargs = {"batch_size": cfg.train.batch_size, "num_workers": 0}
     val_loader = torch.utils.data.DataLoader(datasets["val"], **loader_kwargs) if "val" in datasets else None
     return Prepared(cfg, data, model, module, preprocess, train_loader, val_loader, eval_inputs, on_features,
                     timings, {"source": cfg.model.weights})
 
 
+def loader_workers(cfg: RunConfig, n_samples: int) -> int:
+    """Worker processes for the train loader: the config's, else none. Augmentation works on whole
+    batches with torch's intra-op threads, which on few cores beats per-process workers (measured in
+    benchmarks/loader_speed.py: 1,249 vs 917 img/s on 2 cores); on many cores, set train.loader_workers."""
+    return cfg.train.loader_workers if cfg.train.loader_workers is not None else 0
+
+
+def build_train_loader(cfg: RunConfig, train_set: Any, augmenter: Any, targets: np.ndarray, generator: Any,
+                       on_features: bool = False) -> Any:
+    """The training DataLoader: shuffled or class-balanced sampling; batches augmented by the loader."""
+    import torch
+
+    from handlens.transforms.policy import AugmentingCollate
+
+    workers = 0 if on_features else loader_workers(cfg, len(train_set))
+    kwargs: dict[str, Any] = {"batch_size": cfg.train.batch_size, "num_workers": workers,
+                              "drop_last": len(train_set) > cfg.train.batch_size and not on_features}
+    if not on_features:
+        kwargs["collate_fn"] = AugmentingCollate(augmenter)
+    if workers:
+        kwargs["persistent_workers"] = True
+    if cfg.data.balance == "sampler":
+        from handlens.train.balance import weighted_sampler
+
+        if cfg.preprocess.patches.enabled:
+            targets = np.tile(targets, cfg.preprocess.patches.per_image)
+        return torch.utils.data.DataLoader(train_set, sampler=weighted_sampler(targets, generator), **kwargs)
+    return torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator, **kwargs)
+
+
+def apply_policy_preprocess(cfg: RunConfig, recommended: dict[str, Any]) -> None:
+    """Take the policy's recommended preprocessing for every key the run config does not set itself
+    (key by key, also inside sections: ``preprocess.patches.size=96`` keeps the preset's ``enabled``)."""
+    from handlens.train.config import PreprocessConfig
+
+    if not recommended:
+        return
+
+    def merge(section: Any, values: dict[str, Any], where: str) -> dict[str, Any]:
+        merged = section.model_dump()
+        for key, value in values.items():
+            if key not in type(section).model_fields:
+                raise InputError(f"augmentation policy {cfg.augment.policy!r} recommends unknown setting "
+                                 f"{where}{key!r}")
+            current = getattr(section, key)
+            if isinstance(value, dict) and hasattr(current, "model_fields_set"):
+                merged[key] = merge(current, value, f"{where}{key}.")
+            elif key not in section.model_fields_set:
+                merged[key] = value
+        return merged
+
+    try:
+        updated = PreprocessConfig.model_validate(merge(cfg.preprocess, recommended, "preprocess."))
+    except ValidationError as exc:
+        raise InputError(f"augmentation policy {cfg.augment.policy!r}: bad preprocess settings: {exc}") from None
+    for key in recommended:
+        setattr(cfg.preprocess, key, getattr(updated, key))
+
+
+def build_preprocess(cfg: RunConfig, spec: Any) -> Any:
+    """The Preprocess of a run: the backbone's defaults, with the run config's choices on top."""
+    from dataclasses import replace
+
+    from handlens.transforms.patches import PatchSpec
+
+    p = cfg.preprocess
+    preprocess = spec.preprocess(p.resize)
+    patches = None
+    if p.patches.enabled:
+        patches = {**PatchSpec(**p.patches.model_dump(exclude={"enabled"})).to_dict(), "roi": p.roi.model_dump()}
+    return replace(preprocess, size=p.size or preprocess.size, normalize=p.normalize,
+                   clip_percentiles=tuple(p.clip_percentiles), morphology=list(p.morphology), patches=patches)
+
+
+def _channel_stats(images: Any) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and std (0..1 units) of uint8 images: (N, 3, H, W) tensor or a list of (H, W, 3) arrays."""
+    sums = np.zeros(3)
+    squares = np.zeros(3)
+    count = 0
+    items = [images] if not isinstance(images, list) else images
+    for item in items:
+        array = item.numpy().transpose(0, 2, 3, 1).reshape(-1, 3) if hasattr(item, "numpy") else item.reshape(-1, 3)
+        for start in range(0, len(array), 1 << 22):
+            chunk = array[start:start + (1 << 22)].astype(np.float64)
+            sums += chunk.sum(0)
+            squares += (chunk ** 2).sum(0)
+            count += len(chunk)
+    mean = sums / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean ** 2, 1e-12))
+    as3 = lambda v: (float(v[0]) / 255, float(v[1]) / 255, float(v[2]) / 255)  # noqa: E731
+    return as3(mean), as3(std)
+
+
+def _whole_inputs(cfg: RunConfig, ws: Workspace, subsets: dict[str, Any], preprocess: Any) -> dict[str, Any]:
+    from handlens.train.data import as_tensor_images
+    from handlens.transforms.cache import decode_many
+
+    images: dict[str, Any] = {name: as_tensor_images(decode_many(s.paths, preprocess, s.sha256s, ws.cache_dir,
+                                                                   cfg.train.workers))
+                              for name, s in subsets.items()}
+    if cfg.preprocess.normalize == "dataset":
+        images["_stats"] = _channel_stats(images["train"])
+    return images
+
+
+def _patch_inputs(cfg: RunConfig, ws: Workspace, catalog: Any, subsets: dict[str, Any],
+                  preprocess: Any) -> dict[str, Any]:
+    """Working images (cached) and their ROI masks per subset, for patch sampling."""
+    from handlens.transforms.cache import decode_working_many
+
+    p = cfg.preprocess
+    out: dict[str, Any] = {}
+    for name, subset in subsets.items():
+        images = decode_working_many(subset.paths, p.patches.max_side, list(p.morphology), subset.sha256s,
+                                     ws.cache_dir, cfg.train.workers)
+        out[name] = (images, roi_masks(catalog, subset.ids, images, p.roi.model_dump()))
+    if p.normalize == "dataset":
+        out["_stats"] = _channel_stats(out["train"][0])
+    return out
+
+
+def roi_masks(catalog: Any, image_ids: list[int], images: list[np.ndarray],
+              rule_data: dict[str, Any]) -> list[np.ndarray | None] | None:
+    """ROI masks at each working image's resolution: from expert regions or a threshold rule (None: no ROI).
+
+    With ``source: annotations``, images without an expert region have no mask (every patch counts).
+    """
+    from handlens.transforms.roi import RoiRule, resize_mask, threshold_roi
+
+    rule = RoiRule.from_dict(rule_data)
+    if rule.source == "none":
+        return None
+    if rule.source == "threshold":
+        return [threshold_roi(image, rule) for image in images]
+    from handlens.data.annotations import annotated_images_by_id, region_mask
+    from handlens.data.catalog import Image
+
+    masks: list[np.ndarray | None] = []
+    with catalog.session() as session:
+        annotations = annotated_images_by_id(session, image_ids)
+        for image_id, image in zip(image_ids, images, strict=True):
+            found = annotations.get(image_id)
+            if not found:
+                masks.append(None)
+                continue
+            row = session.get(Image, image_id)
+            mask = region_mask(found, int(row.width), int(row.height))
+            masks.append(resize_mask(mask, image.shape[0], image.shape[1]))
+    if all(m is None for m in masks):
+        raise InputError("preprocess.roi.source=annotations, but no image of this split has an expert region; "
+                         "import them with `handlens annotate import` or use roi.source=threshold")
+    return masks
+
+
+def _image_datasets(cfg: RunConfig, preprocess: Any, subsets: dict[str, Any],
+                    inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Datasets over decoded images or patches, and what the final metrics evaluate."""
+    import torch
+
+    from handlens.train.balance import balanced_indices
+    from handlens.train.patch_data import GridPatchDataset, RandomPatchDataset
+    from handlens.transforms.patches import PatchSpec
+
+    order = balanced_indices(subsets["train"].targets, cfg.data.balance, cfg.data.per_class, cfg.train.seed)
+    datasets: dict[str, Any] = {}
+    eval_inputs: dict[str, Any] = {}
+    if cfg.preprocess.patches.enabled:
+        spec = PatchSpec.from_dict(preprocess.patches)
+        for name, subset in subsets.items():
+            images, rois = inputs[name]
+            if name == "train":
+                datasets[name] = RandomPatchDataset(images, subset.targets, spec, preprocess.size, rois, order,
+                                                    cfg.train.seed)
+            else:
+                grid = GridPatchDataset(images, subset.targets, spec, preprocess.size, rois)
+                datasets[name] = grid
+                patches, image_index = grid.all_patches()
+                eval_inputs[name] = (patches, subset.targets, image_index)
+        return datasets, eval_inputs
+    for name, subset in subsets.items():
+        full = torch.utils.data.TensorDataset(inputs[name], torch.from_numpy(subset.targets))
+        if name == "train":
+            datasets[name] = full if len(order) == len(subset) and cfg.data.balance == "none" else \
+                torch.utils.data.Subset(full, order.tolist())
+        else:
+            datasets[name] = full
+            eval_inputs[name] = (inputs[name], subset.targets)
+    return datasets, eval_inputs
+
+
+def _feature_datasets(cfg: RunConfig, ws: Workspace, spec: Any, model: Any, preprocess: Any,
+                      subsets: dict[str, Any], images: dict[str, Any], augmenter: Any,
+                      generator: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Cached backbone features per subset (frozen backbones), as datasets for the head."""
+    import torch
+
+    from handlens.train.balance import balanced_indices
+    from handlens.train.features import ViewDataset, cached_features, compute_features, features_key
+
+    weights_id = _weights_identity(cfg.model.weights)
+    base = {"backbone": spec.name, "weights": weights_id, "preprocess": preprocess.model_key(),
+            "pool": cfg.model.pool}
+    feats: dict[str, Any] = {}
+    for name, subset in subsets.items():
+        views = cfg.train.views if name == "train" else 0
+        parts = {**base, "views": views, "augment": cfg.augment.model_dump() if views else None,
+                 "seed": cfg.train.seed if views else None}
+
+        def compute(name: str = name, views: int = views) -> Any:
+            if views == 0:
+                return compute_features(model, images[name], preprocess.normalize_batch)
+            views_augment = augmenter or build_augmenter(AugmentConfig(policy="basic"))
+            return torch.stack([compute_features(model, images[name], preprocess.normalize_batch,
+                                                 augment=views_augment, generator=generator)
+                                for _ in range(views)], dim=1)
+
+        feats[name] = cached_features(ws.cache_dir, features_key(parts, subset.sha256s), compute)
+    datasets: dict[str, Any] = {name: ViewDataset(feats[name], subsets[name].targets) for name in subsets}
+    if cfg.data.balance in ("oversample", "downsample"):
+        order = balanced_indices(subsets["train"].targets, cfg.data.balance, cfg.data.per_class, cfg.train.seed)
+        datasets["train"] = torch.utils.data.Subset(datasets["train"], order.tolist())
+    eval_inputs = {name: (feats[name] if feats[name].dim() == 2 else feats[name][:, 0], subsets[name].targets)
+                   for name in subsets if name != "train"}
+    return datasets, eval_inputs
+
+
 def _class_weights(cfg: RunConfig, data: Any) -> list[float] | None:
     setting = cfg.train.class_weights
-    if setting == "none":
-        return None
+    if setting == "none" or (setting == "auto" and cfg.data.balance != "none"):
+        return None  # balanced sampling already evens the classes out: weighting too would overcorrect
     if setting == "auto":
         return [float(data.class_weights.get(c, 1.0)) for c in data.classes]
     if len(setting) != len(data.classes):
@@ -354,14 +569,17 @@ def _final_metrics(prepared: Prepared, run_dir: Path) -> dict[str, Any]:
     import torch
 
     from handlens.train.metrics import classification_metrics, confusion_png
+    from handlens.transforms.patches import mean_by_image
 
     module = prepared.module
     module.eval()
     out: dict[str, Any] = {}
     with torch.inference_mode():
-        for name, (inputs, targets) in prepared.eval_inputs.items():
+        for name, (inputs, targets, *patch_index) in prepared.eval_inputs.items():
             probs = torch.cat([torch.softmax(module(inputs[i:i + 64]).float(), 1)
                                for i in range(0, len(inputs), 64)])
+            if patch_index:  # patch-trained: each image's prediction is the mean over its grid patches
+                probs = mean_by_image(probs, patch_index[0], len(targets))
             metrics = classification_metrics(probs, torch.from_numpy(targets), prepared.data.classes)
             out[name] = metrics
             confusion_png(metrics["confusion"], prepared.data.classes, run_dir / f"confusion_{name}.png",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlens.transforms.policy import Policy, Step, apply_policy, load_policy
+from handlens.transforms.policy import Policy, Step, augment_float, load_policy
 
 
 def basic_policy(hflip: bool = True, vflip: bool = False, crop_scale: float = 0.8) -> Policy:
@@ -24,17 +24,33 @@ def basic_policy(hflip: bool = True, vflip: bool = False, crop_scale: float = 0.
     return Policy("basic", tuple(steps), "random resized crop and flips")
 
 
-def build_augmenter(config: Any) -> Any:
-    """``batch, generator=None -> batch`` for the config's policy (None for ``policy: none``)."""
+def policy_for(config: Any) -> Policy | None:
+    """The config's policy (None for ``policy: none``), with ``augment.mixup``/``cutmix`` as batch steps."""
     if config.policy == "none":
+        policy = None
+    elif config.policy == "basic":
+        policy = basic_policy(config.hflip, config.vflip, config.crop_scale)
+    else:
+        policy = load_policy(config.policy)
+    extra = [Step(op, config.mix_p, {"alpha": alpha}) for op, alpha in
+             (("mixup", getattr(config, "mixup", 0.0)), ("cutmix", getattr(config, "cutmix", 0.0))) if alpha > 0]
+    if extra:
+        base = policy or Policy("none", ())
+        policy = Policy(base.name, (*base.steps, *extra), base.description, base.preprocess)
+    return policy
+
+
+def build_augmenter(config: Any) -> Any:
+    """``batch, generator=None -> batch`` for the config's per-image steps (None when there are none): uint8
+    in, float32 in 0..255 out, ready for ``normalize_batch``."""
+    policy = policy_for(config)
+    if policy is None or not policy.image_steps:
         return None
-    policy = (basic_policy(config.hflip, config.vflip, config.crop_scale) if config.policy == "basic"
-              else load_policy(config.policy))
 
     def run(batch: Any, generator: Any = None) -> Any:
         import torch
 
         seed = int(torch.randint(2**31, (1,), generator=generator)) if generator is not None else None
-        return apply_policy(batch, policy, seed)
+        return augment_float(batch, policy, seed)
 
     return run

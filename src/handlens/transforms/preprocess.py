@@ -16,6 +16,15 @@ if TYPE_CHECKING:
     import numpy as np
 
 ResizeMode = Literal["shorter-crop", "stretch", "letterbox"]
+NormalizeMode = Literal["backbone", "unit", "minmax", "percentile", "dataset"]
+#: what each normalisation mode gives the model (documented, and tested)
+NORMALIZE_RANGES = {
+    "backbone": "(x - mean) / std with the backbone's ImageNet statistics: about -2.1..2.6",
+    "dataset": "(x - mean) / std with the train split's own per-channel statistics: mean 0, std 1 on train",
+    "unit": "x / 255: 0..1",
+    "minmax": "per image, (x - min) / (max - min): exactly 0..1 (a flat image gives 0)",
+    "percentile": "per image, clipped to its low..high percentiles then scaled: 0..1 (X-rays: 1..99)",
+}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,6 +35,9 @@ class Preprocess:
 
     ``resize``: ``shorter-crop`` scales the shorter side to ``size`` and centre-crops (no distortion),
     ``stretch`` scales both sides to ``size``, ``letterbox`` fits the image inside and pads.
+    ``normalize``: see :data:`NORMALIZE_RANGES` (``dataset`` stores the train split's statistics in
+    ``mean``/``std``). ``morphology``: steps run on the decoded image (``transforms.morphology``).
+    ``patches``: a patch-trained model's patch settings (``transforms.patches.PatchSpec``), or None.
     """
 
     size: int = 224
@@ -33,24 +45,49 @@ class Preprocess:
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    normalize: NormalizeMode = "backbone"
+    clip_percentiles: tuple[float, float] = (1.0, 99.0)
+    morphology: list[dict[str, Any]] = field(default_factory=list)
+    patches: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
+        data["clip_percentiles"] = list(self.clip_percentiles)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocess:
         values = dict(data)
         values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+        if "clip_percentiles" in values:
+            values["clip_percentiles"] = tuple(values["clip_percentiles"])
         return cls(**values)
 
     def key(self) -> str:
-        """A short hash of what changes the decoded pixels (not mean/std): the decode-cache key."""
+        """A short hash of what changes the decoded pixels (not the normalisation): the decode-cache key."""
         relevant = {"size": self.size, "resize": self.resize, "interpolation": self.interpolation,
-                    "extra": self.extra, "v": 1}
+                    "morphology": self.morphology, "extra": self.extra, "v": 2}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def model_key(self) -> str:
+        """A short hash of everything that changes what the model receives (decoding and normalisation)."""
+        relevant = {"decoded": self.key(), "normalize": self.normalize, "mean": list(self.mean),
+                    "std": list(self.std), "clip": list(self.clip_percentiles)}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) with model input ~ (pixel in 0..1 - mean) / std: what explanation baselines need
+        (a black baseline, noise). Exact for standardising modes and ``unit``; for the per-image modes, an
+        image's own min/percentiles stretch it further, and 0..1 is the best image-independent guess."""
+        if self.normalize in ("backbone", "dataset"):
+            return self.mean, self.std
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+    def normalize_batch(self, batch: Any) -> Any:
+        """(N, 3, H, W) uint8 -> the float tensor the model takes, as ``normalize`` says."""
+        return normalize_batch(batch, self.mean, self.std, self.normalize, self.clip_percentiles)
 
 
 def load_rgb(source: Any) -> Any:
@@ -121,13 +158,57 @@ def preprocess_image(source: Any, preprocess: Preprocess) -> np.ndarray:
         resized = img.resize((nw, nh), resample, reducing_gap=3.0 if scale < 0.5 else None)
         left, top = (nw - size) // 2, (nh - size) // 2
         out = resized.crop((left, top, left + size, top + size))
-    return np.array(out, dtype=np.uint8)  # writable: torch.from_numpy needs it
+    array = np.array(out, dtype=np.uint8)  # writable: torch.from_numpy needs it
+    if preprocess.morphology:
+        from handlens.transforms.morphology import apply_morphology
+
+        array = apply_morphology(array, preprocess.morphology)
+    return array
 
 
-def normalize_batch(batch: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-    """(N, 3, H, W) uint8 tensor -> float tensor normalised with mean/std (both in 0..1 units)."""
+def decode_working(source: Any, max_side: int, morphology: list[dict[str, Any]] | None = None) -> np.ndarray:
+    """Decode an image for patch sampling: full resolution, or scaled so its longer side is ``max_side``."""
+    import numpy as np
+    from PIL import Image
+
+    img = load_rgb(source)
+    w, h = img.size
+    scale = max_side / max(w, h) if max_side else 1.0
+    if scale < 1.0:
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC,
+                         reducing_gap=3.0 if scale < 0.5 else None)
+    array = np.array(img, dtype=np.uint8)
+    if morphology:
+        from handlens.transforms.morphology import apply_morphology
+
+        array = apply_morphology(array, morphology)
+    return array
+
+
+def normalize_batch(batch: Any, mean: tuple[float, ...], std: tuple[float, ...], mode: str = "backbone",
+                    percentiles: tuple[float, float] = (1.0, 99.0)) -> Any:
+    """(N, 3, H, W) uint8 tensor -> float tensor; ``mode`` as in :data:`NORMALIZE_RANGES`.
+
+    ``backbone``/``dataset`` standardise with ``mean``/``std`` (0..1 units); the per-image modes use
+    each image's own statistics over all its pixels and channels, so one bright scan and one dark
+    scan end up on the same scale (percentile clipping also ignores a few saturated pixels).
+    """
     import torch
 
+    if mode == "unit":
+        return batch.float() / 255.0
+    if mode in ("minmax", "percentile"):
+        x = batch.float()
+        flat = x.flatten(1)
+        if mode == "minmax":
+            low, high = flat.amin(1), flat.amax(1)
+        else:
+            q = torch.tensor([percentiles[0] / 100.0, percentiles[1] / 100.0], device=x.device)
+            low, high = torch.quantile(flat, q, dim=1)
+        low, high = low.view(-1, 1, 1, 1), high.view(-1, 1, 1, 1)
+        return ((x - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
+    if mode not in ("backbone", "dataset"):
+        raise ValueError(f"unknown normalisation {mode!r}; choose one of {', '.join(NORMALIZE_RANGES)}")
     mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1) * 255.0
     std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1) * 255.0
     return (batch.float() - mean_t) / std_t

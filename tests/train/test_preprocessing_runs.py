@@ -1,0 +1,92 @@
+"""Training with the preprocessing options end to end: patches, normalisation modes, balance, mixup, ROI."""
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from handlens.core.errors import InputError
+from handlens.models.bundle import load_bundle
+from handlens.train.evaluate import evaluate
+from handlens.train.run import train
+from tests.conftest import tiny_config
+
+PATCHES = ["preprocess.patches.enabled=true", "preprocess.patches.size=24", "preprocess.patches.max_side=0",
+           "preprocess.patches.per_image=3", "preprocess.patches.grid_max=4", "preprocess.size=24"]
+
+
+def saved_config(result) -> dict:
+    return yaml.safe_load((result.run_dir / "config.yaml").read_text())
+
+
+def test_patch_training_evaluates_images_not_patches(trained_workspace):
+    result = train(tiny_config(*PATCHES, "train.epochs=3"), trained_workspace)
+    assert result.metrics["val"]["n"] == 12 and result.metrics["test"]["n"] == 12  # images, not 4 patches each
+    assert all(record["val_macro_f1"] is not None for record in result.history)
+    bundle = load_bundle(result.bundle)
+    assert bundle.patch_trained and bundle.preprocess.patches["size"] == 24
+    report = evaluate(result.bundle, trained_workspace, subset="test")
+    assert report["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    assert report["n"] == 12
+    red = next((trained_workspace.root.parent / "colours" / "red").glob("*.png"))
+    prediction = bundle.predict(str(red))[0]
+    assert prediction.top[0][0] in bundle.classes and sum(prediction.probabilities.values()) == pytest.approx(1, 1e-4)
+
+
+def test_dataset_normalisation_stores_the_train_statistics(trained_workspace):
+    result = train(tiny_config("preprocess.normalize=dataset"), trained_workspace)
+    bundle = load_bundle(result.bundle)
+    assert bundle.preprocess.normalize == "dataset"
+    train_ids = set(bundle.manifest["split_membership"]["train"])
+    from handlens.data.catalog import Image as ImageRow
+    from handlens.data.catalog import open_catalog
+
+    catalog = open_catalog(trained_workspace.db_url)
+    with catalog.session() as session:
+        paths = [session.get(ImageRow, i).path for i in train_ids]
+    catalog.close()
+    pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB").resize((32, 32))).reshape(-1, 3) for p in paths])
+    assert np.allclose(bundle.preprocess.mean, pixels.mean(0) / 255, atol=0.02)
+    assert np.allclose(bundle.preprocess.std, pixels.std(0) / 255, atol=0.02)
+    assert bundle.preprocess.mean != (0.485, 0.456, 0.406)
+
+
+def test_balance_mixup_and_focal_loss_train_and_are_recorded(trained_workspace):
+    result = train(tiny_config("data.balance=oversample", "augment.mixup=0.4", "augment.cutmix=1.0",
+                               "augment.mix_p=1.0", "train.loss=focal"), trained_workspace)
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    config = saved_config(result)
+    assert config["data"]["balance"] == "oversample" and config["augment"]["mixup"] == 0.4
+    down = train(tiny_config("data.balance=downsample", "data.per_class=3", "train.batch_size=16"), trained_workspace)
+    assert down.history[0]["train"]["n"] == 9  # 3 images of each of 3 classes
+    sampled = train(tiny_config("data.balance=sampler", "train.batch_size=32"), trained_workspace)
+    assert sampled.history[0]["train"]["n"] == 24
+
+
+def test_preset_preprocessing_applies_unless_the_config_says_otherwise(trained_workspace):
+    result = train(tiny_config("augment.policy=thin-section", "preprocess.patches.size=24",
+                               "preprocess.patches.max_side=0", "preprocess.size=24"), trained_workspace)
+    config = saved_config(result)
+    assert config["preprocess"]["patches"]["enabled"] is True and config["preprocess"]["patches"]["size"] == 24
+    assert load_bundle(result.bundle).patch_trained
+    xray = train(tiny_config("augment.policy=xray"), trained_workspace)
+    assert load_bundle(xray.bundle).preprocess.normalize == "percentile"
+    mine = train(tiny_config("augment.policy=xray", "preprocess.normalize=unit"), trained_workspace)
+    assert load_bundle(mine.bundle).preprocess.normalize == "unit"  # the run's own choice wins
+
+
+def test_roi_rules(trained_workspace):
+    result = train(tiny_config(*PATCHES, "preprocess.roi.source=threshold", "preprocess.patches.min_roi=0.3"),
+                   trained_workspace)
+    assert load_bundle(result.bundle).preprocess.patches["roi"]["source"] == "threshold"
+    with pytest.raises(InputError, match="no image of this split has an expert region"):
+        train(tiny_config(*PATCHES, "preprocess.roi.source=annotations"), trained_workspace)
+
+
+def test_invalid_preprocessing_settings_are_named(trained_workspace):
+    with pytest.raises(InputError, match=r"preprocess\.morphology"):
+        tiny_config("preprocess.morphology=[{op: skeleton}]")
+    with pytest.raises(InputError, match="per_class"):
+        tiny_config("data.balance=downsample")
+    with pytest.raises(InputError, match=r"preprocess\.normalize"):
+        tiny_config("preprocess.normalize=zscore")
