@@ -23,6 +23,8 @@ def test_patch_training_evaluates_images_not_patches(trained_workspace):
     result = train(tiny_config(*PATCHES, "train.epochs=3"), trained_workspace)
     assert result.metrics["val"]["n"] == 12 and result.metrics["test"]["n"] == 12  # images, not 4 patches each
     assert all(record["val_macro_f1"] is not None for record in result.history)
+    # the validation loss is a mean over patches, not a patch sum divided by the number of images
+    assert result.history[-1]["val_loss"] < 3.0
     bundle = load_bundle(result.bundle)
     assert bundle.patch_trained and bundle.preprocess.patches["size"] == 24
     report = evaluate(result.bundle, trained_workspace, subset="test")
@@ -90,3 +92,33 @@ def test_invalid_preprocessing_settings_are_named(trained_workspace):
         tiny_config("data.balance=downsample")
     with pytest.raises(InputError, match=r"preprocess\.normalize"):
         tiny_config("preprocess.normalize=zscore")
+
+
+def test_mixup_in_a_policy_file_is_never_dropped_by_the_feature_cache(trained_workspace, tmp_path):
+    policy = tmp_path / "mix.yaml"
+    policy.write_text("steps:\n  - {op: hflip, p: 0.5}\n  - {op: mixup, p: 1.0, alpha: 0.4}\n")
+    result = train(tiny_config("model.freeze=frozen", f"augment.policy={policy}"), trained_workspace)
+    assert "features" not in result.timings  # trained on mixed images, not on cached features
+    with pytest.raises(InputError, match="no mixup/cutmix"):
+        train(tiny_config("model.freeze=frozen", f"augment.policy={policy}", "train.feature_cache=on"),
+              trained_workspace)
+
+
+def test_a_roi_without_patches_is_refused(trained_workspace):
+    with pytest.raises(InputError, match=r"patches\.enabled=true"):
+        train(tiny_config("preprocess.roi.source=threshold"), trained_workspace)
+
+
+def test_the_loader_augmenter_survives_pickling():
+    import pickle
+
+    from handlens.train.config import load_config
+    from handlens.transforms.augment import build_augmenter
+    from handlens.transforms.policy import AugmentingCollate
+
+    collate = pickle.loads(pickle.dumps(AugmentingCollate(build_augmenter(
+        load_config(None, ["augment.policy=thin-section"]).augment))))
+    import torch
+
+    images, targets = collate([(torch.zeros(3, 8, 8, dtype=torch.uint8), torch.tensor(1))] * 2)
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and targets.tolist() == [1, 1]

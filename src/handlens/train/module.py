@@ -102,10 +102,11 @@ class ClassifierModule(pl.LightningModule):
             return {}
         probs = torch.cat([o[0] for o in outputs])
         target = torch.cat([o[1] for o in outputs])
+        n_losses = len(target)  # the loss was summed per sample (per patch for grid patches)
         if len(outputs[0]) > 2:  # grid patches: metrics of the image-level (mean probability) predictions
             probs, target = image_level(probs, target, torch.cat([o[2] for o in outputs]))
         metrics = classification_metrics(probs, target, self.classes)
-        metrics["loss"] = loss_sum / max(1, len(target))
+        metrics["loss"] = loss_sum / max(1, n_losses)
         return metrics
 
     def on_validation_epoch_end(self) -> None:

@@ -110,12 +110,12 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
     timings["model"] = time.perf_counter() - started
     freeze = FreezeSpec.parse(cfg.model.freeze)
     patches = cfg.preprocess.patches.enabled
-    if cfg.train.feature_cache == "on" and (freeze.mode != "frozen" or patches):
-        raise InputError("train.feature_cache=on needs model.freeze=frozen and no patch sampling: a backbone "
-                         "that learns, or a new random patch each epoch, has no fixed features")
+    mixing = policy is not None and bool(policy.batch_steps)
+    if cfg.train.feature_cache == "on" and (freeze.mode != "frozen" or patches or mixing):
+        raise InputError("train.feature_cache=on needs model.freeze=frozen, no patch sampling and no mixup/cutmix: "
+                         "a backbone that learns, a new random patch or a mixed batch has no fixed features")
     on_features = cfg.train.feature_cache == "on" or (
-        cfg.train.feature_cache == "auto" and freeze.mode == "frozen" and not patches
-        and cfg.augment.mixup == 0 and cfg.augment.cutmix == 0)
+        cfg.train.feature_cache == "auto" and freeze.mode == "frozen" and not patches and not mixing)
     subsets = {name: s for name, s in data.subsets.items() if len(s)}
     preprocess = build_preprocess(cfg, spec)
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -225,6 +225,10 @@ def build_preprocess(cfg: RunConfig, spec: Any) -> Any:
     patches = None
     if p.patches.enabled:
         patches = {**PatchSpec(**p.patches.model_dump(exclude={"enabled"})).to_dict(), "roi": p.roi.model_dump()}
+    if p.roi.source != "none" and not p.patches.enabled:
+        raise InputError("preprocess.roi selects where patches are cut: turn patch sampling on "
+                         "(preprocess.patches.enabled=true), or leave roi out; `handlens trust --roi` measures "
+                         "explanations on the specimen for any model")
     return replace(preprocess, size=p.size or preprocess.size, normalize=p.normalize,
                    clip_percentiles=tuple(p.clip_percentiles), morphology=list(p.morphology), patches=patches)
 

@@ -40,17 +40,23 @@ def policy_for(config: Any) -> Policy | None:
     return policy
 
 
-def build_augmenter(config: Any) -> Any:
-    """``batch, generator=None -> batch`` for the config's per-image steps (None when there are none): uint8
-    in, float32 in 0..255 out, ready for ``normalize_batch``."""
-    policy = policy_for(config)
-    if policy is None or not policy.image_steps:
-        return None
+class PolicyAugmenter:
+    """``batch, generator=None -> batch``: uint8 in, float32 in 0..255 out, ready for ``normalize_batch``.
+    A plain object (not a closure) so loader worker processes can receive it under any start method."""
 
-    def run(batch: Any, generator: Any = None) -> Any:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def __call__(self, batch: Any, generator: Any = None) -> Any:
         import torch
 
         seed = int(torch.randint(2**31, (1,), generator=generator)) if generator is not None else None
-        return augment_float(batch, policy, seed)
+        return augment_float(batch, self.policy, seed)
 
-    return run
+
+def build_augmenter(config: Any) -> PolicyAugmenter | None:
+    """The augmenter for the config's per-image steps (None when there are none)."""
+    policy = policy_for(config)
+    if policy is None or not policy.image_steps:
+        return None
+    return PolicyAugmenter(policy)
