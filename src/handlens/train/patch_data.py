@@ -70,11 +70,3 @@ class GridPatchDataset(torch.utils.data.Dataset):
         image_index, box = self.items[index]
         return (crop_resize(self.images[image_index], box, self.out_size), self.targets[image_index],
                 torch.tensor(image_index))
-
-    def all_patches(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, 3, S, S) uint8 patches and (P,) image indices, for whole-subset evaluation."""
-        if not self.items:
-            empty = torch.zeros((0, 3, self.out_size, self.out_size), dtype=torch.uint8)
-            return empty, torch.zeros(0, dtype=torch.long)
-        patches = torch.stack([self[i][0] for i in range(len(self))])
-        return patches, torch.tensor([i for i, _ in self.items], dtype=torch.long)

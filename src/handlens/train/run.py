@@ -72,7 +72,7 @@ class Prepared:
     preprocess: Any
     train_loader: Any
     val_loader: Any | None
-    eval_inputs: dict[str, Any]  # subset -> (inputs, targets) for final metrics
+    eval_inputs: dict[str, Any]  # subset -> (inputs, targets), or a GridPatchDataset, for final metrics
     on_features: bool
     timings: dict[str, float]
     weights_info: dict[str, Any]
@@ -334,9 +334,7 @@ def _image_datasets(cfg: RunConfig, preprocess: Any, subsets: dict[str, Any],
                                                     cfg.train.seed)
             else:
                 grid = GridPatchDataset(images, subset.targets, spec, preprocess.size, rois)
-                datasets[name] = grid
-                patches, image_index = grid.all_patches()
-                eval_inputs[name] = (patches, subset.targets, image_index)
+                datasets[name] = eval_inputs[name] = grid  # patches are cut as they are evaluated
         return datasets, eval_inputs
     for name, subset in subsets.items():
         full = torch.utils.data.TensorDataset(inputs[name], torch.from_numpy(subset.targets))
@@ -573,17 +571,25 @@ def _final_metrics(prepared: Prepared, run_dir: Path) -> dict[str, Any]:
     import torch
 
     from handlens.train.metrics import classification_metrics, confusion_png
+    from handlens.train.patch_data import GridPatchDataset
     from handlens.transforms.patches import mean_by_image
 
     module = prepared.module
     module.eval()
     out: dict[str, Any] = {}
     with torch.inference_mode():
-        for name, (inputs, targets, *patch_index) in prepared.eval_inputs.items():
-            probs = torch.cat([torch.softmax(module(inputs[i:i + 64]).float(), 1)
-                               for i in range(0, len(inputs), 64)])
-            if patch_index:  # patch-trained: each image's prediction is the mean over its grid patches
-                probs = mean_by_image(probs, patch_index[0], len(targets))
+        for name, inputs in prepared.eval_inputs.items():
+            if isinstance(inputs, GridPatchDataset):  # each image's prediction: the mean over its grid patches
+                parts, owners = [], []
+                for patches, _, image_index in torch.utils.data.DataLoader(inputs, batch_size=64):
+                    parts.append(torch.softmax(module(patches).float(), 1))
+                    owners.append(image_index)
+                targets = inputs.targets.numpy()
+                probs = mean_by_image(torch.cat(parts), torch.cat(owners), inputs.n_images)
+            else:
+                inputs, targets = inputs
+                probs = torch.cat([torch.softmax(module(inputs[i:i + 64]).float(), 1)
+                                   for i in range(0, len(inputs), 64)])
             metrics = classification_metrics(probs, torch.from_numpy(targets), prepared.data.classes)
             out[name] = metrics
             confusion_png(metrics["confusion"], prepared.data.classes, run_dir / f"confusion_{name}.png",
