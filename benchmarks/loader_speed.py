@@ -5,7 +5,7 @@ decoded once into the workspace cache (the first epoch pays for it), random ROI-
 (zoom 0.75-1.25) cut from them, the thin-section policy run on each batch in the loader's workers,
 then normalisation. Plain: ``torchvision.datasets.ImageFolder`` + a ``transforms.v2`` pipeline doing
 the same steps per image (decode, random square crop of the same pixel size resized to 224, right-angle
-turn, any-angle rotation p=0.5, both flips, brightness p=0.5, contrast p=0.5, blur p=0.1, to float,
+turn, any-angle bilinear rotation p=0.5, both flips, brightness p=0.5, contrast p=0.5, blur p=0.1, to float,
 normalise) — what a user would otherwise write. Same images, batch size, worker count, in one run.
 
     python benchmarks/loader_speed.py                 # ../shared/data/lithology/train, 4 epochs
@@ -85,7 +85,7 @@ def plain_epochs(paths: list[str], epochs: int, batch: int, workers: int) -> lis
         v2.PILToTensor(),
         v2.RandomResizedCrop(224, scale=(0.15, 0.41), ratio=(1.0, 1.0), antialias=True),
         v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]),
-        v2.RandomApply([v2.RandomRotation(180)], p=0.5),
+        v2.RandomApply([v2.RandomRotation(180, interpolation=v2.InterpolationMode.BILINEAR)], p=0.5),  # as ours
         v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
         v2.RandomApply([v2.ColorJitter(brightness=0.15)], p=0.5),
         v2.RandomApply([v2.ColorJitter(contrast=0.15)], p=0.5),

@@ -120,5 +120,10 @@ def test_the_loader_augmenter_survives_pickling():
         load_config(None, ["augment.policy=thin-section"]).augment))))
     import torch
 
-    images, targets = collate([(torch.zeros(3, 8, 8, dtype=torch.uint8), torch.tensor(1))] * 2)
-    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and targets.tolist() == [1, 1]
+    samples = [(torch.full((3, 8, 8), 200, dtype=torch.uint8), torch.tensor(1))] * 4
+    images, targets = collate(samples)  # in-process: float, no rounding trip through uint8
+    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.float32 and targets.tolist() == [1] * 4
+    assert float(images.min()) >= 0 and float(images.max()) <= 255
+    loader = torch.utils.data.DataLoader(samples, batch_size=4, num_workers=1, collate_fn=collate)
+    from_worker, _ = next(iter(loader))  # from a worker process: uint8, a quarter of the bytes
+    assert from_worker.dtype == torch.uint8 and from_worker.shape == (4, 3, 8, 8)

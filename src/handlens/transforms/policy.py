@@ -94,9 +94,17 @@ def _on_chosen(batch: Any, chosen: list[int], function: Callable[[Any], Any]) ->
 def _warp(batch: Any, theta: Any) -> Any:
     """Resample each image through its (2, 3) affine matrix in normalised coordinates (output -> input),
     bilinear, with mirrored borders (no black corners for a texture to learn from)."""
+    import torch
     import torch.nn.functional as F
 
-    grid = F.affine_grid(theta.to(batch.dtype), list(batch.shape), align_corners=False)
+    n, _, h, w = batch.shape
+    t = theta.to(batch.dtype)
+    # the sampling grid by broadcasting (what F.affine_grid computes, ~50x cheaper here): pixel centres
+    # in normalised coordinates, x' = a*x + b*y + c for each output pixel, as an (n, h, w, 2) view
+    xs = (torch.arange(w, dtype=batch.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, dtype=batch.dtype) * 2 + 1) / h - 1
+    rows = t[:, :, 1].reshape(n, 2, 1, 1) * ys.view(1, 1, h, 1) + t[:, :, 2].reshape(n, 2, 1, 1)
+    grid = (t[:, :, 0].reshape(n, 2, 1, 1) * xs.view(1, 1, 1, w) + rows).permute(0, 2, 3, 1)
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -358,7 +366,8 @@ class AugmentingCollate:
     """A DataLoader ``collate_fn`` that stacks (uint8 image, target) samples and augments the batch, so the
     augmentation runs in the loader's worker processes, beside the model rather than before it.
 
-    Returns (uint8 images, targets, ...); a picklable object, as worker processes need.
+    Returns (images, targets, ...): float32 0..255 in-process, uint8 from a worker process (a quarter of the
+    bytes to pass); a picklable object, as worker processes need.
     """
 
     def __init__(self, augment: Callable[..., Any] | None) -> None:
@@ -369,6 +378,8 @@ class AugmentingCollate:
 
         images = torch.stack([s[0] for s in samples])
         rest = tuple(torch.stack([torch.as_tensor(s[i]) for s in samples]) for i in range(1, len(samples[0])))
-        if self.augment is not None:  # back to uint8: a quarter of the bytes to pass between processes
-            images = self.augment(images).round_().to(torch.uint8)
+        if self.augment is not None:
+            images = self.augment(images)
+            if torch.utils.data.get_worker_info() is not None:  # uint8: a quarter of the bytes between processes
+                images = images.round_().to(torch.uint8)
         return (images, *rest)

@@ -209,6 +209,7 @@ def normalize_batch(batch: Any, mean: tuple[float, ...], std: tuple[float, ...],
         return ((x - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
     if mode not in ("backbone", "dataset"):
         raise ValueError(f"unknown normalisation {mode!r}; choose one of {', '.join(NORMALIZE_RANGES)}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1) * 255.0
-    return (batch.float() - mean_t) / std_t
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    # x / (255 std) - mean / std in one pass (addcmul), never writing into the caller's batch
+    return torch.addcmul(-mean_t / std_t, batch.float(), 1.0 / (std_t * 255.0))
