@@ -127,3 +127,26 @@ def test_the_loader_augmenter_survives_pickling():
     loader = torch.utils.data.DataLoader(samples, batch_size=4, num_workers=1, collate_fn=collate)
     from_worker, _ = next(iter(loader))  # from a worker process: uint8, a quarter of the bytes
     assert from_worker.dtype == torch.uint8 and from_worker.shape == (4, 3, 8, 8)
+
+
+def test_a_patch_model_is_explained_at_its_patch_scale(trained_workspace, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from handlens.cli.main import app
+    from handlens.explain.api import load_bundle as load_explainable
+    from handlens.explain.tiles import tiled_explain
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(big)
+    result = train(tiny_config(*PATCHES[:-2], "preprocess.patches.max_side=60", "preprocess.patches.grid_max=4",
+                               "preprocess.size=24"), trained_workspace)
+    tiled = tiled_explain(load_explainable(result.bundle), str(big), layer="stage2")
+    assert tiled.heatmap.shape == (90, 120)  # stitched on the 60x45 working image, scaled back
+    assert tiled.tile_size == 48  # 24-px patches of the working image are 48 px of the original
+    out = CliRunner().invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(result.bundle),
+                                   str(big), "--out", str(tmp_path / "maps"), "--json"])
+    assert out.exit_code == 0, out.output
+    index = json.loads(out.stdout)
+    assert index["images"][0]["tiles"] >= 2 and np.load(index["images"][0]["map"]).shape == (90, 120)

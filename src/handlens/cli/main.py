@@ -595,10 +595,17 @@ def explain_cmd(
         params[key] = parse_value(value)
     if not images and not subset:
         raise InputError("give image files, or --split train|val|test (with --dataset) to explain catalog images")
-    if tile is not None:
+    patch_bundle = None
+    if tile is None and images and not subset:
+        candidate = load_bundle(resolve_bundle(_workspace(ctx), bundle))
+        if candidate.patch_trained:  # whole images resized to the input are not what it learned from
+            patch_bundle = candidate
+            stderr.print(f"{bundle} was trained on patches: explaining tile by tile at its patch scale (--tile)")
+    if tile is not None or patch_bundle is not None:
         from handlens.explain.output import write_tiled
 
-        loaded = load_bundle(resolve_bundle(_workspace(ctx), bundle))
+        loaded = patch_bundle or load_bundle(resolve_bundle(_workspace(ctx), bundle))
+        tile = tile or int(loaded.preprocess.patches.get("size", loaded.preprocess.size))
         files = iter_images(images or [])
         index = write_tiled(loaded, files, out, method, layer, target, tile, overlap, opacity, params)
         if as_json:

@@ -6,6 +6,9 @@ between neighbours), each resized to the model's input. Tiles go through the mod
 at a time, so memory is bounded by the batch, not by the image. The image-level prediction is the
 mean of the tile probabilities; each tile is then explained for that class, and tile maps and tile
 probabilities are stitched into full-resolution maps (averaged where tiles overlap).
+
+A patch-trained model is explained at the scale it learned: tiles of its patch size are cut from its
+working image (longer side ``max_side``, morphology applied) and the maps scaled back to the image.
 """
 
 from __future__ import annotations
@@ -77,7 +80,19 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
 
     if not 0 <= overlap < 1:
         raise InputError("--overlap must be in [0, 1)")
-    picture = np.asarray(load_rgb(image))
+    preprocess = bundle.preprocess
+    original = np.asarray(load_rgb(image))
+    if preprocess.patches:  # a patch-trained model: tiles at the scale it trained on, from its working image
+        from handlens.transforms.preprocess import decode_working
+
+        picture = decode_working(original, int(preprocess.patches.get("max_side", 1024)), preprocess.morphology)
+        tile = tile or int(preprocess.patches.get("size", preprocess.size))
+    elif preprocess.morphology:
+        from handlens.transforms.morphology import apply_morphology
+
+        picture = apply_morphology(original, preprocess.morphology)
+    else:
+        picture = original
     height, width = picture.shape[:2]
     size = bundle.preprocess.size
     tile = min(tile or size, height, width)
@@ -119,6 +134,15 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
             weight[y:y + tile, x:x + tile] += 1.0
     heat /= np.maximum(weight, 1.0)
     prob_map /= np.maximum(weight, 1.0)[None]
+    if picture.shape[:2] != original.shape[:2]:  # working image -> the image's own resolution
+        full = original.shape[:2]
+        heat = F.interpolate(torch.from_numpy(heat)[None, None], size=full, mode="bilinear",
+                             align_corners=False)[0, 0].numpy()
+        prob_map = F.interpolate(torch.from_numpy(prob_map)[None], size=full, mode="bilinear",
+                                 align_corners=False)[0].numpy()
+        scale = full[1] / width
+        origins = [(round(x * scale), round(y * scale)) for x, y in origins]
+        tile = round(tile * scale)
     timings["explain"] = time.perf_counter() - started
     return TiledResult(probabilities=image_probs, tile_probabilities=tile_probs, tiles=origins, tile_size=tile,
                        target=chosen, heatmap=heat, probability_map=prob_map.astype(np.float16),
