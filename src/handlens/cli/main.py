@@ -737,6 +737,44 @@ def _input_rois(ws: Any, preprocess: Any, files: list[str], source: str) -> Any:
     return np.stack(masks)
 
 
+@app.command("serve")
+@handle_errors
+def serve_cmd(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01, help="Larger uploads get 413."),
+    max_pixels: int = typer.Option(50_000_000, "--max-pixels", min=1, help="Larger images get 413."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Predict micro-batch size (1: no batching)."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="How long a request waits for a batch."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="HANDLENS_API_KEY",
+                                       help="Key for mutating endpoints (needed off loopback)."),
+    cors: list[str] | None = typer.Option(None, "--cors", help="Allow this browser origin (repeatable; off by "
+                                         "default)."),
+) -> None:
+    """Serve the API (/api/v1, OpenAPI at /docs), health (/livez, /readyz) and metrics (/metrics)."""
+    import os
+
+    import uvicorn
+
+    from handlens.serve.app import SETTINGS_ENV
+    from handlens.serve.settings import ServeSettings
+
+    ws = _workspace(ctx)
+    settings = ServeSettings(workspace=ws.root, db_url=ws.db_url, host=host, port=port,
+                             max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+                             batch_size=batch_size, max_wait_ms=max_wait_ms, api_key=api_key,
+                             cors_origins=list(cors or []))
+    if not settings.loopback and not api_key:
+        stderr.print(f"[yellow]warning:[/] serving on {host} without --api-key: read-only endpoints are open to "
+                     "the network and mutating ones are refused")
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    stderr.print(f"handlens serving {ws.root} on http://{host}:{port} (API docs at /docs)")
+    uvicorn.run("handlens.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="warning")
+
+
 @app.command("augment-preview")
 @handle_errors
 def augment_preview_cmd(

@@ -1,0 +1,432 @@
+"""``create_app(settings)``: the FastAPI application (JSON API under ``/api/v1``, health, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
+from handlens.core.workspace import Workspace
+from handlens.serve.pool import ExplanationCache, Metrics, ModelPool
+from handlens.serve.settings import ServeSettings
+from handlens.serve.uploads import UploadError, read_upload
+
+API = "/api/v1"
+#: request fields shared by predict and explain; JSON bodies or multipart forms carry them
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"}, "method": {"type": "string"},
+                "layer": {"type": "string"}, "target": {"type": "string"}, "output": {"type": "string"}},
+                "required": ["file"]}},
+            "application/json": {"schema": {"type": "object", "properties": {
+                "image_id": {"type": "integer"}, "method": {"type": "string"}, "layer": {"type": "string"},
+                "target": {"type": "string"}, "output": {"type": "string", "enum": ["png", "array", "both"]},
+                "params": {"type": "object"}}, "required": ["image_id"]}},
+        },
+    }
+}
+
+
+def _status(exc: HandlensError) -> int:
+    if isinstance(exc, UploadError):
+        return exc.status
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, ConflictError):
+        return 409
+    return 422 if isinstance(exc, InputError) else 500
+
+
+class State:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.workspace = Workspace.open(settings.workspace, settings.db_url)
+        self.pool = ModelPool(self.workspace.runs_dir, settings.pool_memory_mb, settings.batch_size,
+                              settings.max_wait_ms)
+        self.cache = ExplanationCache(settings.explain_cache_items)
+        self.metrics = Metrics()
+        self._catalog: Any = None
+
+    @property
+    def catalog(self) -> Any:
+        if self._catalog is None:
+            from handlens.data.catalog import open_catalog
+
+            self._catalog = open_catalog(self.workspace.db_url)
+        return self._catalog
+
+
+def create_app(settings: ServeSettings | None = None) -> FastAPI:
+    """The service for one workspace; see ``ServeSettings`` for limits and batching."""
+    settings = settings or ServeSettings()
+    state = State(settings)
+    app = FastAPI(title="handlens", version="1", description="Models, predictions and explanations of a "
+                  "handlens workspace. Read-only endpoints are open; uploads are checked by size, content "
+                  "and pixel count.")
+    app.state.handlens = state
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            response = await asyncio.wait_for(call_next(request), settings.request_timeout_s)
+        except TimeoutError:
+            response = JSONResponse({"detail": f"the request took longer than {settings.request_timeout_s:g} s"},
+                                    status_code=504)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        state.metrics.observe("http", f"{request.method} {name}", time.perf_counter() - started,
+                              response.status_code)
+        return response
+
+    @app.exception_handler(HandlensError)
+    async def handlens_error(request: Request, exc: HandlensError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=_status(exc))
+
+    @app.get("/livez", tags=["health"])
+    def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        from sqlalchemy import text
+
+        try:
+            with state.catalog.session() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:  # the catalog is unreachable: not ready
+            return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ok", "models": len(state.pool.manifests()), "loaded": state.pool.loaded})
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics() -> str:
+        return state.metrics.render({"handlens_queue_depth": state.pool.queue_depth(),
+                                     "handlens_models_loaded": len(state.pool.loaded),
+                                     "handlens_explain_cache_hits_total": state.cache.hits,
+                                     "handlens_explain_cache_misses_total": state.cache.misses})
+
+    # ------------------------------------------------------------------ catalog
+
+    @app.get(f"{API}/datasets", tags=["catalog"])
+    def datasets() -> list[dict[str, Any]]:
+        from handlens.data.queries import dataset_summaries
+
+        with state.catalog.session() as session:
+            return dataset_summaries(session)
+
+    @app.get(f"{API}/datasets/{{name}}/labelsets", tags=["catalog"])
+    def labelsets(name: str) -> list[dict[str, Any]]:
+        from sqlalchemy import func, select
+
+        from handlens.data.catalog import Label, Labelset
+        from handlens.data.queries import find_dataset
+
+        with state.catalog.session() as session:
+            dataset = find_dataset(session, name)
+            rows = session.execute(select(Labelset.name, Label.label, func.count())
+                                   .join(Label, Label.labelset_id == Labelset.id)
+                                   .where(Labelset.dataset_id == dataset.id)
+                                   .group_by(Labelset.name, Label.label)).all()
+        out: dict[str, dict[str, int]] = {}
+        for labelset, label, count in rows:
+            out.setdefault(labelset, {})[label] = int(count)
+        return [{"name": n, "classes": sorted(c), "counts": c} for n, c in sorted(out.items())]
+
+    @app.get(f"{API}/images", tags=["catalog"])
+    def images(dataset: str, labelset: str | None = None, label: str | None = None, split: str | None = None,
+               subset: str | None = Query(None, pattern="^(train|val|test)$"),
+               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict[str, Any]:
+        return _list_images(state, dataset, labelset, label, split, subset, limit, offset)
+
+    @app.get(f"{API}/images/{{image_id}}", tags=["catalog"])
+    def image(image_id: int) -> dict[str, Any]:
+        return _image_detail(state, image_id)
+
+    @app.get(f"{API}/images/{{image_id}}/thumbnail", tags=["catalog"],
+             responses={200: {"content": {"image/jpeg": {}}}})
+    def thumbnail(image_id: int, size: int = Query(256, ge=16, le=1024)) -> Response:
+        from PIL import Image
+
+        from handlens.transforms.preprocess import load_rgb
+
+        picture = load_rgb(_image_path(state, image_id))
+        picture.thumbnail((size, size), Image.BICUBIC)
+        buffer = io.BytesIO()
+        picture.save(buffer, "JPEG", quality=85)
+        return Response(buffer.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get(f"{API}/images/{{image_id}}/file", tags=["catalog"], responses={200: {"content": {"image/*": {}}}})
+    def image_file(image_id: int) -> Response:
+        from fastapi.responses import FileResponse
+
+        return FileResponse(_image_path(state, image_id))
+
+    # ------------------------------------------------------------------ models
+
+    @app.get(f"{API}/models", tags=["models"])
+    def models() -> list[dict[str, Any]]:
+        return [_model_summary(model_id, manifest) for model_id, manifest in state.pool.manifests()]
+
+    @app.get(f"{API}/models/{{model_id}}", tags=["models"])
+    def model(model_id: str) -> dict[str, Any]:
+        manifest = state.pool.manifest(model_id)
+        return {**_model_summary(model_id, manifest), "metrics": manifest.get("metrics", {}),
+                "split_membership": manifest.get("split_membership", {}), "preprocess": manifest.get("preprocess"),
+                "config": manifest.get("config", {})}
+
+    @app.get(f"{API}/explainers", tags=["models"])
+    def explainers() -> list[dict[str, Any]]:
+        from handlens.explain.registry import EXPLAINERS
+
+        return [{"name": n, "description": s.description, "uses_layer": s.uses_layer, "signed": s.signed,
+                 "expensive": s.expensive} for n, s in ((n, EXPLAINERS.get(n)) for n in EXPLAINERS.names())]
+
+    @app.post(f"{API}/models/{{model_id}}/predict", tags=["models"], openapi_extra=IMAGE_BODY)
+    async def predict(model_id: str, request: Request, top_k: int = Query(3, ge=1, le=100)) -> dict[str, Any]:
+        fields, picture, sha = await _request_image(state, request)
+        loaded = state.pool.get(model_id)
+        assert loaded.batcher is not None
+        probs = await loaded.batcher.submit(picture)
+        classes = loaded.bundle.classes
+        order = np.argsort(-probs)[: min(top_k, len(classes))]
+        return {"model": model_id, "image_sha256": sha, "image_id": fields.get("image_id"),
+                "label": classes[int(order[0])], "confidence": float(probs[order[0]]),
+                "top": [{"class": classes[int(i)], "probability": float(probs[i])} for i in order],
+                "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}}
+
+    @app.post(f"{API}/models/{{model_id}}/explain", tags=["models"], openapi_extra=IMAGE_BODY)
+    async def explain(model_id: str, request: Request) -> dict[str, Any]:
+        fields, picture, sha = await _request_image(state, request)
+        loaded = state.pool.get(model_id)
+        method = str(fields.get("method") or "gradcam")
+        params = _budgeted_params(settings, method, fields.get("params") or {})
+        layer = fields.get("layer") or None
+        target = fields.get("target") or "pred"
+        output = str(fields.get("output") or "png")
+        if output not in ("png", "array", "both"):
+            raise InputError("output: choose png, array or both")
+        key = ExplanationCache.key(loaded.sha256, sha, method, layer, target, params)
+        result = state.cache.get(key)
+        cached = result is not None
+        started = time.perf_counter()
+        if result is None:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, _explain, loaded, picture, method, layer, target, params)
+            state.cache.put(key, result)
+        state.metrics.observe("explain", method, time.perf_counter() - started)
+        body = {k: v for k, v in result.items() if k not in ("map", "overlay_png")}
+        if output in ("png", "both"):
+            body["overlay_png"] = result["overlay_png"]
+        if output in ("array", "both"):
+            body["map"] = result["map"]
+        return {**body, "model": model_id, "image_sha256": sha, "image_id": fields.get("image_id"), "cached": cached}
+
+    return app
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _model_summary(model_id: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    metrics = manifest.get("metrics", {})
+    return {"id": model_id, "backbone": manifest.get("backbone"), "freeze": manifest.get("freeze"),
+            "frozen": str(manifest.get("freeze", "")).startswith("frozen"), "dataset": manifest.get("dataset"),
+            "labelset": manifest.get("labelset"), "split": manifest.get("split"), "classes": manifest.get("classes"),
+            "layers": [manifest.get("default_layer"), *[n for n in manifest.get("layers", {})
+                                                        if n != manifest.get("default_layer")]],
+            "patch_trained": bool((manifest.get("preprocess") or {}).get("patches")),
+            "metrics": {s: {k: metrics[s].get(k) for k in ("accuracy", "macro_f1", "roc_auc", "n")}
+                        for s in ("val", "test") if isinstance(metrics.get(s), dict)}}
+
+
+def _image_path(state: State, image_id: int) -> str:
+    """The file of a catalog image: only paths the catalog holds are ever opened."""
+    from handlens.data.catalog import Image
+
+    with state.catalog.session() as session:
+        row = session.get(Image, image_id)
+        if row is None:
+            raise NotFoundError(f"no image {image_id} in the catalog")
+        path = row.path
+    if not Path(path).is_file():
+        raise NotFoundError(f"image {image_id}'s file {Path(path).name} is no longer on disk")
+    return path
+
+
+def _image_detail(state: State, image_id: int) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    from handlens.data.catalog import Annotation, Image, Label, Labelset, Split, SplitAssignment
+
+    with state.catalog.session() as session:
+        row = session.get(Image, image_id)
+        if row is None:
+            raise NotFoundError(f"no image {image_id} in the catalog")
+        labels = {name: label for name, label in session.execute(
+            select(Labelset.name, Label.label).join(Labelset, Label.labelset_id == Labelset.id)
+            .where(Label.image_id == image_id))}
+        splits = [{"split": name, "fold": fold, "subset": subset} for name, fold, subset in session.execute(
+            select(Split.name, SplitAssignment.fold, SplitAssignment.subset)
+            .join(Split, SplitAssignment.split_id == Split.id).where(SplitAssignment.image_id == image_id)
+            .order_by(Split.id, SplitAssignment.fold))]
+        regions = [{"kind": a.kind, "label": a.label, "polygons": a.polygons, "has_mask": bool(a.mask_path)}
+                   for a in session.scalars(select(Annotation).where(Annotation.image_id == image_id))]
+        return {"id": row.id, "name": Path(row.path).name, "dataset_id": row.dataset_id, "width": row.width,
+                "height": row.height, "format": row.format, "sha256": row.sha256, "group": row.group,
+                "labels": labels, "splits": splits, "regions": regions}
+
+
+def _list_images(state: State, dataset: str, labelset: str | None, label: str | None, split: str | None,
+                 subset: str | None, limit: int, offset: int) -> dict[str, Any]:
+    from sqlalchemy import func, select
+
+    from handlens.data.catalog import Image, Label, Split, SplitAssignment
+    from handlens.data.queries import find_dataset, find_labelset, latest_split
+
+    with state.catalog.session() as session:
+        ds = find_dataset(session, dataset)
+        ls = find_labelset(session, ds, labelset)
+        chosen = None
+        if split or subset:
+            chosen = (session.scalars(select(Split).where(Split.dataset_id == ds.id, Split.name == split)).first()
+                      if split else latest_split(session, ds, ls))
+            if chosen is None:
+                raise NotFoundError(f"dataset {dataset!r} has no split {split or '(none yet)'!r}")
+        query = (select(Image.id, Image.path, Image.width, Image.height, Label.label)
+                 .join(Label, Label.image_id == Image.id).where(Label.labelset_id == ls.id))
+        if label:
+            query = query.where(Label.label == label)
+        if chosen is not None:
+            query = query.join(SplitAssignment, SplitAssignment.image_id == Image.id).where(
+                SplitAssignment.split_id == chosen.id, SplitAssignment.fold == 0)
+            if subset:
+                query = query.where(SplitAssignment.subset == subset)
+            query = query.add_columns(SplitAssignment.subset)
+        total = session.scalar(select(func.count()).select_from(query.subquery()))
+        rows = session.execute(query.order_by(Image.id).limit(limit).offset(offset)).all()
+        items = [{"id": r[0], "name": Path(r[1]).name, "width": r[2], "height": r[3], "label": r[4],
+                  "subset": r[5] if len(r) > 5 else None} for r in rows]
+    return {"dataset": dataset, "labelset": ls.name, "split": chosen.name if chosen is not None else None,
+            "total": int(total or 0), "offset": offset, "items": items}
+
+
+async def _request_image(state: State, request: Request) -> tuple[dict[str, Any], np.ndarray, str]:
+    """(fields, RGB array, sha256) from a multipart upload (``file``) or JSON with a catalog ``image_id``."""
+    settings = state.settings
+    content_type = request.headers.get("content-type", "")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + 64 * 1024:
+        raise UploadError(413, f"the request of {int(declared):,} bytes exceeds the upload limit of "
+                               f"{settings.max_upload_bytes:,} bytes")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=20)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise InputError("send the image as a multipart field named 'file'")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+        image = read_upload(data, settings.max_upload_bytes, settings.max_pixels)
+        return fields, image.array, image.sha256
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InputError("send multipart/form-data with a 'file', or JSON like {\"image_id\": 12}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("image_id"), int) or isinstance(body["image_id"], bool):
+        raise InputError("JSON requests need an integer image_id of a catalog image, e.g. {\"image_id\": 12}")
+    from handlens.transforms.preprocess import load_rgb
+
+    path = _image_path(state, body["image_id"])
+    loop = asyncio.get_running_loop()
+    array = await loop.run_in_executor(None, lambda: np.asarray(load_rgb(path)))
+    with state.catalog.session() as session:
+        from handlens.data.catalog import Image
+
+        sha = session.get(Image, body["image_id"]).sha256
+    return body, np.ascontiguousarray(array), sha
+
+
+def _budgeted_params(settings: ServeSettings, method: str, params: Any) -> dict[str, Any]:
+    """The method's parameters, refused with 422 (naming the limit) beyond the service's budgets."""
+    from handlens.explain.registry import EXPLAINERS
+
+    if method not in EXPLAINERS:
+        raise InputError(f"unknown method {method!r}; methods: {', '.join(EXPLAINERS.names())}")
+    if not isinstance(params, dict):
+        raise InputError("params must be an object, e.g. {\"steps\": 32}")
+    allowed = {"steps", "samples", "window", "stride", "max_channels", "baseline", "noise"}
+    unknown = set(params) - allowed
+    if unknown:
+        raise InputError(f"unknown parameter(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+    out = dict(params)
+    for key in ("steps", "samples", "window", "stride", "max_channels"):
+        if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1):
+            raise InputError(f"{key} must be a positive whole number")
+    steps = out.get("steps", 50) if method == "integrated_gradients" else out.get("samples", 20)
+    if method in ("integrated_gradients", "gradient_shap", "smoothgrad") and steps > settings.max_ig_steps:
+        raise InputError(f"{method} with {steps} steps/samples exceeds this service's limit of "
+                         f"{settings.max_ig_steps}; ask for fewer")
+    if method == "occlusion":
+        window, stride = out.get("window", 28), out.get("stride", 14)
+        windows = (max(1, (224 - window) // max(1, stride) + 1)) ** 2
+        if windows > settings.max_occlusion_windows:
+            raise InputError(f"occlusion with window {window} and stride {stride} needs about {windows} "
+                             f"forward passes; this service's limit is {settings.max_occlusion_windows}")
+    if method == "scorecam":
+        channels = out.setdefault("max_channels", settings.max_scorecam_channels)
+        if channels > settings.max_scorecam_channels:
+            raise InputError(f"scorecam with {channels} channels exceeds this service's limit of "
+                             f"{settings.max_scorecam_channels}")
+    return out
+
+
+def _explain(loaded: Any, picture: np.ndarray, method: str, layer: str | None, target: str,
+             params: dict[str, Any]) -> dict[str, Any]:
+    """Compute one explanation under the model's lock; returns the overlay PNG (base64) and the raw map."""
+    from PIL import Image
+
+    from handlens.explain.render import overlay
+
+    bundle = loaded.bundle
+    if layer is not None and layer not in bundle.layer_names:
+        raise InputError(f"layer {layer!r}: this model's layers are {', '.join(bundle.layer_names)}")
+    if target not in ("pred",) and target not in bundle.classes:
+        raise InputError(f"target {target!r}: use pred or one of {', '.join(bundle.classes)}")
+    with loaded.lock:
+        result = bundle.explain([picture], method=method, layer=layer, target=target, **params)
+    heat = result.map_for(0)
+    shown = np.asarray(Image.fromarray(picture).resize((heat.shape[1], heat.shape[0]), Image.BICUBIC)) \
+        if picture.shape[:2] != heat.shape else picture
+    buffer = io.BytesIO()
+    Image.fromarray(overlay(shown, heat, 0.5, signed=result.signed)).save(buffer, "PNG")
+    target_index = result.targets[0] if result.targets else int(np.argmax(result.probabilities[0]))
+    return {"method": method, "layer": result.layer, "target": bundle.classes[target_index],
+            "signed": result.signed, "probabilities": {c: float(p) for c, p in zip(bundle.classes,
+                                                                                 result.probabilities[0],
+                                                                                 strict=True)},
+            "overlay_png": base64.b64encode(buffer.getvalue()).decode(), "map": np.round(heat, 5).tolist(),
+            "map_shape": list(heat.shape), "seconds": round(sum(result.timings.values()), 4)}
+
+
+SETTINGS_ENV = "HANDLENS_SERVE_SETTINGS"
+
+
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn workers: settings arrive as JSON in ``$HANDLENS_SERVE_SETTINGS``."""
+    import os
+
+    return create_app(ServeSettings.model_validate_json(os.environ.get(SETTINGS_ENV, "{}")))

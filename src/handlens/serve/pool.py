@@ -1,0 +1,232 @@
+"""Loaded models kept warm (LRU by memory), micro-batched prediction, and an explanation cache.
+
+Micro-batching: concurrent predict requests for one model wait up to ``max_wait_ms`` for each other
+and go through the network in one forward pass of at most ``batch_size`` images. Every use of a model
+(a predict batch, an explanation) holds that model's lock: explanation hooks must never see another
+request's forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handlens.core.errors import NotFoundError
+from handlens.core.workspace import resolve_inside
+
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def bundle_dir(runs_dir: Path, model_id: str) -> Path:
+    """The bundle of run ``model_id``; ids are names, never paths (no traversal out of the runs folder)."""
+    if not MODEL_ID.match(model_id) or ".." in model_id:
+        raise NotFoundError(f"no model {model_id!r}: model ids are run ids, see GET /api/v1/models")
+    path = resolve_inside(runs_dir, Path(model_id) / "bundle")
+    if not (path / "bundle.json").is_file():
+        raise NotFoundError(f"no model {model_id!r}; see GET /api/v1/models")
+    return path
+
+
+class MicroBatcher:
+    """Collects concurrent single-image requests into batches for ``predict`` (a list of arrays -> probs)."""
+
+    def __init__(self, predict: Callable[[list[np.ndarray]], np.ndarray], batch_size: int, max_wait_s: float) -> None:
+        self.predict, self.batch_size, self.max_wait_s = predict, batch_size, max_wait_s
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.batches: list[int] = []  # sizes of the batches run (the last 1,000)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def submit(self, array: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = loop.create_task(self._run())
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        await self._queue.put((array, future))
+        return await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(items) < self.batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    if self._queue.empty():
+                        break
+                    items.append(self._queue.get_nowait())
+                    continue
+                try:
+                    items.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            self.batches = [*self.batches[-999:], len(items)]
+            try:
+                probs = await loop.run_in_executor(None, self.predict, [array for array, _ in items])
+            except Exception as exc:  # every waiting request learns about the failure
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), row in zip(items, probs, strict=True):
+                if not future.done():
+                    future.set_result(row)
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    bundle: Any  # handlens.explain.api.ExplainableBundle
+    sha256: str
+    nbytes: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    batcher: MicroBatcher | None = None
+
+    def predict(self, arrays: list[np.ndarray]) -> np.ndarray:
+        with self.lock:
+            return self.bundle.predict_proba(arrays, batch_size=max(1, len(arrays)))
+
+
+class ModelPool:
+    """Bundles of the workspace's runs, loaded on first use and kept while they fit ``memory_mb``."""
+
+    def __init__(self, runs_dir: Path, memory_mb: float, batch_size: int, max_wait_ms: float) -> None:
+        self.runs_dir = runs_dir
+        self.memory_bytes = int(memory_mb * 2**20)
+        self.batch_size, self.max_wait_s = batch_size, max_wait_ms / 1000
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def manifests(self) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for manifest in sorted(self.runs_dir.glob("*/bundle/bundle.json")):
+            try:
+                out.append((manifest.parent.parent.name, json.loads(manifest.read_text())))
+            except (OSError, ValueError):
+                continue  # a bundle being written or damaged: not listed
+        return out
+
+    def manifest(self, model_id: str) -> dict[str, Any]:
+        return json.loads((bundle_dir(self.runs_dir, model_id) / "bundle.json").read_text())
+
+    def get(self, model_id: str) -> LoadedModel:
+        path = bundle_dir(self.runs_dir, model_id)
+        with self._lock:
+            found = self._loaded.get(model_id)
+            if found is not None:
+                self._loaded.move_to_end(model_id)
+                return found
+            from handlens.explain.api import load_bundle
+
+            bundle = load_bundle(path)
+            nbytes = sum(p.numel() * p.element_size() for p in bundle.module.parameters())
+            sha = bundle.manifest.get("weights_sha256") or hashlib.sha256(
+                (path / "weights.safetensors").read_bytes()).hexdigest()
+            loaded = LoadedModel(model_id, bundle, str(sha), nbytes)
+            loaded.batcher = MicroBatcher(loaded.predict, self.batch_size, self.max_wait_s)
+            self._loaded[model_id] = loaded
+            total = sum(m.nbytes for m in self._loaded.values())
+            while total > self.memory_bytes and len(self._loaded) > 1:
+                _, evicted = self._loaded.popitem(last=False)
+                total -= evicted.nbytes
+            return loaded
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def queue_depth(self) -> int:
+        return sum(m.batcher.depth for m in self._loaded.values() if m.batcher is not None)
+
+
+class ExplanationCache:
+    """LRU of explanation results keyed by (bundle hash, image hash, method, layer, target, parameters)."""
+
+    def __init__(self, items: int) -> None:
+        self.items = items
+        self._data: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: str, value: Any) -> None:
+        if self.items <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.items:
+                self._data.popitem(last=False)
+
+
+class Metrics:
+    """Request counts and latencies per route and per explanation method, in Prometheus text format."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[tuple[str, str, int], int] = {}
+        self.histograms: dict[tuple[str, str], list[float]] = {}
+
+    def observe(self, family: str, label: str, seconds: float, status: int = 200) -> None:
+        with self._lock:
+            self.counts[(family, label, status)] = self.counts.get((family, label, status), 0) + 1
+            buckets = self.histograms.setdefault((family, label), [0.0] * (len(self.BUCKETS) + 2))
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+            buckets[-2] += 1  # +Inf / count
+            buckets[-1] += seconds  # sum
+
+    def render(self, gauges: dict[str, float]) -> str:
+        lines = ["# TYPE handlens_requests_total counter"]
+        with self._lock:
+            for (family, label, status), count in sorted(self.counts.items()):
+                key = "route" if family == "http" else "method"
+                lines.append(f'handlens_requests_total{{kind="{family}",{key}="{label}",status="{status}"}} {count}')
+            lines.append("# TYPE handlens_request_seconds histogram")
+            for (family, label), buckets in sorted(self.histograms.items()):
+                key = "route" if family == "http" else "method"
+                base = f'kind="{family}",{key}="{label}"'
+                for bound, value in zip(self.BUCKETS, buckets, strict=False):
+                    lines.append(f'handlens_request_seconds_bucket{{{base},le="{bound}"}} {value:g}')
+                lines.append(f'handlens_request_seconds_bucket{{{base},le="+Inf"}} {buckets[-2]:g}')
+                lines.append(f"handlens_request_seconds_count{{{base}}} {buckets[-2]:g}")
+                lines.append(f"handlens_request_seconds_sum{{{base}}} {buckets[-1]:.6f}")
+        for name, value in gauges.items():
+            lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
+        return "\n".join(lines) + "\n"
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,30 @@
+"""Service settings: one validated object, from the CLI or a caller."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+class ServeSettings(BaseModel):
+    workspace: Path | None = Field(None, description="workspace root (default: $HANDLENS_WORKSPACE)")
+    db_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = Field(20 * 2**20, gt=0, description="larger uploads get 413")
+    max_pixels: int = Field(50_000_000, gt=0, description="larger images (decompression bombs) get 413")
+    api_key: str | None = Field(None, description="required on mutating endpoints when not bound to loopback")
+    cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed")
+    batch_size: int = Field(16, ge=1, description="most predict requests served by one forward pass")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a request waits for others to share its batch")
+    pool_memory_mb: float = Field(2048, gt=0, description="loaded models kept warm up to this many MB (LRU)")
+    explain_cache_items: int = Field(1024, ge=0)
+    max_ig_steps: int = Field(128, ge=1, description="Integrated Gradients / GradientSHAP steps allowed per request")
+    max_occlusion_windows: int = Field(4096, ge=1, description="occlusion windows allowed per request")
+    max_scorecam_channels: int = Field(512, ge=1, description="Score-CAM channels allowed per request")
+    request_timeout_s: float = Field(60.0, gt=0)
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")

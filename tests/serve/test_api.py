@@ -1,0 +1,183 @@
+"""The service through FastAPI's TestClient on a tiny trained bundle: routes, limits, batching, cache."""
+
+import asyncio
+import base64
+import io
+import json
+import zlib
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from handlens.serve.app import create_app
+from handlens.serve.pool import MicroBatcher
+from handlens.serve.settings import ServeSettings
+from tests.conftest import colour_tree, tiny_config
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from handlens.core.workspace import Workspace
+    from handlens.data.catalog import open_catalog
+    from handlens.data.importer import import_path
+    from handlens.data.splits import make_split
+    from handlens.train.run import train
+
+    root = tmp_path_factory.mktemp("serve")
+    ws = Workspace.open(root / "ws")
+    catalog = open_catalog(ws.db_url)
+    import_path(catalog, colour_tree(root / "colours"), "colours", workers=1)
+    make_split(catalog, "colours", ratios="0.5,0.25,0.25", seed=0)
+    catalog.close()
+    result = train(tiny_config(), ws)
+    settings = ServeSettings(workspace=ws.root, db_url=ws.db_url, max_upload_bytes=200_000, max_pixels=1_000_000,
+                             max_ig_steps=16)
+    with TestClient(create_app(settings)) as client:
+        yield client, result.run_id, root
+
+
+def png_bytes(colour=(200, 40, 40), size=(40, 40), fmt="PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_health_metrics_and_docs(served):
+    client, _, _ = served
+    assert client.get("/livez").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["models"] == 1
+    assert client.get("/openapi.json").json()["paths"]["/api/v1/models/{model_id}/predict"]
+    assert client.get("/docs").status_code == 200
+    client.get("/api/v1/models")
+    text = client.get("/metrics").text
+    assert 'route="GET /api/v1/models"' in text and "handlens_queue_depth" in text
+
+
+def test_models_and_catalog_resources(served):
+    client, run_id, _ = served
+    models = client.get("/api/v1/models").json()
+    assert models[0]["id"] == run_id and models[0]["classes"] == ["blue", "green", "red"]
+    assert models[0]["backbone"] == "tiny_cnn" and models[0]["layers"][0]
+    detail = client.get(f"/api/v1/models/{run_id}").json()
+    assert set(detail["split_membership"]) == {"train", "val", "test"} and "confusion" in detail["metrics"]["test"]
+    assert client.get("/api/v1/datasets").json()[0]["name"] == "colours"
+    labelsets = client.get("/api/v1/datasets/colours/labelsets").json()
+    assert labelsets[0]["classes"] == ["blue", "green", "red"]
+    listing = client.get("/api/v1/images", params={"dataset": "colours", "subset": "test", "limit": 5}).json()
+    assert listing["total"] == 12 and len(listing["items"]) == 5 and listing["items"][0]["subset"] == "test"
+    one = client.get(f"/api/v1/images/{listing['items'][0]['id']}").json()
+    assert one["labels"]["default"] == listing["items"][0]["label"] and one["splits"][0]["subset"] == "test"
+    thumb = client.get(f"/api/v1/images/{one['id']}/thumbnail", params={"size": 32})
+    assert thumb.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(thumb.content)).size == (32, 32)
+    assert client.get(f"/api/v1/images/{one['id']}/file").content[:4] == b"\x89PNG"
+    assert client.get("/api/v1/images/999999").status_code == 404
+    assert client.get("/api/v1/datasets/nope/labelsets").status_code == 404
+
+
+def test_predict_by_upload_and_by_catalog_id(served):
+    client, run_id, _ = served
+    answer = client.post(f"/api/v1/models/{run_id}/predict", files={"file": ("red.png", png_bytes())},
+                         params={"top_k": 2})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert len(body["top"]) == 2 and sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    image_id = client.get("/api/v1/images", params={"dataset": "colours", "limit": 1}).json()["items"][0]["id"]
+    by_id = client.post(f"/api/v1/models/{run_id}/predict", json={"image_id": image_id})
+    assert by_id.status_code == 200 and by_id.json()["image_id"] == image_id
+
+
+def test_explain_returns_an_overlay_and_is_cached(served):
+    client, run_id, _ = served
+    files = {"file": ("red.png", png_bytes())}
+    first = client.post(f"/api/v1/models/{run_id}/explain", files=files, data={"method": "gradcam", "output": "both"})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert not body["cached"] and body["method"] == "gradcam" and body["layer"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert overlay.size[::-1] == tuple(body["map_shape"]) and np.asarray(body["map"]).shape == tuple(body["map_shape"])
+    again = client.post(f"/api/v1/models/{run_id}/explain", files=files, data={"method": "gradcam"}).json()
+    assert again["cached"] and again["overlay_png"] == body["overlay_png"] and "map" not in again
+    other = client.post(f"/api/v1/models/{run_id}/explain", files=files,
+                        data={"method": "gradcam", "target": "blue"}).json()
+    assert not other["cached"] and other["target"] == "blue"
+
+
+def test_expensive_methods_have_budgets(served):
+    client, run_id, _ = served
+    image_id = client.get("/api/v1/images", params={"dataset": "colours", "limit": 1}).json()["items"][0]["id"]
+    over = client.post(f"/api/v1/models/{run_id}/explain",
+                       json={"image_id": image_id, "method": "integrated_gradients", "params": {"steps": 500}})
+    assert over.status_code == 422 and "limit of 16" in over.json()["detail"]
+    within = client.post(f"/api/v1/models/{run_id}/explain",
+                         json={"image_id": image_id, "method": "integrated_gradients", "params": {"steps": 8}})
+    assert within.status_code == 200, within.text
+    bad = client.post(f"/api/v1/models/{run_id}/explain", json={"image_id": image_id, "method": "gradcam",
+                                                                "layer": "nope"})
+    assert bad.status_code == 422 and "layers are" in bad.json()["detail"]
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header announcing width x height pixels, with a tiny (truncated) body."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+
+
+@pytest.mark.parametrize("payload,status,words", [
+    (b"x" * 300_000, 413, "exceeds the upload limit"),     # oversize, refused from Content-Length
+    (b"x" * 230_000, 413, "exceeds the limit"),            # oversize, refused after reading at most limit+1
+    (bomb_png(20_000, 20_000), 413, "decompression bomb"),  # pixel bomb, refused from the header
+    (b"%PDF-1.4 not an image at all", 415, "not an image"),  # wrong type, whatever the name says
+    (png_bytes()[:60], 422, "truncated or corrupt"),        # corrupt
+    (b"", 422, "empty"),
+])
+def test_every_upload_limit(served, payload, status, words):
+    client, run_id, _ = served
+    answer = client.post(f"/api/v1/models/{run_id}/predict", files={"file": ("photo.png", payload)})
+    assert answer.status_code == status and words in answer.json()["detail"]
+
+
+def test_no_request_reaches_files_outside_the_catalog(served):
+    client, _, _ = served
+    for model_id in ("..", "../..", "..%2F..%2Fetc", "%2e%2e", "a/../../b", "~root"):
+        answer = client.get(f"/api/v1/models/{model_id}")
+        assert answer.status_code in (404, 405), model_id
+    answer = client.post("/api/v1/models/..%2F..%2Fetc/predict", json={"image_id": 1})
+    assert answer.status_code == 404
+    for path in ("/api/v1/images/..%2F..%2Fetc%2Fpasswd/file", "/api/v1/images/-1/file",
+                 "/api/v1/images/%2Fetc%2Fpasswd/thumbnail"):
+        answer = client.get(path)
+        assert answer.status_code in (404, 422) and b"root:" not in answer.content, path  # ids are integers
+    bad_json = client.post(f"/api/v1/models/{served[1]}/predict", json={"path": "/etc/passwd"})
+    assert bad_json.status_code == 422 and "image_id" in bad_json.json()["detail"]
+
+
+def test_micro_batcher_groups_concurrent_requests():
+    calls = []
+
+    def predict(arrays):
+        calls.append(len(arrays))
+        return np.stack([np.full(2, a.mean()) for a in arrays])
+
+    async def scenario(batch_size):
+        batcher = MicroBatcher(predict, batch_size, max_wait_s=0.05)
+        results = await asyncio.gather(*[batcher.submit(np.full((2, 2), i, float)) for i in range(10)])
+        return [float(r[0]) for r in results]
+
+    assert asyncio.run(scenario(4)) == [float(i) for i in range(10)]  # each request gets its own answer
+    assert max(calls) == 4 and sum(calls) == 10 and len(calls) <= 4
+    calls.clear()
+    asyncio.run(scenario(1))
+    assert calls == [1] * 10  # batch size 1: no batching
+
+
+def test_cors_is_off_by_default(served):
+    client, _, _ = served
+    answer = client.get("/api/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in answer.headers
+    assert json.loads(answer.text)
