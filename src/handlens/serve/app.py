@@ -98,6 +98,16 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def handlens_error(request: Request, exc: HandlensError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=_status(exc))
 
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    ui_dir = Path(__file__).resolve().parent.parent / "ui"
+    app.mount("/ui", StaticFiles(directory=ui_dir), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def viewer() -> FileResponse:
+        return FileResponse(ui_dir / "index.html")
+
     @app.get("/livez", tags=["health"])
     def livez() -> dict[str, str]:
         return {"status": "ok"}

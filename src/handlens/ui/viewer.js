@@ -1,0 +1,370 @@
+// handlens viewer: plain JS, no build step, no network beyond this service's own /api/v1.
+"use strict";
+
+const API = "/api/v1";
+const $ = (id) => document.getElementById(id);
+const state = { images: [], index: 0, models: [], predictions: {}, zoom: 1, panX: 0, panY: 0, filter: null };
+
+async function api(path, options) {
+  const response = await fetch(API + path, options);
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return response.json();
+}
+
+function status(text) { $("status").textContent = text; }
+
+function fill(select, values, labels) {
+  const keep = select.value;
+  select.innerHTML = "";
+  values.forEach((value, i) => {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = labels ? labels[i] : value;
+    select.appendChild(option);
+  });
+  if (values.includes(keep)) select.value = keep;
+}
+
+function currentModel() { return state.models.find((m) => m.id === $("model").value); }
+function currentImage() { return state.images[state.index]; }
+
+// ------------------------------------------------------------------ selectors
+
+async function loadSelectors() {
+  const [datasets, models, explainers] = await Promise.all([api("/datasets"), api("/models"), api("/explainers")]);
+  state.models = models;
+  fill($("dataset"), datasets.map((d) => d.name));
+  fill($("method"), explainers.map((e) => e.name));
+  if (explainers.some((e) => e.name === "gradcam")) $("method").value = "gradcam";
+  await loadLabelsets();
+}
+
+async function loadLabelsets() {
+  const dataset = $("dataset").value;
+  if (!dataset) return;
+  const labelsets = await api(`/datasets/${encodeURIComponent(dataset)}/labelsets`);
+  fill($("labelset"), labelsets.map((l) => l.name));
+  fillModels();
+  await loadImages();
+}
+
+function fillModels() {
+  const models = state.models.filter((m) => m.dataset === $("dataset").value && m.labelset === $("labelset").value);
+  const label = (m) => `${m.backbone} · ${m.frozen ? "frozen" : "fine-tuned"} (${m.freeze}) · ${m.id}` +
+    (m.metrics.test ? ` · F1 ${m.metrics.test.macro_f1.toFixed(2)}` : "");
+  for (const select of [$("model"), $("cmp-a"), $("cmp-b")]) fill(select, models.map((m) => m.id), models.map(label));
+  fill($("cmp-ma"), [...$("method").options].map((o) => o.value));
+  fill($("cmp-mb"), [...$("method").options].map((o) => o.value));
+  if (models.length > 1) $("cmp-b").value = models[1].id;
+  $("cmp-ma").value = $("cmp-mb").value = $("method").value;
+  fillModelDetails();
+}
+
+function fillModelDetails() {
+  const model = currentModel();
+  if (!model) return;
+  fill($("layer"), model.layers.filter(Boolean));
+  fill($("target"), ["pred", ...model.classes], ["predicted class", ...model.classes]);
+  fill($("f-class"), ["", ...model.classes], ["all", ...model.classes]);
+  state.predictions = {};
+  loadConfusion();
+}
+
+async function loadImages() {
+  const params = new URLSearchParams({ dataset: $("dataset").value, labelset: $("labelset").value, limit: 1000 });
+  const listing = await api(`/images?${params}`);
+  const splits = await api(`/images?${params}&subset=test`).catch(() => null);
+  state.images = listing.items;
+  if (splits) {
+    const test = new Set(splits.items.map((i) => i.id));
+    state.images.forEach((image) => { if (test.has(image.id)) image.subset = "test"; });
+  }
+  state.index = 0;
+  status(`${listing.total} images`);
+  await showImage();
+  renderGrid();
+}
+
+// ------------------------------------------------------------------ inspect
+
+async function showImage() {
+  const image = currentImage();
+  if (!image) return;
+  const detail = await api(`/images/${image.id}`);
+  $("image-name").textContent = detail.name;
+  $("truth").textContent = detail.labels[$("labelset").value] || "-";
+  const split = detail.splits.length ? detail.splits[detail.splits.length - 1].subset : "";
+  image.subset = split || image.subset;
+  $("split-badge").textContent = split;
+  $("split-badge").className = `badge ${split}`;
+  $("base").src = `${API}/images/${image.id}/file`;
+  drawRegions(detail);
+  await explainCurrent();
+}
+
+function drawRegions(detail) {
+  const svg = $("regions");
+  svg.innerHTML = "";
+  svg.setAttribute("viewBox", `0 0 ${detail.width} ${detail.height}`);
+  svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
+  for (const region of detail.regions) {
+    for (const polygon of region.polygons || []) {
+      const shape = document.createElementNS("http://www.w3.org/2000/svg", "polygon");
+      shape.setAttribute("points", polygon.map((p) => p.join(",")).join(" "));
+      svg.appendChild(shape);
+    }
+  }
+}
+
+async function explainImage(modelId, imageId, method, layer, target) {
+  const body = { image_id: imageId, method, target: target || "pred" };
+  if (layer) body.layer = layer;
+  return api(`/models/${encodeURIComponent(modelId)}/explain`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+}
+
+async function explainCurrent() {
+  const model = currentModel();
+  const image = currentImage();
+  if (!model || !image) return;
+  status("explaining...");
+  try {
+    const method = $("method").value;
+    const usesLayer = !["saliency", "integrated_gradients", "smoothgrad", "gradient_shap", "occlusion"].includes(method);
+    const result = await explainImage(model.id, image.id, method, usesLayer ? $("layer").value : null, $("target").value);
+    $("heat").src = `data:image/png;base64,${result.overlay_png}`;
+    $("heat").dataset.target = result.target;
+    renderBars($("probs"), result.probabilities);
+    const top = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1])[0];
+    $("predicted").textContent = `${top[0]} (${(top[1] * 100).toFixed(1)}%)`;
+    $("explain-info").textContent = `${result.method}${result.layer ? " on " + result.layer : ""} for ` +
+      `${result.target}${result.cached ? " (cached)" : ""} · ${result.seconds}s`;
+    status("ready");
+  } catch (error) {
+    status(error.message);
+  }
+}
+
+function renderBars(container, probabilities) {
+  container.innerHTML = "";
+  const best = Math.max(...Object.values(probabilities));
+  for (const [name, p] of Object.entries(probabilities)) {
+    const row = document.createElement("div");
+    row.className = "bar" + (p === best ? " top" : "");
+    row.dataset.class = name;
+    row.innerHTML = `<span></span><div class="fill"></div><span>${(p * 100).toFixed(1)}%</span>`;
+    row.firstChild.textContent = name;
+    row.children[1].style.width = `${Math.max(1, p * 100)}%`;
+    container.appendChild(row);
+  }
+}
+
+function applyView() {
+  $("heat").style.opacity = $("show-map").checked ? $("opacity").value : 0;
+  $("layers").style.transform = `translate(${state.panX}px, ${state.panY}px) scale(${state.zoom})`;
+}
+
+function step(delta) {
+  if (!state.images.length) return;
+  state.index = (state.index + delta + state.images.length) % state.images.length;
+  showImage();
+}
+
+function setupStage() {
+  const stage = $("stage");
+  stage.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    const factor = event.deltaY < 0 ? 1.2 : 1 / 1.2;
+    const rect = stage.getBoundingClientRect();
+    const x = event.clientX - rect.left, y = event.clientY - rect.top;
+    const zoom = Math.min(16, Math.max(1, state.zoom * factor));
+    state.panX = x - (x - state.panX) * (zoom / state.zoom);
+    state.panY = y - (y - state.panY) * (zoom / state.zoom);
+    state.zoom = zoom;
+    applyView();
+  }, { passive: false });
+  let drag = null;
+  stage.addEventListener("mousedown", (e) => { drag = { x: e.clientX - state.panX, y: e.clientY - state.panY }; });
+  window.addEventListener("mouseup", () => { drag = null; });
+  window.addEventListener("mousemove", (e) => {
+    if (!drag) return;
+    state.panX = e.clientX - drag.x;
+    state.panY = e.clientY - drag.y;
+    applyView();
+  });
+  $("reset-zoom").onclick = () => { state.zoom = 1; state.panX = state.panY = 0; applyView(); };
+  $("opacity").oninput = applyView;
+  $("show-map").onchange = applyView;
+  $("prev").onclick = () => step(-1);
+  $("next").onclick = () => step(1);
+  document.addEventListener("keydown", (event) => {
+    if (["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName)) return;
+    if (event.key === "ArrowRight" || event.key === "j") step(1);
+    if (event.key === "ArrowLeft" || event.key === "k") step(-1);
+    if (event.key === "m") { $("show-map").checked = !$("show-map").checked; applyView(); }
+  });
+}
+
+// ------------------------------------------------------------------ browse
+
+async function scoreShown() {
+  const model = currentModel();
+  if (!model) return;
+  status("predicting...");
+  const shown = filteredImages().slice(0, 200);
+  await Promise.all(shown.map(async (image) => {
+    if (state.predictions[image.id]) return;
+    const answer = await api(`/models/${encodeURIComponent(model.id)}/predict`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ image_id: image.id }),
+    });
+    state.predictions[image.id] = answer;
+  }));
+  status("ready");
+  renderGrid();
+  renderLosses();
+}
+
+function filteredImages() {
+  const cls = $("f-class").value, split = $("f-split").value, result = $("f-result").value;
+  const confidence = parseFloat($("f-conf").value) || 0;
+  return state.images.filter((image) => {
+    const p = state.predictions[image.id];
+    if (cls && image.label !== cls) return false;
+    if (split && image.subset !== split) return false;
+    if (state.filter && !(image.label === state.filter.truth && p && p.label === state.filter.predicted)) return false;
+    if (result && (!p || (result === "right") !== (p.label === image.label))) return false;
+    if (confidence > 0 && (!p || p.confidence < confidence)) return false;
+    return true;
+  });
+}
+
+function renderGrid() {
+  const grid = $("grid");
+  grid.innerHTML = "";
+  for (const image of filteredImages().slice(0, 300)) {
+    const p = state.predictions[image.id];
+    const figure = document.createElement("figure");
+    if (p) figure.className = p.label === image.label ? "right" : "wrong";
+    figure.innerHTML = `<img loading="lazy" alt=""><figcaption></figcaption>`;
+    figure.firstChild.src = `${API}/images/${image.id}/thumbnail?size=128`;
+    figure.lastChild.textContent = `${image.label}${p ? " → " + p.label : ""}`;
+    figure.onclick = () => {
+      state.index = state.images.indexOf(image);
+      switchPage("inspect");
+      showImage();
+    };
+    grid.appendChild(figure);
+  }
+}
+
+async function loadConfusion() {
+  const model = currentModel();
+  const table = $("confusion");
+  table.innerHTML = "";
+  if (!model) return;
+  const detail = await api(`/models/${encodeURIComponent(model.id)}`);
+  const test = detail.metrics.test;
+  if (!test || !test.confusion) return;
+  const header = document.createElement("tr");
+  header.innerHTML = "<th>truth \\ predicted</th>" + model.classes.map((c) => `<th>${c}</th>`).join("");
+  table.appendChild(header);
+  const max = Math.max(1, ...test.confusion.flat());
+  test.confusion.forEach((row, i) => {
+    const tr = document.createElement("tr");
+    tr.innerHTML = `<th>${model.classes[i]}</th>`;
+    row.forEach((count, j) => {
+      const td = document.createElement("td");
+      td.textContent = count;
+      td.style.background = `rgba(214, 102, 51, ${count / max})`;
+      td.onclick = () => {
+        state.filter = { truth: model.classes[i], predicted: model.classes[j] };
+        $("f-split").value = "test";
+        scoreShown();
+      };
+      tr.appendChild(td);
+    });
+    table.appendChild(tr);
+  });
+}
+
+function renderLosses() {
+  const list = $("losses");
+  list.innerHTML = "";
+  const scored = state.images.filter((i) => state.predictions[i.id]).map((image) => {
+    const p = state.predictions[image.id].probabilities[image.label] || 1e-9;
+    return { image, loss: -Math.log(Math.max(p, 1e-9)) };
+  }).sort((a, b) => b.loss - a.loss).slice(0, 10);
+  for (const { image, loss } of scored) {
+    const item = document.createElement("li");
+    item.textContent = `${image.name} (${image.label}, loss ${loss.toFixed(2)})`;
+    item.onclick = () => { state.index = state.images.indexOf(image); switchPage("inspect"); showImage(); };
+    list.appendChild(item);
+  }
+}
+
+// ------------------------------------------------------------------ upload and compare
+
+async function uploadFile(file) {
+  const model = currentModel();
+  if (!model || !file) return;
+  $("upload-error").textContent = "";
+  const form = new FormData();
+  form.append("file", file);
+  form.append("method", $("method").value);
+  try {
+    const result = await api(`/models/${encodeURIComponent(model.id)}/explain`, { method: "POST", body: form });
+    $("upload-overlay").src = `data:image/png;base64,${result.overlay_png}`;
+    renderBars($("upload-probs"), result.probabilities);
+  } catch (error) {
+    $("upload-error").textContent = error.message;
+  }
+}
+
+async function compare() {
+  const image = currentImage();
+  if (!image) return;
+  const sides = [["cmp-a", "cmp-ma", "cmp-left"], ["cmp-b", "cmp-mb", "cmp-right"]];
+  await Promise.all(sides.map(async ([modelSelect, methodSelect, target]) => {
+    const model = state.models.find((m) => m.id === $(modelSelect).value);
+    try {
+      const result = await explainImage(model.id, image.id, $(methodSelect).value, null, "pred");
+      $(target).src = `data:image/png;base64,${result.overlay_png}`;
+      $(`${target}-cap`).textContent = `${model.backbone} (${model.freeze}) · ${result.method} · ${result.target}`;
+    } catch (error) {
+      $(`${target}-cap`).textContent = error.message;
+    }
+  }));
+}
+
+function switchPage(name) {
+  document.querySelectorAll("header nav button").forEach((b) => b.classList.toggle("active", b.dataset.page === name));
+  document.querySelectorAll(".page").forEach((p) => { p.hidden = p.id !== `page-${name}`; });
+}
+
+function setup() {
+  document.querySelectorAll("header nav button").forEach((b) => { b.onclick = () => switchPage(b.dataset.page); });
+  $("dataset").onchange = loadLabelsets;
+  $("labelset").onchange = () => { fillModels(); loadImages(); };
+  $("model").onchange = () => { fillModelDetails(); explainCurrent(); };
+  for (const id of ["method", "layer", "target"]) $(id).onchange = explainCurrent;
+  for (const id of ["f-class", "f-split", "f-result", "f-conf"]) {
+    $(id).onchange = () => { state.filter = null; renderGrid(); };
+  }
+  $("score").onclick = scoreShown;
+  $("cmp-go").onclick = compare;
+  $("file").onchange = (e) => uploadFile(e.target.files[0]);
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); uploadFile(e.dataTransfer.files[0]); });
+  setupStage();
+  applyView();
+  loadSelectors().catch((error) => status(error.message));
+}
+
+setup();

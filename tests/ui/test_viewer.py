@@ -1,0 +1,148 @@
+"""The viewer in a real browser (Debian's chromium via Playwright) against the real service on loopback."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); "
+                                                         ".ci/run installs it")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    from handlens.core.workspace import Workspace
+    from handlens.data.catalog import open_catalog
+    from handlens.data.importer import import_path
+    from handlens.data.splits import make_split
+    from handlens.train.run import train
+    from tests.conftest import colour_tree, tiny_config
+
+    root = tmp_path_factory.mktemp("viewer")
+    ws = Workspace.open(root / "ws")
+    catalog = open_catalog(ws.db_url)
+    import_path(catalog, colour_tree(root / "colours", size=64), "colours", workers=1)
+    make_split(catalog, "colours", ratios="0.5,0.25,0.25", seed=0)
+    catalog.close()
+    train(tiny_config(), ws)
+    train(tiny_config("train.epochs=1", "train.seed=1"), ws)  # a second model, for Compare
+    port = free_port()
+    log = (root / "service.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "handlens.cli.main", "--workspace", str(ws.root), "serve",
+                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/livez", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.25)
+    else:
+        process.kill()
+        pytest.fail(f"the service did not start: {(root / 'service.log').read_text()[-2000:]}")
+    yield url, root
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(service):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        requests, problems = [], []
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.problems = problems
+        page.goto(service[0])
+        yield page, service, requests
+        browser.close()
+
+
+def test_inspect_changes_the_overlay_with_the_class_and_shows_probabilities(page):
+    page, (url, _), requests = page
+    try:
+        page.wait_for_function("document.querySelector('#heat').src.startsWith('data:image/png')", timeout=30_000)
+    except Exception:
+        status = page.evaluate("document.querySelector('#status').textContent")
+        raise AssertionError(f"no overlay; status {status!r}; page errors {page.problems}") from None
+    assert page.locator("#probs .bar").count() == 3
+    assert page.locator("#split-badge").inner_text() in ("train", "val", "test")
+    first = page.locator("#heat").get_attribute("src")
+    model_options = page.locator("#model option").count()
+    assert model_options == 2
+    shown = page.locator("#heat").get_attribute("data-target")
+    other = next(c for c in ("blue", "green", "red") if c != shown)
+    page.select_option("#target", other)
+    page.wait_for_function(f"document.querySelector('#heat').src !== {first!r}", timeout=30_000)
+    assert page.locator("#heat").get_attribute("data-target") == other
+    page.locator("#opacity").evaluate("e => { e.value = 0.2; e.oninput(); }")
+    assert page.locator("#heat").evaluate("e => getComputedStyle(e).opacity") == "0.2"
+    page.locator("#show-map").uncheck()
+    assert page.locator("#heat").evaluate("e => getComputedStyle(e).opacity") == "0"
+    page.locator("#show-map").check()
+    name = page.locator("#image-name").inner_text()
+    page.locator("#stage").focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(f"document.querySelector('#image-name').textContent !== {name!r}", timeout=10_000)
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / "viewer-inspect.png"))
+    assert all(r.startswith(url) or r.startswith("data:") for r in requests), "the viewer reached outside the service"
+
+
+def test_browse_grid_confusion_and_top_losses(page):
+    page, _, _ = page
+    page.click("header nav button[data-page=browse]")
+    page.wait_for_selector("#grid figure")
+    page.click("#score")
+    page.wait_for_selector("#grid figure.right, #grid figure.wrong", timeout=30_000)
+    assert page.locator("#confusion td").count() == 9
+    assert page.locator("#losses li").count() > 0
+    page.select_option("#f-split", "test")
+    shown = page.locator("#grid figure").count()
+    assert 0 < shown <= 12
+    page.screenshot(path=str(DOCS / "viewer-browse.png"))
+
+
+def test_upload_and_compare(page, tmp_path):
+    from PIL import Image
+
+    page, _, _ = page
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(picture)
+    page.click("header nav button[data-page=upload]")
+    page.set_input_files("#file", str(picture))
+    page.wait_for_function("document.querySelector('#upload-overlay').src.startsWith('data:image/png')",
+                           timeout=30_000)
+    assert page.locator("#upload-probs .bar").count() == 3
+    page.screenshot(path=str(DOCS / "viewer-upload.png"))
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"%PDF-1.4 not an image")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("document.querySelector('#upload-error').textContent.includes('415')", timeout=10_000)
+    page.click("header nav button[data-page=compare]")
+    page.click("#cmp-go")
+    page.wait_for_function("document.querySelector('#cmp-left').src.startsWith('data:') && "
+                           "document.querySelector('#cmp-right').src.startsWith('data:')", timeout=30_000)
+    page.screenshot(path=str(DOCS / "viewer-compare.png"))
