@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
@@ -20,6 +21,7 @@ from handlens.serve.settings import ServeSettings
 from handlens.serve.uploads import UploadError, read_upload
 
 API = "/api/v1"
+MAX_ID = 2**53  # catalog ids: positive, and exact in JavaScript
 #: request fields shared by predict and explain; JSON bodies or multipart forms carry them
 IMAGE_BODY = {
     "requestBody": {
@@ -30,7 +32,8 @@ IMAGE_BODY = {
                 "layer": {"type": "string"}, "target": {"type": "string"}, "output": {"type": "string"}},
                 "required": ["file"]}},
             "application/json": {"schema": {"type": "object", "properties": {
-                "image_id": {"type": "integer"}, "method": {"type": "string"}, "layer": {"type": "string"},
+                "image_id": {"type": "integer", "minimum": 1, "maximum": 2**53}, "method": {"type": "string"},
+                "layer": {"type": "string"},
                 "target": {"type": "string"}, "output": {"type": "string", "enum": ["png", "array", "both"]},
                 "params": {"type": "object"}}, "required": ["image_id"]}},
         },
@@ -160,16 +163,16 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.get(f"{API}/images", tags=["catalog"])
     def images(dataset: str, labelset: str | None = None, label: str | None = None, split: str | None = None,
                subset: str | None = Query(None, pattern="^(train|val|test)$"),
-               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict[str, Any]:
+               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_ID)) -> dict[str, Any]:
         return _list_images(state, dataset, labelset, label, split, subset, limit, offset)
 
     @app.get(f"{API}/images/{{image_id}}", tags=["catalog"])
-    def image(image_id: int) -> dict[str, Any]:
+    def image(image_id: int = PathParam(ge=1, le=MAX_ID)) -> dict[str, Any]:
         return _image_detail(state, image_id)
 
     @app.get(f"{API}/images/{{image_id}}/thumbnail", tags=["catalog"],
              responses={200: {"content": {"image/jpeg": {}}}})
-    def thumbnail(image_id: int, size: int = Query(256, ge=16, le=1024)) -> Response:
+    def thumbnail(image_id: int = PathParam(ge=1, le=MAX_ID), size: int = Query(256, ge=16, le=1024)) -> Response:
         from PIL import Image
 
         from handlens.transforms.preprocess import load_rgb
@@ -181,7 +184,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         return Response(buffer.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get(f"{API}/images/{{image_id}}/file", tags=["catalog"], responses={200: {"content": {"image/*": {}}}})
-    def image_file(image_id: int) -> Response:
+    def image_file(image_id: int = PathParam(ge=1, le=MAX_ID)) -> Response:
         from fastapi.responses import FileResponse
 
         return FileResponse(_image_path(state, image_id))
@@ -356,7 +359,8 @@ async def _request_image(state: State, request: Request) -> tuple[dict[str, Any]
         body = await request.json()
     except ValueError:
         raise InputError("send multipart/form-data with a 'file', or JSON like {\"image_id\": 12}") from None
-    if not isinstance(body, dict) or not isinstance(body.get("image_id"), int) or isinstance(body["image_id"], bool):
+    image_id = body.get("image_id") if isinstance(body, dict) else None
+    if not isinstance(image_id, int) or isinstance(image_id, bool) or not 1 <= image_id <= MAX_ID:
         raise InputError("JSON requests need an integer image_id of a catalog image, e.g. {\"image_id\": 12}")
     from handlens.transforms.preprocess import load_rgb
 

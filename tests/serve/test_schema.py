@@ -1,0 +1,24 @@
+"""Property-based API testing: schemathesis generates requests from the OpenAPI schema; none may get a 5xx."""
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+
+from tests.serve.test_api import served  # noqa: E402,F401  (the module-scoped service fixture)
+
+
+def test_no_request_the_schema_allows_gets_a_server_error(served):  # noqa: F811
+    client, _, _ = served
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 12
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            case.call_and_validate(checks=[not_a_server_error])
+
+        check()
