@@ -1,12 +1,10 @@
 """Property-based API testing: schemathesis generates requests from the OpenAPI schema; none may get a 5xx."""
 
-import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-
-from tests.serve.test_api import served  # noqa: E402,F401  (the module-scoped service fixture)
+from tests.serve.test_api import served  # noqa: F401  (the module-scoped service fixture)
 
 
 def test_no_request_the_schema_allows_gets_a_server_error(served):  # noqa: F811
