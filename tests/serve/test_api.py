@@ -181,3 +181,29 @@ def test_cors_is_off_by_default(served):
     answer = client.get("/api/v1/models", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in answer.headers
     assert json.loads(answer.text)
+
+
+def test_mutating_endpoints_need_the_key_off_loopback(served):
+    client, _, _ = served
+    state = client.app.state.handlens
+    image_id = client.get("/api/v1/images", params={"dataset": "colours", "limit": 1}).json()["items"][0]["id"]
+    region = {"label": "grain", "polygons": [[[1, 1], [20, 1], [20, 20]]]}
+    added = client.post(f"/api/v1/images/{image_id}/regions", json=region)  # loopback, no key set: allowed
+    assert added.status_code == 201, added.text
+    assert client.get(f"/api/v1/images/{image_id}").json()["regions"][-1]["polygons"] == region["polygons"]
+    original = state.settings
+    try:
+        state.settings = original.model_copy(update={"host": "0.0.0.0"})
+        refused = client.post(f"/api/v1/images/{image_id}/regions", json=region)
+        assert refused.status_code == 403 and "--api-key" in refused.json()["detail"]
+        assert client.get("/api/v1/models").status_code == 200  # read-only endpoints stay open
+        state.settings = original.model_copy(update={"host": "0.0.0.0", "api_key": "s3cret"})
+        assert client.post(f"/api/v1/images/{image_id}/regions", json=region).status_code == 403
+        wrong = client.post(f"/api/v1/images/{image_id}/regions", json=region, headers={"X-API-Key": "guess"})
+        assert wrong.status_code == 403
+        right = client.post(f"/api/v1/images/{image_id}/regions", json=region, headers={"X-API-Key": "s3cret"})
+        assert right.status_code == 201
+    finally:
+        state.settings = original
+    bad = client.post(f"/api/v1/images/{image_id}/regions", json={"polygons": [[[1, 1], [2, 2]]]})
+    assert bad.status_code == 422

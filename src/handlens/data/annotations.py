@@ -47,7 +47,7 @@ def import_annotations(catalog: Catalog, dataset_name: str, folder: Path, replac
                     data = json.loads(path.read_text())
                     polygons = data["polygons"] if isinstance(data, dict) else data
                     label = data.get("label") if isinstance(data, dict) else None
-                    _check_polygons(polygons)
+                    check_polygons(polygons)
                     row = Annotation(image_id=image.id, kind="polygon", polygons=polygons, label=label,
                                      source=str(path))
                 else:
@@ -66,7 +66,7 @@ def import_annotations(catalog: Catalog, dataset_name: str, folder: Path, replac
     return report
 
 
-def _check_polygons(polygons: Any) -> None:
+def check_polygons(polygons: Any) -> None:
     if not isinstance(polygons, list) or not polygons:
         raise ValueError("'polygons' must be a non-empty list of polygons")
     for polygon in polygons:

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field
 
 from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
@@ -41,7 +42,19 @@ IMAGE_BODY = {
 }
 
 
+class ForbiddenError(HandlensError):
+    """A mutating request without the service's API key."""
+
+
+class RegionIn(BaseModel):
+    label: str | None = Field(None, max_length=200)
+    polygons: list[list[list[float]]] = Field(..., min_length=1, max_length=100,
+                                              description="[[[x, y], ...], ...] in image pixels")
+
+
 def _status(exc: HandlensError) -> int:
+    if isinstance(exc, ForbiddenError):
+        return 403
     if isinstance(exc, UploadError):
         return exc.status
     if isinstance(exc, NotFoundError):
@@ -188,6 +201,39 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         from fastapi.responses import FileResponse
 
         return FileResponse(_image_path(state, image_id))
+
+    def require_key(request: Request) -> None:
+        """Mutating endpoints: with an API key set, its header is required; off loopback, a key must be set."""
+        import hmac
+
+        settings = state.settings
+        if settings.api_key:
+            given = request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                raise ForbiddenError("this endpoint changes the workspace: send the service's key in X-API-Key")
+        elif not settings.loopback:
+            raise ForbiddenError(f"the service listens on {settings.host} without an API key: endpoints that "
+                                 "change the workspace are disabled; restart it with --api-key")
+
+    @app.post(f"{API}/images/{{image_id}}/regions", tags=["catalog"], status_code=201,
+              dependencies=[Depends(require_key)])
+    def add_region(image_id: int = PathParam(ge=1, le=MAX_ID), region: RegionIn = Body(...)) -> dict[str, Any]:
+        """Add an expert region (polygons in the image's pixel coordinates) to a catalog image."""
+        from handlens.data.annotations import check_polygons
+        from handlens.data.catalog import Annotation, Image
+
+        try:
+            check_polygons(region.polygons)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"polygons: {exc}") from None
+        with state.catalog.session() as session:
+            if session.get(Image, image_id) is None:
+                raise NotFoundError(f"no image {image_id} in the catalog")
+            row = Annotation(image_id=image_id, kind="polygon", polygons=region.polygons, label=region.label,
+                             source="api")
+            session.add(row)
+            session.flush()
+            return {"id": row.id, "image_id": image_id, "kind": "polygon", "label": region.label}
 
     # ------------------------------------------------------------------ models
 
