@@ -207,3 +207,32 @@ def test_mutating_endpoints_need_the_key_off_loopback(served):
         state.settings = original
     bad = client.post(f"/api/v1/images/{image_id}/regions", json={"polygons": [[[1, 1], [2, 2]]]})
     assert bad.status_code == 422
+
+
+def test_evaluation_reports_are_served(served):
+    from handlens.core.workspace import Workspace
+    from handlens.train.evaluate import evaluate
+
+    client, run_id, root = served
+    before = client.get(f"/api/v1/models/{run_id}/evaluations").json()
+    assert {"training: val", "training: test"} <= {r["source"] for r in before}
+    report = evaluate(run_id, Workspace.open(root / "ws"), subset="val")
+    after = client.get(f"/api/v1/models/{run_id}/evaluations").json()
+    assert len(after) == len(before) + 1 and after[-1]["macro_f1"] == pytest.approx(report["macro_f1"])
+    assert "top_losses" in after[-1] and "confusion" in after[-1]
+
+
+def test_the_pool_keeps_models_within_its_memory_budget(trained_workspace):
+    from handlens.serve.pool import ModelPool
+    from handlens.train.run import train
+
+    first = train(tiny_config(), trained_workspace).run_id
+    second = train(tiny_config("train.seed=1"), trained_workspace).run_id
+    pool = ModelPool(trained_workspace.runs_dir, memory_mb=0.001, batch_size=4, max_wait_ms=1)
+    one = pool.get(first)
+    assert pool.get(first) is one and pool.loaded == [first]  # warm: the same object
+    pool.get(second)
+    assert pool.loaded == [second]  # over budget: the least recently used model was dropped
+    roomy = ModelPool(trained_workspace.runs_dir, memory_mb=512, batch_size=4, max_wait_ms=1)
+    roomy.get(first), roomy.get(second), roomy.get(first)
+    assert roomy.loaded == [second, first]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
-from handlens.serve.pool import ExplanationCache, Metrics, ModelPool
+from handlens.serve.pool import ExplanationCache, Metrics, ModelPool, bundle_dir
 from handlens.serve.settings import ServeSettings
 from handlens.serve.uploads import UploadError, read_upload
 
@@ -247,6 +248,21 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         return {**_model_summary(model_id, manifest), "metrics": manifest.get("metrics", {}),
                 "split_membership": manifest.get("split_membership", {}), "preprocess": manifest.get("preprocess"),
                 "config": manifest.get("config", {})}
+
+    @app.get(f"{API}/models/{{model_id}}/evaluations", tags=["models"])
+    def evaluations(model_id: str) -> list[dict[str, Any]]:
+        """The model's final metrics per subset (from training) and every `handlens evaluate` report."""
+        run_dir = bundle_dir(state.workspace.runs_dir, model_id).parent
+        metrics = state.pool.manifest(model_id).get("metrics", {})
+        out = [{"source": f"training: {subset}", **values} for subset, values in metrics.items()
+               if isinstance(values, dict)]
+        for report in sorted(run_dir.glob("eval_report_*.json")):
+            try:
+                data = json.loads(report.read_text())
+            except (OSError, ValueError):
+                continue
+            out.append({k: v for k, v in data.items() if k not in ("bundle", "confusion_png")})
+        return out
 
     @app.get(f"{API}/explainers", tags=["models"])
     def explainers() -> list[dict[str, Any]]:

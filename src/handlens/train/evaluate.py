@@ -5,6 +5,7 @@ No Lightning here: evaluation is plain inference plus torchmetrics.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -108,5 +109,8 @@ def evaluate(
     png = out_dir / f"eval_confusion_{subset if images is None else 'images'}.png"
     confusion_png(metrics["confusion"], bundle.classes, png,
                   f"{source}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
-    return {"bundle": str(path), "source": source, "classes": bundle.classes, **metrics,
-            "confusion_png": str(png), "top_losses": top_losses(probs, targets, paths, bundle.classes, top)}
+    report = {"bundle": str(path), "source": source, "classes": bundle.classes, **metrics,
+              "confusion_png": str(png), "top_losses": top_losses(probs, targets, paths, bundle.classes, top)}
+    report_file = png.with_name(png.stem.replace("eval_confusion_", "eval_report_") + ".json")
+    report_file.write_text(json.dumps(report, indent=1, default=float))  # for people, and the service
+    return {**report, "report": str(report_file)}
