@@ -34,7 +34,7 @@ def served(tmp_path_factory):
     result = train(tiny_config(), ws)
     settings = ServeSettings(workspace=ws.root, db_url=ws.db_url, max_upload_bytes=200_000, max_pixels=1_000_000,
                              max_ig_steps=16)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
         yield client, result.run_id, root
 
 
@@ -97,7 +97,8 @@ def test_explain_returns_an_overlay_and_is_cached(served):
     body = first.json()
     assert not body["cached"] and body["method"] == "gradcam" and body["layer"]
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
-    assert overlay.size[::-1] == tuple(body["map_shape"]) and np.asarray(body["map"]).shape == tuple(body["map_shape"])
+    assert overlay.size == (40, 40)  # drawn on the uploaded image itself
+    assert np.asarray(body["map"]).shape == tuple(body["map_shape"]) == (32, 32)  # the raw map: the model input
     again = client.post(f"/api/v1/models/{run_id}/explain", files=files, data={"method": "gradcam"}).json()
     assert again["cached"] and again["overlay_png"] == body["overlay_png"] and "map" not in again
     other = client.post(f"/api/v1/models/{run_id}/explain", files=files,
@@ -128,7 +129,19 @@ def bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
 
 
+def elongated_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 10)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def cut_jpeg() -> bytes:
+    return png_bytes(fmt="JPEG")[:200]  # Pillow fails while reading the header: OSError at open
+
+
 @pytest.mark.parametrize("payload,status,words", [
+    (elongated_png(), 422, "too elongated"),               # 1x400: resizing its short side would explode
+    (cut_jpeg(), 422, "corrupt"),                          # a JPEG cut inside its header
     (b"x" * 300_000, 413, "exceeds the upload limit"),     # oversize, refused from Content-Length
     (b"x" * 230_000, 413, "exceeds the limit"),            # oversize, refused after reading at most limit+1
     (bomb_png(20_000, 20_000), 413, "decompression bomb"),  # pixel bomb, refused from the header
@@ -176,6 +189,22 @@ def test_micro_batcher_groups_concurrent_requests():
     assert calls == [1] * 10  # batch size 1: no batching
 
 
+def test_one_bad_image_fails_only_its_own_request():
+    def predict(arrays):
+        if any(a.mean() < 0 for a in arrays):
+            raise ValueError("cannot read this one")
+        return np.stack([np.full(2, a.mean()) for a in arrays])
+
+    async def scenario():
+        batcher = MicroBatcher(predict, 8, max_wait_s=0.05)
+        values = [1.0, -1.0, 2.0, 3.0]
+        return await asyncio.gather(*[batcher.submit(np.full((2, 2), v)) for v in values], return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[1], ValueError)
+    assert [float(r[0]) for i, r in enumerate(results) if i != 1] == [1.0, 2.0, 3.0]
+
+
 def test_cors_is_off_by_default(served):
     client, _, _ = served
     answer = client.get("/api/v1/models", headers={"Origin": "http://evil.example"})
@@ -191,6 +220,8 @@ def test_mutating_endpoints_need_the_key_off_loopback(served):
     added = client.post(f"/api/v1/images/{image_id}/regions", json=region)  # loopback, no key set: allowed
     assert added.status_code == 201, added.text
     assert client.get(f"/api/v1/images/{image_id}").json()["regions"][-1]["polygons"] == region["polygons"]
+    remote = TestClient(client.app, client=("10.1.2.3", 40000))
+    assert remote.post(f"/api/v1/images/{image_id}/regions", json=region).status_code == 403  # not on loopback
     original = state.settings
     try:
         state.settings = original.model_copy(update={"host": "0.0.0.0"})
@@ -207,6 +238,11 @@ def test_mutating_endpoints_need_the_key_off_loopback(served):
         state.settings = original
     bad = client.post(f"/api/v1/images/{image_id}/regions", json={"polygons": [[[1, 1], [2, 2]]]})
     assert bad.status_code == 422
+    not_a_number = client.post(f"/api/v1/images/{image_id}/regions",
+                               content='{"polygons": [[[1, 1], [2, NaN], [3, 3]]]}',
+                               headers={"Content-Type": "application/json"})
+    assert not_a_number.status_code == 422
+    assert client.get(f"/api/v1/images/{image_id}").status_code == 200
 
 
 def test_evaluation_reports_are_served(served):
@@ -236,3 +272,52 @@ def test_the_pool_keeps_models_within_its_memory_budget(trained_workspace):
     roomy = ModelPool(trained_workspace.runs_dir, memory_mb=512, batch_size=4, max_wait_ms=1)
     roomy.get(first), roomy.get(second), roomy.get(first)
     assert roomy.loaded == [second, first]
+
+
+def test_a_chunked_oversize_body_is_refused_without_reading_it_all(served):
+    client, run_id, _ = served
+
+    def chunks():
+        for _ in range(50):
+            yield b"x" * 10_000  # 500 kB, no Content-Length
+
+    answer = client.post(f"/api/v1/models/{run_id}/predict", content=chunks(),
+                         headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert answer.status_code == 413 and "upload limit" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"noise": "lots"}, "noise must be a number"),
+    ({"window": 500}, "window <= the input size"),
+    ({"window": 8, "stride": 16}, "stride <= window"),
+    ({"baseline": "purple"}, "baseline"),
+])
+def test_bad_explain_parameters_are_422(served, params, words):
+    client, run_id, _ = served
+    image_id = client.get("/api/v1/images", params={"dataset": "colours", "limit": 1}).json()["items"][0]["id"]
+    method = "smoothgrad" if "noise" in params else "occlusion" if "window" in params else "integrated_gradients"
+    answer = client.post(f"/api/v1/models/{run_id}/explain", json={"image_id": image_id, "method": method,
+                                                                   "params": params})
+    assert answer.status_code == 422 and words in answer.json()["detail"]
+
+
+def test_maps_are_placed_back_where_the_preprocessing_took_them():
+    from handlens.serve.app import heat_on_image
+    from handlens.transforms.preprocess import Preprocess
+
+    heat = np.ones((32, 32), dtype=np.float32)
+    cropped = heat_on_image(heat, 40, 80, Preprocess(size=32, resize="shorter-crop"))  # 40x80 -> centre 40x40
+    assert cropped.shape == (40, 80) and cropped[:, 20:60].min() > 0.99 and cropped[:, :19].max() == 0
+    assert heat_on_image(heat, 40, 80, Preprocess(size=32, resize="stretch")).min() > 0.99
+    padded = heat.copy()
+    padded[:8], padded[24:] = 0, 0  # letterbox: the 80x40 image fills rows 8..24 of the input
+    boxed = heat_on_image(padded, 40, 80, Preprocess(size=32, resize="letterbox"))
+    assert boxed.shape == (40, 80) and boxed.min() > 0.99
+
+
+def test_the_uvicorn_factory_builds_the_app_from_the_environment(served, monkeypatch):
+    from handlens.serve.app import SETTINGS_ENV, app_from_env
+
+    settings = served[0].app.state.handlens.settings
+    monkeypatch.setenv(SETTINGS_ENV, settings.model_copy(update={"batch_size": 3}).model_dump_json())
+    assert app_from_env().state.handlens.settings.batch_size == 3

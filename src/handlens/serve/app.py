@@ -14,7 +14,7 @@ import numpy as np
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
@@ -24,6 +24,7 @@ from handlens.serve.uploads import UploadError, read_upload
 
 API = "/api/v1"
 MAX_ID = 2**53  # catalog ids: positive, and exact in JavaScript
+LOOPBACK_CLIENTS = {"127.0.0.1", "::1", "localhost"}
 #: request fields shared by predict and explain; JSON bodies or multipart forms carry them
 IMAGE_BODY = {
     "requestBody": {
@@ -43,11 +44,58 @@ IMAGE_BODY = {
 }
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body beyond ``limit`` bytes gets 413, whether or not it declared its length
+    (a chunked upload is counted as it arrives, never spooled to disk in full)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracked_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked_send)
+        except BaseException as exc:  # Starlette's middleware may wrap it in an exception group
+            too_large = isinstance(exc, _BodyTooLarge) or (
+                isinstance(exc, BaseExceptionGroup) and exc.subgroup(_BodyTooLarge) is not None)
+            if not too_large:
+                raise
+            if not started:
+                response = JSONResponse({"detail": f"the request body exceeds the upload limit of {self.limit:,} "
+                                                   "bytes"}, status_code=413)
+                await response(scope, receive, send)
+
+
 class ForbiddenError(HandlensError):
     """A mutating request without the service's API key."""
 
 
 class RegionIn(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     label: str | None = Field(None, max_length=200)
     polygons: list[list[list[float]]] = Field(..., min_length=1, max_length=100,
                                               description="[[[x, y], ...], ...] in image pixels")
@@ -74,6 +122,13 @@ class State:
         self.cache = ExplanationCache(settings.explain_cache_items)
         self.metrics = Metrics()
         self._catalog: Any = None
+        self._slots: asyncio.Semaphore | None = None
+
+    def explain_slots(self) -> asyncio.Semaphore:
+        """At most ``explain_concurrency`` explanations computed at once (others wait their turn)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.explain_concurrency)
+        return self._slots
 
     @property
     def catalog(self) -> Any:
@@ -110,6 +165,17 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         state.metrics.observe("http", f"{request.method} {name}", time.perf_counter() - started,
                               response.status_code)
         return response
+
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024)  # outermost: counts every byte
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each bad field; the offending input is not echoed (it may not even be valid JSON: NaN)."""
+        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                    for e in exc.errors()]
+        return JSONResponse({"detail": problems}, status_code=422)
 
     @app.exception_handler(HandlensError)
     async def handlens_error(request: Request, exc: HandlensError) -> JSONResponse:
@@ -212,9 +278,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             given = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                 raise ForbiddenError("this endpoint changes the workspace: send the service's key in X-API-Key")
-        elif not settings.loopback:
+        elif not settings.loopback or (request.client is not None and request.client.host not in LOOPBACK_CLIENTS):
             raise ForbiddenError(f"the service listens on {settings.host} without an API key: endpoints that "
-                                 "change the workspace are disabled; restart it with --api-key")
+                                 "change the workspace are disabled for clients off loopback; restart it with "
+                                 "--api-key")
 
     @app.post(f"{API}/images/{{image_id}}/regions", tags=["catalog"], status_code=201,
               dependencies=[Depends(require_key)])
@@ -274,7 +341,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.post(f"{API}/models/{{model_id}}/predict", tags=["models"], openapi_extra=IMAGE_BODY)
     async def predict(model_id: str, request: Request, top_k: int = Query(3, ge=1, le=100)) -> dict[str, Any]:
         fields, picture, sha = await _request_image(state, request)
-        loaded = state.pool.get(model_id)
+        loaded = await asyncio.get_running_loop().run_in_executor(None, state.pool.get, model_id)
         assert loaded.batcher is not None
         probs = await loaded.batcher.submit(picture)
         classes = loaded.bundle.classes
@@ -287,9 +354,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.post(f"{API}/models/{{model_id}}/explain", tags=["models"], openapi_extra=IMAGE_BODY)
     async def explain(model_id: str, request: Request) -> dict[str, Any]:
         fields, picture, sha = await _request_image(state, request)
-        loaded = state.pool.get(model_id)
+        loaded = await asyncio.get_running_loop().run_in_executor(None, state.pool.get, model_id)
         method = str(fields.get("method") or "gradcam")
-        params = _budgeted_params(settings, method, fields.get("params") or {})
+        params = _budgeted_params(settings, method, fields.get("params") or {}, loaded.bundle.preprocess.size)
         layer = fields.get("layer") or None
         target = fields.get("target") or "pred"
         output = str(fields.get("output") or "png")
@@ -301,14 +368,20 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         started = time.perf_counter()
         if result is None:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, _explain, loaded, picture, method, layer, target, params)
-            state.cache.put(key, result)
+            async with state.explain_slots():  # a burst of slow explanations cannot take every worker thread
+                result = state.cache.get(key)  # an identical request may have finished while this one waited
+                if result is None:
+                    result = await loop.run_in_executor(None, _explain, loaded, picture, method, layer, target,
+                                                        params)
+                    state.cache.put(key, result)
+                else:
+                    cached = True
         state.metrics.observe("explain", method, time.perf_counter() - started)
         body = {k: v for k, v in result.items() if k not in ("map", "overlay_png")}
         if output in ("png", "both"):
             body["overlay_png"] = result["overlay_png"]
         if output in ("array", "both"):
-            body["map"] = result["map"]
+            body["map"] = np.round(result["map"].astype(np.float32), 5).tolist()
         return {**body, "model": model_id, "image_sha256": sha, "image_id": fields.get("image_id"), "cached": cached}
 
     return app
@@ -415,7 +488,8 @@ async def _request_image(state: State, request: Request) -> tuple[dict[str, Any]
             raise InputError("send the image as a multipart field named 'file'")
         data = await upload.read(settings.max_upload_bytes + 1)
         fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
-        image = read_upload(data, settings.max_upload_bytes, settings.max_pixels)
+        image = await asyncio.get_running_loop().run_in_executor(
+            None, read_upload, data, settings.max_upload_bytes, settings.max_pixels)
         return fields, image.array, image.sha256
     try:
         body = await request.json()
@@ -436,7 +510,7 @@ async def _request_image(state: State, request: Request) -> tuple[dict[str, Any]
     return body, np.ascontiguousarray(array), sha
 
 
-def _budgeted_params(settings: ServeSettings, method: str, params: Any) -> dict[str, Any]:
+def _budgeted_params(settings: ServeSettings, method: str, params: Any, input_size: int = 224) -> dict[str, Any]:
     """The method's parameters, refused with 422 (naming the limit) beyond the service's budgets."""
     from handlens.explain.registry import EXPLAINERS
 
@@ -452,13 +526,21 @@ def _budgeted_params(settings: ServeSettings, method: str, params: Any) -> dict[
     for key in ("steps", "samples", "window", "stride", "max_channels"):
         if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1):
             raise InputError(f"{key} must be a positive whole number")
+    if "noise" in out and (isinstance(out["noise"], bool) or not isinstance(out["noise"], (int, float))
+                           or not 0 < out["noise"] <= 1):
+        raise InputError("noise must be a number in (0, 1], the share of the input range")
+    if "baseline" in out and out["baseline"] not in ("black", "blur", "noise"):
+        raise InputError("baseline: choose black, blur or noise")
     steps = out.get("steps", 50) if method == "integrated_gradients" else out.get("samples", 20)
     if method in ("integrated_gradients", "gradient_shap", "smoothgrad") and steps > settings.max_ig_steps:
         raise InputError(f"{method} with {steps} steps/samples exceeds this service's limit of "
                          f"{settings.max_ig_steps}; ask for fewer")
     if method == "occlusion":
-        window, stride = out.get("window", 28), out.get("stride", 14)
-        windows = (max(1, (224 - window) // max(1, stride) + 1)) ** 2
+        window = out.get("window", max(4, input_size // 8))
+        stride = out.get("stride", max(2, window // 2))
+        if window > input_size or stride > window:
+            raise InputError(f"occlusion needs window <= the input size ({input_size}) and stride <= window")
+        windows = (max(1, (input_size - window) // stride + 1)) ** 2
         if windows > settings.max_occlusion_windows:
             raise InputError(f"occlusion with window {window} and stride {stride} needs about {windows} "
                              f"forward passes; this service's limit is {settings.max_occlusion_windows}")
@@ -485,17 +567,51 @@ def _explain(loaded: Any, picture: np.ndarray, method: str, layer: str | None, t
     with loaded.lock:
         result = bundle.explain([picture], method=method, layer=layer, target=target, **params)
     heat = result.map_for(0)
-    shown = np.asarray(Image.fromarray(picture).resize((heat.shape[1], heat.shape[0]), Image.BICUBIC)) \
-        if picture.shape[:2] != heat.shape else picture
+    full = heat_on_image(heat, picture.shape[0], picture.shape[1], bundle.preprocess)
+    shown, shown_heat = picture, full
+    longest = max(picture.shape[:2])
+    if longest > 1024:  # the overlay is for looking at: at most 1024 px on its long side
+        scale = 1024 / longest
+        size = (max(1, round(picture.shape[1] * scale)), max(1, round(picture.shape[0] * scale)))
+        shown = np.asarray(Image.fromarray(picture).resize(size, Image.BILINEAR))
+        shown_heat = np.asarray(Image.fromarray(full.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
     buffer = io.BytesIO()
-    Image.fromarray(overlay(shown, heat, 0.5, signed=result.signed)).save(buffer, "PNG")
+    Image.fromarray(overlay(shown, shown_heat, 0.5, signed=result.signed)).save(buffer, "PNG")
     target_index = result.targets[0] if result.targets else int(np.argmax(result.probabilities[0]))
     return {"method": method, "layer": result.layer, "target": bundle.classes[target_index],
             "signed": result.signed, "probabilities": {c: float(p) for c, p in zip(bundle.classes,
                                                                                  result.probabilities[0],
                                                                                  strict=True)},
-            "overlay_png": base64.b64encode(buffer.getvalue()).decode(), "map": np.round(heat, 5).tolist(),
-            "map_shape": list(heat.shape), "seconds": round(sum(result.timings.values()), 4)}
+            "overlay_png": base64.b64encode(buffer.getvalue()).decode(), "map": heat.astype(np.float16),
+            "map_shape": list(heat.shape), "seconds": round(float(result.timings.get("total", 0.0)), 4)}
+
+
+def heat_on_image(heat: np.ndarray, height: int, width: int, preprocess: Any) -> np.ndarray:
+    """A map on the model input placed back on the original image, undoing ``preprocess.resize``:
+    the centre crop (``shorter-crop``; outside it the map is 0), the padding (``letterbox``) or the stretch."""
+    from PIL import Image
+
+    def resized(values: np.ndarray, w: int, h: int) -> np.ndarray:
+        return np.asarray(Image.fromarray(values.astype(np.float32), mode="F").resize((max(1, w), max(1, h)),
+                                                                                       Image.BILINEAR))
+
+    size = heat.shape[0]
+    if preprocess.resize == "stretch":
+        return resized(heat, width, height)
+    if preprocess.resize == "letterbox":
+        scale = size / max(width, height)
+        inner_w, inner_h = max(1, round(width * scale)), max(1, round(height * scale))
+        left, top = (size - inner_w) // 2, (size - inner_h) // 2
+        return resized(heat[top:top + inner_h, left:left + inner_w], width, height)
+    scale = size / min(width, height)
+    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (nw - size) // 2 / scale, (nh - size) // 2 / scale
+    side = size / scale
+    out = np.zeros((height, width), dtype=np.float32)
+    x0, y0 = round(left), round(top)
+    patch = resized(heat, round(side), round(side))
+    out[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]] = patch[:height - y0, :width - x0]
+    return out
 
 
 SETTINGS_ENV = "HANDLENS_SERVE_SETTINGS"

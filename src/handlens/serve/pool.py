@@ -45,6 +45,7 @@ class MicroBatcher:
         self.predict, self.batch_size, self.max_wait_s = predict, batch_size, max_wait_s
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches: list[int] = []  # sizes of the batches run (the last 1,000)
 
     @property
@@ -53,8 +54,9 @@ class MicroBatcher:
 
     async def submit(self, array: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        if self._queue is None or self._task is None or self._task.done():
-            self._queue = asyncio.Queue()
+        if self._queue is None or self._task is None or self._task.done() or self._loop is not loop:
+            self._queue = asyncio.Queue()  # bound to this loop (a new loop, e.g. in tests, gets a new queue)
+            self._loop = loop
             self._task = loop.create_task(self._run())
         future: asyncio.Future[np.ndarray] = loop.create_future()
         await self._queue.put((array, future))
@@ -78,16 +80,26 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             self.batches = [*self.batches[-999:], len(items)]
-            try:
-                probs = await loop.run_in_executor(None, self.predict, [array for array, _ in items])
-            except Exception as exc:  # every waiting request learns about the failure
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), row in zip(items, probs, strict=True):
-                if not future.done():
-                    future.set_result(row)
+            await self._answer(loop, items)
+
+    async def _answer(self, loop: asyncio.AbstractEventLoop,
+                      items: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]) -> None:
+        """Run one batch; if it fails, run its requests one by one so one bad image fails only itself."""
+        try:
+            probs = await loop.run_in_executor(None, self.predict, [array for array, _ in items])
+            if len(probs) != len(items):
+                raise RuntimeError(f"the model answered {len(probs)} of {len(items)} images")
+        except Exception as exc:
+            if len(items) > 1:
+                for item in items:
+                    await self._answer(loop, [item])
+                return
+            if not items[0][1].done():
+                items[0][1].set_exception(exc)
+            return
+        for (_, future), row in zip(items, probs, strict=True):
+            if not future.done():
+                future.set_result(row)
 
 
 @dataclass

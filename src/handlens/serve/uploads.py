@@ -19,6 +19,7 @@ class UploadError(HandlensError):
 
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF"}
+MAX_ASPECT = 20  # longer side / shorter side: beyond it, resizing the shorter side to the input explodes
 
 
 @dataclass
@@ -50,21 +51,22 @@ def read_upload(data: bytes, max_bytes: int, max_pixels: int) -> UploadedImage:
     except UnidentifiedImageError:
         raise UploadError(415, "the upload is not an image this service reads (PNG, JPEG, TIFF, BMP, WEBP, GIF); "
                                "its content, not its name, was checked") from None
+    except Exception as exc:  # a recognised format whose header is broken
+        raise UploadError(422, f"the image header could not be read ({type(exc).__name__}); it is corrupt") from None
     if opened.format not in ALLOWED_FORMATS:
         raise UploadError(415, f"{opened.format} images are not accepted; send PNG, JPEG, TIFF, BMP or WEBP")
     width, height = opened.size
     if width * height > max_pixels:
         raise UploadError(413, f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
                                f"{max_pixels:,} (a decompression bomb is refused before decoding)")
-    previous = Image.MAX_IMAGE_PIXELS
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise UploadError(422, f"a {width}x{height} image is too elongated (more than {MAX_ASPECT}:1) to classify; "
+                               "crop it first")
     try:
-        Image.MAX_IMAGE_PIXELS = max_pixels
         opened.load()
         array = np.asarray(load_rgb(opened))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # truncated data, broken chunks, codec errors: the file is damaged
         raise UploadError(422, f"the image could not be decoded ({type(exc).__name__}: {exc}); "
                                "it is truncated or corrupt") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
     return UploadedImage(array=np.ascontiguousarray(array), sha256=hashlib.sha256(data).hexdigest(), width=width,
                          height=height, format=str(opened.format))

@@ -76,15 +76,12 @@ function fillModelDetails() {
 
 async function loadImages() {
   const params = new URLSearchParams({ dataset: $("dataset").value, labelset: $("labelset").value, limit: 1000 });
+  const model = currentModel();
+  if (model && model.split) params.set("split", model.split);  // each image then carries its subset
   const listing = await api(`/images?${params}`);
-  const splits = await api(`/images?${params}&subset=test`).catch(() => null);
   state.images = listing.items;
-  if (splits) {
-    const test = new Set(splits.items.map((i) => i.id));
-    state.images.forEach((image) => { if (test.has(image.id)) image.subset = "test"; });
-  }
   state.index = 0;
-  status(`${listing.total} images`);
+  status(`${listing.total} images${listing.split ? " in split " + listing.split : ""}`);
   await showImage();
   renderGrid();
 }
@@ -97,8 +94,9 @@ async function showImage() {
   const detail = await api(`/images/${image.id}`);
   $("image-name").textContent = detail.name;
   $("truth").textContent = detail.labels[$("labelset").value] || "-";
-  const split = detail.splits.length ? detail.splits[detail.splits.length - 1].subset : "";
-  image.subset = split || image.subset;
+  const model = currentModel();
+  const own = detail.splits.find((x) => model && x.split === model.split && x.fold === 0);
+  const split = own ? own.subset : (image.subset || "");
   $("split-badge").textContent = split;
   $("split-badge").className = `badge ${split}`;
   $("base").src = `${API}/images/${image.id}/file`;
@@ -133,10 +131,13 @@ async function explainCurrent() {
   const image = currentImage();
   if (!model || !image) return;
   status("explaining...");
+  const method = $("method").value;
+  const usesLayer = !["saliency", "integrated_gradients", "smoothgrad", "gradient_shap", "occlusion"].includes(method);
+  const asked = [model.id, image.id, method, usesLayer ? $("layer").value : null, $("target").value];
+  state.asked = asked.join("|");
   try {
-    const method = $("method").value;
-    const usesLayer = !["saliency", "integrated_gradients", "smoothgrad", "gradient_shap", "occlusion"].includes(method);
-    const result = await explainImage(model.id, image.id, method, usesLayer ? $("layer").value : null, $("target").value);
+    const result = await explainImage(...asked);
+    if (state.asked !== asked.join("|")) return;  // the user moved on: a newer request owns the view
     $("heat").src = `data:image/png;base64,${result.overlay_png}`;
     $("heat").dataset.target = result.target;
     renderBars($("probs"), result.probabilities);
@@ -216,7 +217,7 @@ async function scoreShown() {
   const model = currentModel();
   if (!model) return;
   status("predicting...");
-  const shown = filteredImages().slice(0, 200);
+  const shown = filteredImages(true).slice(0, 200);  // a confusion cell needs predictions before it can filter
   await Promise.all(shown.map(async (image) => {
     if (state.predictions[image.id]) return;
     const answer = await api(`/models/${encodeURIComponent(model.id)}/predict`, {
@@ -229,14 +230,15 @@ async function scoreShown() {
   renderLosses();
 }
 
-function filteredImages() {
+function filteredImages(ignoreCell) {
   const cls = $("f-class").value, split = $("f-split").value, result = $("f-result").value;
   const confidence = parseFloat($("f-conf").value) || 0;
   return state.images.filter((image) => {
     const p = state.predictions[image.id];
     if (cls && image.label !== cls) return false;
     if (split && image.subset !== split) return false;
-    if (state.filter && !(image.label === state.filter.truth && p && p.label === state.filter.predicted)) return false;
+    if (state.filter && !ignoreCell &&
+        !(image.label === state.filter.truth && p && p.label === state.filter.predicted)) return false;
     if (result && (!p || (result === "right") !== (p.label === image.label))) return false;
     if (confidence > 0 && (!p || p.confidence < confidence)) return false;
     return true;
@@ -271,12 +273,18 @@ async function loadConfusion() {
   const test = detail.metrics.test;
   if (!test || !test.confusion) return;
   const header = document.createElement("tr");
-  header.innerHTML = "<th>truth \\ predicted</th>" + model.classes.map((c) => `<th>${c}</th>`).join("");
+  for (const text of ["truth \\ predicted", ...model.classes]) {
+    const th = document.createElement("th");
+    th.textContent = text;
+    header.appendChild(th);
+  }
   table.appendChild(header);
   const max = Math.max(1, ...test.confusion.flat());
   test.confusion.forEach((row, i) => {
     const tr = document.createElement("tr");
-    tr.innerHTML = `<th>${model.classes[i]}</th>`;
+    const th = document.createElement("th");
+    th.textContent = model.classes[i];
+    tr.appendChild(th);
     row.forEach((count, j) => {
       const td = document.createElement("td");
       td.textContent = count;
@@ -350,7 +358,7 @@ function setup() {
   document.querySelectorAll("header nav button").forEach((b) => { b.onclick = () => switchPage(b.dataset.page); });
   $("dataset").onchange = loadLabelsets;
   $("labelset").onchange = () => { fillModels(); loadImages(); };
-  $("model").onchange = () => { fillModelDetails(); explainCurrent(); };
+  $("model").onchange = () => { fillModelDetails(); loadImages(); };
   for (const id of ["method", "layer", "target"]) $(id).onchange = explainCurrent;
   for (const id of ["f-class", "f-split", "f-result", "f-conf"]) {
     $(id).onchange = () => { state.filter = null; renderGrid(); };
