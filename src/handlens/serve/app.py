@@ -123,6 +123,10 @@ class State:
         self.metrics = Metrics()
         self._catalog: Any = None
         self._slots: asyncio.Semaphore | None = None
+        from concurrent.futures import ThreadPoolExecutor
+
+        # decoding uploads and loading models: a few threads (each thread's malloc arena costs memory)
+        self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="handlens-io")
 
     def explain_slots(self) -> asyncio.Semaphore:
         """At most ``explain_concurrency`` explanations computed at once (others wait their turn)."""
@@ -341,7 +345,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.post(f"{API}/models/{{model_id}}/predict", tags=["models"], openapi_extra=IMAGE_BODY)
     async def predict(model_id: str, request: Request, top_k: int = Query(3, ge=1, le=100)) -> dict[str, Any]:
         fields, picture, sha = await _request_image(state, request)
-        loaded = await asyncio.get_running_loop().run_in_executor(None, state.pool.get, model_id)
+        loaded = await asyncio.get_running_loop().run_in_executor(state.io_pool, state.pool.get, model_id)
         assert loaded.batcher is not None
         probs = await loaded.batcher.submit(picture)
         classes = loaded.bundle.classes
@@ -354,7 +358,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.post(f"{API}/models/{{model_id}}/explain", tags=["models"], openapi_extra=IMAGE_BODY)
     async def explain(model_id: str, request: Request) -> dict[str, Any]:
         fields, picture, sha = await _request_image(state, request)
-        loaded = await asyncio.get_running_loop().run_in_executor(None, state.pool.get, model_id)
+        loaded = await asyncio.get_running_loop().run_in_executor(state.io_pool, state.pool.get, model_id)
         method = str(fields.get("method") or "gradcam")
         params = _budgeted_params(settings, method, fields.get("params") or {}, loaded.bundle.preprocess.size)
         layer = fields.get("layer") or None
@@ -489,7 +493,7 @@ async def _request_image(state: State, request: Request) -> tuple[dict[str, Any]
         data = await upload.read(settings.max_upload_bytes + 1)
         fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
         image = await asyncio.get_running_loop().run_in_executor(
-            None, read_upload, data, settings.max_upload_bytes, settings.max_pixels)
+            state.io_pool, read_upload, data, settings.max_upload_bytes, settings.max_pixels)
         return fields, image.array, image.sha256
     try:
         body = await request.json()
@@ -502,7 +506,7 @@ async def _request_image(state: State, request: Request) -> tuple[dict[str, Any]
 
     path = _image_path(state, body["image_id"])
     loop = asyncio.get_running_loop()
-    array = await loop.run_in_executor(None, lambda: np.asarray(load_rgb(path)))
+    array = await loop.run_in_executor(state.io_pool, lambda: np.asarray(load_rgb(path)))
     with state.catalog.session() as session:
         from handlens.data.catalog import Image
 
