@@ -321,3 +321,23 @@ def test_the_uvicorn_factory_builds_the_app_from_the_environment(served, monkeyp
     settings = served[0].app.state.handlens.settings
     monkeypatch.setenv(SETTINGS_ENV, settings.model_copy(update={"batch_size": 3}).model_dump_json())
     assert app_from_env().state.handlens.settings.batch_size == 3
+
+
+def test_a_request_past_the_time_limit_gets_504(served, monkeypatch):
+    import time as clock
+
+    from handlens.serve.pool import ModelPool
+
+    client, run_id, _ = served
+    settings = client.app.state.handlens.settings.model_copy(update={"request_timeout_s": 0.3})
+    original = ModelPool.get
+
+    def slow(self, model_id):
+        clock.sleep(1.0)
+        return original(self, model_id)
+
+    monkeypatch.setattr(ModelPool, "get", slow)
+    with TestClient(create_app(settings), client=("127.0.0.1", 50001)) as impatient:
+        answer = impatient.post(f"/api/v1/models/{run_id}/predict", files={"file": ("a.png", png_bytes())})
+        assert answer.status_code == 504 and "longer than 0.3 s" in answer.json()["detail"]
+        assert impatient.get("/livez").status_code == 200  # the service is still answering

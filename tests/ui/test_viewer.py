@@ -1,5 +1,6 @@
 """The viewer in a real browser (Debian's chromium via Playwright) against the real service on loopback."""
 
+import json
 import os
 import shutil
 import socket
@@ -103,9 +104,19 @@ def test_inspect_changes_the_overlay_with_the_class_and_shows_probabilities(page
     assert page.locator("#heat").evaluate("e => getComputedStyle(e).opacity") == "0"
     page.locator("#show-map").check()
     name = page.locator("#image-name").inner_text()
+    second = page.evaluate("state.images[1].id")
+    request = urllib.request.Request(f"{url}/api/v1/images/{second}/regions", method="POST",
+                                     data=json.dumps({"polygons": [[[2, 2], [30, 2], [30, 30]]]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    assert urllib.request.urlopen(request).status == 201  # an expert region on the next image
     page.locator("#stage").focus()
     page.keyboard.press("ArrowRight")
     page.wait_for_function(f"document.querySelector('#image-name').textContent !== {name!r}", timeout=10_000)
+    page.wait_for_selector("#regions polygon", state="attached", timeout=10_000)  # its outline is drawn
+    page.locator("#stage").hover()
+    page.mouse.wheel(0, -300)  # zoom in on the image
+    assert "scale(1.2" in page.locator("#layers").evaluate("e => e.style.transform") or \
+        "scale(1.44" in page.locator("#layers").evaluate("e => e.style.transform")
     DOCS.mkdir(exist_ok=True)
     page.screenshot(path=str(DOCS / "viewer-inspect.png"))
     assert all(r.startswith(url) or r.startswith("data:") for r in requests), "the viewer reached outside the service"
@@ -122,6 +133,10 @@ def test_browse_grid_confusion_and_top_losses(page):
     page.select_option("#f-split", "test")
     shown = page.locator("#grid figure").count()
     assert 0 < shown <= 12
+    page.locator("#confusion tr").nth(1).locator("td").first.click()  # truth blue, predicted blue
+    page.wait_for_function("[...document.querySelectorAll('#grid figcaption')].length > 0 && "
+                           "[...document.querySelectorAll('#grid figcaption')].every(f => "
+                           "f.textContent === 'blue → blue')", timeout=30_000)
     page.screenshot(path=str(DOCS / "viewer-browse.png"))
 
 
