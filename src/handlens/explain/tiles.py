@@ -85,7 +85,7 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     if preprocess.patches:  # a patch-trained model: tiles at the scale it trained on, from its working image
         from handlens.transforms.preprocess import decode_working
 
-        picture = decode_working(original, int(preprocess.patches.get("max_side", 1024)), preprocess.morphology)
+        picture = decode_working(original, preprocess.working_side, preprocess.morphology)
         tile = tile or int(preprocess.patches.get("size", preprocess.size))
     elif preprocess.morphology:
         from handlens.transforms.morphology import apply_morphology

@@ -192,8 +192,7 @@ class Bundle:
         import torch
 
         if self.patch_trained:
-            settings = self.preprocess.patches or {}
-            working = [decode_working(image, int(settings.get("max_side", 1024)), self.preprocess.morphology)
+            working = [decode_working(image, self.preprocess.working_side, self.preprocess.morphology)
                        for image in images]
             return self.predict_working(working, batch_size)
         outputs = []

@@ -97,7 +97,7 @@ def evaluate(
         source = f"{data.dataset}/{data.split}/{subset}"
     targets = np.array([index[label] for label in labels], dtype=np.int64)
     if bundle.patch_trained:  # image-level: mean probability over each image's grid patches
-        working = decode_working_many(paths, int(bundle.preprocess.patches.get("max_side", 1024)),
+        working = decode_working_many(paths, bundle.preprocess.working_side,
                                       bundle.preprocess.morphology, sha256s, ws.cache_dir if sha256s else None)
         probs = bundle.predict_working(working)
     else:

@@ -26,14 +26,13 @@ class ClassifierModule(pl.LightningModule):
     ``history``; the scalar ones are logged for checkpointing, early stopping and tracking.
     """
 
-    def __init__(self, model: nn.Module, classes: list[str], train_cfg: Any, augment: Any,
+    def __init__(self, model: nn.Module, classes: list[str], train_cfg: Any,
                  normalize: Any, class_weights: list[float] | None, on_features: bool = False,
                  body_params: list[nn.Parameter] | None = None, mixer: Any = None) -> None:
         super().__init__()
         self.model = model
         self.classes = classes
         self.cfg = train_cfg
-        self.augment = augment  # batch -> batch on uint8 images (transforms.augment.build_augmenter)
         self.normalize = normalize  # uint8 batch -> model input (Preprocess.normalize_batch)
         self.mixer = mixer  # (x, y) -> (x, soft targets): mixup/cutmix (transforms.policy.batch_mixer)
         self.on_features = on_features
@@ -66,10 +65,7 @@ class ClassifierModule(pl.LightningModule):
         """One batch: (inputs, targets) or, for grid patches, (inputs, targets, image indices)."""
         x, y = batch[0], batch[1]
         image_index = batch[2] if len(batch) > 2 else None
-        training = stage == "train" and not self.on_features
-        if training and self.augment is not None:
-            x = self.augment(x)
-        if training and self.mixer is not None:
+        if stage == "train" and not self.on_features and self.mixer is not None:
             mixed, soft = self.mixer(self.normalize(x), y)
             logits = self.model(mixed)
             loss = self.loss_fn(logits, soft)

@@ -139,12 +139,12 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
         datasets, eval_inputs = _feature_datasets(cfg, ws, spec, model, preprocess, subsets, inputs, augmenter,
                                                   generator)
         timings["features"] = time.perf_counter() - started
-        module = ClassifierModule(model.head, data.classes, cfg.train, None, preprocess.normalize_batch,
+        module = ClassifierModule(model.head, data.classes, cfg.train, preprocess.normalize_batch,
                                   class_weights, on_features=True)
     else:
         datasets, eval_inputs = _image_datasets(cfg, preprocess, subsets, inputs)
         # the train loader augments (in its workers); the module only normalises and mixes
-        module = ClassifierModule(model, data.classes, cfg.train, None, preprocess.normalize_batch,
+        module = ClassifierModule(model, data.classes, cfg.train, preprocess.normalize_batch,
                                   class_weights, body_params=list(model.backbone.parameters()), mixer=mixer)
 
     train_loader = build_train_loader(cfg, datasets["train"], None if on_features else augmenter,

@@ -77,6 +77,11 @@ class Preprocess:
                     "std": list(self.std), "clip": list(self.clip_percentiles)}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
+    @property
+    def working_side(self) -> int:
+        """Longer side of a patch-trained model's working image (0: full resolution)."""
+        return int((self.patches or {}).get("max_side", 1024))
+
     def affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) with model input ~ (pixel in 0..1 - mean) / std: what explanation baselines need
         (a black baseline, noise). Exact for standardising modes and ``unit``; for the per-image modes, an

@@ -62,22 +62,9 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def mask_for_input(mask: np.ndarray, size: int, resize: str) -> np.ndarray:
-    """An image-resolution mask mapped onto the model input as ``preprocess_image`` maps the image."""
-    from PIL import Image
+    """An image-resolution mask mapped onto the model input exactly as ``preprocess_image`` maps the image
+    (the same crop, stretch or padding; nearest-neighbour so it stays a mask)."""
+    from handlens.transforms.preprocess import Preprocess, preprocess_image
 
-    h, w = mask.shape
-    img = Image.fromarray(mask.astype(np.uint8) * 255)
-    if resize == "stretch":
-        out = img.resize((size, size), Image.NEAREST)
-    elif resize == "letterbox":
-        scale = size / max(w, h)
-        inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST)
-        out = Image.new("L", (size, size), 0)
-        out.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
-    else:
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        resized = img.resize((nw, nh), Image.NEAREST)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        out = resized.crop((left, top, left + size, top + size))
-    return np.asarray(out) > 127
+    as_image = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2)
+    return preprocess_image(as_image, Preprocess(size=size, resize=resize, interpolation="nearest"))[..., 0] > 127
