@@ -2,8 +2,10 @@
 
 handlens: the training loader itself (``handlens.train.run.build_train_loader``): working images
 decoded once into the workspace cache (the first epoch pays for it), random ROI-free 224-px patches
-(zoom 0.75-1.25) cut from them, the thin-section policy run on each batch in the loader's workers,
-then normalisation. Plain: ``torchvision.datasets.ImageFolder`` + a ``transforms.v2`` pipeline doing
+(zoom 0.75-1.25) cut from them, the thin-section policy run on each batch by the augmentation engine
+(``transforms.engine``: turns and flips folded into cutting the patch, the any-angle rotation one
+``grid_sample``, brightness/contrast/blur one pass), in-process by default, then normalisation in
+place, as the training step does. Plain: ``torchvision.datasets.ImageFolder`` + a ``transforms.v2`` pipeline doing
 the same steps per image (decode, random square crop of the same pixel size resized to 224, right-angle
 turn, any-angle bilinear rotation p=0.5, both flips, brightness p=0.5, contrast p=0.5, blur p=0.1, to float,
 normalise) — what a user would otherwise write. Same images, batch size, worker count, in one run.
@@ -66,7 +68,7 @@ def handlens_epochs(ws: Any, dataset: str, epochs: int, batch: int, workers: int
             started = time.perf_counter()
         count = 0
         for x, _ in loader:
-            x = preprocess.normalize_batch(x)
+            x = preprocess.normalize_batch(x, in_place=True)  # as the training step does
             assert x.dtype == torch.float32 and x.shape[-1] == preprocess.size and np.isfinite(float(x[0, 0, 0, 0]))
             count += len(x)
         rates.append(count / (time.perf_counter() - started))

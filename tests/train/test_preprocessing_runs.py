@@ -114,7 +114,7 @@ def test_the_loader_augmenter_survives_pickling():
 
     from handlens.train.config import load_config
     from handlens.transforms.augment import build_augmenter
-    from handlens.transforms.policy import AugmentingCollate
+    from handlens.transforms.engine import AugmentingCollate
 
     collate = pickle.loads(pickle.dumps(AugmentingCollate(build_augmenter(
         load_config(None, ["augment.policy=thin-section"]).augment))))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from handlens.core.errors import InputError
-from handlens.transforms.policy import AUGMENT_OPS, apply_policy, load_policy, parse_policy, preset_names
+from handlens.transforms.engine import apply_policy
+from handlens.transforms.policy import AUGMENT_OPS, load_policy, parse_policy, preset_names
 
 
 def top_bright(n: int = 64, size: int = 48) -> torch.Tensor:

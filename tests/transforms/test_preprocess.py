@@ -5,7 +5,7 @@ from PIL import Image
 
 from handlens.transforms.augment import basic_policy
 from handlens.transforms.cache import decode_many
-from handlens.transforms.policy import apply_policy
+from handlens.transforms.engine import apply_policy
 from handlens.transforms.preprocess import Preprocess, load_rgb, normalize_batch, preprocess_image
 
 
@@ -40,6 +40,21 @@ def test_normalize_batch_matches_the_formula():
     batch = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = normalize_batch(batch, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert torch.allclose(out, torch.full_like(out, 2.0))
+
+
+@pytest.mark.parametrize("mode", ["backbone", "unit", "minmax", "percentile"])
+def test_normalizing_in_place_gives_the_same_and_spares_integer_batches(mode):
+    pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    expected = normalize_batch(pixels, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), mode)
+    owned = pixels.float()
+    out = normalize_batch(owned, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), mode, in_place=True)
+    assert out.data_ptr() == owned.data_ptr() and torch.allclose(out, expected, atol=1e-5)
+    copy = pixels.float()
+    normalize_batch(copy, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), mode)  # not in place: the caller's batch stays
+    assert torch.equal(copy, pixels.float())
+    kept = pixels.clone()
+    normalize_batch(kept, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), mode, in_place=True)  # uint8 cannot hold it
+    assert torch.equal(kept, pixels)
 
 
 def test_augment_keeps_shape_and_varies_samples():

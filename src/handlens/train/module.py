@@ -33,7 +33,9 @@ class ClassifierModule(pl.LightningModule):
         self.model = model
         self.classes = classes
         self.cfg = train_cfg
-        self.normalize = normalize  # uint8 batch -> model input (Preprocess.normalize_batch)
+        # (batch, in_place=False) -> model input (Preprocess.normalize_batch): uint8 pixels, or float 0..255
+        # from the train loader's augmentation, which in_place=True overwrites
+        self.normalize = normalize
         self.mixer = mixer  # (x, y) -> (x, soft targets): mixup/cutmix (transforms.policy.batch_mixer)
         self.on_features = on_features
         self.body_param_ids = {id(p) for p in (body_params or [])}
@@ -65,12 +67,15 @@ class ClassifierModule(pl.LightningModule):
         """One batch: (inputs, targets) or, for grid patches, (inputs, targets, image indices)."""
         x, y = batch[0], batch[1]
         image_index = batch[2] if len(batch) > 2 else None
+        if not self.on_features:
+            # a float batch is the train loader's own augmented copy: normalised in place, no new tensor
+            x = self.normalize(x, in_place=stage == "train" and x.is_floating_point())
         if stage == "train" and not self.on_features and self.mixer is not None:
-            mixed, soft = self.mixer(self.normalize(x), y)
+            mixed, soft = self.mixer(x, y)
             logits = self.model(mixed)
             loss = self.loss_fn(logits, soft)
         else:
-            logits = self(x)
+            logits = self.model(x)
             loss = self.loss_fn(logits, y)
         if stage == "train" and not torch.isfinite(loss):
             raise NonFiniteLossError(

@@ -8,11 +8,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from handlens.transforms.engine import Source
 from handlens.transforms.patches import PatchSpec, RoiIntegral, crop_resize, grid_boxes, sample_boxes
 
 
 class RandomPatchDataset(torch.utils.data.Dataset):
-    """``spec.per_image`` random patches of each image in ``order`` per epoch, as (uint8 patch, target).
+    """``spec.per_image`` random patches of each image in ``order`` per epoch, as (patch source, target).
+
+    A patch is a :class:`~handlens.transforms.engine.Source` (the image and the box to cut): the loader's
+    collate function (``engine.AugmentingCollate``) cuts and resizes it, turned and flipped by the
+    policy's draws on the way, in the same copy.
 
     ``order`` lists image indices (repeats allowed: oversampling); item ``i`` is a fresh random patch of
     image ``order[i % len(order)]``, so a shuffled batch mixes images. Draws come from one seeded
@@ -41,12 +46,12 @@ class RandomPatchDataset(torch.utils.data.Dataset):
             self.rng, self._rng_owner = random.Random(info.seed ^ self.seed), info.id
         return self.rng
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[Source, torch.Tensor]:
         image_index = int(self.order[index % len(self.order)])
         image = self.images[image_index]
         roi = self.rois[image_index] if self.rois is not None else None
         box = sample_boxes(image.shape[0], image.shape[1], self.spec, self._generator(), roi, count=1)[0]
-        return crop_resize(image, box, self.out_size), self.targets[image_index]
+        return Source(image, box, self.out_size), self.targets[image_index]
 
 
 class GridPatchDataset(torch.utils.data.Dataset):

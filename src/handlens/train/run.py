@@ -167,7 +167,7 @@ def build_train_loader(cfg: RunConfig, train_set: Any, augmenter: Any, targets: 
     """The training DataLoader: shuffled or class-balanced sampling; batches augmented by the loader."""
     import torch
 
-    from handlens.transforms.policy import AugmentingCollate
+    from handlens.transforms.engine import AugmentingCollate
 
     workers = 0 if on_features else loader_workers(cfg, len(train_set))
     kwargs: dict[str, Any] = {"batch_size": cfg.train.batch_size, "num_workers": workers,

@@ -1,6 +1,6 @@
-"""The augmentation a run config asks for, as one ``batch -> batch`` function on uint8 tensors.
+"""The augmentation a run config asks for, as one ``images -> batch`` function.
 
-Every kind goes through the policy engine (``transforms.policy``): ``basic`` is a policy built from
+Every kind goes through the augmentation engine (``transforms.engine``): ``basic`` is a policy built from
 ``augment.crop_scale/hflip/vflip`` (random resized crop, then flips), any other name is a preset or a
 policy YAML file.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlens.transforms.policy import Policy, Step, augment_float, load_policy
+from handlens.transforms.engine import as_sources, augment_sources
+from handlens.transforms.policy import Policy, Step, load_policy
 
 
 def basic_policy(hflip: bool = True, vflip: bool = False, crop_scale: float = 0.8) -> Policy:
@@ -41,17 +42,18 @@ def policy_for(config: Any) -> Policy | None:
 
 
 class PolicyAugmenter:
-    """``batch, generator=None -> batch``: uint8 in, float32 in 0..255 out, ready for ``normalize_batch``.
+    """``images, generator=None -> batch``: a uint8 batch or a list of sources (``transforms.engine``) in,
+    a float32 batch in 0..255 out, ready for ``normalize_batch``.
     A plain object (not a closure) so loader worker processes can receive it under any start method."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
 
-    def __call__(self, batch: Any, generator: Any = None) -> Any:
+    def __call__(self, images: Any, generator: Any = None) -> Any:
         import torch
 
         seed = int(torch.randint(2**31, (1,), generator=generator)) if generator is not None else None
-        return augment_float(batch, self.policy, seed)
+        return augment_sources(as_sources(images), self.policy, seed)
 
 
 def build_augmenter(config: Any) -> PolicyAugmenter | None:

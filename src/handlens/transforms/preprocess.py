@@ -90,9 +90,10 @@ class Preprocess:
             return self.mean, self.std
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
-    def normalize_batch(self, batch: Any) -> Any:
-        """(N, 3, H, W) uint8 -> the float tensor the model takes, as ``normalize`` says."""
-        return normalize_batch(batch, self.mean, self.std, self.normalize, self.clip_percentiles)
+    def normalize_batch(self, batch: Any, in_place: bool = False) -> Any:
+        """(N, 3, H, W) uint8 -> the float tensor the model takes, as ``normalize`` says (``in_place``: see
+        :func:`normalize_batch`)."""
+        return normalize_batch(batch, self.mean, self.std, self.normalize, self.clip_percentiles, in_place)
 
 
 def load_rgb(source: Any) -> Any:
@@ -191,30 +192,37 @@ def decode_working(source: Any, max_side: int, morphology: list[dict[str, Any]] 
 
 
 def normalize_batch(batch: Any, mean: tuple[float, ...], std: tuple[float, ...], mode: str = "backbone",
-                    percentiles: tuple[float, float] = (1.0, 99.0)) -> Any:
-    """(N, 3, H, W) uint8 tensor -> float tensor; ``mode`` as in :data:`NORMALIZE_RANGES`.
+                    percentiles: tuple[float, float] = (1.0, 99.0), in_place: bool = False) -> Any:
+    """(N, 3, H, W) uint8 (or float 0..255) tensor -> float tensor; ``mode`` as in :data:`NORMALIZE_RANGES`.
 
     ``backbone``/``dataset`` standardise with ``mean``/``std`` (0..1 units); the per-image modes use
     each image's own statistics over all its pixels and channels, so one bright scan and one dark
     scan end up on the same scale (percentile clipping also ignores a few saturated pixels).
+    ``in_place``: a float32 batch the caller owns (the train loader's augmented batch) is overwritten
+    instead of copied, one allocation and pass fewer per step; otherwise the caller's batch is untouched.
     """
     import torch
 
+    own = in_place and batch.dtype == torch.float32
+    x = batch if own else batch.float()
     if mode == "unit":
-        return batch.float() / 255.0
+        return x.div_(255.0) if own else x / 255.0
     if mode in ("minmax", "percentile"):
-        x = batch.float()
         flat = x.flatten(1)
         if mode == "minmax":
             low, high = flat.amin(1), flat.amax(1)
         else:
             q = torch.tensor([percentiles[0] / 100.0, percentiles[1] / 100.0], device=x.device)
             low, high = torch.quantile(flat, q, dim=1)
-        low, high = low.view(-1, 1, 1, 1), high.view(-1, 1, 1, 1)
-        return ((x - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
+        low, span = low.view(-1, 1, 1, 1), (high - low).clamp_min(1e-6).view(-1, 1, 1, 1)
+        if own:
+            return x.sub_(low).div_(span).clamp_(0.0, 1.0)
+        return ((x - low) / span).clamp(0.0, 1.0)
     if mode not in ("backbone", "dataset"):
         raise ValueError(f"unknown normalisation {mode!r}; choose one of {', '.join(NORMALIZE_RANGES)}")
     mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
-    # x / (255 std) - mean / std in one pass (addcmul), never writing into the caller's batch
-    return torch.addcmul(-mean_t / std_t, batch.float(), 1.0 / (std_t * 255.0))
+    scale, shift = 1.0 / (std_t * 255.0), -mean_t / std_t  # x / (255 std) - mean / std
+    if own:
+        return x.mul_(scale).add_(shift)
+    return torch.addcmul(shift, x, scale)  # one pass

@@ -1,0 +1,260 @@
+"""The augmentation engine: a policy run over a batch in as few passes over the pixels as its steps allow.
+
+A batch is a list of sources: an (H, W, 3) uint8 image and, for a patch, the square box to cut from
+it and the side to resize it to. A policy's per-image steps split into three runs:
+
+- a leading run of geometric steps (flips, rotations, crops, translations). Each sample's draws
+  compose into one affine matrix (``policy.GEOMETRIC_DRAWS``). Where that matrix is a symmetry of the
+  image (right-angle turns and flips: the commonest draws for orientation-free images), it is applied
+  exactly, as a strided view, while the sample's pixels are copied into the batch: no resampling at
+  all. Every other sample is resampled once, by one ``grid_sample`` over all of them, however many
+  geometric steps the policy has.
+- a trailing run of brightness, contrast and blur. Brightness and contrast compose into one scale and
+  offset per sample (a contrast's mean grey level follows from the steps before it); blur is linear
+  with weights summing to one, so it commutes with them. The run costs one in-place pass, plus one
+  convolution over the samples that are blurred.
+- whatever lies between, op by op (``policy.AUGMENT_OPS``).
+
+Values are clamped to 0..255 once, at the end. The random draws are those of running the steps one by
+one (same seed, same parameters); the pixels differ near the borders only: a rotation after a crop reads
+the image's own pixels beyond the crop instead of mirrored ones (one resampling instead of two), and a
+contrast step after a blur step takes the mean grey level from before the blur.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from handlens.transforms.policy import (
+    AUGMENT_OPS,
+    GEOMETRIC_DRAWS,
+    Policy,
+    Step,
+    blur_samples,
+    draw_factor,
+    draw_sigma,
+    grey_means,
+    scratch,
+    warp,
+)
+
+#: steps the trailing photometric run fuses into one pass
+FUSED_PHOTOMETRIC = ("brightness", "contrast", "blur")
+
+#: (transpose, flip rows, flip columns): an exact symmetry of the pixel grid
+Symmetry = tuple[bool, bool, bool]
+IDENTITY: Symmetry = (False, False, False)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One sample's pixels: an (H, W, 3) uint8 array, and for a patch the square ``box`` (top, left,
+    side) to cut from it, resized to ``size``. Without a box the whole array is the sample."""
+
+    pixels: np.ndarray
+    box: tuple[int, int, int] | None = None
+    size: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.box is not None:
+            side = self.size or self.box[2]
+            return side, side
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+
+def as_sources(images: Any) -> list[Source]:
+    """Sources from a (N, 3, H, W) uint8 tensor, a list of (3, H, W) uint8 tensors, or a list of sources."""
+    import torch
+
+    if hasattr(images, "dim"):
+        images = list(images)
+    sources = []
+    for image in images:
+        if not isinstance(image, Source):
+            if image.dtype != torch.uint8 or image.device.type != "cpu":
+                raise TypeError(f"augmentation takes uint8 pixels on the CPU (0..255), got {image.dtype} on "
+                                f"{image.device}; augment before normalising and before moving to the GPU")
+            image = Source(image.permute(1, 2, 0).numpy())
+        sources.append(image)
+    return sources
+
+
+def split_steps(steps: Sequence[Step]) -> tuple[list[Step], list[Step], list[Step]]:
+    """(leading geometric run, the steps between, trailing brightness/contrast/blur run)."""
+    steps = list(steps)
+    start = 0
+    while start < len(steps) and steps[start].op in GEOMETRIC_DRAWS:
+        start += 1
+    end = len(steps)
+    while end > start and steps[end - 1].op in FUSED_PHOTOMETRIC:
+        end -= 1
+    return steps[:start], steps[start:end], steps[end:]
+
+
+def symmetry_of(matrix: np.ndarray, square: bool) -> Symmetry | None:
+    """The exact grid symmetry a (3, 3) output -> input matrix in normalised coordinates is, or None.
+
+    Output pixel (row v, column u) reads input (row c*u + d*v, column a*u + b*v) for ``[[a, b], [c, d]]``;
+    with entries in {-1, 0, 1} and no translation that is a flip and/or a transpose (a transpose only
+    keeps the grid on a square image).
+    """
+    linear = np.round(matrix[:2, :2])
+    if np.abs(matrix[:2, 2]).max() > 1e-6 or np.abs(matrix[:2, :2] - linear).max() > 1e-6:
+        return None
+    (a, b), (c, d) = linear
+    if b == 0 and c == 0 and abs(a) == 1 and abs(d) == 1:
+        return False, bool(d < 0), bool(a < 0)
+    if a == 0 and d == 0 and abs(b) == 1 and abs(c) == 1 and square:
+        return True, bool(b < 0), bool(c < 0)
+    return None
+
+
+def symmetric_view(image: Any, symmetry: Symmetry) -> Any:
+    """A (..., H, W) tensor seen through a grid symmetry (a flip copies: torch has no negative strides)."""
+    transpose, flip_rows, flip_cols = symmetry
+    view = image.transpose(-2, -1) if transpose else image
+    dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
+    return view.flip(dims) if dims else view
+
+
+def pixel_batch(sources: Sequence[Source], symmetries: Sequence[Symmetry] | None = None, out: Any = None) -> Any:
+    """The (N, 3, H, W) uint8 batch of the sources' pixels: patches cut and resized (antialiased), each
+    sample turned or flipped by its symmetry (if given) on the way, at the output size; into ``out``
+    (a tensor of that shape) when given."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    shapes = {source.shape for source in sources}
+    if len(shapes) != 1:
+        raise ValueError(f"a batch needs samples of one size, got {sorted(shapes)}")
+    h, w = shapes.pop()
+    batch = torch.empty((len(sources), 3, h, w), dtype=torch.uint8) if out is None else out
+    for i, source in enumerate(sources):
+        pixels = source.pixels
+        if source.box is not None:
+            top, left, side = source.box
+            pixels = np.ascontiguousarray(pixels[top:top + side, left:left + side])
+        image = torch.from_numpy(pixels).permute(2, 0, 1)
+        if image.shape[-2:] != (h, w):
+            image = F.resize(image, [h, w], antialias=True)
+        batch[i] = image if symmetries is None else symmetric_view(image, symmetries[i])
+    return batch
+
+
+def _geometric_run(sources: Sequence[Source], steps: Sequence[Step], rng: random.Random) -> Any:
+    """The float batch after the leading geometric steps: symmetries applied while copying, the other
+    samples resampled once through their composed matrix."""
+    import torch
+
+    n = len(sources)
+    h, w = sources[0].shape
+    matrices: list[np.ndarray | None] = [None] * n
+    for step in steps:
+        draw = GEOMETRIC_DRAWS.get(step.op)
+        for i in [i for i in range(n) if rng.random() < step.p]:
+            drawn = draw(rng, h, w, **step.params)
+            previous = matrices[i]
+            matrices[i] = drawn if previous is None else previous @ drawn  # output -> input: first step leftmost
+    symmetries: list[Symmetry | None] = [IDENTITY if m is None else symmetry_of(m, h == w) for m in matrices]
+    pixels = pixel_batch(sources, [s or IDENTITY for s in symmetries], scratch("pixels", (n, 3, h, w), torch.uint8))
+    batch = pixels.float()  # the result: fresh memory, handed to the caller
+    resampled = [i for i, s in enumerate(symmetries) if s is None]
+    if resampled:
+        index = torch.tensor(resampled)
+        chosen = torch.index_select(pixels, 0, index, out=scratch("chosen", (len(index), 3, h, w), torch.uint8))
+        theta = np.stack([matrices[i][:2] for i in resampled])  # type: ignore[index]
+        batch.index_copy_(0, index, warp(scratch("warped", chosen.shape, batch.dtype).copy_(chosen), theta))
+    return batch
+
+
+def _photometric_run(batch: Any, steps: Sequence[Step], rng: random.Random) -> Any:
+    """The trailing brightness/contrast/blur steps: blurs, then one scale and offset per sample."""
+    import torch
+
+    n = batch.shape[0]
+    scale, offset = [1.0] * n, [0.0] * n
+    blurs: list[tuple[list[int], list[float]]] = []
+    means: list[float] | None = None
+    for step in steps:
+        chosen = [i for i in range(n) if rng.random() < step.p]
+        if not chosen:
+            continue
+        if step.op == "blur":
+            blurs.append((chosen, [draw_sigma(rng, **step.params) for _ in chosen]))
+            continue
+        for i in chosen:
+            factor = draw_factor(rng, **step.params)
+            if step.op == "contrast":  # towards the mean grey level the earlier steps left
+                means = grey_means(batch).tolist() if means is None else means
+                mean = scale[i] * means[i] + offset[i]
+                scale[i], offset[i] = scale[i] * factor, offset[i] * factor + (1 - factor) * mean
+            else:
+                scale[i], offset[i] = scale[i] * factor, offset[i] * factor
+    for chosen, sigmas in blurs:
+        blur_samples(batch, chosen, sigmas)
+    if any(s != 1.0 for s in scale) or any(o != 0.0 for o in offset):
+        batch.mul_(torch.tensor(scale, dtype=batch.dtype).view(n, 1, 1, 1))
+        batch.add_(torch.tensor(offset, dtype=batch.dtype).view(n, 1, 1, 1))
+    return batch
+
+
+def augment_sources(sources: Sequence[Source], policy: Policy | None, seed: int | None = None) -> Any:
+    """The augmented (N, 3, H, W) float32 batch in 0..255, each sample with its own random draws."""
+    import torch
+
+    rng = random.Random(seed if seed is not None else int(torch.randint(2**31, (1,))))
+    geometric, middle, photometric = split_steps(policy.image_steps if policy is not None else ())
+    batch = _geometric_run(sources, geometric, rng)
+    for step in middle:
+        chosen = [i for i in range(batch.shape[0]) if rng.random() < step.p]
+        if chosen:
+            batch = AUGMENT_OPS.get(step.op)(batch, rng, chosen, **step.params)
+    if photometric:
+        batch = _photometric_run(batch, photometric, rng)
+    return batch.clamp_(0, 255)
+
+
+def augment_float(batch: Any, policy: Policy | None, seed: int | None = None) -> Any:
+    """(N, 3, H, W) uint8 -> augmented float32 copy in 0..255 (see :func:`augment_sources`); it feeds
+    ``normalize_batch`` directly."""
+    return augment_sources(as_sources(batch), policy, seed)
+
+
+def apply_policy(batch: Any, policy: Policy | None, seed: int | None = None) -> Any:
+    """(N, 3, H, W) uint8 -> augmented uint8 copy (for previews and tests); see :func:`augment_sources`."""
+    import torch
+
+    if policy is None or not policy.image_steps:
+        return batch
+    return augment_float(batch, policy, seed).round_().to(torch.uint8)
+
+
+class AugmentingCollate:
+    """A DataLoader ``collate_fn``: (image, target, ...) samples, where an image is a (3, H, W) uint8
+    tensor or a :class:`Source` (a patch still to cut), become one batch, augmented when an augmenter is
+    given. It runs in the loader's worker processes when there are any, beside the model.
+
+    Returns (images, targets, ...): float32 0..255 in-process, uint8 from a worker process (a quarter of the
+    bytes to pass), uint8 without augmentation; a picklable object, as worker processes need.
+    """
+
+    def __init__(self, augment: Callable[..., Any] | None) -> None:
+        self.augment = augment
+
+    def __call__(self, samples: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+        import torch
+
+        sources = as_sources([s[0] for s in samples])
+        rest = tuple(torch.stack([torch.as_tensor(s[i]) for s in samples]) for i in range(1, len(samples[0])))
+        if self.augment is None:
+            return (pixel_batch(sources), *rest)
+        images = self.augment(sources)
+        if torch.utils.data.get_worker_info() is not None:  # uint8: a quarter of the bytes between processes
+            images = images.round_().to(torch.uint8)
+        return (images, *rest)
