@@ -14,10 +14,16 @@ from handlens.transforms.engine import (
     augment_sources,
     pixel_batch,
     split_steps,
-    symmetry_of,
 )
 from handlens.transforms.patches import crop_resize
-from handlens.transforms.policy import AUGMENT_OPS, GEOMETRIC_DRAWS, blur_samples, parse_policy, warp
+from handlens.transforms.policy import (
+    AUGMENT_OPS,
+    GEOMETRIC_DRAWS,
+    blur_samples,
+    parse_policy,
+    symmetry_of,
+    warp,
+)
 
 
 def one_by_one(batch: torch.Tensor, policy, seed: int) -> torch.Tensor:
@@ -134,6 +140,17 @@ def test_steps_between_the_runs_run_one_by_one():
     assert [s.op for s in middle] == ["saturation", "rotate", "noise"] and [s.op for s in photometric] == ["contrast"]
     batch = random_images(24, 16, seed=3)
     assert (augment_float(batch, policy, 7) - one_by_one(batch, policy, 7)).abs().max() < 0.05
+
+
+def test_turns_and_flips_after_a_colour_step_are_still_exact():
+    policy = parse_policy({"steps": [{"op": "noise", "p": 0.0}, {"op": "hflip", "p": 0.5},
+                                     {"op": "rotate", "p": 1.0, "degrees": "right_angles"}]})
+    assert [s.op for s in split_steps(policy.image_steps)[1]] == ["noise", "hflip", "rotate"]
+    batch = random_images(16, 10)
+    out = augment_float(batch, policy, 4).to(torch.uint8)
+    symmetries = [torch.rot90(image.flip(-1) if flip else image, k, (-2, -1)) for image in batch
+                  for flip in (False, True) for k in range(4)]
+    assert all(any(torch.equal(o, s) for s in symmetries[8 * i:8 * i + 8]) for i, o in enumerate(out))
 
 
 def test_patches_are_cut_turned_and_flipped_in_one_copy():

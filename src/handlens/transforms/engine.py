@@ -33,22 +33,22 @@ import numpy as np
 from handlens.transforms.policy import (
     AUGMENT_OPS,
     GEOMETRIC_DRAWS,
+    IDENTITY,
     Policy,
     Step,
+    Symmetry,
     blur_samples,
     draw_factor,
     draw_sigma,
     grey_means,
     scratch,
+    symmetric_view,
+    symmetry_of,
     warp,
 )
 
 #: steps the trailing photometric run fuses into one pass
 FUSED_PHOTOMETRIC = ("brightness", "contrast", "blur")
-
-#: (transpose, flip rows, flip columns): an exact symmetry of the pixel grid
-Symmetry = tuple[bool, bool, bool]
-IDENTITY: Symmetry = (False, False, False)
 
 
 @dataclass(frozen=True)
@@ -95,32 +95,6 @@ def split_steps(steps: Sequence[Step]) -> tuple[list[Step], list[Step], list[Ste
     while end > start and steps[end - 1].op in FUSED_PHOTOMETRIC:
         end -= 1
     return steps[:start], steps[start:end], steps[end:]
-
-
-def symmetry_of(matrix: np.ndarray, square: bool) -> Symmetry | None:
-    """The exact grid symmetry a (3, 3) output -> input matrix in normalised coordinates is, or None.
-
-    Output pixel (row v, column u) reads input (row c*u + d*v, column a*u + b*v) for ``[[a, b], [c, d]]``;
-    with entries in {-1, 0, 1} and no translation that is a flip and/or a transpose (a transpose only
-    keeps the grid on a square image).
-    """
-    linear = np.round(matrix[:2, :2])
-    if np.abs(matrix[:2, 2]).max() > 1e-6 or np.abs(matrix[:2, :2] - linear).max() > 1e-6:
-        return None
-    (a, b), (c, d) = linear
-    if b == 0 and c == 0 and abs(a) == 1 and abs(d) == 1:
-        return False, bool(d < 0), bool(a < 0)
-    if a == 0 and d == 0 and abs(b) == 1 and abs(c) == 1 and square:
-        return True, bool(b < 0), bool(c < 0)
-    return None
-
-
-def symmetric_view(image: Any, symmetry: Symmetry) -> Any:
-    """A (..., H, W) tensor seen through a grid symmetry (a flip copies: torch has no negative strides)."""
-    transpose, flip_rows, flip_cols = symmetry
-    view = image.transpose(-2, -1) if transpose else image
-    dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
-    return view.flip(dims) if dims else view
 
 
 def pixel_batch(sources: Sequence[Source], symmetries: Sequence[Symmetry] | None = None, out: Any = None) -> Any:

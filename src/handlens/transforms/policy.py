@@ -73,8 +73,8 @@ BATCH_OPS = ("mixup", "cutmix")
 
 #: op name -> function(batch, rng: random.Random, chosen: list[int], **params) -> batch, where batch is
 #: (N, 3, H, W) float32 in 0..255 and ``chosen`` the samples the step applies to. Each op draws its
-#: own parameters per chosen sample and works on the whole batch at once: geometric ops are one
-#: ``grid_sample`` with a per-sample affine matrix, pointwise ops broadcast per-sample factors (the
+#: own parameters per chosen sample and works on the whole batch at once: geometric ops are exact turns
+#: and flips or one ``grid_sample`` with a per-sample affine matrix, pointwise ops broadcast per-sample factors (the
 #: identity for samples not chosen). Values are clamped and rounded once, at the end, not per op.
 AUGMENT_OPS: Registry[Callable[..., Any]] = Registry("augmentation op")
 
@@ -127,8 +127,42 @@ def warp(batch: Any, theta: Any) -> Any:
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+#: (transpose, flip rows, flip columns): an exact symmetry of the pixel grid
+Symmetry = tuple[bool, bool, bool]
+IDENTITY: Symmetry = (False, False, False)
+
+
+def symmetry_of(matrix: Any, square: bool) -> Symmetry | None:
+    """The exact grid symmetry a (3, 3) output -> input matrix in normalised coordinates is, or None.
+
+    Output pixel (row v, column u) reads input (row c*u + d*v, column a*u + b*v) for ``[[a, b], [c, d]]``;
+    with entries in {-1, 0, 1} and no translation that is a flip and/or a transpose (a transpose only
+    keeps the grid on a square image).
+    """
+    values = [float(matrix[0][0]), float(matrix[0][1]), float(matrix[1][0]), float(matrix[1][1])]
+    rounded = [round(v) for v in values]
+    if abs(matrix[0][2]) > 1e-6 or abs(matrix[1][2]) > 1e-6 or any(abs(v - r) > 1e-6 for v, r in
+                                                                   zip(values, rounded, strict=True)):
+        return None
+    a, b, c, d = rounded
+    if b == 0 and c == 0 and abs(a) == 1 and abs(d) == 1:
+        return False, bool(d < 0), bool(a < 0)
+    if a == 0 and d == 0 and abs(b) == 1 and abs(c) == 1 and square:
+        return True, bool(b < 0), bool(c < 0)
+    return None
+
+
+def symmetric_view(image: Any, symmetry: Symmetry) -> Any:
+    """A (..., H, W) tensor seen through a grid symmetry (a flip copies: torch has no negative strides)."""
+    transpose, flip_rows, flip_cols = symmetry
+    view = image.transpose(-2, -1) if transpose else image
+    dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
+    return view.flip(dims) if dims else view
+
+
 def _geometric(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a matrix draw, and as the batch op of the same name: one warp of the chosen samples."""
+    """Register a matrix draw, and as the batch op of the same name (for a geometric step after a colour step):
+    the chosen samples' turns and flips applied exactly, one warp for the others."""
 
     def wrap(draw: Callable[..., Any]) -> Callable[..., Any]:
         GEOMETRIC_DRAWS.register(name, draw)
@@ -138,9 +172,19 @@ def _geometric(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             import torch
 
             h, w = batch.shape[-2:]
-            theta = np.stack([draw(rng, h, w, **params)[:2] for _ in chosen])
-            index = torch.tensor(chosen)
-            return batch.index_copy_(0, index, warp(batch.index_select(0, index), theta))
+            matrices = [draw(rng, h, w, **params) for _ in chosen]
+            resampled = []
+            for i, matrix in zip(chosen, matrices, strict=True):
+                symmetry = symmetry_of(matrix, h == w)
+                if symmetry is None:
+                    resampled.append((i, matrix[:2]))
+                elif symmetry != IDENTITY:  # exact; a copy, as the view may alias the sample it replaces
+                    batch[i] = symmetric_view(batch[i], symmetry).clone()
+            if resampled:
+                index = torch.tensor([i for i, _ in resampled])
+                theta = np.stack([matrix for _, matrix in resampled])
+                batch.index_copy_(0, index, warp(batch.index_select(0, index), theta))
+            return batch
 
         AUGMENT_OPS.register(name, batch_op)
         return draw
