@@ -30,6 +30,9 @@ class DataConfig(_Section):
     def _per_class_needed(self) -> DataConfig:
         if self.balance == "downsample" and not self.per_class:
             raise ValueError("data.balance=downsample needs data.per_class=N (images kept per class)")
+        if self.per_class and self.balance in ("none", "sampler"):
+            raise ValueError(f"data.per_class={self.per_class} has no effect with data.balance={self.balance}: "
+                             "use data.balance=downsample (keep N per class) or oversample (grow to N per class)")
         return self
 
 
