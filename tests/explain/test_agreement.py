@@ -91,3 +91,25 @@ def test_agreement_without_regions_says_how_to_add_them(trained_workspace):
     bundle = train(tiny_config(), trained_workspace).bundle
     result = runner.invoke(app, ["--workspace", str(trained_workspace.root), "agreement", str(bundle)])
     assert result.exit_code == 2 and "handlens annotate import colours" in result.output
+
+
+def test_trust_measures_a_patch_trained_model_on_its_grid_patches(annotated, tmp_path):
+    """What a patch model sees: the grid patches at its scale, each with its own piece of the expert region."""
+    from handlens.cli.main import _patch_inputs_and_rois
+    from handlens.explain.api import load_bundle
+
+    patches = ["preprocess.patches.enabled=true", "preprocess.patches.size=16", "preprocess.patches.max_side=0",
+               "preprocess.patches.grid_max=4", "preprocess.size=16"]
+    bundle = train(tiny_config(*patches), annotated).bundle
+    image = str(sorted((tmp_path / "colours" / "red").iterdir())[0])
+    inputs, masks = _patch_inputs_and_rois(annotated, load_bundle(bundle), [image], "annotations")
+    assert inputs.shape == (4, 3, 16, 16) and masks.shape == (4, 16, 16)
+    # 40-px image, 16-px grid thinned to 4 boxes: top-left (inside the left-half region), ..., bottom-right (outside)
+    assert masks[0].all() and not masks[-1].any()
+    for roi in ("none", "threshold", "annotations"):
+        result = runner.invoke(app, ["--workspace", str(annotated.root), "trust", str(bundle), image, "--roi", roi,
+                                     "--steps", "4", "--sanity-steps", "1", "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["inputs"] == "grid patches" and report["n_inputs"] == 4
+        assert report["faithfulness"]["roi"] is (roi != "none")

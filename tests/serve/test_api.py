@@ -106,6 +106,27 @@ def test_explain_returns_an_overlay_and_is_cached(served):
     assert not other["cached"] and other["target"] == "blue"
 
 
+def test_a_patch_trained_model_is_explained_tile_by_tile(served):
+    """It is explained as it sees images: patches at its own scale, their maps stitched over the image."""
+    from handlens.core.workspace import Workspace
+    from handlens.train.run import train
+
+    client, _, root = served
+    patches = ["preprocess.patches.enabled=true", "preprocess.patches.size=16", "preprocess.patches.max_side=0",
+               "preprocess.size=16"]
+    run_id = train(tiny_config(*patches), Workspace.open(root / "ws")).run_id
+    assert next(m for m in client.get("/api/v1/models").json() if m["id"] == run_id)["patch_trained"]
+    upload = {"file": ("wide.png", png_bytes(size=(48, 32)))}
+    body = client.post(f"/api/v1/models/{run_id}/explain", files=upload,
+                       data={"method": "gradcam", "output": "both"}).json()
+    assert body["map_shape"] == [32, 48]  # over the whole image, not one 16-px model input
+    assert Image.open(io.BytesIO(base64.b64decode(body["overlay_png"]))).size == (48, 32)
+    assert body["layer"] and sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    huge = {"file": ("huge.png", png_bytes(size=(400, 300)))}
+    refused = client.post(f"/api/v1/models/{run_id}/explain", files=huge, data={"method": "gradcam"})
+    assert refused.status_code == 422 and "tiles" in refused.json()["detail"]
+
+
 def test_expensive_methods_have_budgets(served):
     client, run_id, _ = served
     image_id = client.get("/api/v1/images", params={"dataset": "colours", "limit": 1}).json()["items"][0]["id"]

@@ -90,7 +90,7 @@ def test_invalid_preprocessing_settings_are_named(trained_workspace):
         tiny_config("preprocess.morphology=[{op: skeleton}]")
     with pytest.raises(InputError, match="per_class"):
         tiny_config("data.balance=downsample")
-    with pytest.raises(InputError, match="no effect with data.balance=sampler"):
+    with pytest.raises(InputError, match=r"no effect with data\.balance=sampler"):
         tiny_config("data.balance=sampler", "data.per_class=5")
     with pytest.raises(InputError, match=r"preprocess\.normalize"):
         tiny_config("preprocess.normalize=zscore")

@@ -663,8 +663,11 @@ def trust_cmd(
                             "rule, else Otsu) or annotations (expert regions in the catalog)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Can the maps be trusted? Deletion/insertion AUC beside a random map, and the randomisation sanity check."""
-    from handlens.explain.api import load_bundle
+    """Can the maps be trusted? Deletion/insertion AUC beside a random map, and the randomisation sanity check.
+
+    A patch-trained model is measured on what it sees: the grid patches of each image, at its patch scale.
+    """
+    from handlens.explain.api import explain, load_bundle
     from handlens.explain.metrics import deletion_insertion, parameter_randomisation
     from handlens.models.bundle import iter_images
     from handlens.train.evaluate import resolve_bundle
@@ -672,21 +675,26 @@ def trust_cmd(
     ws = _workspace(ctx)
     loaded = load_bundle(resolve_bundle(ws, bundle))
     files = iter_images(images)
-    inputs = loaded.transform_many(files)
-    result = loaded.explain(files, method=method, layer=layer)
-    rois = _input_rois(ws, loaded.preprocess, files, roi)
+    if loaded.patch_trained:
+        inputs, rois = _patch_inputs_and_rois(ws, loaded, files, roi)
+    else:
+        inputs, rois = loaded.transform_many(files), _input_rois(ws, loaded.preprocess, files, roi)
+    mean, std = loaded.preprocess.affine()
+    result = explain(loaded.module, inputs, loaded.classes, method, layer, "pred", mean, std)
     faithfulness = deletion_insertion(loaded.module, inputs, result.maps if result.maps.ndim == 3 else
                                       result.maps[:, 0], result.targets, baseline, steps, rois=rois)
-    mean, std = loaded.preprocess.affine()
     sanity = parameter_randomisation(loaded.module, inputs, loaded.classes, method, layer, sanity_steps,
                                      mean=mean, std=std)
-    report = {"method": method, "layer": result.layer, "images": files, "faithfulness": faithfulness,
-              "sanity": sanity}
+    report = {"method": method, "layer": result.layer, "images": files,
+              "inputs": "grid patches" if loaded.patch_trained else "whole images", "n_inputs": len(inputs),
+              "faithfulness": faithfulness, "sanity": sanity}
     if as_json:
         emit_json(report)
         return
     f = faithfulness
-    stdout.print(table(f"Faithfulness of {method} ({len(files)} images, {baseline} baseline)",
+    measured_on = f"{len(inputs)} grid patches of {len(files)} images" if loaded.patch_trained else \
+        f"{len(files)} images"
+    stdout.print(table(f"Faithfulness of {method} ({measured_on}, {baseline} baseline)",
                        ["curve", f"{method} AUC", "random map AUC", "better is"],
                        [["deletion", f["deletion_auc"], f["random_deletion_auc"], "lower"],
                         ["insertion", f["insertion_auc"], f["random_insertion_auc"], "higher"]]))
@@ -698,25 +706,22 @@ def trust_cmd(
                  f"(threshold {sanity['threshold']})")
 
 
-def _input_rois(ws: Any, preprocess: Any, files: list[str], source: str) -> Any:
-    """ROI masks on the model input grid for ``files`` (None for ``none``)."""
-    import numpy as np
-
+def _roi_rule(preprocess: Any, source: str) -> Any:
+    """The threshold rule ``--roi threshold`` uses: the model's own, else Otsu."""
     from handlens.core.errors import InputError
-    from handlens.transforms.preprocess import preprocess_image
-    from handlens.transforms.roi import RoiRule, mask_for_input, threshold_roi
+    from handlens.transforms.roi import RoiRule
 
-    if source == "none":
-        return None
-    if source == "threshold":
-        rule = RoiRule.from_dict((preprocess.patches or {}).get("roi"))
-        if rule.source != "threshold":
-            rule = RoiRule(source="threshold")
-        return np.stack([threshold_roi(preprocess_image(f, preprocess), rule) for f in files])
-    if source != "annotations":
+    if source not in ("none", "threshold", "annotations"):
         raise InputError(f"--roi {source!r}: choose none, threshold or annotations")
+    rule = RoiRule.from_dict((preprocess.patches or {}).get("roi"))
+    return rule if rule.source == "threshold" else RoiRule(source="threshold")
+
+
+def _expert_masks(ws: Any, files: list[str]) -> list[Any]:
+    """Each file's expert regions as a mask at the image's resolution (an error names a file without any)."""
     from sqlalchemy import select
 
+    from handlens.core.errors import InputError
     from handlens.data.annotations import annotated_images_by_id, region_mask
     from handlens.data.catalog import Image, open_catalog
 
@@ -730,11 +735,49 @@ def _input_rois(ws: Any, preprocess: Any, files: list[str], source: str) -> Any:
                 if not found:
                     raise InputError(f"{f} has no expert region in the catalog; import regions with "
                                      "`handlens annotate import` or use --roi threshold")
-                mask = region_mask(found, int(row.width), int(row.height))
-                masks.append(mask_for_input(mask, preprocess.size, preprocess.resize))
+                masks.append(region_mask(found, int(row.width), int(row.height)))
     finally:
         catalog.close()
-    return np.stack(masks)
+    return masks
+
+
+def _input_rois(ws: Any, preprocess: Any, files: list[str], source: str) -> Any:
+    """ROI masks on the model input grid for ``files`` (None for ``none``)."""
+    import numpy as np
+
+    from handlens.transforms.preprocess import preprocess_image
+    from handlens.transforms.roi import mask_for_input, threshold_roi
+
+    rule = _roi_rule(preprocess, source)
+    if source == "none":
+        return None
+    if source == "threshold":
+        return np.stack([threshold_roi(preprocess_image(f, preprocess), rule) for f in files])
+    return np.stack([mask_for_input(mask, preprocess.size, preprocess.resize) for mask in _expert_masks(ws, files)])
+
+
+def _patch_inputs_and_rois(ws: Any, bundle: Any, files: list[str], source: str) -> tuple[Any, Any]:
+    """A patch-trained model's normalised grid patches of ``files`` (cut from their working images, as it
+    predicts) and their ROI masks (None for ``none``)."""
+    import numpy as np
+
+    from handlens.transforms.preprocess import decode_working
+    from handlens.transforms.roi import resize_mask, threshold_roi
+
+    preprocess = bundle.preprocess
+    rule = _roi_rule(preprocess, source)
+    working = [decode_working(f, preprocess.working_side, preprocess.morphology) for f in files]
+    patches, owners, boxes = bundle.grid_patches(working)
+    inputs = preprocess.normalize_batch(patches)
+    if source == "none":
+        return inputs, None
+    if source == "threshold":
+        return inputs, np.stack([threshold_roi(p.permute(1, 2, 0).numpy(), rule) for p in patches])
+    masks = [resize_mask(mask, image.shape[0], image.shape[1])
+             for mask, image in zip(_expert_masks(ws, files), working, strict=True)]
+    size = preprocess.size
+    return inputs, np.stack([resize_mask(masks[owner][top:top + side, left:left + side], size, size)
+                             for owner, (top, left, side) in zip(owners, boxes, strict=True)])
 
 
 @app.command("serve")

@@ -39,7 +39,9 @@ class ExplainableBundle(Bundle):
 
     def explain(self, images: Any, method: str = "gradcam", layer: str | None = None, target: Any = "pred",
                 **params: Any) -> Explanation:
-        """Maps at the model's input resolution for one or several paths, PIL images or arrays."""
+        """Maps at the model's input resolution for one or several paths, PIL images or arrays, each resized
+        whole to the input. A patch-trained model sees patches: explain it with
+        :func:`handlens.explain.tiles.tiled_explain`, tile by tile at its patch scale."""
         items: Sequence[Any] = list(images) if isinstance(images, (list, tuple)) else [images]
         inputs = self.transform_many(items)
         mean, std = self.preprocess.affine()

@@ -47,6 +47,8 @@ class TiledResult:
     classes: list[str]
     method: str
     timings: dict[str, float] = field(default_factory=dict)
+    layer: str | None = None  # the layer explained (CAM methods)
+    signed: bool = False  # attributions with a sign (drawn diverging), not a heatmap
 
     def summary(self) -> dict[str, Any]:
         return {"label": self.classes[self.target], "probabilities": dict(zip(self.classes,
@@ -72,8 +74,9 @@ def _tile_batch(picture: np.ndarray, origins: list[tuple[int, int]], tile: int, 
 
 def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: float = 0.25, batch_size: int = 8,
                   method: str = "gradcam", layer: str | None = None, target: Any = "pred",
-                  **params: Any) -> TiledResult:
-    """Predict and explain a large image tile by tile (see the module docstring)."""
+                  max_tiles: int | None = None, **params: Any) -> TiledResult:
+    """Predict and explain a large image tile by tile (see the module docstring); more than ``max_tiles``
+    tiles is an error (a service's bound on the work one request may ask for)."""
     import torch.nn.functional as F
 
     from handlens.explain.api import explain
@@ -97,6 +100,9 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     size = bundle.preprocess.size
     tile = min(tile or size, height, width)
     origins = [(x, y) for y in tile_origins(height, tile, overlap) for x in tile_origins(width, tile, overlap)]
+    if max_tiles is not None and len(origins) > max_tiles:
+        raise InputError(f"explaining this {width}x{height} image takes {len(origins)} tiles of {tile} px; the "
+                         f"limit is {max_tiles}")
     mean, std = bundle.preprocess.affine()
     timings: dict[str, float] = {}
 
@@ -118,13 +124,14 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
 
     started = time.perf_counter()
     heat = np.zeros((height, width), dtype=np.float32)
+    explained: Any = None
     prob_map = np.zeros((len(bundle.classes), height, width), dtype=np.float32)
     weight = np.zeros((height, width), dtype=np.float32)
     for start in range(0, len(origins), batch_size):
         chunk = origins[start:start + batch_size]
         batch = _tile_batch(picture, chunk, tile, size, bundle.preprocess)
-        result = explain(bundle.module, batch, bundle.classes, method, layer, [chosen] * len(chunk), mean, std,
-                         **params)
+        result = explained = explain(bundle.module, batch, bundle.classes, method, layer, [chosen] * len(chunk),
+                                     mean, std, **params)
         maps = torch.from_numpy(result.maps)[:, None]
         if tile != size:
             maps = F.interpolate(maps, size=(tile, tile), mode="bilinear", align_corners=False)
@@ -146,4 +153,6 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     timings["explain"] = time.perf_counter() - started
     return TiledResult(probabilities=image_probs, tile_probabilities=tile_probs, tiles=origins, tile_size=tile,
                        target=chosen, heatmap=heat, probability_map=prob_map.astype(np.float16),
-                       classes=list(bundle.classes), method=method, timings=timings)
+                       classes=list(bundle.classes), method=method, timings=timings,
+                       layer=explained.layer if explained is not None else layer,
+                       signed=bool(explained.signed) if explained is not None else False)

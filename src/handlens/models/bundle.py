@@ -161,25 +161,37 @@ class Bundle:
         """True for a model trained on patches: it predicts an image as the mean over its grid patches."""
         return bool(self.preprocess.patches)
 
-    def predict_working(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """Image-level probabilities of a patch-trained model from working images (``decode_working``):
-        the mean class probability of each image's grid patches (ROI-aware with a threshold ROI rule)."""
+    def grid_patches(self, images: Sequence[np.ndarray]) -> tuple[Any, list[int], list[tuple[int, int, int]]]:
+        """A patch-trained model's inputs for working images (``decode_working``): the (P, 3, S, S) uint8 grid
+        patches it predicts from (ROI-aware with a threshold ROI rule), each patch's image index and box."""
         import torch
 
-        from handlens.transforms.patches import PatchSpec, RoiIntegral, crop_resize, grid_boxes, mean_by_image
+        from handlens.transforms.patches import PatchSpec, RoiIntegral, crop_resize, grid_boxes
         from handlens.transforms.roi import RoiRule, threshold_roi
 
         settings = dict(self.preprocess.patches or {})
         spec, rule = PatchSpec.from_dict(settings), RoiRule.from_dict(settings.get("roi"))
-        patches, owners = [], []
+        patches, owners, boxes = [], [], []
         for index, image in enumerate(images):
             roi = RoiIntegral(threshold_roi(image, rule)) if rule.source == "threshold" else None
             for box in grid_boxes(image.shape[0], image.shape[1], spec, roi):
                 patches.append(crop_resize(image, box, self.preprocess.size))
                 owners.append(index)
-        if not patches:
+                boxes.append(box)
+        size = self.preprocess.size
+        batch = torch.stack(patches) if patches else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+        return batch, owners, boxes
+
+    def predict_working(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Image-level probabilities of a patch-trained model from working images (``decode_working``):
+        the mean class probability of each image's grid patches (:meth:`grid_patches`)."""
+        import torch
+
+        from handlens.transforms.patches import mean_by_image
+
+        batch, owners, _ = self.grid_patches(images)
+        if not owners:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        batch = torch.stack(patches)
         probs = []
         with torch.inference_mode():
             for start in range(0, len(batch), batch_size):

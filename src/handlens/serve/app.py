@@ -376,7 +376,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 result = state.cache.get(key)  # an identical request may have finished while this one waited
                 if result is None:
                     result = await loop.run_in_executor(None, _explain, loaded, picture, method, layer, target,
-                                                        params)
+                                                        params, settings.max_explain_tiles)
                     state.cache.put(key, result)
                 else:
                     cached = True
@@ -557,8 +557,12 @@ def _budgeted_params(settings: ServeSettings, method: str, params: Any, input_si
 
 
 def _explain(loaded: Any, picture: np.ndarray, method: str, layer: str | None, target: str,
-             params: dict[str, Any]) -> dict[str, Any]:
-    """Compute one explanation under the model's lock; returns the overlay PNG (base64) and the raw map."""
+             params: dict[str, Any], max_tiles: int) -> dict[str, Any]:
+    """Compute one explanation under the model's lock; returns the overlay PNG (base64) and the raw map.
+
+    A patch-trained model is explained as it sees images: tile by tile at its patch scale, the tile maps
+    stitched over the image (``explain.tiles``); its raw map is that stitched map, not one model input.
+    """
     from PIL import Image
 
     from handlens.explain.render import overlay
@@ -568,10 +572,23 @@ def _explain(loaded: Any, picture: np.ndarray, method: str, layer: str | None, t
         raise InputError(f"layer {layer!r}: this model's layers are {', '.join(bundle.layer_names)}")
     if target not in ("pred",) and target not in bundle.classes:
         raise InputError(f"target {target!r}: use pred or one of {', '.join(bundle.classes)}")
-    with loaded.lock:
-        result = bundle.explain([picture], method=method, layer=layer, target=target, **params)
-    heat = result.map_for(0)
-    full = heat_on_image(heat, picture.shape[0], picture.shape[1], bundle.preprocess)
+    if bundle.patch_trained:
+        from handlens.explain.tiles import tiled_explain
+
+        with loaded.lock:
+            tiled = tiled_explain(bundle, picture, method=method, layer=layer, target=target, max_tiles=max_tiles,
+                                  **params)
+        full = heat = tiled.heatmap
+        probabilities, target_index, signed, layer_name = tiled.probabilities, tiled.target, tiled.signed, tiled.layer
+        seconds = sum(tiled.timings.values())
+    else:
+        with loaded.lock:
+            result = bundle.explain([picture], method=method, layer=layer, target=target, **params)
+        heat = result.map_for(0)
+        full = heat_on_image(heat, picture.shape[0], picture.shape[1], bundle.preprocess)
+        probabilities, signed, layer_name = result.probabilities[0], result.signed, result.layer
+        target_index = result.targets[0] if result.targets else int(np.argmax(probabilities))
+        seconds = float(result.timings.get("total", 0.0))
     shown, shown_heat = picture, full
     longest = max(picture.shape[:2])
     if longest > 1024:  # the overlay is for looking at: at most 1024 px on its long side
@@ -579,15 +596,15 @@ def _explain(loaded: Any, picture: np.ndarray, method: str, layer: str | None, t
         size = (max(1, round(picture.shape[1] * scale)), max(1, round(picture.shape[0] * scale)))
         shown = np.asarray(Image.fromarray(picture).resize(size, Image.BILINEAR))
         shown_heat = np.asarray(Image.fromarray(full.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
+    if bundle.patch_trained:
+        heat = shown_heat  # the stitched map, at most 1024 px on its long side like the overlay
     buffer = io.BytesIO()
-    Image.fromarray(overlay(shown, shown_heat, 0.5, signed=result.signed)).save(buffer, "PNG")
-    target_index = result.targets[0] if result.targets else int(np.argmax(result.probabilities[0]))
-    return {"method": method, "layer": result.layer, "target": bundle.classes[target_index],
-            "signed": result.signed, "probabilities": {c: float(p) for c, p in zip(bundle.classes,
-                                                                                 result.probabilities[0],
-                                                                                 strict=True)},
+    Image.fromarray(overlay(shown, shown_heat, 0.5, signed=signed)).save(buffer, "PNG")
+    return {"method": method, "layer": layer_name, "target": bundle.classes[target_index],
+            "signed": signed, "probabilities": {c: float(p) for c, p in zip(bundle.classes, probabilities,
+                                                                            strict=True)},
             "overlay_png": base64.b64encode(buffer.getvalue()).decode(), "map": heat.astype(np.float16),
-            "map_shape": list(heat.shape), "seconds": round(float(result.timings.get("total", 0.0)), 4)}
+            "map_shape": list(heat.shape), "seconds": round(seconds, 4)}
 
 
 def heat_on_image(heat: np.ndarray, height: int, width: int, preprocess: Any) -> np.ndarray:

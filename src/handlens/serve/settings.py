@@ -24,6 +24,8 @@ class ServeSettings(BaseModel):
     max_ig_steps: int = Field(128, ge=1, description="Integrated Gradients / GradientSHAP steps allowed per request")
     max_occlusion_windows: int = Field(4096, ge=1, description="occlusion windows allowed per request")
     max_scorecam_channels: int = Field(512, ge=1, description="Score-CAM channels allowed per request")
+    max_explain_tiles: int = Field(64, ge=1, description="tiles one explanation of a patch-trained model may take "
+                                   "(each tile is explained at the model's input size, within the budgets above)")
     request_timeout_s: float = Field(60.0, gt=0)
 
     @property
