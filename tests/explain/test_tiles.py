@@ -66,3 +66,25 @@ def test_cli_tiled_explain(trained_workspace, tmp_path):
     entry = json.loads(result.stdout)["images"][0]
     assert np.load(entry["map"]).shape == (70, 100) and entry["tiles"] == 12
     assert torch.tensor(np.load(entry["probability_map"]).astype(np.float32)).shape == (3, 70, 100)
+
+
+def test_overlapping_tiles_blend_without_seams(bundle, monkeypatch):
+    """Tiles whose maps disagree completely (each tile's map is its own constant) cross-fade: between
+    neighbouring pixels the stitched map changes by a fraction of the jump between tiles, never all of it."""
+    import types
+
+    import handlens.explain.api as api
+
+    counter = iter(range(1000))
+
+    def constant_maps(model, inputs, classes, method, layer, targets, mean, std, **params):
+        values = [float(next(counter) % 2) for _ in range(len(inputs))]  # 0, 1, 0, 1...: neighbours differ
+        maps = np.stack([np.full(inputs.shape[-2:], v, dtype=np.float32) for v in values])
+        return types.SimpleNamespace(maps=maps, layer="stage2", signed=False)
+
+    monkeypatch.setattr(api, "explain", constant_maps)
+    result = tiled_explain(bundle, np.zeros((32, 96, 3), dtype=np.uint8), tile=32, overlap=0.25, batch_size=8)
+    assert len(result.tiles) == 4
+    row = result.heatmap[16]
+    assert row.max() > 0.6 and row.min() < 0.4  # the tiles' values show through
+    assert np.abs(np.diff(row)).max() < 0.2  # but no seam: a step of 1 would be one

@@ -5,7 +5,7 @@ reads. Instead the image is covered by a grid of tiles (``tile`` pixels square, 
 between neighbours), each resized to the model's input. Tiles go through the model ``batch_size``
 at a time, so memory is bounded by the batch, not by the image. The image-level prediction is the
 mean of the tile probabilities; each tile is then explained for that class, and tile maps and tile
-probabilities are stitched into full-resolution maps (averaged where tiles overlap).
+probabilities are stitched into full-resolution maps (cross-faded where tiles overlap: no seams).
 
 A patch-trained model is explained at the scale it learned: tiles of its patch size are cut from its
 working image (longer side ``max_side``, morphology applied) and the maps scaled back to the image.
@@ -33,6 +33,13 @@ def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
     if origins[-1] != length - tile:
         origins.append(length - tile)  # the last tile ends exactly at the edge
     return origins
+
+
+def cross_fade(tile: int) -> np.ndarray:
+    """(tile, tile) weights falling linearly from 1 at the centre to 1/tile at the edges: overlapping tiles
+    blend into each other instead of meeting at a seam (each tile's map is normalised on its own)."""
+    ramp = np.minimum(np.arange(tile) + 0.5, tile - np.arange(tile) - 0.5) / (tile / 2)
+    return np.outer(ramp, ramp).astype(np.float32)
 
 
 @dataclass
@@ -124,6 +131,7 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
 
     started = time.perf_counter()
     heat = np.zeros((height, width), dtype=np.float32)
+    window = cross_fade(tile)
     explained: Any = None
     prob_map = np.zeros((len(bundle.classes), height, width), dtype=np.float32)
     weight = np.zeros((height, width), dtype=np.float32)
@@ -136,11 +144,11 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
         if tile != size:
             maps = F.interpolate(maps, size=(tile, tile), mode="bilinear", align_corners=False)
         for i, (x, y) in enumerate(chunk):
-            heat[y:y + tile, x:x + tile] += maps[i, 0].numpy()
-            prob_map[:, y:y + tile, x:x + tile] += tile_probs[start + i][:, None, None]
-            weight[y:y + tile, x:x + tile] += 1.0
-    heat /= np.maximum(weight, 1.0)
-    prob_map /= np.maximum(weight, 1.0)[None]
+            heat[y:y + tile, x:x + tile] += maps[i, 0].numpy() * window
+            prob_map[:, y:y + tile, x:x + tile] += tile_probs[start + i][:, None, None] * window
+            weight[y:y + tile, x:x + tile] += window
+    heat /= weight
+    prob_map /= weight[None]
     if picture.shape[:2] != original.shape[:2]:  # working image -> the image's own resolution
         full = original.shape[:2]
         heat = F.interpolate(torch.from_numpy(heat)[None, None], size=full, mode="bilinear",
