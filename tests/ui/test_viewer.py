@@ -14,6 +14,8 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+#: the README's screenshots are rewritten only when asked (HANDLENS_SCREENSHOTS=1): a test run leaves the tree clean
+SHOTS = DOCS if os.environ.get("HANDLENS_SCREENSHOTS") else None
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); "
                                                          ".ci/run installs it")
 
@@ -22,6 +24,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return SHOTS or tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +88,7 @@ def page(service):
         browser.close()
 
 
-def test_inspect_changes_the_overlay_with_the_class_and_shows_probabilities(page):
+def test_inspect_changes_the_overlay_with_the_class_and_shows_probabilities(page, shots):
     page, (url, _), requests = page
     try:
         page.wait_for_function("document.querySelector('#heat').src.startsWith('data:image/png')", timeout=30_000)
@@ -118,11 +125,11 @@ def test_inspect_changes_the_overlay_with_the_class_and_shows_probabilities(page
     assert "scale(1.2" in page.locator("#layers").evaluate("e => e.style.transform") or \
         "scale(1.44" in page.locator("#layers").evaluate("e => e.style.transform")
     DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / "viewer-inspect.png"))
+    page.screenshot(path=str(shots / "viewer-inspect.png"))
     assert all(r.startswith(url) or r.startswith("data:") for r in requests), "the viewer reached outside the service"
 
 
-def test_browse_grid_confusion_and_top_losses(page):
+def test_browse_grid_confusion_and_top_losses(page, shots):
     page, _, _ = page
     page.click("header nav button[data-page=browse]")
     page.wait_for_selector("#grid figure")
@@ -137,10 +144,10 @@ def test_browse_grid_confusion_and_top_losses(page):
     page.wait_for_function("[...document.querySelectorAll('#grid figcaption')].length > 0 && "
                            "[...document.querySelectorAll('#grid figcaption')].every(f => "
                            "f.textContent === 'blue → blue')", timeout=30_000)
-    page.screenshot(path=str(DOCS / "viewer-browse.png"))
+    page.screenshot(path=str(shots / "viewer-browse.png"))
 
 
-def test_upload_and_compare(page, tmp_path):
+def test_upload_and_compare(page, tmp_path, shots):
     from PIL import Image
 
     page, _, _ = page
@@ -151,7 +158,7 @@ def test_upload_and_compare(page, tmp_path):
     page.wait_for_function("document.querySelector('#upload-overlay').src.startsWith('data:image/png')",
                            timeout=30_000)
     assert page.locator("#upload-probs .bar").count() == 3
-    page.screenshot(path=str(DOCS / "viewer-upload.png"))
+    page.screenshot(path=str(shots / "viewer-upload.png"))
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"%PDF-1.4 not an image")
     page.set_input_files("#file", str(bad))
@@ -160,4 +167,4 @@ def test_upload_and_compare(page, tmp_path):
     page.click("#cmp-go")
     page.wait_for_function("document.querySelector('#cmp-left').src.startsWith('data:') && "
                            "document.querySelector('#cmp-right').src.startsWith('data:')", timeout=30_000)
-    page.screenshot(path=str(DOCS / "viewer-compare.png"))
+    page.screenshot(path=str(shots / "viewer-compare.png"))
