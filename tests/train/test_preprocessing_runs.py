@@ -144,8 +144,11 @@ def test_a_patch_model_is_explained_at_its_patch_scale(trained_workspace, tmp_pa
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(big)
     result = train(tiny_config(*PATCHES[:-2], "preprocess.patches.max_side=60", "preprocess.patches.grid_max=4",
                                "preprocess.size=24"), trained_workspace)
-    tiled = tiled_explain(load_explainable(result.bundle), str(big), layer="stage2")
+    bundle = load_explainable(result.bundle)
+    tiled = tiled_explain(bundle, str(big), layer="stage2")
     assert tiled.heatmap.shape == (90, 120)  # stitched on the 60x45 working image, scaled back
+    # the class explained and the probabilities shown are the model's own prediction, as predict gives it
+    np.testing.assert_allclose(tiled.probabilities, bundle.predict_proba([str(big)])[0], rtol=1e-5, atol=1e-6)
     assert tiled.tile_size == 48  # 24-px patches of the working image are 48 px of the original
     out = CliRunner().invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(result.bundle),
                                    str(big), "--out", str(tmp_path / "maps"), "--json"])

@@ -8,7 +8,9 @@ mean of the tile probabilities; each tile is then explained for that class, and 
 probabilities are stitched into full-resolution maps (cross-faded where tiles overlap: no seams).
 
 A patch-trained model is explained at the scale it learned: tiles of its patch size are cut from its
-working image (longer side ``max_side``, morphology applied) and the maps scaled back to the image.
+working image (longer side ``max_side``, morphology applied) and the maps scaled back to the image; its
+image-level prediction (and so the class explained) is its own, from its grid patches, as ``predict``
+and ``evaluate`` give it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def cross_fade(tile: int) -> np.ndarray:
 
 @dataclass
 class TiledResult:
-    probabilities: np.ndarray  # (C,) image level: mean over tiles
+    probabilities: np.ndarray  # (C,) image level: mean over tiles (a patch-trained model's own grid prediction)
     tile_probabilities: np.ndarray  # (T, C)
     tiles: list[tuple[int, int]]  # (x, y) origins
     tile_size: int
@@ -121,6 +123,8 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
             probs.append(torch.softmax(bundle.module(batch).float(), 1).numpy())
     tile_probs = np.concatenate(probs)
     image_probs = tile_probs.mean(0)
+    if preprocess.patches:  # the model's own image-level prediction: its grid, as predict and evaluate give
+        image_probs = bundle.predict_working([picture])[0]
     timings["predict"] = time.perf_counter() - started
     if target in (None, "pred"):
         chosen = int(image_probs.argmax())
