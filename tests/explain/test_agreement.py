@@ -93,8 +93,9 @@ def test_agreement_without_regions_says_how_to_add_them(trained_workspace):
     assert result.exit_code == 2 and "handlens annotate import colours" in result.output
 
 
-def test_trust_measures_a_patch_trained_model_on_its_grid_patches(annotated, tmp_path):
-    """What a patch model sees: the grid patches at its scale, each with its own piece of the expert region."""
+def test_trust_and_agreement_measure_a_patch_trained_model_as_it_sees_images(annotated, tmp_path):
+    """Trust: the grid patches at its scale, each with its own piece of the expert region; agreement: its
+    stitched maps against the regions on the image itself."""
     from handlens.cli.main import _patch_inputs_and_rois
     from handlens.explain.api import load_bundle
 
@@ -106,6 +107,10 @@ def test_trust_measures_a_patch_trained_model_on_its_grid_patches(annotated, tmp
     assert inputs.shape == (4, 3, 16, 16) and masks.shape == (4, 16, 16)
     # 40-px image, 16-px grid thinned to 4 boxes: top-left (inside the left-half region), ..., bottom-right (outside)
     assert masks[0].all() and not masks[-1].any()
+    report = json.loads(runner.invoke(app, ["--workspace", str(annotated.root), "agreement", str(bundle),
+                                            "--method", "gradcam", "--json"]).stdout)
+    assert report["overall"]["n"] == 32 and report["overall"]["region_share"] == pytest.approx(0.5)  # image grid
+    assert all(item["explained_class"] == item["label"] for item in report["images"])
     for roi in ("none", "threshold", "annotations"):
         result = runner.invoke(app, ["--workspace", str(annotated.root), "trust", str(bundle), image, "--roi", roi,
                                      "--steps", "4", "--sanity-steps", "1", "--json"])

@@ -29,7 +29,9 @@ def agreement_report(bundle: Any, catalog: Catalog, dataset_name: str | None = N
     """Pointing game, energy inside and top-k% IoU of ``method``'s maps for every annotated image.
 
     Each image is explained for its true class (the expert region shows that class's evidence). A
-    uniform map would put ``region_share`` of its energy inside: the chance level to beat.
+    uniform map would put ``region_share`` of its energy inside: the chance level to beat. Maps and
+    regions meet on the model input, or for a patch-trained model on the image itself (its maps are
+    stitched from tiles at its patch scale; ``tolerance`` is then in image pixels).
     """
     manifest = bundle.manifest
     dataset_name = dataset_name or manifest["dataset"]
@@ -49,10 +51,26 @@ def agreement_report(bundle: Any, catalog: Catalog, dataset_name: str | None = N
         rows = session.execute(select(Image.id, Image.path, Image.width, Image.height)
                                .where(Image.id.in_(sorted(wanted))).order_by(Image.id)).all()
         masks = {row.id: region_mask(regions[row.id], row.width, row.height) for row in rows}
+    score = _scores_on_tiles if bundle.patch_trained else _scores_on_inputs
+    images = score(bundle, rows, labels, masks, method, layer, fraction, tolerance, batch_size, params)
+    return {"bundle": str(bundle.path), "method": method, "layer": layer or bundle.layer_names[0],
+            "dataset": dataset_name, "top_fraction": fraction, "images": images,
+            "per_class": _summarise(images, key="label"), "overall": _summarise(images)["all"]}
+
+
+def _explained_for(bundle: Any, label: str | None) -> str:
+    """The class an image is explained for: its expert label, else the model's prediction."""
+    return label if label in bundle.classes else "pred"
+
+
+def _scores_on_inputs(bundle: Any, rows: list[Any], labels: dict[int, str], masks: dict[int, np.ndarray],
+                      method: str, layer: str | None, fraction: float, tolerance: int, batch_size: int,
+                      params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Agreement on the model input: maps of whole resized images, regions carried through the same resize."""
     images: list[dict[str, Any]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        targets = [labels.get(r.id) if labels.get(r.id) in bundle.classes else "pred" for r in chunk]
+        targets = [_explained_for(bundle, labels.get(r.id)) for r in chunk]
         explained = bundle.explain([r.path for r in chunk], method=method, layer=layer, target=targets, **params)
         maps, probs, used = explained.maps, explained.probabilities, explained.targets
         for i, row in enumerate(chunk):
@@ -63,9 +81,24 @@ def agreement_report(bundle: Any, catalog: Catalog, dataset_name: str | None = N
             images.append({"image_id": row.id, "path": row.path, "label": labels.get(row.id),
                            "explained_class": bundle.classes[used[i]],
                            "predicted": bundle.classes[int(probs[i].argmax())], **scores})
-    return {"bundle": str(bundle.path), "method": method, "layer": layer or bundle.layer_names[0],
-            "dataset": dataset_name, "top_fraction": fraction, "images": images,
-            "per_class": _summarise(images, key="label"), "overall": _summarise(images)["all"]}
+    return images
+
+
+def _scores_on_tiles(bundle: Any, rows: list[Any], labels: dict[int, str], masks: dict[int, np.ndarray],
+                     method: str, layer: str | None, fraction: float, tolerance: int, batch_size: int,
+                     params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Agreement of a patch-trained model on the image itself: maps stitched from tiles at its patch scale."""
+    from handlens.explain.tiles import tiled_explain
+
+    images: list[dict[str, Any]] = []
+    for row in rows:
+        tiled = tiled_explain(bundle, row.path, method=method, layer=layer,
+                              target=_explained_for(bundle, labels.get(row.id)), batch_size=batch_size, **params)
+        images.append({"image_id": row.id, "path": row.path, "label": labels.get(row.id),
+                       "explained_class": bundle.classes[tiled.target],
+                       "predicted": bundle.classes[int(tiled.probabilities.argmax())],
+                       **agreement(tiled.heatmap, masks[row.id], fraction, tolerance)})
+    return images
 
 
 def _summarise(images: list[dict[str, Any]], key: str | None = None) -> dict[str, dict[str, float]]:
