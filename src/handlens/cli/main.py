@@ -772,9 +772,11 @@ def _patch_inputs_and_rois(ws: Any, bundle: Any, files: list[str], source: str) 
     if source == "none":
         return inputs, None
     if source == "threshold":
-        return inputs, np.stack([threshold_roi(p.permute(1, 2, 0).numpy(), rule) for p in patches])
-    masks = [resize_mask(mask, image.shape[0], image.shape[1])
-             for mask, image in zip(_expert_masks(ws, files), working, strict=True)]
+        # on the whole working image, as training does: Otsu on one patch would split even an all-specimen patch
+        masks = [threshold_roi(image, rule) for image in working]
+    else:
+        masks = [resize_mask(mask, image.shape[0], image.shape[1])
+                 for mask, image in zip(_expert_masks(ws, files), working, strict=True)]
     size = preprocess.size
     return inputs, np.stack([resize_mask(masks[owner][top:top + side, left:left + side], size, size)
                              for owner, (top, left, side) in zip(owners, boxes, strict=True)])
