@@ -578,7 +578,7 @@ def _explain(loaded: Any, picture: np.ndarray, method: str, layer: str | None, t
         with loaded.lock:
             tiled = tiled_explain(bundle, picture, method=method, layer=layer, target=target, max_tiles=max_tiles,
                                   **params)
-        full = heat = tiled.heatmap
+        heat = full = tiled.heatmap  # already over the whole image
         probabilities, target_index, signed, layer_name = tiled.probabilities, tiled.target, tiled.signed, tiled.layer
         seconds = sum(tiled.timings.values())
     else:
@@ -597,7 +597,7 @@ def _explain(loaded: Any, picture: np.ndarray, method: str, layer: str | None, t
         shown = np.asarray(Image.fromarray(picture).resize(size, Image.BILINEAR))
         shown_heat = np.asarray(Image.fromarray(full.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
     if bundle.patch_trained:
-        heat = shown_heat  # the stitched map, at most 1024 px on its long side like the overlay
+        heat = shown_heat  # its raw map is the stitched one: kept at the overlay's size (at most 1024 px)
     buffer = io.BytesIO()
     Image.fromarray(overlay(shown, shown_heat, 0.5, signed=signed)).save(buffer, "PNG")
     return {"method": method, "layer": layer_name, "target": bundle.classes[target_index],
