@@ -608,30 +608,23 @@ def _explain(loaded: Any, picture: np.ndarray, method: str, layer: str | None, t
 
 
 def heat_on_image(heat: np.ndarray, height: int, width: int, preprocess: Any) -> np.ndarray:
-    """A map on the model input placed back on the original image, undoing ``preprocess.resize``:
-    the centre crop (``shorter-crop``; outside it the map is 0), the padding (``letterbox``) or the stretch."""
+    """A map on the model input placed back on the original image, undoing ``preprocess.resize``
+    (``input_placement``): outside a centre crop the map is 0, letterbox padding is dropped."""
     from PIL import Image
 
-    def resized(values: np.ndarray, w: int, h: int) -> np.ndarray:
-        return np.asarray(Image.fromarray(values.astype(np.float32), mode="F").resize((max(1, w), max(1, h)),
-                                                                                       Image.BILINEAR))
+    from handlens.transforms.preprocess import input_placement
 
+    placement = input_placement(width, height, preprocess)
+    (rw, rh), (ox, oy) = placement.resized, placement.offset
     size = heat.shape[0]
-    if preprocess.resize == "stretch":
-        return resized(heat, width, height)
-    if preprocess.resize == "letterbox":
-        scale = size / max(width, height)
-        inner_w, inner_h = max(1, round(width * scale)), max(1, round(height * scale))
-        left, top = (size - inner_w) // 2, (size - inner_h) // 2
-        return resized(heat[top:top + inner_h, left:left + inner_w], width, height)
-    scale = size / min(width, height)
-    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (nw - size) // 2 / scale, (nh - size) // 2 / scale
-    side = size / scale
+    x0, y0, x1, y1 = max(0, ox), max(0, oy), min(size, ox + rw), min(size, oy + rh)  # the image's part of the input
+    sx, sy = width / rw, height / rh  # resized-image pixels -> original pixels
+    left, top = round((x0 - ox) * sx), round((y0 - oy) * sy)
+    w, h = max(1, round((x1 - ox) * sx) - left), max(1, round((y1 - oy) * sy) - top)
+    part = np.asarray(Image.fromarray(heat[y0:y1, x0:x1].astype(np.float32), mode="F").resize((w, h),
+                                                                                          Image.BILINEAR))
     out = np.zeros((height, width), dtype=np.float32)
-    x0, y0 = round(left), round(top)
-    patch = resized(heat, round(side), round(side))
-    out[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]] = patch[:height - y0, :width - x0]
+    out[top:top + h, left:left + w] = part[:height - top, :width - left]
     return out
 
 

@@ -140,8 +140,33 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
     return array.clip(0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an image lands on the model input: resized to ``resized`` (width, height), its top-left corner
+    at ``offset`` (x, y) on the size x size input (negative where a centre crop cuts it, positive where
+    letterbox padding surrounds it)."""
+
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+
+
+def input_placement(width: int, height: int, preprocess: Preprocess) -> Placement:
+    """The geometry of ``preprocess.resize`` for a width x height image: one definition for
+    :func:`preprocess_image` and for whatever maps model-input pixels back onto the image."""
+    size = preprocess.size
+    if preprocess.resize == "stretch":
+        return Placement((size, size), (0, 0))
+    if preprocess.resize == "letterbox":
+        scale = size / max(width, height)
+        inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return Placement(inner, ((size - inner[0]) // 2, (size - inner[1]) // 2))
+    scale = size / min(width, height)
+    outer = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return Placement(outer, (-((outer[0] - size) // 2), -((outer[1] - size) // 2)))
+
+
 def preprocess_image(source: Any, preprocess: Preprocess) -> np.ndarray:
-    """Decode and resize one image to a (size, size, 3) uint8 array."""
+    """Decode and resize one image to a (size, size, 3) uint8 array (geometry: :func:`input_placement`)."""
     import numpy as np
     from PIL import Image
 
@@ -149,21 +174,17 @@ def preprocess_image(source: Any, preprocess: Preprocess) -> np.ndarray:
     size = preprocess.size
     resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[
         preprocess.interpolation]
-    w, h = img.size
+    placement = input_placement(img.width, img.height, preprocess)
+    (rw, rh), (x, y) = placement.resized, placement.offset
     if preprocess.resize == "stretch":
         out = img.resize((size, size), resample)
     elif preprocess.resize == "letterbox":
-        scale = size / max(w, h)
-        inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
         out = Image.new("RGB", (size, size), (0, 0, 0))
-        out.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
+        out.paste(img.resize((rw, rh), resample), (x, y))
     else:
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         # reducing_gap: decode-time downscaling for big images, a large speed-up at no visible cost
-        resized = img.resize((nw, nh), resample, reducing_gap=3.0 if scale < 0.5 else None)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        out = resized.crop((left, top, left + size, top + size))
+        gap = 3.0 if size / min(img.width, img.height) < 0.5 else None
+        out = img.resize((rw, rh), resample, reducing_gap=gap).crop((-x, -y, -x + size, -y + size))
     array = np.array(out, dtype=np.uint8)  # writable: torch.from_numpy needs it
     if preprocess.morphology:
         from handlens.transforms.morphology import apply_morphology
