@@ -6,7 +6,7 @@ from PIL import Image
 from handlens.transforms.augment import basic_policy
 from handlens.transforms.cache import decode_many
 from handlens.transforms.engine import apply_policy
-from handlens.transforms.preprocess import Preprocess, load_rgb, normalize_batch, preprocess_image
+from handlens.transforms.preprocess import Preprocess, input_placement, load_rgb, normalize_batch, preprocess_image
 
 
 @pytest.mark.parametrize("mode", ["shorter-crop", "stretch", "letterbox"])
@@ -80,3 +80,15 @@ def test_decode_cache_is_reused_and_keyed_by_preprocessing(tmp_path):
     assert Preprocess(size=24).key() != Preprocess(size=32).key()
     assert Preprocess(size=24).key() != Preprocess(size=24, resize="stretch").key()
     assert Preprocess(size=24).key() == Preprocess(size=24, mean=(0, 0, 0)).key()  # mean/std act later
+
+
+@pytest.mark.parametrize("mode", ["shorter-crop", "stretch", "letterbox"])
+def test_input_placement_says_where_preprocessing_puts_the_image(mode):
+    image = np.full((30, 60, 3), 255, dtype=np.uint8)
+    out = preprocess_image(image, Preprocess(size=20, resize=mode, interpolation="nearest"))
+    placement = input_placement(60, 30, Preprocess(size=20, resize=mode))
+    (rw, rh), (x, y) = placement.resized, placement.offset
+    expected = np.zeros((20, 20), dtype=bool)
+    expected[max(0, y):min(20, y + rh), max(0, x):min(20, x + rw)] = True
+    assert np.array_equal(out[..., 0] > 127, expected)
+    assert (mode != "letterbox") or expected.sum() == 20 * 10  # a 2:1 image fills half of the padded square
