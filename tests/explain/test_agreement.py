@@ -10,9 +10,8 @@ from typer.testing import CliRunner
 from handlens.cli.main import app
 from handlens.data.annotations import import_annotations, region_mask
 from handlens.data.catalog import Annotation, open_catalog
-from handlens.explain.agreement import region_at_input
 from handlens.train.run import train
-from handlens.transforms.preprocess import Preprocess
+from handlens.transforms.roi import mask_for_input
 from tests.conftest import tiny_config
 
 runner = CliRunner()
@@ -21,9 +20,9 @@ runner = CliRunner()
 def test_region_follows_the_images_resize_and_crop():
     region = np.zeros((40, 80), dtype=bool)
     region[:, :20] = True  # the left quarter of a wide image
-    cropped = region_at_input(region, Preprocess(size=40, resize="shorter-crop"))
+    cropped = mask_for_input(region, 40, "shorter-crop")
     assert cropped.shape == (40, 40) and not cropped.any()  # shorter-crop keeps the centre only
-    stretched = region_at_input(region, Preprocess(size=40, resize="stretch"))
+    stretched = mask_for_input(region, 40, "stretch")
     assert stretched[:, :10].all() and not stretched[:, 10:].any()
 
 

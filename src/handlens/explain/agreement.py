@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -14,13 +13,7 @@ from handlens.data.annotations import annotated_images, region_mask
 from handlens.data.catalog import Catalog, Image, Label, Labelset
 from handlens.data.queries import find_dataset
 from handlens.explain.metrics import agreement
-from handlens.transforms.preprocess import preprocess_image
-
-
-def region_at_input(region: np.ndarray, preprocess: Any) -> np.ndarray:
-    """Carry an expert region through the same resize/crop as its image (nearest neighbour)."""
-    picture = np.repeat((region.astype(np.uint8) * 255)[..., None], 3, axis=2)
-    return preprocess_image(picture, replace(preprocess, interpolation="nearest"))[..., 0] > 127
+from handlens.transforms.roi import mask_for_input
 
 
 def agreement_report(bundle: Any, catalog: Catalog, dataset_name: str | None = None, method: str = "gradcam",
@@ -74,7 +67,7 @@ def _scores_on_inputs(bundle: Any, rows: list[Any], labels: dict[int, str], mask
         explained = bundle.explain([r.path for r in chunk], method=method, layer=layer, target=targets, **params)
         maps, probs, used = explained.maps, explained.probabilities, explained.targets
         for i, row in enumerate(chunk):
-            region = region_at_input(masks[row.id], bundle.preprocess)
+            region = mask_for_input(masks[row.id], bundle.preprocess.size, bundle.preprocess.resize)
             if not region.any():
                 continue  # the region fell outside the model's crop
             scores = agreement(maps[i], region, fraction, tolerance)
