@@ -149,6 +149,10 @@ def test_a_patch_model_is_explained_at_its_patch_scale(trained_workspace, tmp_pa
     assert tiled.heatmap.shape == (90, 120)  # stitched on the 60x45 working image, scaled back
     # the class explained and the probabilities shown are the model's own prediction, as predict gives it
     np.testing.assert_allclose(tiled.probabilities, bundle.predict_proba([str(big)])[0], rtol=1e-5, atol=1e-6)
+    lean = tiled_explain(bundle, str(big), layer="stage2", with_probability_map=False)  # as the service asks
+    assert lean.probability_map is None and len(lean.tile_probabilities) == 0
+    np.testing.assert_allclose(lean.heatmap, tiled.heatmap, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lean.probabilities, tiled.probabilities, rtol=1e-6)
     assert tiled.tile_size == 48  # 24-px patches of the working image are 48 px of the original
     out = CliRunner().invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(result.bundle),
                                    str(big), "--out", str(tmp_path / "maps"), "--json"])

@@ -52,7 +52,7 @@ class TiledResult:
     tile_size: int
     target: int
     heatmap: np.ndarray  # (H, W) at full resolution
-    probability_map: np.ndarray  # (C, H, W) at full resolution, float16
+    probability_map: np.ndarray | None  # (C, H, W) at full resolution, float16 (None when not asked for)
     classes: list[str]
     method: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -83,9 +83,11 @@ def _tile_batch(picture: np.ndarray, origins: list[tuple[int, int]], tile: int, 
 
 def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: float = 0.25, batch_size: int = 8,
                   method: str = "gradcam", layer: str | None = None, target: Any = "pred",
-                  max_tiles: int | None = None, **params: Any) -> TiledResult:
+                  max_tiles: int | None = None, with_probability_map: bool = True, **params: Any) -> TiledResult:
     """Predict and explain a large image tile by tile (see the module docstring); more than ``max_tiles``
-    tiles is an error (a service's bound on the work one request may ask for)."""
+    tiles is an error (a service's bound on the work one request may ask for). Without
+    ``with_probability_map`` the per-class map (C full-resolution planes) is not built, and a patch-trained
+    model's tiles are not predicted at all (its image-level prediction comes from its own grid)."""
     import torch.nn.functional as F
 
     from handlens.explain.api import explain
@@ -116,15 +118,15 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    probs = []
-    with torch.inference_mode():
-        for start in range(0, len(origins), batch_size):
-            batch = _tile_batch(picture, origins[start:start + batch_size], tile, size, bundle.preprocess)
-            probs.append(torch.softmax(bundle.module(batch).float(), 1).numpy())
+    probs = [np.zeros((0, len(bundle.classes)), dtype=np.float32)]
+    if with_probability_map or not preprocess.patches:
+        with torch.inference_mode():
+            for start in range(0, len(origins), batch_size):
+                batch = _tile_batch(picture, origins[start:start + batch_size], tile, size, bundle.preprocess)
+                probs.append(torch.softmax(bundle.module(batch).float(), 1).numpy())
     tile_probs = np.concatenate(probs)
-    image_probs = tile_probs.mean(0)
-    if preprocess.patches:  # the model's own image-level prediction: its grid, as predict and evaluate give
-        image_probs = bundle.predict_working([picture])[0]
+    # a patch-trained model's image-level prediction is its own: its grid, as predict and evaluate give
+    image_probs = bundle.predict_working([picture])[0] if preprocess.patches else tile_probs.mean(0)
     timings["predict"] = time.perf_counter() - started
     if target in (None, "pred"):
         chosen = int(image_probs.argmax())
@@ -137,7 +139,7 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     heat = np.zeros((height, width), dtype=np.float32)
     window = cross_fade(tile)
     explained: Any = None
-    prob_map = np.zeros((len(bundle.classes), height, width), dtype=np.float32)
+    prob_map = np.zeros((len(bundle.classes), height, width), dtype=np.float32) if with_probability_map else None
     weight = np.zeros((height, width), dtype=np.float32)
     for start in range(0, len(origins), batch_size):
         chunk = origins[start:start + batch_size]
@@ -149,22 +151,26 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
             maps = F.interpolate(maps, size=(tile, tile), mode="bilinear", align_corners=False)
         for i, (x, y) in enumerate(chunk):
             heat[y:y + tile, x:x + tile] += maps[i, 0].numpy() * window
-            prob_map[:, y:y + tile, x:x + tile] += tile_probs[start + i][:, None, None] * window
+            if prob_map is not None:
+                prob_map[:, y:y + tile, x:x + tile] += tile_probs[start + i][:, None, None] * window
             weight[y:y + tile, x:x + tile] += window
     heat /= weight
-    prob_map /= weight[None]
+    if prob_map is not None:
+        prob_map /= weight[None]
     if picture.shape[:2] != original.shape[:2]:  # working image -> the image's own resolution
         full = original.shape[:2]
         heat = F.interpolate(torch.from_numpy(heat)[None, None], size=full, mode="bilinear",
                              align_corners=False)[0, 0].numpy()
-        prob_map = F.interpolate(torch.from_numpy(prob_map)[None], size=full, mode="bilinear",
-                                 align_corners=False)[0].numpy()
+        if prob_map is not None:
+            prob_map = F.interpolate(torch.from_numpy(prob_map)[None], size=full, mode="bilinear",
+                                     align_corners=False)[0].numpy()
         scale = full[1] / width
         origins = [(round(x * scale), round(y * scale)) for x, y in origins]
         tile = round(tile * scale)
     timings["explain"] = time.perf_counter() - started
     return TiledResult(probabilities=image_probs, tile_probabilities=tile_probs, tiles=origins, tile_size=tile,
-                       target=chosen, heatmap=heat, probability_map=prob_map.astype(np.float16),
+                       target=chosen, heatmap=heat,
+                       probability_map=prob_map.astype(np.float16) if prob_map is not None else None,
                        classes=list(bundle.classes), method=method, timings=timings,
                        layer=explained.layer if explained is not None else layer,
                        signed=bool(explained.signed) if explained is not None else False)

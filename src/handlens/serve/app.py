@@ -577,7 +577,7 @@ def _explain(loaded: Any, picture: np.ndarray, method: str, layer: str | None, t
 
         with loaded.lock:
             tiled = tiled_explain(bundle, picture, method=method, layer=layer, target=target, max_tiles=max_tiles,
-                                  **params)
+                                  with_probability_map=False, **params)  # C full-size planes nobody reads
         heat = full = tiled.heatmap  # already over the whole image
         probabilities, target_index, signed, layer_name = tiled.probabilities, tiled.target, tiled.signed, tiled.layer
         seconds = sum(tiled.timings.values())
