@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from handlens.transforms.patches import crop_resize
 from handlens.transforms.policy import (
     AUGMENT_OPS,
     GEOMETRIC_DRAWS,
@@ -110,13 +111,12 @@ def pixel_batch(sources: Sequence[Source], symmetries: Sequence[Symmetry] | None
     h, w = shapes.pop()
     batch = torch.empty((len(sources), 3, h, w), dtype=torch.uint8) if out is None else out
     for i, source in enumerate(sources):
-        pixels = source.pixels
         if source.box is not None:
-            top, left, side = source.box
-            pixels = np.ascontiguousarray(pixels[top:top + side, left:left + side])
-        image = torch.from_numpy(pixels).permute(2, 0, 1)
-        if image.shape[-2:] != (h, w):
-            image = F.resize(image, [h, w], antialias=True)
+            image = crop_resize(source.pixels, source.box, h)
+        else:
+            image = torch.from_numpy(source.pixels).permute(2, 0, 1)
+            if image.shape[-2:] != (h, w):
+                image = F.resize(image, [h, w], antialias=True)
         batch[i] = image if symmetries is None else symmetric_view(image, symmetries[i])
     return batch
 
