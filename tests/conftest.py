@@ -86,3 +86,29 @@ def tiny_config(*overrides: str):
     return load_config(None, ["data.dataset=colours", "model.backbone=tiny_cnn", "model.weights=none",
                               "model.freeze=full", "train.epochs=2", "train.batch_size=8", "train.lr=0.01",
                               "tracking.backend=none", "train.progress=false", *overrides])
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for this test session (dropped after), or a skip saying why.
+
+    The CI machine starts PostgreSQL on 127.0.0.1:5432 with trust auth; ``HANDLENS_TEST_PG`` names
+    another server (a libpq URL without the database).
+    """
+    import os
+    import secrets
+
+    base = os.environ.get("HANDLENS_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+    try:
+        import psycopg
+
+        admin = psycopg.connect(f"{base}/postgres", autocommit=True, connect_timeout=3)
+    except Exception as exc:  # no server, no driver
+        pytest.skip(f"PostgreSQL not reachable at {base} ({type(exc).__name__}): start it or set HANDLENS_TEST_PG")
+    name = f"handlens_test_{secrets.token_hex(4)}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -161,3 +161,70 @@ def test_make_split_stores_and_names_splits(make_tree, catalog):
         assert latest.name == "half"
         members = split_members(session, latest.id)
         assert len(members["train"]) == 10 and len(members["val"]) == 10 and members["test"] == []
+
+
+def _named_tree(root, names_by_class):
+    from tests.conftest import write_image
+
+    seed = 0
+    for label, names in names_by_class.items():
+        for name in names:
+            seed += 1
+            write_image(root / label / name, seed)
+    return root
+
+
+def test_group_regex_keeps_each_file_name_id_in_one_split(tmp_path, catalog):
+    from handlens.data.catalog import Image, SplitAssignment
+
+    names = {"a": [f"P{p:02d}_slice{s}.png" for p in range(0, 10) for s in range(3)],
+             "b": [f"P{p:02d}_slice{s}.png" for p in range(10, 20) for s in range(3)]}
+    root = _named_tree(tmp_path / "tree", names)
+    import_path(catalog, root, "ds", workers=1)
+    summary = make_split(catalog, "ds", ratios="0.6,0.2,0.2", seed=3, group_regex=r"^([^_]+)_")
+    assert summary["params"]["group_regex"] == r"^([^_]+)_" and summary["params"]["group_by"] == "group"
+    assert summary["groups"]["groups"] == 20 and summary["groups"]["source"] == "file names"
+    with catalog.session() as session:
+        rows = session.execute(select_assignments(Image, SplitAssignment, summary["id"])).all()
+        assert all(group is None for _, _, group in rows)  # the catalog's own groups are untouched
+    subsets_of_id: dict[str, set[str]] = {}
+    for path, subset, _ in rows:
+        subsets_of_id.setdefault(path.rsplit("/", 1)[-1].split("_")[0], set()).add(subset)
+    assert len(subsets_of_id) == 20 and all(len(s) == 1 for s in subsets_of_id.values())
+    assert {s for subsets in subsets_of_id.values() for s in subsets} == {"train", "val", "test"}
+    assert summary["leakage"] == []
+
+
+def select_assignments(Image, SplitAssignment, split_id):
+    from sqlalchemy import select
+
+    return (select(Image.path, SplitAssignment.subset, Image.group)
+            .join(SplitAssignment, SplitAssignment.image_id == Image.id).where(SplitAssignment.split_id == split_id))
+
+
+def test_group_regex_refuses_names_it_does_not_match_and_bad_regexes(tmp_path, catalog):
+    root = _named_tree(tmp_path / "tree", {"a": ["P1_1.png", "P1_2.png", "odd.png"], "b": ["P2_1.png", "P2_2.png"]})
+    import_path(catalog, root, "ds", workers=1)
+    with pytest.raises(InputError, match=r"1 of 5 file names \(e.g. odd.png\)"):
+        make_split(catalog, "ds", ratios="0.5,0.5", group_regex=r"^([^_]+)_")
+    with pytest.raises(InputError, match="not a valid regular expression"):
+        make_split(catalog, "ds", ratios="0.5,0.5", group_regex=r"^([^_]+_")
+    with pytest.raises(InputError, match="--group-by hash"):
+        make_split(catalog, "ds", ratios="0.5,0.5", group_by="hash", group_regex=r"^P\d")
+    summary = make_split(catalog, "ds", ratios="1,0", group_regex=r"^(?:P\d|odd)")  # no capture: the whole match
+    assert summary["groups"]["groups"] == 3 and summary["groups"]["max_images"] == 2
+
+
+def test_cli_split_group_regex_says_where_groups_came_from(tmp_path):
+    from typer.testing import CliRunner
+
+    from handlens.cli.main import app
+
+    names = {c: [f"{c}{p}_{s}.png" for p in range(4) for s in range(2)] for c in ("a", "b")}
+    root = _named_tree(tmp_path / "tree", names)
+    ws = ["--workspace", str(tmp_path / "ws")]
+    runner = CliRunner()
+    assert runner.invoke(app, [*ws, "import", str(root), "--dataset", "ds"]).exit_code == 0
+    result = runner.invoke(app, [*ws, "split", "ds", "--ratios", "0.5,0.5", "--group-regex", "^([^_]+)_"])
+    assert result.exit_code == 0, result.output
+    assert "Grouped from file names by --group-regex '^([^_]+)_': 8 groups of 2-2 images" in result.stdout

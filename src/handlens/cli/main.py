@@ -187,16 +187,26 @@ def stats_cmd(
         rows.append([label, info["count"], f"{info['share']:.1%}", f"{w['min']}/{fmt(w['median'])}/{w['max']}",
                      f"{h['min']}/{fmt(h['median'])}/{h['max']}",
                      f"{by_size[label]['precision']:.2f}/{by_size[label]['recall']:.2f}",
-                     f"{by_size[label]['others_with_sizes_never_seen']:.0%}"])
+                     f"{by_size[label]['others_with_sizes_never_seen']:.0%}",
+                     _value_counts(info["modes"]), _value_counts(info["formats"])])
     stdout.print(table(f"Dataset '{stats['dataset']}', labelset '{stats['labelset']}': {stats['images']:,} images",
                        ["class", "images", "share", "width min/med/max", "height min/med/max",
-                        "size-only P/R", "others in sizes it lacks"], rows))
+                        "size-only P/R", "others in sizes it lacks", "modes", "formats"], rows))
     shortcut = stats["size_shortcut"]
     stdout.print(f"imbalance ratio {stats['imbalance_ratio']:.2f}:1 · size-only accuracy "
                  f"{shortcut['size_only_accuracy']:.2f} vs majority baseline {shortcut['majority_baseline']:.2f}"
                  f" · {len(stats['duplicates'])} duplicate sets · {len(stats['label_conflicts'])} label conflicts"
                  f" · {stats['groups']} groups")
+    stdout.print(f"mode: {stats['mode_shortcut']['verdict']}")
+    stdout.print(f"format: {stats['format_shortcut']['verdict']}")
+    if stats["filename_ids"]["verdict"] not in stats["warnings"]:  # a warning below otherwise
+        stdout.print(f"file names: {stats['filename_ids']['verdict']}")
     warn(stats["warnings"])
+
+
+def _value_counts(counts: dict[str, int]) -> str:
+    """``{"RGB": 30, "L": 2}`` -> ``RGB 30, L 2`` (a lone value without its count)."""
+    return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{v} {n}" for v, n in counts.items())
 
 
 # --------------------------------------------------------------------------- split
@@ -210,6 +220,9 @@ def split_cmd(
     labelset: str | None = typer.Option(None, "--labelset", help="Labelset to stratify on."),
     ratios: str = typer.Option("0.8,0.1,0.1", "--ratios", help="train,val[,test] shares summing to 1."),
     group_by: str | None = typer.Option(None, "--group-by", help="'group' (import's group column) or 'hash'."),
+    group_regex: str | None = typer.Option(
+        None, "--group-regex", help="Group by file name: a regex searched in each file name, its first capture "
+        "group is the group (e.g. '^([^_]+)_' puts H1_23a_4.jpg in group H1); `stats` suggests one."),
     folds: int | None = typer.Option(None, "--folds", help="K-fold cross-validation (test share held out first)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same split."),
     name: str | None = typer.Option(None, "--name", help="Split name (default splitN)."),
@@ -224,7 +237,7 @@ def split_cmd(
 
     _, catalog = _open(ctx)
     summary = make_split(catalog, dataset, labelset, ratios, seed, group_by, folds, name,
-                         min_per_class, max_per_class)
+                         min_per_class, max_per_class, group_regex=group_regex)
     if as_json:
         emit_json(summary)
         return
@@ -243,6 +256,13 @@ def _print_split(summary: dict[str, Any]) -> None:
         stdout.print(table(title, ["class", *subsets, "class weight"], rows))
     if summary["excluded_by_max_per_class"]:
         stdout.print(f"{summary['excluded_by_max_per_class']} images left out by --max-per-class.")
+    groups = summary.get("groups")
+    if groups:
+        origin = (f"from file names by --group-regex {summary['params'].get('group_regex')!r}"
+                  if groups["source"] == "file names" else "from the catalog's group column")
+        stdout.print(f"Grouped {origin}: {groups['groups']} groups of {groups['min_images']}-{groups['max_images']} "
+                     "images, each kept in one split" + (f"; {groups['ungrouped_images']} images without a group "
+                                                        "are placed one by one" if groups["ungrouped_images"] else ""))
     leaks = summary["leakage"]
     if leaks:
         warn([f"leakage: {len(leaks)} identical image(s) sit in more than one split "
@@ -482,16 +502,20 @@ def evaluate_cmd(
     images: Path | None = typer.Option(None, "--images", help="A folder-per-class tree outside the catalog."),
     out: Path | None = typer.Option(None, "--out", help="Where to write the confusion-matrix PNG."),
     top: int = typer.Option(10, "--top", min=0, help="How many top losses to list."),
+    tta: bool = typer.Option(False, "--tta", help="Average over the flips/right-angle turns the training "
+                             "policy allows (test-time augmentation)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Accuracy, macro-F1, per-class precision/recall/F1, ROC-AUC, confusion matrix and top losses."""
+    """Accuracy, macro-F1, per-class precision/recall/F1, ROC-AUC, confusion matrix, top losses, and
+    test images that are copies of training images (leak check)."""
     from handlens.train.evaluate import evaluate
 
     ws = _workspace(ctx)
-    report = evaluate(bundle, ws, dataset, subset, split_name, images, out, top)
+    report = evaluate(bundle, ws, dataset, subset, split_name, images, out, top, tta=tta)
     if as_json:
         emit_json(report)
         return
+    _print_tta(report["tta"])
     auc = f"{report['roc_auc']:.3f}" if report.get("roc_auc") is not None else "n/a (a class is absent)"
     stdout.print(f"{report['source']}: {report['n']} images · accuracy {report['accuracy']:.3f} · "
                  f"macro-F1 {report['macro_f1']:.3f} · ROC-AUC {auc}")
@@ -505,7 +529,40 @@ def evaluate_cmd(
                            ["image", "true", "predicted", "confidence", "loss"],
                            [[x["path"], x["true"], x["predicted"], x["confidence"], x["loss"]]
                             for x in report["top_losses"]]))
+    _print_leakage(report["leakage"])
     stdout.print(f"confusion matrix: {report['confusion_png']}")
+
+
+def _print_tta(tta: dict[str, Any]) -> None:
+    if not tta.get("requested"):
+        return
+    if tta.get("warning"):
+        warn([tta["warning"]])
+    else:
+        stdout.print(f"test-time augmentation: {tta['tta_views']} views ({', '.join(tta['views'])}) from the "
+                     f"training policy {tta['policy']!r}")
+
+
+def _print_leakage(leakage: dict[str, Any], shown: int = 20) -> None:
+    """The leak check's verdict (as in --json), its pairs and what it cost."""
+    from handlens.data.leaks import short_path
+
+    pairs = leakage.get("pairs") or []
+    if pairs:
+        rows = [[short_path(p["test"]), short_path(p["train"]) or "(not on disk here)", p["kind"], p["distance"],
+                 p["others"]] for p in pairs[:shown]]
+        title = "Copies of training images (test -> train)" + (f", first {shown}" if len(pairs) > shown else "")
+        stdout.print(table(title, ["test image", "training image", "kind", "distance", "other matches"], rows))
+        clean = leakage.get("accuracy_without_copies")
+        verdict = leakage["verdict"] + (f"; accuracy without them {clean:.3f}" if clean is not None else "")
+        warn([verdict])
+    else:
+        stdout.print(f"Leak check: {leakage['verdict']}.")
+    for note in leakage.get("notes") or []:
+        stdout.print(f"  ({note})")
+    if leakage.get("seconds"):
+        stdout.print(f"  leak check took {sum(leakage['seconds'].values()):.2f} s (near-duplicates: dHash "
+                     f"distance <= {leakage['max_distance']} of 64 bits)")
 
 
 @app.command("predict")
@@ -515,6 +572,8 @@ def predict_cmd(
     bundle: str = typer.Argument(..., help="Run id or bundle directory."),
     images: list[Path] = typer.Argument(..., help="Image files or folders."),
     top_k: int = typer.Option(3, "--top-k", min=1, help="Classes to show per image."),
+    tta: bool = typer.Option(False, "--tta", help="Average over the flips/right-angle turns the training "
+                             "policy allows (test-time augmentation)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Predict the class of images with a trained bundle."""
@@ -536,11 +595,16 @@ def predict_cmd(
     if not readable:
         detail = "; ".join(f"{Path(f).name} ({why})" for f, why in list(problems.items())[:3])
         raise InputError(f"no readable image to predict: {detail or images}")
-    predictions = loaded.predict(readable, top_k=top_k)
+    from handlens.models.tta import tta_plan
+
+    predictions = loaded.predict(readable, top_k=top_k, tta=tta)
+    tta_report = {**tta_plan(loaded.manifest).to_dict(), "requested": True} if tta else \
+        {"requested": False, "tta_views": 1}
     if as_json:
         emit_json({"predictions": [p.to_dict() for p in predictions],
-                   "skipped": [{"path": f, "reason": why} for f, why in problems.items()]})
+                   "skipped": [{"path": f, "reason": why} for f, why in problems.items()], "tta": tta_report})
         return
+    _print_tta(tta_report)
     for f, why in problems.items():
         warn([f"skipped {f}: {why}"])
     rows = [[p.source, p.top[0][0], p.top[0][1], ", ".join(f"{c} {v:.3f}" for c, v in p.top[1:])]
@@ -884,6 +948,10 @@ def augment_preview_cmd(
     warn([f"{len(uniform)} augmented samples are nearly uniform (all-black or blank patches?), e.g. {uniform[0]}"]
          if uniform else [])
 
+
+from handlens.cli.study import study_app  # noqa: E402  (a command group of its own module)
+
+app.add_typer(study_app, name="study")
 
 annotate_app = typer.Typer(help="Expert regions (masks or polygons) on catalog images.", no_args_is_help=True)
 app.add_typer(annotate_app, name="annotate")

@@ -4,7 +4,9 @@
   keeps the class proportions.
 * Grouped (``group_by="group"``): whole groups go to one split (all images of one rock sample or
   one patient stay together); groups are placed greedily, largest first, where their classes are
-  most lacking. ``group_by="hash"`` keeps identical files together.
+  most lacking. ``group_by="hash"`` keeps identical files together. ``group_regex`` derives the groups
+  from file names instead (``H1_23a_4.jpg`` -> ``H1`` with ``^([^_]+)_``), in memory: the catalog's
+  own groups (a CSV's group column) are kept as they are, and the regex is recorded in the split's params.
 * k-fold: an optional test share is held out first; the rest is cut into K parts, and fold k
   validates on part k and trains on the others.
 
@@ -15,8 +17,10 @@ leakage, and inverse-frequency class weights are computed from each fold's train
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -53,6 +57,45 @@ def parse_ratios(text: str | list[float] | tuple[float, ...]) -> tuple[float, fl
     if values[0] <= 0:
         raise InputError("--ratios: the train share must be above zero")
     return (values[0], values[1], values[2] if len(values) == 3 else 0.0)
+
+
+def compile_group_regex(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise InputError(f"--group-regex {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def name_group(regex: re.Pattern[str], path: str) -> str | None:
+    """The group a file name gives under ``regex`` (searched in the file name, not the folders): its first
+    capture group, or the whole match when it has none; None when it does not match or captures nothing."""
+    found = regex.search(Path(path).name)
+    if found is None:
+        return None
+    return (found.group(1) if regex.groups else found.group(0)) or None
+
+
+def groups_from_names(images: list[LabelledImage], pattern: str) -> list[LabelledImage]:
+    """``images`` with ``group`` taken from their file names by ``pattern`` (see :func:`name_group`).
+
+    Every name must match: an image left without a group would be split on its own, next to the images
+    of its sample or patient, which is the leak grouping is there to prevent.
+    """
+    regex = compile_group_regex(pattern)
+    out, unmatched = [], []
+    for img in images:
+        group = name_group(regex, img.path)
+        if group is None:
+            unmatched.append(Path(img.path).name)
+        out.append(replace(img, group=group))
+    if unmatched:
+        examples = ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
+        raise InputError(
+            f"--group-regex {pattern!r} matches no group in {len(unmatched)} of {len(images)} file names "
+            f"(e.g. {examples}); every image needs a group, or it would be split apart from its sample. The "
+            "regex is searched in the file name (not its folders) and its first capture group is the group: "
+            "adjust it (e.g. make a separator optional) so that every name matches")
+    return out
 
 
 def _largest_remainder(n: int, shares: list[float]) -> list[int]:
@@ -233,13 +276,24 @@ def make_split(
     name: str | None = None,
     min_per_class: int = 1,
     max_per_class: int | None = None,
+    *,
+    group_regex: str | None = None,
 ) -> dict[str, Any]:
-    """Plan a split of a catalog dataset and store it; returns its summary (what ``split`` prints)."""
+    """Plan a split of a catalog dataset and store it; returns its summary (what ``split`` prints).
+
+    ``group_regex``: groups from file names (:func:`groups_from_names`) for this split only.
+    """
     shares = parse_ratios(ratios)
+    if group_regex is not None:
+        if group_by == "hash":
+            raise InputError("--group-regex groups by file name; it cannot be combined with --group-by hash")
+        group_by = "group"
     with catalog.session() as session:
         dataset = find_dataset(session, dataset_name)
         labelset = find_labelset(session, dataset, labelset_name)
         images = labelled_images(session, labelset)
+        if group_regex is not None:
+            images = groups_from_names(images, group_regex)
         plan = plan_split(images, shares, seed, group_by, folds, min_per_class, max_per_class)
         if name is None:
             existing = session.scalar(select(func.count(Split.id)).where(Split.dataset_id == dataset.id)) or 0
@@ -248,7 +302,11 @@ def make_split(
             raise ConflictError(f"dataset {dataset_name!r} already has a split named {name!r}; choose another --name")
         params = {"ratios": list(shares), "seed": seed, "group_by": group_by, "folds": folds,
                   "min_per_class": min_per_class, "max_per_class": max_per_class}
+        if group_regex is not None:
+            params["group_regex"] = group_regex
         report = {"counts": plan.counts, "leakage": plan.leakage, "excluded_by_max_per_class": plan.excluded}
+        if group_by == "group":
+            report["groups"] = group_summary(images, "file names" if group_regex is not None else "catalog")
         split = Split(dataset_id=dataset.id, labelset_id=labelset.id, name=name, params=params,
                       class_weights=plan.class_weights, report=report)
         session.add(split)
@@ -272,7 +330,15 @@ def split_summary(split: Any, dataset_name: str, labelset_name: str) -> dict[str
         "class_weights": split.class_weights,
         "leakage": split.report["leakage"],
         "excluded_by_max_per_class": split.report.get("excluded_by_max_per_class", 0),
+        "groups": split.report.get("groups"),
     }
+
+
+def group_summary(images: list[LabelledImage], source: str) -> dict[str, Any]:
+    """How many groups a grouped split placed, their sizes, and where the groups came from."""
+    sizes = Counter(img.group for img in images if img.group)
+    return {"source": source, "groups": len(sizes), "ungrouped_images": sum(1 for img in images if not img.group),
+            "min_images": min(sizes.values(), default=0), "max_images": max(sizes.values(), default=0)}
 
 
 def split_members(session: Any, split_id: int, fold: int = 0) -> dict[str, list[int]]:

@@ -144,16 +144,19 @@ class Bundle:
         batch = torch.from_numpy(arrays).permute(0, 3, 1, 2)
         return self.preprocess.normalize_batch(batch)
 
-    def predict_arrays(self, arrays: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Probabilities for already preprocessed (N, S, S, 3) uint8 arrays (e.g. from the decode cache)."""
+    def predict_arrays(self, arrays: np.ndarray, batch_size: int = 32, *, tta: bool = False) -> np.ndarray:
+        """Probabilities for already preprocessed (N, S, S, 3) uint8 arrays (e.g. from the decode cache);
+        ``tta``: averaged over the views its training policy allows (``models.tta``)."""
         import torch
 
+        from handlens.models.tta import tta_plan, view_probabilities
+
+        views = tta_plan(self.manifest).views if tta else None
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(arrays), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(arrays[start:start + batch_size])).permute(0, 3, 1, 2)
-                logits = self.module(self.preprocess.normalize_batch(batch))
-                outputs.append(torch.softmax(logits.float(), dim=1).numpy())
+                outputs.append(view_probabilities(self.module, self.preprocess.normalize_batch(batch), views).numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     @property
@@ -182,42 +185,49 @@ class Bundle:
         batch = torch.stack(patches) if patches else torch.zeros((0, 3, size, size), dtype=torch.uint8)
         return batch, owners, boxes
 
-    def predict_working(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    def predict_working(self, images: Sequence[np.ndarray], batch_size: int = 32, *, tta: bool = False) -> np.ndarray:
         """Image-level probabilities of a patch-trained model from working images (``decode_working``):
-        the mean class probability of each image's grid patches (:meth:`grid_patches`)."""
+        the mean class probability of each image's grid patches (:meth:`grid_patches`); ``tta``: each
+        patch's probabilities averaged over the views its training policy allows (``models.tta``)."""
         import torch
 
+        from handlens.models.tta import tta_plan, view_probabilities
         from handlens.transforms.patches import mean_by_image
 
+        views = tta_plan(self.manifest).views if tta else None
         batch, owners, _ = self.grid_patches(images)
         if not owners:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         probs = []
         with torch.inference_mode():
             for start in range(0, len(batch), batch_size):
-                logits = self.module(self.preprocess.normalize_batch(batch[start:start + batch_size]))
-                probs.append(torch.softmax(logits.float(), dim=1))
+                x = self.preprocess.normalize_batch(batch[start:start + batch_size])
+                probs.append(view_probabilities(self.module, x, views))
         return mean_by_image(torch.cat(probs), torch.tensor(owners), len(images)).numpy()
 
-    def predict_proba(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
-        """Class probabilities, (N, classes)."""
+    def predict_proba(self, images: Sequence[Any], batch_size: int = 32, *, tta: bool = False) -> np.ndarray:
+        """Class probabilities, (N, classes); ``tta``: averaged over the views its training policy allows."""
         import torch
+
+        from handlens.models.tta import tta_plan, view_probabilities
 
         if self.patch_trained:
             working = [decode_working(image, self.preprocess.working_side, self.preprocess.morphology)
                        for image in images]
-            return self.predict_working(working, batch_size)
+            return self.predict_working(working, batch_size, tta=tta)
+        views = tta_plan(self.manifest).views if tta else None
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
-                logits = self.module(self.transform_many(images[start:start + batch_size]))
-                outputs.append(torch.softmax(logits.float(), dim=1).numpy())
+                outputs.append(view_probabilities(self.module, self.transform_many(images[start:start + batch_size]),
+                                                  views).numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), dtype=np.float32)
 
-    def predict(self, images: Any, top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
-        """Top-k classes per image; ``images`` is one or several paths, PIL images or arrays."""
+    def predict(self, images: Any, top_k: int = 3, batch_size: int = 32, *, tta: bool = False) -> list[Prediction]:
+        """Top-k classes per image; ``images`` is one or several paths, PIL images or arrays; ``tta``: see
+        :meth:`predict_proba`."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
-        probs = self.predict_proba(items, batch_size)
+        probs = self.predict_proba(items, batch_size, tta=tta)
         k = max(1, min(top_k, len(self.classes)))
         predictions = []
         for item, row in zip(items, probs, strict=True):
@@ -246,6 +256,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def build_from_manifest(manifest: dict[str, Any]) -> Any:
     from handlens.models.classifier import create_classifier
 
+    if manifest.get("ensemble"):  # several members averaged (handlens.models.ensemble)
+        from handlens.models.ensemble import build_ensemble
+
+        return build_ensemble(manifest)
     head = manifest.get("head", {})
     return create_classifier(manifest["backbone"], len(manifest["classes"]), weights="none",
                              freeze=manifest.get("freeze", "full"), head=head.get("type", "linear"),

@@ -98,13 +98,18 @@ class Classifier(nn.Module):
 
 def build_head(in_features: int, num_classes: int, head: str = "linear", hidden: int = 256,
                dropout: float = 0.0) -> nn.Module:
+    """The head module: ``linear`` (optional dropout first), ``mlp`` (one hidden layer), or ``logistic`` (a plain
+    linear layer whose weights a logistic regression on cached features sets; ``auto`` resolves to one of them
+    before training and reads as linear here)."""
+    if head in ("logistic", "auto"):
+        return nn.Sequential(nn.Linear(in_features, num_classes))
     if head == "linear":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes)) if dropout else \
             nn.Sequential(nn.Linear(in_features, num_classes))
     if head == "mlp":
         return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                              nn.Linear(hidden, num_classes))
-    raise InputError(f"head {head!r}: choose linear or mlp")
+    raise InputError(f"head {head!r}: choose linear, mlp or logistic")
 
 
 def create_classifier(

@@ -85,8 +85,9 @@ class PreprocessConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    policy: str = Field("basic", description="none, basic, a preset (natural-photo, xray, thin-section, "
-                        "microscopy) or a policy .yaml file")
+    policy: str = Field("auto", description="auto (basic for a learning backbone; none for a frozen one on "
+                        "cached features without train.views), none, basic, a preset (natural-photo, xray, "
+                        "thin-section, microscopy) or a policy .yaml file")
     hflip: bool = True
     vflip: bool = False
     crop_scale: float = Field(0.8, gt=0, le=1, description="random resized crop: smallest area share")
@@ -97,7 +98,7 @@ class AugmentConfig(_Section):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        if value not in ("none", "basic"):
+        if value not in ("auto", "none", "basic"):
             from handlens.transforms.policy import load_policy
 
             try:
@@ -111,7 +112,9 @@ class ModelConfig(_Section):
     backbone: str = "efficientnet_lite0"
     weights: str = "packaged"
     freeze: str = "frozen"
-    head: Literal["linear", "mlp"] = "linear"
+    head: Literal["auto", "linear", "mlp", "logistic"] = Field(
+        "auto", description="auto (logistic for a frozen backbone on cached features, else linear), linear, mlp, "
+        "or logistic: L-BFGS logistic regression on cached features, its L2 strength chosen by cross-validation")
     hidden: int = 256
     dropout: float = Field(0.0, ge=0, lt=1)
     freeze_norm: bool = False

@@ -1,11 +1,14 @@
-"""Evaluate a bundle on a catalog subset or on a folder-per-class tree: metrics, confusion, top losses.
+"""Evaluate a bundle on a catalog subset or on a folder-per-class tree: metrics, confusion, top losses,
+and whether the judged images are copies of the images the model trained on (``leakage``).
 
 No Lightning here: evaluation is plain inference plus torchmetrics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +46,19 @@ def evaluate(
     images: Path | None = None,
     out_dir: Path | None = None,
     top: int = 10,
+    *,
+    tta: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of a bundle on ``subset`` of a catalog split (default: the one it trained on) or on ``images``."""
+    """Metrics of a bundle on ``subset`` of a catalog split (default: the one it trained on) or on ``images``.
+
+    The report's ``leakage`` says which judged images are copies (exact or near) of the model's training
+    images; ``tta`` averages over the views its training policy allows (``tta`` section of the report).
+    """
     import torch
 
     from handlens.data.catalog import open_catalog
     from handlens.models.bundle import load_bundle
+    from handlens.models.tta import tta_plan
     from handlens.train.metrics import classification_metrics, confusion_png
     from handlens.transforms.cache import decode_many, decode_working_many
 
@@ -97,20 +107,120 @@ def evaluate(
         source = f"{data.dataset}/{data.split}/{subset}"
     targets = np.array([index[label] for label in labels], dtype=np.int64)
     if bundle.patch_trained:  # image-level: mean probability over each image's grid patches
-        working = decode_working_many(paths, bundle.preprocess.working_side,
-                                      bundle.preprocess.morphology, sha256s, ws.cache_dir if sha256s else None)
-        probs = bundle.predict_working(working)
+        decoded: Any = decode_working_many(paths, bundle.preprocess.working_side,
+                                           bundle.preprocess.morphology, sha256s, ws.cache_dir if sha256s else None)
+        probs = bundle.predict_working(decoded, tta=tta)
     else:
-        arrays = decode_many(paths, bundle.preprocess, sha256s, ws.cache_dir if sha256s else None)
-        probs = bundle.predict_arrays(arrays)
+        decoded = decode_many(paths, bundle.preprocess, sha256s, ws.cache_dir if sha256s else None)
+        probs = bundle.predict_arrays(decoded, tta=tta)
     metrics = classification_metrics(torch.from_numpy(probs), torch.from_numpy(targets), bundle.classes)
+    if images is None and subset != "test":
+        leakage: dict[str, Any] = {"verdict": f"not checked: the model trained on (or was selected on) the {subset} "
+                                   "subset; the leak check is for test subsets and --images", "pairs": []}
+    else:
+        leakage = leak_check(ws, bundle, paths, decoded, sha256s).to_dict()
+        pred = probs.argmax(1)
+        leaked = {p["test"] for p in leakage["pairs"]}
+        clean = [i for i, p in enumerate(paths) if p not in leaked]
+        leakage["accuracy_without_copies"] = round(float((pred[clean] == targets[clean]).mean()), 4) if clean else None
+    plan = tta_plan(manifest)
+    tta_report = {**plan.to_dict(), "requested": tta} if tta else {"requested": False, "tta_views": 1}
     out_dir = Path(out_dir) if out_dir else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"eval_confusion_{subset if images is None else 'images'}.png"
     confusion_png(metrics["confusion"], bundle.classes, png,
                   f"{source}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
     report = {"bundle": str(path), "source": source, "classes": bundle.classes, **metrics,
-              "confusion_png": str(png), "top_losses": top_losses(probs, targets, paths, bundle.classes, top)}
+              "confusion_png": str(png), "top_losses": top_losses(probs, targets, paths, bundle.classes, top),
+              "leakage": leakage, "tta": tta_report}
     report_file = png.with_name(png.stem.replace("eval_confusion_", "eval_report_") + ".json")
     report_file.write_text(json.dumps(report, indent=1, default=float))  # for people, and the service
     return {**report, "report": str(report_file)}
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def training_images(ws: Workspace, manifest: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(path, sha256) of each image a bundle learnt from (train + val), and notes on how they were found.
+
+    Image ids (``split_membership``) resolve through the catalog when it holds them under the bundle's
+    dataset and, where the bundle records ``training_sha256``, with exactly those contents. Otherwise (a
+    bundle from another workspace, a re-imported dataset) the recorded SHA-256s are the truth: each is
+    given a path where this catalog holds a file with that content, else an empty path (exact check only).
+    """
+    from sqlalchemy import select
+
+    from handlens.data.catalog import Dataset, Image, open_catalog
+
+    membership = manifest.get("split_membership") or {}
+    ids = sorted({int(i) for name in ("train", "val") for i in membership.get(name, [])})
+    recorded = set(manifest.get("training_sha256") or [])
+    notes: list[str] = []
+    catalog = open_catalog(ws.db_url)
+    try:
+        with catalog.session() as session:
+            rows = [] if not ids else list(session.execute(
+                select(Image.id, Image.path, Image.sha256).join(Dataset, Dataset.id == Image.dataset_id)
+                .where(Dataset.name == manifest.get("dataset"), Image.id.in_(ids))))
+            if rows and len(rows) == len(ids) and (not recorded or {r[2] for r in rows} == recorded):
+                return [(r[1], r[2]) for r in rows], notes
+            if not recorded:
+                notes.append("this catalog does not hold the bundle's training images (by id) and the bundle "
+                             "records no training_sha256 (trained before handlens recorded them)")
+                return [], notes
+            known: dict[str, str] = {}
+            for path, sha in session.execute(select(Image.path, Image.sha256)
+                                             .where(Image.sha256.in_(recorded)).order_by(Image.id)):
+                known.setdefault(sha, path)
+    finally:
+        catalog.close()
+    notes.append(f"training images identified by the bundle's training_sha256 (its image ids do not match this "
+                 f"catalog); {len(known)} of {len(recorded)} found in the catalog for the near-duplicate check")
+    return [(known.get(sha, ""), sha) for sha in sorted(recorded)], notes
+
+
+def leak_check(ws: Workspace, bundle: Any, paths: list[str], decoded: Any, sha256s: list[str] | None = None,
+               *, chunk: int = 64) -> Any:
+    """Which of ``paths`` (decoded as the model sees them: ``decoded``) copy an image the bundle trained on.
+
+    Exact copies by SHA-256; near-duplicates by dHash (``data.leaks``) of the decoded pixels, the training
+    images read through the decode cache (warm after training in this workspace), ``chunk`` at a time.
+    """
+    from handlens.data.leaks import ImageRef, find_copies, hash_many
+    from handlens.transforms.cache import decode_many, decode_working_many
+
+    started = time.perf_counter()
+    train, notes = training_images(ws, bundle.manifest)
+    test_sha = list(sha256s) if sha256s else [_file_sha256(p) for p in paths]
+    test = [ImageRef(p, s, h) for p, s, h in zip(paths, test_sha, hash_many(decoded), strict=True)]
+    timings = {"training_images": time.perf_counter() - started}
+    started = time.perf_counter()
+    on_disk = [(p, s) for p, s in train if p and Path(p).is_file()]
+    missing = len(train) - len(on_disk)
+    if missing:
+        notes.append(f"{missing} training image(s) are not on disk here: checked for exact copies only")
+    hashes: list[int | None] = []
+    for start in range(0, len(on_disk), chunk):  # bounded memory: working images can be megapixels each
+        part = on_disk[start:start + chunk]
+        part_paths, part_sha = [p for p, _ in part], [s for _, s in part]
+        if bundle.patch_trained:
+            arrays: Any = decode_working_many(part_paths, bundle.preprocess.working_side,
+                                              bundle.preprocess.morphology, part_sha, ws.cache_dir)
+        else:
+            arrays = decode_many(part_paths, bundle.preprocess, part_sha, ws.cache_dir)
+        hashes += hash_many(arrays)
+    refs = [ImageRef(p, s, h) for (p, s), h in zip(on_disk, hashes, strict=True)]
+    refs += [ImageRef(p, s) for p, s in train if not (p and Path(p).is_file())]
+    timings["training_hashes"] = time.perf_counter() - started
+    started = time.perf_counter()
+    report = find_copies(test, refs, near=bool(on_disk), subject="test")
+    timings["compare"] = time.perf_counter() - started
+    report.notes = notes
+    report.seconds = {k: round(v, 3) for k, v in timings.items()}
+    return report

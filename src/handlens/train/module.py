@@ -7,16 +7,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from handlens.core.errors import HandlensError
+from handlens.train.head import NonFiniteLossError, better, build_scheduler
 from handlens.train.losses import build_loss
 from handlens.train.metrics import classification_metrics, scalar_metrics
 from handlens.transforms.patches import mean_by_image
 
-
-class NonFiniteLossError(HandlensError):
-    """Training produced a NaN or infinite loss."""
+__all__ = ["ClassifierModule", "EpochRecorder", "NonFiniteLossError", "TieBreakCheckpoint", "build_scheduler"]
 
 
 class ClassifierModule(pl.LightningModule):
@@ -118,22 +117,6 @@ class ClassifierModule(pl.LightningModule):
         scalars = scalar_metrics(metrics, "val")
         for key, value in scalars.items():
             self.log(key, value, prog_bar=key == "val_macro_f1")
-        self._log_checkpoint_score(scalars)
-
-    def _log_checkpoint_score(self, scalars: dict[str, float]) -> None:
-        """``checkpoint_score``: the monitored metric with ties broken by the lower validation loss.
-
-        Macro-F1 on a small validation set often ties across epochs (1.0 from epoch 1 on an easy
-        task); keeping the first of the tied epochs would keep the least-trained model.
-        """
-        monitor, mode = self.cfg.monitor, self.cfg.monitor_mode
-        logged = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
-        value = scalars.get(monitor, logged.get(monitor))
-        if value is None:
-            return
-        loss = logged.get("val_loss", 0.0)
-        tie_break = 0.0 if monitor == "val_loss" else 1e-6 * min(loss, 1e3)
-        self.log("checkpoint_score", value - tie_break if mode == "max" else value + tie_break)
 
     def on_train_epoch_end(self) -> None:
         if not self._recorded:  # no validation this epoch: record now (the recorder callback ran first)
@@ -201,28 +184,6 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any) -> Any:
-    """Per-epoch schedule: linear warm-up, then cosine / step / plateau / constant."""
-    from torch.optim import lr_scheduler as sched
-
-    warmup = min(cfg.warmup_epochs, max(0, cfg.epochs - 1))
-    main_epochs = max(1, cfg.epochs - warmup)
-    if cfg.schedule == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, mode=cfg.monitor_mode, factor=cfg.gamma, patience=2)
-    if cfg.schedule == "cosine":
-        main: Any = sched.CosineAnnealingLR(optimizer, T_max=main_epochs)
-    elif cfg.schedule == "step":
-        main = sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    else:
-        main = None
-    if warmup == 0:
-        return main
-    ramp = sched.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
-    if main is None:
-        return ramp
-    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
-
-
 def image_level(probs: torch.Tensor, target: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor,
                                                                                              torch.Tensor]:
     """Patch probabilities and targets -> one mean-probability prediction and one target per image."""
@@ -237,3 +198,51 @@ class EpochRecorder(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: ClassifierModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             pl_module.record_epoch()
+
+
+class TieBreakCheckpoint(ModelCheckpoint):
+    """Keeps the best epoch by the monitored metric, a tie on it going to the lower ``tie_metric`` (a loss).
+
+    Macro-F1 on a small validation set often ties across epochs (1.0 from epoch 1 on an easy task, or the
+    same 0.9 for several epochs); keeping the first tied epoch would keep the least-trained model. The
+    comparison is exact, in float64, on (metric, loss): no ``metric - eps * loss`` score, which float32
+    cannot resolve next to an F1 of 0.9. The kept epoch's loss is part of the callback's state, so a
+    resumed run breaks ties against it too.
+    """
+
+    def __init__(self, *args: Any, tie_metric: str = "val_loss", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tie_metric = tie_metric
+        self.best_tie_value: float | None = None
+        self._pending_tie: float | None = None
+
+    def _tie_value(self, trainer: pl.Trainer) -> float:
+        value = trainer.callback_metrics.get(self.tie_metric)
+        return float(value) if value is not None else float("nan")
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
+        if current is None:
+            return False
+        tie = self._tie_value(trainer)
+        if self.save_top_k != 1 or not self.best_k_models:
+            decision = super().check_monitor_top_k(trainer, current)
+        else:
+            best = float(self.best_k_models[self.kth_best_model_path])
+            decision = better((float(current), tie), (best, self.best_tie_value if self.best_tie_value is not None
+                                                      else float("nan")), self.mode)
+            decision = trainer.strategy.reduce_boolean_decision(bool(decision))
+        self._pending_tie = tie if decision else None
+        return decision
+
+    def _update_best_and_save(self, current: torch.Tensor, trainer: pl.Trainer,
+                              monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if self._pending_tie is not None:
+            self.best_tie_value = self._pending_tie
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_tie_value": self.best_tie_value, "tie_metric": self.tie_metric}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_tie_value = state_dict.get("best_tie_value")

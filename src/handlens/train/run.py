@@ -3,7 +3,8 @@
 A run lives in ``<workspace>/runs/<run id>/``: ``config.yaml`` (enough to repeat it),
 ``checkpoints/`` (``last.ckpt`` to resume, ``best.ckpt``), ``history.json``, ``metrics.json``,
 confusion-matrix PNGs and ``bundle/``. Images are decoded once (cached across runs); a frozen
-backbone's features are computed once (also cached) and only the head trains on them.
+backbone's features are computed once per image (also cached) and only the head trains on them, with
+:func:`handlens.train.head.fit_head` (no Lightning, no checkpoints: a frozen run takes seconds).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 
 from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
-from handlens.train.config import AugmentConfig, RunConfig, load_config
+from handlens.train.config import RunConfig, load_config
 from handlens.transforms.augment import build_augmenter
 
 CONFIG_FILE = "config.yaml"
@@ -76,56 +77,157 @@ class Prepared:
     on_features: bool
     timings: dict[str, float]
     weights_info: dict[str, Any]
+    #: subset -> (features (N, F) or (N, V, F), targets) on cached features; the train rows before any balancing
+    features: dict[str, tuple[Any, np.ndarray]] | None = None
+    class_weights: list[float] | None = None
 
 
-def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
-    import lightning.pytorch as pl
+def seed_everything(seed: int) -> None:
+    """What ``lightning.pytorch.seed_everything(seed, workers=True)`` does, without importing Lightning."""
+    import random
+
+    import torch
+
+    os.environ["PL_GLOBAL_SEED"], os.environ["PL_SEED_WORKERS"] = str(seed), "1"
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def on_cached_features(cfg: RunConfig, policy: Any = None) -> bool:
+    """True when the run trains only a head on fixed backbone features: a frozen backbone, no patch sampling
+    and no mixup/cutmix (from ``augment.mixup/cutmix`` or the ``policy``'s batch steps), cache not off."""
+    from handlens.models.freeze import FreezeSpec
+
+    if cfg.train.feature_cache == "on":
+        return True
+    mixing = bool(cfg.augment.mixup or cfg.augment.cutmix) or (policy is not None and bool(policy.batch_steps))
+    return (cfg.train.feature_cache == "auto" and FreezeSpec.parse(cfg.model.freeze).mode == "frozen"
+            and not cfg.preprocess.patches.enabled and not mixing)
+
+
+def resolve_policy(cfg: RunConfig) -> str:
+    """``augment.policy=auto`` -> ``none`` where nothing would be augmented (a frozen backbone on cached
+    features without ``train.views``), else ``basic``; written into ``cfg`` so the saved config pins it."""
+    if cfg.augment.policy == "auto":
+        cfg.augment.policy = "none" if on_cached_features(cfg) and cfg.train.views == 0 else "basic"
+    return cfg.augment.policy
+
+
+def feature_key_parts(cfg: RunConfig, spec: Any, preprocess: Any, views: int) -> dict[str, Any]:
+    """What identifies a frozen backbone's features in the per-image store (train runs and studies share it)."""
+    base = {"backbone": spec.name, "weights": _weights_identity(cfg.model.weights),
+            "preprocess": preprocess.model_key(), "pool": cfg.model.pool}
+    return {**base, "augment": cfg.augment.model_dump(), "seed": cfg.train.seed} if views else base
+
+
+def check_policy_has_effect(cfg: RunConfig, on_features: bool) -> None:
+    """An explicit policy on cached features without views would change nothing: say how to make it count."""
+    if on_features and cfg.train.views == 0 and cfg.augment.policy not in ("none", "auto"):
+        raise InputError(f"augment.policy={cfg.augment.policy} has no effect on a frozen backbone's cached "
+                         "features: add train.views=4 to cache 4 augmented views per image, or set "
+                         "augment.policy=none")
+
+
+def regroup_subsets(data: Any, subsets: dict[str, list[int]]) -> Any:
+    """The split's labelled images regrouped into exactly ``subsets`` (train, optional val and test) by image
+    id; class weights from the new train subset."""
+    from dataclasses import replace
+
+    from handlens.data.splits import inverse_frequency_weights
+    from handlens.train.data import Subset
+
+    unknown = sorted(set(subsets) - {"train", "val", "test"})
+    if unknown or "train" not in subsets:
+        raise InputError(f"subsets: give train (and optionally val, test) image ids, got {sorted(subsets)}")
+    pool: dict[int, tuple[str, str, int]] = {}
+    for subset in data.subsets.values():
+        for i, image_id in enumerate(subset.ids):
+            pool[image_id] = (subset.paths[i], subset.sha256s[i], int(subset.targets[i]))
+    placed: dict[int, str] = {}
+    regrouped = {}
+    for name in ("train", "val", "test"):
+        if name not in subsets:
+            continue
+        ids = [int(i) for i in subsets[name]]
+        outside = [i for i in ids if i not in pool]
+        if outside:
+            raise InputError(f"subsets[{name!r}]: image id(s) {', '.join(map(str, outside[:5]))} are not labelled "
+                             f"images of split {data.split!r} (fold {data.fold})")
+        for i in ids:
+            if i in placed:
+                raise InputError(f"subsets: image id {i} is in {placed[i]} and in {name}; give each image once")
+            placed[i] = name
+        regrouped[name] = Subset(ids=ids, paths=[pool[i][0] for i in ids], sha256s=[pool[i][1] for i in ids],
+                                 targets=np.array([pool[i][2] for i in ids], dtype=np.int64))
+    counts = np.bincount(regrouped["train"].targets, minlength=len(data.classes))
+    weights = inverse_frequency_weights({c: int(n) for c, n in zip(data.classes, counts, strict=True) if n})
+    return replace(data, subsets=regrouped, class_weights=weights)
+
+
+def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, list[int]] | None = None,
+            for_lightning: bool = True) -> Prepared:
+    """Data, model, preprocessing and features for a run. ``subsets``: regroup the split's labelled images by
+    id (see :func:`regroup_subsets`). ``for_lightning=False``: a run on cached features gets no
+    LightningModule or loaders (``module`` is None; ``features`` holds what :func:`~handlens.train.head.fit_head`
+    needs) and nothing imports Lightning. ``model.head=auto`` and ``augment.policy=auto`` are resolved in
+    ``cfg``."""
     import torch
 
     from handlens.models.backbones import BACKBONES
     from handlens.models.classifier import create_classifier
     from handlens.models.freeze import FreezeSpec
     from handlens.train.data import load_split_data
-    from handlens.train.module import ClassifierModule
+    from handlens.train.head import check_logistic, resolve_head
     from handlens.transforms.augment import policy_for
     from handlens.transforms.policy import batch_mixer
 
     if not cfg.data.dataset:
         raise InputError("no dataset given: pass --dataset NAME (or data.dataset=NAME)")
     timings: dict[str, float] = {}
-    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    seed_everything(cfg.train.seed)
     torch.set_num_threads(os.cpu_count() or 1)
+    resolve_policy(cfg)
     policy = policy_for(cfg.augment)
     apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
     spec = BACKBONES.get(cfg.model.backbone)
     data = load_split_data(catalog, cfg.data.dataset, cfg.data.labelset, cfg.data.split, cfg.data.fold)
+    if subsets is not None:
+        data = regroup_subsets(data, subsets)
     if len(data.subsets["train"]) == 0:
         raise InputError(f"split {data.split!r} has no training images")
     class_weights = _class_weights(cfg, data)
 
-    started = time.perf_counter()
-    model = create_classifier(cfg.model.backbone, len(data.classes), cfg.model.weights, cfg.model.freeze,
-                              cfg.model.head, cfg.model.hidden, cfg.model.dropout, cfg.model.freeze_norm,
-                              cfg.model.pool)
-    timings["model"] = time.perf_counter() - started
     freeze = FreezeSpec.parse(cfg.model.freeze)
     patches = cfg.preprocess.patches.enabled
     mixing = policy is not None and bool(policy.batch_steps)
     if cfg.train.feature_cache == "on" and (freeze.mode != "frozen" or patches or mixing):
         raise InputError("train.feature_cache=on needs model.freeze=frozen, no patch sampling and no mixup/cutmix: "
                          "a backbone that learns, a new random patch or a mixed batch has no fixed features")
-    on_features = cfg.train.feature_cache == "on" or (
-        cfg.train.feature_cache == "auto" and freeze.mode == "frozen" and not patches and not mixing)
-    subsets = {name: s for name, s in data.subsets.items() if len(s)}
+    on_features = on_cached_features(cfg, policy)
+    check_policy_has_effect(cfg, on_features)
+    cfg.model.head = resolve_head(cfg.model, cfg.train, on_features=on_features)  # type: ignore[assignment]
+    if cfg.model.head == "logistic":
+        if not on_features:
+            raise InputError("model.head=logistic is fitted on a frozen backbone's cached features: it needs "
+                             "model.freeze=frozen, no patch sampling, no mixup/cutmix and train.feature_cache "
+                             "auto or on; use model.head=linear (or mlp) for a backbone that learns")
+        check_logistic(cfg.train)
+    started = time.perf_counter()
+    model = create_classifier(cfg.model.backbone, len(data.classes), cfg.model.weights, cfg.model.freeze,
+                              cfg.model.head, cfg.model.hidden, cfg.model.dropout, cfg.model.freeze_norm,
+                              cfg.model.pool)
+    timings["model"] = time.perf_counter() - started
+    subsets_ = {name: s for name, s in data.subsets.items() if len(s)}
     preprocess = build_preprocess(cfg, spec)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     augmenter = build_augmenter(cfg.augment)
     mixer = batch_mixer(policy.batch_steps, len(data.classes)) if policy is not None else None
     started = time.perf_counter()
     if patches:
-        inputs = _patch_inputs(cfg, ws, catalog, subsets, preprocess)
+        inputs = _patch_inputs(cfg, ws, catalog, subsets_, preprocess)
     else:
-        inputs = _whole_inputs(cfg, ws, subsets, preprocess)
+        inputs = _whole_inputs(cfg, ws, subsets_, preprocess)
     timings["decode"] = time.perf_counter() - started
     if cfg.preprocess.normalize == "dataset":
         from dataclasses import replace
@@ -136,23 +238,31 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any) -> Prepared:
 
     if on_features:
         started = time.perf_counter()
-        datasets, eval_inputs = _feature_datasets(cfg, ws, spec, model, preprocess, subsets, inputs, augmenter,
-                                                  generator)
+        datasets, eval_inputs, features = _feature_datasets(cfg, ws, spec, model, preprocess, subsets_, inputs,
+                                                            augmenter, generator)
         timings["features"] = time.perf_counter() - started
+        if not for_lightning and not cfg.train.overfit_batches:  # fit_head trains it: no Lightning at all
+            return Prepared(cfg, data, model, None, preprocess, None, None, eval_inputs, on_features, timings,
+                            {"source": cfg.model.weights}, features, class_weights)
+        from handlens.train.module import ClassifierModule
+
         module = ClassifierModule(model.head, data.classes, cfg.train, preprocess.normalize_batch,
                                   class_weights, on_features=True)
     else:
-        datasets, eval_inputs = _image_datasets(cfg, preprocess, subsets, inputs)
+        from handlens.train.module import ClassifierModule
+
+        features = None
+        datasets, eval_inputs = _image_datasets(cfg, preprocess, subsets_, inputs)
         # the train loader augments (in its workers); the module only normalises and mixes
         module = ClassifierModule(model, data.classes, cfg.train, preprocess.normalize_batch,
                                   class_weights, body_params=list(model.backbone.parameters()), mixer=mixer)
 
     train_loader = build_train_loader(cfg, datasets["train"], None if on_features else augmenter,
-                                      subsets["train"].targets, generator, on_features)
+                                      subsets_["train"].targets, generator, on_features)
     loader_kwargs = {"batch_size": cfg.train.batch_size, "num_workers": 0}
     val_loader = torch.utils.data.DataLoader(datasets["val"], **loader_kwargs) if "val" in datasets else None
     return Prepared(cfg, data, model, module, preprocess, train_loader, val_loader, eval_inputs, on_features,
-                    timings, {"source": cfg.model.weights})
+                    timings, {"source": cfg.model.weights}, features, class_weights)
 
 
 def loader_workers(cfg: RunConfig, n_samples: int) -> int:
@@ -350,38 +460,28 @@ def _image_datasets(cfg: RunConfig, preprocess: Any, subsets: dict[str, Any],
 
 def _feature_datasets(cfg: RunConfig, ws: Workspace, spec: Any, model: Any, preprocess: Any,
                       subsets: dict[str, Any], images: dict[str, Any], augmenter: Any,
-                      generator: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Cached backbone features per subset (frozen backbones), as datasets for the head."""
+                      generator: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Backbone features per subset (frozen backbones) from the per-image feature store: datasets for a
+    Lightning head, what the final metrics evaluate, and subset -> (features, targets) for ``fit_head``."""
     import torch
 
     from handlens.train.balance import balanced_indices
-    from handlens.train.features import ViewDataset, cached_features, compute_features, features_key
+    from handlens.train.features import ViewDataset, feature_rows
 
-    weights_id = _weights_identity(cfg.model.weights)
-    base = {"backbone": spec.name, "weights": weights_id, "preprocess": preprocess.model_key(),
-            "pool": cfg.model.pool}
     feats: dict[str, Any] = {}
     for name, subset in subsets.items():
         views = cfg.train.views if name == "train" else 0
-        parts = {**base, "views": views, "augment": cfg.augment.model_dump() if views else None,
-                 "seed": cfg.train.seed if views else None}
-
-        def compute(name: str = name, views: int = views) -> Any:
-            if views == 0:
-                return compute_features(model, images[name], preprocess.normalize_batch)
-            views_augment = augmenter or build_augmenter(AugmentConfig(policy="basic"))
-            return torch.stack([compute_features(model, images[name], preprocess.normalize_batch,
-                                                 augment=views_augment, generator=generator)
-                                for _ in range(views)], dim=1)
-
-        feats[name] = cached_features(ws.cache_dir, features_key(parts, subset.sha256s), compute)
+        parts = feature_key_parts(cfg, spec, preprocess, views)
+        feats[name] = feature_rows(model, images[name], subset.sha256s, key_parts=parts, cache_dir=ws.cache_dir,
+                                   normalize=preprocess.normalize_batch, views=views,
+                                   augment=augmenter if views else None, generator=generator)
     datasets: dict[str, Any] = {name: ViewDataset(feats[name], subsets[name].targets) for name in subsets}
     if cfg.data.balance in ("oversample", "downsample"):
         order = balanced_indices(subsets["train"].targets, cfg.data.balance, cfg.data.per_class, cfg.train.seed)
         datasets["train"] = torch.utils.data.Subset(datasets["train"], order.tolist())
     eval_inputs = {name: (feats[name] if feats[name].dim() == 2 else feats[name][:, 0], subsets[name].targets)
                    for name in subsets if name != "train"}
-    return datasets, eval_inputs
+    return datasets, eval_inputs, {name: (feats[name], subsets[name].targets) for name in subsets}
 
 
 def _class_weights(cfg: RunConfig, data: Any) -> list[float] | None:
@@ -419,6 +519,14 @@ def _epoch_reporter(tracker: Any, total_epochs: int, run_dir: Path, history: lis
     return report
 
 
+def quiet_tracking() -> None:
+    """Keep MLflow's and its database migrations' INFO lines off the terminal (no Lightning import)."""
+    import logging
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def quiet_lightning() -> None:
     """Keep Lightning's banners (accelerator info, tips) and a known deprecation notice off the terminal."""
     import logging
@@ -426,7 +534,8 @@ def quiet_lightning() -> None:
 
     import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: set them after it)
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "alembic"):
+    quiet_tracking()
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*`weights_only` was not set.*")
     warnings.filterwarnings("ignore", message=r".*defined a `validation_step` but have no `val_dataloader`.*")
@@ -435,20 +544,23 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
+SUBSETS_FILE = "subsets.json"
+
+
 def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None = None,
-          progress: bool | None = None) -> RunResult:
-    """Train a classifier as ``cfg`` says (or resume run ``resume`` from its last checkpoint)."""
-    import lightning.pytorch as pl
-    import rich
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+          progress: bool | None = None, *, subsets: dict[str, list[int]] | None = None) -> RunResult:
+    """Train a classifier as ``cfg`` says (or resume run ``resume`` from its last checkpoint).
 
-    from handlens.data.catalog import Dataset, Run, open_catalog
-    from handlens.models.bundle import save_bundle
-    from handlens.track import create_tracker, flatten
-    from handlens.train.module import EpochRecorder
+    ``subsets``: regroup the split's labelled images into exactly these subsets by image id (``train``,
+    optional ``val`` and ``test``), e.g. a cross-validation fold or a refit on every non-test image; the
+    bundle's ``split_membership`` records them and a resume reuses them.
 
+    A frozen backbone on cached features (the default recipe) trains its head with
+    :func:`handlens.train.head.fit_head`: no Lightning, no checkpoints, seconds once the features are
+    cached. Resuming such a run that did not finish simply trains its head again.
+    """
     started = time.perf_counter()
-    quiet_lightning()
+    quiet_tracking()
     ws = workspace or Workspace.open()
     ckpt_path: Path | None = None
     if resume:
@@ -462,39 +574,152 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
         if (run_dir / "bundle" / "bundle.json").is_file() and (run_dir / "history.json").is_file():
             raise ConflictError(f"run {run_id} already finished; its bundle is {run_dir / 'bundle'}. "
                                 "Start a new run to train more")
+        if (run_dir / SUBSETS_FILE).is_file():
+            subsets = json.loads((run_dir / SUBSETS_FILE).read_text())
     else:
         run_id = new_run_id()
         run_dir = ws.runs_dir / run_id
         run_dir.mkdir(parents=True)
         (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+        if subsets is not None:
+            (run_dir / SUBSETS_FILE).write_text(json.dumps({k: [int(i) for i in v] for k, v in subsets.items()}))
 
-    catalog = open_catalog(ws.db_url)
+    catalog = open_catalog_for(ws)
     try:
-        prepared = prepare(cfg, ws, catalog)
+        prepared = prepare(cfg, ws, catalog, subsets=subsets, for_lightning=False)
     except BaseException:
         catalog.close()
         if not resume:  # nothing was trained: leave no empty run behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    data, module = prepared.data, prepared.module
-    if not resume:  # pin what "default" resolved to, so a resume or repeat uses the same split and size
+    data = prepared.data
+    if not resume:  # pin what "default"/"auto" resolved to, so a resume or repeat uses the same split and size
         cfg.data.split, cfg.data.labelset = data.split, data.labelset
         cfg.preprocess.size = prepared.preprocess.size
         (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+    _record_run_start(catalog, cfg, run_id, data)
+
+    from handlens.models.bundle import save_bundle
+    from handlens.track import create_tracker, flatten
+
+    tracker = create_tracker(cfg.tracking.backend, ws.runs_dir, cfg.tracking.experiment)
+    tracker.start(run_id, {**flatten(cfg.model_dump(mode="json")), "data.split_resolved": data.split,
+                           "data.classes": ",".join(data.classes)})
+    status = "failed"
+    try:
+        fit_started = time.perf_counter()
+        if prepared.module is None:
+            best_epoch, history, epochs, head_fit = _fit_on_features(prepared, tracker, run_dir)
+        else:
+            best_epoch, history, epochs = _fit_lightning(prepared, tracker, run_dir, run_id, ckpt_path, progress)
+            head_fit = None
+        prepared.timings["fit"] = time.perf_counter() - fit_started
+        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+        (run_dir / "history.partial.json").unlink(missing_ok=True)
+        metrics = _final_metrics(prepared, run_dir)
+        metrics["best_epoch"] = best_epoch
+        if head_fit is not None:
+            metrics["head_fit"] = head_fit
+        bundle = save_bundle(run_dir / "bundle", prepared.model, _manifest(cfg, prepared, metrics, run_id))
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        for png in sorted(run_dir.glob("confusion_*.png")):
+            tracker.log_artifact(png)
+        tracker.log_artifact(bundle)
+        status = "finished"
+    except (KeyboardInterrupt, RunInterrupted):
+        status = "interrupted"
+        raise
+    finally:
+        tracker.finish(status)
+        _record_run_end(catalog, cfg, run_id, status, tracker, bundle if status == "finished" else None,
+                        metrics if status == "finished" else None)
+        catalog.close()
+    return RunResult(run_id=run_id, run_dir=run_dir, bundle=bundle, epochs=epochs,
+                     best_epoch=best_epoch, metrics=metrics, history=history,
+                     seconds=time.perf_counter() - started, timings=prepared.timings, tracking_uri=tracker.uri,
+                     resumed=bool(resume))
+
+
+def open_catalog_for(ws: Workspace) -> Any:
+    from handlens.data.catalog import open_catalog
+
+    return open_catalog(ws.db_url)
+
+
+def _record_run_start(catalog: Any, cfg: RunConfig, run_id: str, data: Any) -> None:
+    from handlens.data.catalog import Dataset, Run
+
     with catalog.session() as session:
         dataset_id = session.query(Dataset.id).filter(Dataset.name == data.dataset).scalar()
         record = session.get(Run, run_id) or Run(id=run_id, config=cfg.model_dump(mode="json"), status="running")
         record.dataset_id, record.split_name, record.status = dataset_id, data.split, "running"
         session.merge(record)
 
-    tracker = create_tracker(cfg.tracking.backend, ws.runs_dir, cfg.tracking.experiment)
-    tracker.start(run_id, {**flatten(cfg.model_dump(mode="json")), "data.split_resolved": data.split,
-                           "data.classes": ",".join(data.classes)})
+
+def _record_run_end(catalog: Any, cfg: RunConfig, run_id: str, status: str, tracker: Any, bundle: Path | None,
+                    metrics: dict[str, Any] | None) -> None:
+    from handlens.data.catalog import Run
+
+    with catalog.session() as session:
+        row = session.get(Run, run_id)
+        row.status = status
+        row.finished_at = datetime.now(UTC)
+        row.tracking = {"backend": cfg.tracking.backend, "uri": tracker.uri,
+                        "run_id": getattr(tracker, "run_id", None)}
+        if bundle is not None:
+            row.bundle_path, row.metrics = str(bundle), _jsonable(metrics)
+
+
+def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path) -> tuple[int, list[dict[str, Any]], int,
+                                                                                 dict[str, Any]]:
+    """Train the head on the cached features with fit_head; the fitted head becomes the model's head."""
+    from handlens.train.head import fit_head
+
+    cfg = prepared.cfg
+    features = prepared.features or {}
+    train_x, train_y = features["train"]
+    val_x, val_y = features.get("val", (None, None))
+    history: list[dict[str, Any]] = []
+    logistic = cfg.model.head == "logistic"
+    reporter = _epoch_reporter(tracker, 1 if logistic else cfg.train.epochs, run_dir, history)
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        history.append(record)
+        reporter(record)
+
+    fit = fit_head(train_x, train_y, n_classes=len(prepared.data.classes), model_cfg=cfg.model, train_cfg=cfg.train,
+                   class_weights=prepared.class_weights, val_x=val_x, val_y=val_y, data_cfg=cfg.data,
+                   classes=prepared.data.classes, on_epoch=on_epoch)
+    if logistic:
+        cv = fit.info["cv"]
+        how = (f"chosen by {cv['folds']}-fold cross-validation on the training features" if cv.get("folds")
+               else cv.get("note", ""))
+        ignored = sorted(cfg.train.model_fields_set & {"epochs", "lr", "optimizer", "schedule", "batch_size",
+                                                       "early_stopping", "warmup_epochs", "weight_decay"})
+        note = (f"; train.{', train.'.join(ignored)} apply to gradient-trained heads (model.head=linear)"
+                if ignored else "")
+        print(f"head: logistic regression (L-BFGS), C={fit.info['C']:g} {how}{note}", file=sys.stderr, flush=True)
+    prepared.model.head = fit.head
+    return fit.best_epoch, fit.history, len(fit.history), fit.info
+
+
+def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, run_id: str, ckpt_path: Path | None,
+                   progress: bool | None) -> tuple[int | None, list[dict[str, Any]], int]:
+    """Lightning's loop (a backbone that learns, patches, mixing, overfit_batches): checkpoints to resume from,
+    the best one kept by the monitored metric with ties to the lower loss."""
+    import lightning.pytorch as pl
+    import rich
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+
+    from handlens.train.module import EpochRecorder, TieBreakCheckpoint
+
+    quiet_lightning()
+    cfg, module = prepared.cfg, prepared.module
     has_val = prepared.val_loader is not None
     monitor = cfg.train.monitor if has_val else cfg.train.monitor.replace("val_", "train_", 1)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
-                                 monitor="checkpoint_score" if has_val else monitor,
-                                 mode=cfg.train.monitor_mode, save_top_k=1, enable_version_counter=False)
+    checkpoint = TieBreakCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor,
+                                    mode=cfg.train.monitor_mode, save_top_k=1, enable_version_counter=False,
+                                    tie_metric="val_loss" if has_val else "train_loss")
     # Its own callback: with a monitor, Lightning refreshes save_last only when the metric improves,
     # and a resume would then repeat every epoch after the best one.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
@@ -513,46 +738,13 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
         enable_progress_bar=show_bar, enable_model_summary=False, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, overfit_batches=cfg.train.overfit_batches or 0.0, log_every_n_steps=10,
     )
-    status = "failed"
     try:
-        fit_started = time.perf_counter()
-        try:
-            trainer.fit(module, prepared.train_loader, prepared.val_loader if has_val else None,
-                        ckpt_path=str(ckpt_path) if ckpt_path else None)
-        except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown
-            status = "interrupted"
-            raise RunInterrupted(f"run {run_id} was interrupted; continue it with "
-                                 f"`handlens train --resume {run_id}`") from None
-        prepared.timings["fit"] = time.perf_counter() - fit_started
-        (run_dir / "history.json").write_text(json.dumps(module.history, indent=1))
-        (run_dir / "history.partial.json").unlink(missing_ok=True)
-        best_epoch = _load_best(module, checkpoint)
-        metrics = _final_metrics(prepared, run_dir)
-        metrics["best_epoch"] = best_epoch
-        bundle = save_bundle(run_dir / "bundle", prepared.model, _manifest(cfg, prepared, metrics, run_id))
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        for png in sorted(run_dir.glob("confusion_*.png")):
-            tracker.log_artifact(png)
-        tracker.log_artifact(bundle)
-        status = "finished"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        tracker.finish(status)
-        with catalog.session() as session:
-            row = session.get(Run, run_id)
-            row.status = status
-            row.finished_at = datetime.now(UTC)
-            row.tracking = {"backend": cfg.tracking.backend, "uri": tracker.uri,
-                            "run_id": getattr(tracker, "run_id", None)}
-            if status == "finished":
-                row.bundle_path, row.metrics = str(bundle), _jsonable(metrics)
-        catalog.close()
-    return RunResult(run_id=run_id, run_dir=run_dir, bundle=bundle, epochs=trainer.current_epoch,
-                     best_epoch=best_epoch, metrics=metrics, history=module.history,
-                     seconds=time.perf_counter() - started, timings=prepared.timings, tracking_uri=tracker.uri,
-                     resumed=bool(resume))
+        trainer.fit(module, prepared.train_loader, prepared.val_loader if has_val else None,
+                    ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown
+        raise RunInterrupted(f"run {run_id} was interrupted; continue it with "
+                             f"`handlens train --resume {run_id}`") from None
+    return _load_best(module, checkpoint), module.history, trainer.current_epoch
 
 
 def _load_best(module: Any, checkpoint: Any) -> int | None:
@@ -575,7 +767,7 @@ def _final_metrics(prepared: Prepared, run_dir: Path) -> dict[str, Any]:
     from handlens.train.patch_data import GridPatchDataset
     from handlens.transforms.patches import mean_by_image
 
-    module = prepared.module
+    module = prepared.module if prepared.module is not None else prepared.model.head  # fit_head: features -> logits
     module.eval()
     out: dict[str, Any] = {}
     with torch.inference_mode():
@@ -616,6 +808,9 @@ def _manifest(cfg: RunConfig, prepared: Prepared, metrics: dict[str, Any], run_i
         "config": cfg.model_dump(mode="json"),
         "metrics": _jsonable(metrics),
         "split_membership": data.membership(),
+        # what the model learnt from, by content: evaluate's leak check when the catalog does not know the ids
+        "training_sha256": sorted({sha for name in ("train", "val") if name in data.subsets
+                                   for sha in data.subsets[name].sha256s}),
     }
 
 
@@ -632,6 +827,11 @@ def lr_find(cfg: RunConfig, workspace: Workspace | None = None, min_lr: float = 
 
     from handlens.data.catalog import open_catalog
 
+    if cfg.model.head == "logistic":
+        raise InputError("the learning-rate finder is for gradient-trained heads; model.head=logistic fits by "
+                         "L-BFGS with no learning rate: use model.head=linear (or mlp) to find one")
+    if cfg.model.head == "auto":  # a range test trains by gradient: the head auto would give on images
+        cfg.model.head = "linear"
     ws = workspace or Workspace.open()
     catalog = open_catalog(ws.db_url)
     try:

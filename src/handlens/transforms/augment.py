@@ -29,7 +29,7 @@ def policy_for(config: Any) -> Policy | None:
     """The config's policy (None for ``policy: none``), with ``augment.mixup``/``cutmix`` as batch steps."""
     if config.policy == "none":
         policy = None
-    elif config.policy == "basic":
+    elif config.policy in ("basic", "auto"):  # auto: what a run resolves it to wherever images are augmented
         policy = basic_policy(config.hflip, config.vflip, config.crop_scale)
     else:
         policy = load_policy(config.policy)

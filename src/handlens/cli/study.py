@@ -1,0 +1,185 @@
+"""``handlens study``: find the best honest model by cross-validated search, refit and (optionally) ensemble."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from handlens.cli.context import workspace
+from handlens.cli.output import emit_json, fmt, handle_errors, stdout, table
+from handlens.core.errors import InputError
+
+study_app = typer.Typer(help="Studies: cross-validated search over run configs; the winner is refitted.",
+                        no_args_is_help=True)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+
+
+def parse_budget(text: str | None) -> float | None:
+    """``20m``, ``1h30m``, ``90s`` or plain seconds -> seconds."""
+    if text is None:
+        return None
+    cleaned = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", cleaned):
+        return float(cleaned)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", cleaned)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != cleaned.replace(" ", ""):
+        raise InputError(f"--budget {text!r}: write a wall time like 20m, 1h30m, 90s or 600 (seconds)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+@study_app.command("run")
+@handle_errors
+def run_cmd(
+    ctx: typer.Context,
+    overrides: list[str] | None = typer.Argument(None, help="key=value run-config overrides for every trial."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Dataset name."),
+    labelset: str | None = typer.Option(None, "--labelset", help="Labelset (default: the split's)."),
+    split: str | None = typer.Option(None, "--split", help="Split name (default: the newest)."),
+    space: Path | None = typer.Option(None, "--space", help="Search space YAML file."),
+    preset: str | None = typer.Option(None, "--preset", help="A shipped space: quick (frozen, cheap; the default) "
+                                      "or thorough (adds partial and full fine-tuning)."),
+    sampler: str = typer.Option("tpe", "--sampler", help="grid, random, tpe or gp."),
+    pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none (per fold)."),
+    trials: int | None = typer.Option(None, "--trials", min=1, help="Trials to finish (default: the whole grid, "
+                                      "else 20, or as many as the budget allows)."),
+    budget: str | None = typer.Option(None, "--budget", help="Wall time, e.g. 20m: no trial starts that would "
+                                      "not fit."),
+    cv: int = typer.Option(5, "--cv", min=2, help="Stratified (grouped when the split is) folds over train+val."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Repeat the K folds with new shuffles."),
+    objective: str = typer.Option("val_macro_f1", "--objective", help="val_macro_f1, val_accuracy or "
+                                  "val_balanced_accuracy."),
+    one_se: bool = typer.Option(False, "--one-se", help="Pick the cheapest config within one standard error "
+                                "of the best CV mean."),
+    ensemble: int = typer.Option(1, "--ensemble", min=1, help="Average the top K refitted trials in one bundle."),
+    name: str | None = typer.Option(None, "--name", help="Study name (default: DATASET-SPACE-TIME)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Parallel worker processes on this machine."),
+    config: Path | None = typer.Option(None, "--config", help="Run config YAML every trial starts from."),
+    tracking: str = typer.Option("mlflow", "--tracking", help="mlflow (default), tensorboard or none."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the folds and the sampler."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue study NAME (its trials are kept)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Run a study; the last line printed is the winning (refitted) bundle's path."""
+    from handlens.search.study import StudyConfig, run_study
+
+    cfg = _study_config(StudyConfig, dataset=dataset or "", labelset=labelset, split=split, name=resume or name,
+                        space=str(space) if space else None, preset=preset, sampler=sampler, pruner=pruner,
+                        trials=trials, budget=parse_budget(budget), cv=cv, repeats=repeats, objective=objective,
+                        one_se=one_se, ensemble=ensemble, workers=workers, config=str(config) if config else None,
+                        overrides=list(overrides or []), tracking=tracking, seed=seed, resume=bool(resume))
+    result = run_study(cfg, workspace(ctx))
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    _print_study(result)
+    stdout.print(f"refit:    {_refit_line(result.refit)}")
+    stdout.print(f"time:     {result.seconds / 60:.1f} min, {result.feature_passes} feature pass(es) of the pool")
+    print(result.bundle, flush=True)
+
+
+def _study_config(model: Any, **values: Any) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                             for e in exc.errors())
+        raise InputError(problems) from None
+
+
+def _refit_line(refit: dict[str, Any]) -> str:
+    if "members" in refit:
+        return "ensemble of " + ", ".join(f"trial {m['trial']} ({m['epochs']} epochs)" for m in refit["members"])
+    if not refit:
+        return "-"
+    return (f"trial {refit['trial']} retrained on all train+val images for {refit['epochs']} epochs "
+            f"(run {refit['run_id']})")
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={fmt(v) if isinstance(v, float) and v < 1 and v != 0 and v >= 1e-3 else v}"
+                     for k, v in params.items())
+
+
+def _print_study(result: Any) -> None:
+    rows = []
+    for t in result.trials:
+        cv = f"{t.cv_mean:.3f} ± {t.cv_std:.3f}" if t.cv_mean is not None else "-"
+        rows.append([t.number, _params_text(t.params), cv, t.epochs if t.epochs is not None else "-",
+                     f"{t.seconds:.1f}s" if t.seconds is not None else "-", t.status, t.run_id or "-",
+                     t.note[:60]])
+    stdout.print(table(f"Study {result.name}: CV mean ± std over folds", ["trial", "parameters", "CV", "epochs",
+                       "time", "status", "run", "note"], rows, justify_numbers=False))
+    if result.importances:
+        stdout.print("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items()))
+    stdout.print(f"verdict:  {result.verdict}")
+    if result.bundle:
+        stdout.print(f"bundle:   {result.bundle}")
+
+
+@study_app.command("show")
+@handle_errors
+def show_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="Study name."),
+             as_json: bool = JSON_OPTION) -> None:
+    """The trials of a study: parameters, CV mean ± std, epochs, time, status, run id; parameter importances."""
+    from handlens.search.study import show_study
+
+    result = show_study(name, workspace(ctx))
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    _print_study(result)
+
+
+@study_app.command("list")
+@handle_errors
+def list_cmd(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """Every study in this workspace's storage."""
+    from handlens.search.study import list_studies
+
+    studies = list_studies(workspace(ctx))
+    if as_json:
+        emit_json(studies)
+        return
+    rows = [[s["name"], s["dataset"], s["space"], s["sampler"],
+             ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())),
+             s["best_cv_mean"] if s["best_cv_mean"] is not None else "-", s["bundle"] or "-"] for s in studies]
+    stdout.print(table("Studies", ["name", "dataset", "space", "sampler", "trials", "best CV", "bundle"], rows,
+                       justify_numbers=False))
+
+
+@study_app.command("export")
+@handle_errors
+def export_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="Study name."),
+               csv: bool = typer.Option(False, "--csv", help="CSV: one row per trial."),
+               as_json: bool = typer.Option(False, "--json", help="JSON: the whole study."),
+               out: Path | None = typer.Option(None, "--out", help="Write to this file instead of stdout.")) -> None:
+    """Export a study's trials as CSV or JSON."""
+    from handlens.search.study import export_study
+
+    if csv == as_json:
+        raise InputError("choose one of --csv or --json")
+    text = export_study(name, workspace(ctx), fmt="csv" if csv else "json")
+    if out is not None:
+        out.write_text(text)
+        stdout.print(f"wrote {out}")
+    else:
+        print(text, end="" if text.endswith("\n") else "\n")
+
+
+@study_app.command("work")
+@handle_errors
+def work_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="Study name."),
+             budget: str | None = typer.Option(None, "--budget", help="Wall time for this worker, e.g. 30m."),
+             trials: int | None = typer.Option(None, "--trials", min=1, help="Trials to finish in the study.")) -> None:
+    """Join a study (e.g. on a PostgreSQL catalog shared by several machines) and run its trials."""
+    from handlens.search.study import work_study
+
+    done = work_study(name, workspace(ctx), budget=parse_budget(budget), trials=trials)
+    stdout.print(f"worker finished {done} trial(s) of study {name}; refit the winner with "
+                 f"`handlens study run --resume {name}`")

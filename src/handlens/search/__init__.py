@@ -1,0 +1,1 @@
+"""Studies: cross-validated search over run configs (Optuna), refit of the winner, ensembles."""

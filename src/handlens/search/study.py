@@ -1,0 +1,882 @@
+"""``run_study(cfg) -> StudyResult``: find the best honest model a small dataset allows.
+
+A study (Optuna, Akiba et al., "Optuna: A Next-generation Hyperparameter Optimization Framework",
+KDD 2019) samples run configs from a search space and scores each by K-fold cross-validation over the
+split's train+val pool (test images never take part), reporting mean ± std. The winner, by CV mean
+(optionally the cheapest config within one standard error of the best, Hastie et al., "The Elements of
+Statistical Learning", 7.10), is refitted on all non-test images with the epochs its folds chose, and
+that refit is the study's bundle; ``ensemble=K`` averages the top K refits instead.
+
+Storage is Optuna's RDB storage on the workspace's catalog URL (SQLite by default, PostgreSQL for a
+team): ``handlens study work NAME`` processes on several machines share one study. Two things Optuna's
+docs warn about are designed around: SQLite's "database is locked" under parallel writers (a long busy
+timeout on top of the catalog's WAL journal), and the grid sampler handing one point to several
+workers (grid points are enqueued once when the study is made, and each is popped by exactly one
+worker; a worker that finds the queue empty stops).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
+from handlens.core.workspace import Workspace
+from handlens.search.space import SearchSpace, load_space, set_key
+from handlens.search.trial import effective_key
+
+STUDY_TAG = "handlens_study"  # study user attribute marking handlens's own studies
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = int(os.environ.get("HANDLENS_STUDY_GRACE", "60"))
+SAMPLERS = ("grid", "random", "tpe", "gp")
+PRUNERS = ("median", "hyperband", "none")
+
+
+class StudyConfig(BaseModel):
+    """What ``handlens study run`` is asked to do."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = ""
+    labelset: str | None = None
+    split: str | None = None
+    name: str | None = None
+    space: str | None = Field(None, description="a search space YAML file")
+    preset: str | None = Field(None, description="a shipped space: quick or thorough")
+    sampler: Literal["grid", "random", "tpe", "gp"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    trials: int | None = Field(None, ge=1, description="trials to finish (default: the grid, else 20)")
+    budget: float | None = Field(None, gt=0, description="wall-time budget in seconds")
+    cv: int = Field(5, ge=2)
+    repeats: int = Field(1, ge=1)
+    objective: Literal["val_macro_f1", "val_accuracy", "val_balanced_accuracy"] = "val_macro_f1"
+    one_se: bool = Field(False, description="pick the cheapest config within one standard error of the best")
+    ensemble: int = Field(1, ge=1, description="average the top K refitted trials in one bundle")
+    workers: int = Field(1, ge=1)
+    seed: int = 0
+    config: str | None = Field(None, description="a run config YAML every trial starts from")
+    overrides: list[str] = Field(default_factory=list, description="key=value run-config overrides for all trials")
+    resume: bool = False
+    tracking: Literal["mlflow", "tensorboard", "none"] = "mlflow"
+
+
+@dataclass
+class TrialRow:
+    number: int
+    status: str  # complete, pruned, failed, running, skipped
+    params: dict[str, Any]
+    cv_mean: float | None
+    cv_std: float | None
+    folds: int
+    epochs: int | None
+    seconds: float | None
+    run_id: str | None
+    kind: str | None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "status": self.status, "params": self.params, "cv_mean": self.cv_mean,
+                "cv_std": self.cv_std, "folds": self.folds, "epochs": self.epochs, "seconds": self.seconds,
+                "run_id": self.run_id, "kind": self.kind, "note": self.note}
+
+
+@dataclass
+class StudyResult:
+    name: str
+    bundle: Path | None
+    winner: TrialRow | None
+    trials: list[TrialRow]
+    importances: dict[str, float]
+    seconds: float
+    feature_passes: int = 0
+    refit: dict[str, Any] = field(default_factory=dict)
+    members: list[int] = field(default_factory=list)
+    verdict: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "bundle": str(self.bundle) if self.bundle else None,
+                "winner": self.winner.to_dict() if self.winner else None,
+                "verdict": self.verdict, "refit": self.refit, "ensemble_members": self.members,
+                "trials": [t.to_dict() for t in self.trials], "importances": self.importances,
+                "seconds": round(self.seconds, 2), "feature_passes": self.feature_passes}
+
+
+# ----------------------------------------------------------------------------------------------- storage
+
+def open_storage(db_url: str) -> Any:
+    """Optuna's RDB storage on the catalog URL, with heartbeats so a killed worker's trial is failed."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours (_progress)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
+    kwargs: dict[str, Any] = {}
+    if db_url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 120}  # wait for the other writer instead of "database is locked"
+    return optuna.storages.RDBStorage(db_url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                                      grace_period=GRACE_SECONDS)
+
+
+def _sampler(name: str, seed: int) -> Any:
+    import optuna
+
+    if name in ("grid", "random"):  # grid points come from the trial queue; the sampler only fills gaps
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
+
+
+def _pruner(name: str) -> Any:
+    import optuna
+
+    if name == "median":  # per fold: a trial whose running CV mean is below the median at that fold stops
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
+# ----------------------------------------------------------------------------------------------- context
+
+@dataclass
+class StudyContext:
+    """What every worker of one study shares, rebuilt from the study's stored attributes."""
+
+    name: str
+    settings: dict[str, Any]
+    space: SearchSpace
+    base: dict[str, Any]  # the run config every trial starts from (dict)
+    classes: list[str]
+    pool_ids: list[int]
+    pool_targets: np.ndarray
+    test_ids: list[int]
+    folds: list[Any]
+    deadline: float | None = None
+
+    def trial_config(self, params: dict[str, Any]) -> Any:
+        from handlens.train.config import RunConfig, _explain_error
+
+        data = copy.deepcopy(self.base)
+        for key, value in {**self.space.fixed, **params}.items():
+            set_key(data, key, value)
+        try:
+            return RunConfig.model_validate(data)
+        except Exception as exc:  # pydantic ValidationError or a freeze spec error
+            errors = getattr(exc, "errors", None)
+            text = "; ".join(_explain_error(e) for e in errors()) if callable(errors) else str(exc)
+            raise InputError(f"invalid trial config: {text}") from None
+
+    @property
+    def metric(self) -> str:
+        from handlens.search.trial import OBJECTIVES
+
+        return OBJECTIVES[self.settings["objective"]]
+
+
+def _base_config(cfg: StudyConfig, data: Any) -> dict[str, Any]:
+    from handlens.train.config import load_config
+
+    run = load_config(Path(cfg.config) if cfg.config else None, cfg.overrides,
+                      base={"data": {"dataset": data.dataset, "labelset": data.labelset, "split": data.split},
+                            "tracking": {"backend": cfg.tracking}})
+    run.train.progress = False
+    run.tracking.experiment = f"study-{cfg.name}"
+    return run.model_dump(mode="json")
+
+
+def _pool_groups(catalog: Any, split_name: str, dataset: str, ids: list[int]) -> list[str | None] | None:
+    """Each pool image's group when the split keeps groups together (so folds must too), else None."""
+    import re
+
+    from sqlalchemy import select
+
+    from handlens.data.catalog import Image, Split
+    from handlens.data.queries import find_dataset
+
+    with catalog.session() as session:
+        ds = find_dataset(session, dataset)
+        split = session.scalars(select(Split).where(Split.dataset_id == ds.id, Split.name == split_name)).first()
+        params = dict(split.params or {}) if split is not None else {}
+        group_by, regex = params.get("group_by"), params.get("group_regex")
+        if not group_by and not regex:
+            return None
+        rows = {row.id: row for row in session.scalars(select(Image).where(Image.id.in_(ids)))}
+        if regex:
+            pattern = re.compile(regex)
+            out: list[str | None] = []
+            for i in ids:
+                found = pattern.search(Path(rows[i].path).name)
+                out.append((found.group(1) if found.groups() else found.group(0)) if found else None)
+            return out
+        if group_by == "hash":
+            return [rows[i].sha256 for i in ids]
+        return [rows[i].group for i in ids]
+
+
+def _create_context(cfg: StudyConfig, ws: Workspace, catalog: Any, space: SearchSpace) -> StudyContext:
+    from handlens.search.folds import cv_folds
+    from handlens.train.data import load_split_data
+
+    data = load_split_data(catalog, cfg.dataset, cfg.labelset, cfg.split)
+    pool_ids = [*data.subsets["train"].ids, *data.subsets["val"].ids]
+    targets = np.concatenate([data.subsets["train"].targets, data.subsets["val"].targets])
+    if not pool_ids:
+        raise InputError(f"split {data.split!r} has no train or val images to cross-validate on")
+    groups = _pool_groups(catalog, data.split, data.dataset, pool_ids)
+    folds = cv_folds(pool_ids, targets, k=cfg.cv, repeats=cfg.repeats, seed=cfg.seed, groups=groups,
+                     classes=data.classes)
+    settings = cfg.model_dump(mode="json")
+    settings.update(dataset=data.dataset, labelset=data.labelset, split=data.split, grouped=groups is not None)
+    return StudyContext(name=str(cfg.name), settings=settings, space=space, base=_base_config(cfg, data),
+                        classes=data.classes, pool_ids=pool_ids, pool_targets=targets,
+                        test_ids=list(data.subsets["test"].ids), folds=folds)
+
+
+def _store_context(study: Any, ctx: StudyContext) -> None:
+    study.set_user_attr(STUDY_TAG, True)
+    study.set_user_attr("settings", ctx.settings)
+    study.set_user_attr("space", ctx.space.to_dict())
+    study.set_user_attr("base_config", ctx.base)
+    study.set_user_attr("classes", ctx.classes)
+    study.set_user_attr("pool", {"ids": ctx.pool_ids, "targets": [int(t) for t in ctx.pool_targets]})
+    study.set_user_attr("test_ids", ctx.test_ids)
+    study.set_user_attr("folds", [[f.repeat, f.index, list(f.train_ids), list(f.val_ids)] for f in ctx.folds])
+    study.set_user_attr("created_at", datetime.now(UTC).isoformat())
+
+
+def _load_context(study: Any) -> StudyContext:
+    from handlens.search.folds import Fold
+
+    attrs = study.user_attrs
+    if not attrs.get(STUDY_TAG):
+        raise NotFoundError(f"study {study.study_name!r} was not made by handlens")
+    folds = [Fold(r, i, tuple(tr), tuple(va)) for r, i, tr, va in attrs["folds"]]
+    return StudyContext(name=study.study_name, settings=attrs["settings"],
+                        space=SearchSpace.from_dict(attrs["space"]), base=attrs["base_config"],
+                        classes=attrs["classes"], pool_ids=list(attrs["pool"]["ids"]),
+                        pool_targets=np.asarray(attrs["pool"]["targets"], dtype=np.int64),
+                        test_ids=list(attrs["test_ids"]), folds=folds)
+
+
+def study_names(storage: Any) -> list[str]:
+    import optuna
+
+    return [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def load_study(storage: Any, name: str) -> Any:
+    import optuna
+
+    if name not in study_names(storage):
+        raise NotFoundError(f"no study {name!r}; see `handlens study list`")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+# ----------------------------------------------------------------------------------------------- trials
+
+def _row(trial: Any) -> TrialRow:
+    attrs = trial.user_attrs
+    status = {"fail": "failed"}.get(trial.state.name.lower(), trial.state.name.lower())
+    if attrs.get("skipped"):
+        status = "skipped"
+    note = attrs.get("skipped") or attrs.get("error") or attrs.get("pruned_by") or (
+        f"same as trial {attrs['duplicate_of']}" if "duplicate_of" in attrs else "")
+    seconds = attrs.get("seconds")
+    if seconds is None and trial.datetime_start and trial.datetime_complete:
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return TrialRow(number=trial.number, status=status, params=dict(trial.params),
+                    cv_mean=attrs.get("cv_mean"), cv_std=attrs.get("cv_std"), folds=len(attrs.get("fold_scores", [])),
+                    epochs=attrs.get("refit_epochs"), seconds=round(seconds, 2) if seconds is not None else None,
+                    run_id=attrs.get("run_id"), kind=attrs.get("kind"), note=str(note))
+
+
+def trial_rows(study: Any) -> list[TrialRow]:
+    return [_row(t) for t in study.get_trials(deepcopy=False)]
+
+
+def _same_params(trial: Any, params: dict[str, Any]) -> bool:
+    return dict(trial.params) == params
+
+
+class _Objective:
+    """Scores one trial; records it as a run (config.yaml, cv.json, catalog row, tracker)."""
+
+    def __init__(self, ctx: StudyContext, ws: Workspace) -> None:
+        from handlens.search.trial import PoolFeatures
+        from handlens.train.data import Subset
+
+        self.ctx, self.ws = ctx, ws
+        self.features: PoolFeatures | None = None
+        self._subset = Subset
+        self.grid = ctx.settings["sampler"] == "grid"
+        self.pool_index = {image_id: row for row, image_id in enumerate(ctx.pool_ids)}
+
+    def _pool_features(self) -> Any:
+        from handlens.data.catalog import Image, open_catalog
+        from handlens.search.trial import PoolFeatures
+
+        if self.features is None:
+            catalog = open_catalog(self.ws.db_url)
+            try:
+                with catalog.session() as session:
+                    rows = {r.id: r for r in session.query(Image).filter(Image.id.in_(self.ctx.pool_ids))}
+            finally:
+                catalog.close()
+            pool = self._subset(ids=self.ctx.pool_ids, paths=[rows[i].path for i in self.ctx.pool_ids],
+                                sha256s=[rows[i].sha256 for i in self.ctx.pool_ids], targets=self.ctx.pool_targets)
+            self.features = PoolFeatures(self.ws, pool)
+        return self.features
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if self.grid and not trial.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params"):
+            trial.set_user_attr("skipped", "the grid is done: every point was taken by a worker")
+            trial.study.stop()
+            raise optuna.TrialPruned()
+        params = {p.key: p.suggest(trial) for p in self.ctx.space.params}
+        try:
+            cfg = self.ctx.trial_config(params)
+            key = effective_key(cfg)
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        trial.set_user_attr("config_key", key)
+        for other in trial.study.get_trials(deepcopy=False):
+            if other.number == trial.number:
+                continue
+            same = _same_params(other, params) or other.user_attrs.get("config_key") == key
+            if same and other.state == optuna.trial.TrialState.COMPLETE:
+                # a sampler may repeat a point, or vary a key this config ignores (lr of a logistic head)
+                trial.set_user_attr("duplicate_of", other.number)
+                for key in ("cv_mean", "cv_std", "fold_scores", "refit_epochs", "kind", "run_id"):
+                    if key in other.user_attrs:
+                        trial.set_user_attr(key, other.user_attrs[key])
+                trial.set_user_attr("seconds", 0.0)
+                return float(other.value)
+            if same and other.state == optuna.trial.TrialState.RUNNING and self.grid:
+                trial.set_user_attr("skipped", f"grid point already running as trial {other.number}")
+                raise optuna.TrialPruned()
+        try:
+            return self._score(trial, cfg, params)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+
+    def _score(self, trial: Any, cfg: Any, params: dict[str, Any]) -> float:
+        import optuna
+
+        from handlens.search.trial import on_cached_features, score_frozen, score_training
+
+        kind = "frozen" if on_cached_features(cfg) else "train"
+        trial.set_user_attr("kind", kind)
+        self._check_budget(trial, kind, params)
+        started = time.perf_counter()
+
+        def after_fold(step: int, running_mean: float) -> None:
+            trial.report(running_mean, step)
+            if step + 1 < len(self.ctx.folds):
+                if self.ctx.deadline is not None and time.time() > self.ctx.deadline:
+                    trial.set_user_attr("pruned_by", "budget spent between folds")
+                    raise optuna.TrialPruned()
+                if trial.should_prune():
+                    trial.set_user_attr("pruned_by", f"median pruner at fold {step + 1}")
+                    raise optuna.TrialPruned()
+
+        record = _TrialRecord(self.ws, self.ctx, trial, cfg)
+        status = "failed"
+        try:
+            if kind == "frozen":
+                score = score_frozen(cfg, self.ctx.folds, features=self._pool_features(), pool_index=self.pool_index,
+                                     pool_targets=self.ctx.pool_targets, classes=self.ctx.classes,
+                                     metric=self.ctx.metric, after_fold=after_fold)
+            else:
+                score = score_training(cfg, self.ctx.folds, ws=self.ws, metric=self.ctx.metric,
+                                       test_ids=self.ctx.test_ids, after_fold=after_fold)
+            seconds = time.perf_counter() - started
+            trial.set_user_attr("cv_mean", score.mean)
+            trial.set_user_attr("cv_std", score.std)
+            trial.set_user_attr("fold_scores", [f.score for f in score.folds])
+            trial.set_user_attr("fold_runs", [f.run_id for f in score.folds if f.run_id])
+            trial.set_user_attr("refit_epochs", score.refit_epochs)
+            trial.set_user_attr("seconds", seconds)
+            status = "finished"
+            record.finish("finished", score, seconds)
+            return score.mean
+        except optuna.TrialPruned:
+            status = "pruned"
+            raise
+        finally:
+            if status != "finished":
+                record.finish(status, None, time.perf_counter() - started)
+
+    def _check_budget(self, trial: Any, kind: str, params: dict[str, Any]) -> None:
+        """Do not start a trial whose kind's typical duration no longer fits in the budget."""
+        import optuna
+
+        if self.ctx.deadline is None:
+            return
+        left = self.ctx.deadline - time.time()
+        same = [t.user_attrs["seconds"] for t in trial.study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("kind") == kind
+                and t.user_attrs.get("seconds")]
+        expected = float(np.median(same)) if same else None
+        if left <= 0 or (expected is not None and expected > left):
+            trial.set_user_attr("skipped", f"budget: a {kind} trial takes ~{_minutes(expected)}, "
+                                           f"{_minutes(max(left, 0))} left")
+            if self.grid:  # keep the point for a resumed study
+                trial.study.enqueue_trial(params, skip_if_exists=False)
+            raise optuna.TrialPruned()
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+class _TrialRecord:
+    """A trial as a real run: ``runs/<id>/config.yaml`` and ``cv.json``, a catalog row, a tracker record."""
+
+    def __init__(self, ws: Workspace, ctx: StudyContext, trial: Any, cfg: Any) -> None:
+        from handlens.data.catalog import Dataset, Run, open_catalog
+        from handlens.track import create_tracker, flatten
+        from handlens.train.run import CONFIG_FILE, new_run_id
+
+        self.ws, self.ctx, self.trial, self.cfg = ws, ctx, trial, cfg
+        self.run_id = new_run_id()
+        self.run_dir = ws.runs_dir / self.run_id
+        self.run_dir.mkdir(parents=True)
+        (self.run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+        trial.set_user_attr("run_id", self.run_id)
+        catalog = open_catalog(ws.db_url)
+        try:
+            with catalog.session() as session:
+                dataset_id = session.query(Dataset.id).filter(Dataset.name == ctx.settings["dataset"]).scalar()
+                session.add(Run(id=self.run_id, dataset_id=dataset_id, split_name=ctx.settings["split"],
+                                status="running", config=cfg.model_dump(mode="json"),
+                                metrics={"study": ctx.name, "trial": trial.number}))
+        finally:
+            catalog.close()
+        self.tracker = create_tracker(cfg.tracking.backend, ws.runs_dir, f"study-{ctx.name}")
+        self.tracker.start(self.run_id, {**flatten(cfg.model_dump(mode="json")), "study": ctx.name,
+                                         "study.trial": trial.number})
+
+    def finish(self, status: str, score: Any, seconds: float) -> None:
+        from handlens.data.catalog import Run, open_catalog
+
+        metrics: dict[str, Any] = {"study": self.ctx.name, "trial": self.trial.number, "seconds": round(seconds, 2)}
+        if score is not None:
+            metrics.update(cv_mean=score.mean, cv_std=score.std, refit_epochs=score.refit_epochs, kind=score.kind,
+                           folds=[{"fold": f.fold, "score": f.score, "best_epoch": f.best_epoch,
+                                   "seconds": round(f.seconds, 2), "run_id": f.run_id} for f in score.folds])
+            self.tracker.log_metrics({"cv_mean": score.mean, "cv_std": score.std}, step=0)
+            for step, fold in enumerate(score.folds):
+                self.tracker.log_metrics({"fold_score": fold.score}, step=step)
+        (self.run_dir / "cv.json").write_text(json.dumps(metrics, indent=1))
+        self.tracker.finish(status)
+        catalog = open_catalog(self.ws.db_url)
+        try:
+            with catalog.session() as session:
+                row = session.get(Run, self.run_id)
+                row.status, row.metrics, row.finished_at = status, metrics, datetime.now(UTC)
+                row.tracking = {"backend": self.cfg.tracking.backend, "uri": self.tracker.uri,
+                                "run_id": getattr(self.tracker, "run_id", None)}
+        finally:
+            catalog.close()
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+def _stop_when_done(ctx: StudyContext, trials_wanted: int | None) -> Any:
+    """After each trial: stop at the wanted trial count, an empty grid queue, or a budget that no longer fits."""
+    import optuna
+
+    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                       optuna.trial.TrialState.FAIL)
+
+    def callback(study: Any, trial: Any) -> None:
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state in finished_states and not t.user_attrs.get("skipped")]
+        if trials_wanted is not None and len(done) >= trials_wanted:
+            study.stop()
+        if ctx.settings["sampler"] == "grid" and not any(
+                t.state == optuna.trial.TrialState.WAITING for t in trials):
+            study.stop()
+        if trial.user_attrs.get("skipped", "").startswith("budget"):
+            study.stop()
+        if ctx.deadline is not None:
+            left = ctx.deadline - time.time()
+            durations = [t.user_attrs["seconds"] for t in done if t.user_attrs.get("seconds")]
+            if left <= 0 or (durations and min(durations) > left):
+                study.stop()
+
+    return callback
+
+
+def _progress(study: Any, trial: Any) -> None:
+    """One line per finished trial on stderr (stdout is kept for the result)."""
+    row = _row(trial)
+    what = f"CV {row.cv_mean:.3f} ± {row.cv_std:.3f}" if row.cv_mean is not None else row.note
+    took = f", {row.seconds:.1f}s" if row.seconds is not None else ""
+    print(f"trial {row.number} {row.status}: {what} [{_params_line(row.params)}]{took}", file=sys.stderr, flush=True)
+
+
+def _params_line(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in params.items())
+
+
+def _interrupted_trials(storage: Any, study: Any) -> int:
+    """Mark this machine's trials whose worker process is gone as failed (a killed ``study run``)."""
+    import optuna
+
+    host = socket.gethostname()
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = str(trial.user_attrs.get("worker", ""))
+        name, _, pid = worker.rpartition(":")
+        if name == host and pid.isdigit() and not _alive(int(pid)):
+            storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: its worker process was stopped")
+            storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+            count += 1
+    return count
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _work(ctx: StudyContext, ws: Workspace, storage: Any, trials_wanted: int | None,
+          worker_index: int | None = None) -> _Objective:
+    import optuna
+
+    # a sampler seeded anew for each worker and each resume (the same seed would repeat the same draws)
+    existing = len(storage.get_all_trials(storage.get_study_id_from_name(ctx.name), deepcopy=False))
+    seed = ctx.settings["seed"] + existing + (0 if worker_index is None else 1000 * (worker_index + 1))
+    study = optuna.load_study(study_name=ctx.name, storage=storage, sampler=_sampler(ctx.settings["sampler"], seed),
+                              pruner=_pruner(ctx.settings["pruner"]))
+    objective = _Objective(ctx, ws)
+    if ctx.settings["sampler"] == "grid" and not study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        return objective
+    study.optimize(objective, catch=(Exception,), callbacks=[_progress, _stop_when_done(ctx, trials_wanted)],
+                   gc_after_trial=False)
+    return objective
+
+
+def _worker_main(name: str, ws_root: str, db_url: str, trials: int | None, deadline: float | None,
+                 threads: int, index: int) -> None:
+    """A parallel worker process of ``run_study(workers=N)``."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    ws = Workspace.open(Path(ws_root), db_url=db_url)
+    storage = open_storage(ws.db_url)
+    ctx = _load_context(load_study(storage, name))
+    ctx.deadline = deadline
+    _work(ctx, ws, storage, trials, worker_index=index)
+
+
+def create_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyContext:
+    """Make a new study in the catalog's storage (space checked, folds drawn, grid enqueued); no trial runs.
+    ``handlens study work NAME`` processes, here or on other machines, can then share it."""
+    import optuna
+
+    from handlens.data.catalog import open_catalog
+
+    ws = workspace or Workspace.open()
+    storage = open_storage(ws.db_url)
+    if not cfg.dataset:
+        raise InputError("no dataset given: pass --dataset NAME (or --resume NAME to continue a study)")
+    space = load_space(cfg.space, preset=cfg.preset) if (cfg.space or cfg.preset) else load_space(preset="quick")
+    if cfg.sampler == "grid":
+        space.grid()  # a clear error now for a range a grid cannot enumerate
+    cfg = cfg.model_copy(update={"name": cfg.name or _default_name(cfg)})
+    if cfg.name in study_names(storage):
+        raise ConflictError(f"a study named {cfg.name!r} exists; continue it with `handlens study run --resume "
+                            f"{cfg.name}` or choose another --name")
+    catalog = open_catalog(ws.db_url)
+    try:
+        ctx = _create_context(cfg, ws, catalog, space)
+    finally:
+        catalog.close()
+    study = optuna.create_study(study_name=cfg.name, storage=storage, direction="maximize",
+                                sampler=_sampler(cfg.sampler, cfg.seed), pruner=_pruner(cfg.pruner))
+    _store_context(study, ctx)
+    if cfg.sampler == "grid":
+        for point in space.grid():
+            study.enqueue_trial(point)
+    return ctx
+
+
+def run_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyResult:
+    """Run (or resume) a study, then refit its winner on all non-test images; see the module docstring."""
+    import multiprocessing
+
+    started = time.time()
+    ws = workspace or Workspace.open()
+    storage = open_storage(ws.db_url)
+    if cfg.resume:
+        if not cfg.name:
+            raise InputError("--resume needs the study's name")
+        study = load_study(storage, cfg.name)
+        ctx = _load_context(study)
+        failed = _interrupted_trials(storage, study)
+        if failed:
+            print(f"study {cfg.name}: {failed} trial(s) left running by a stopped process marked failed",
+                  file=sys.stderr, flush=True)
+    else:
+        ctx = create_study(cfg, ws)
+    trials_wanted = cfg.trials or ctx.settings.get("trials") or (
+        None if ctx.settings["sampler"] == "grid" or cfg.budget else 20)
+    ctx.deadline = started + cfg.budget if cfg.budget else None
+    processes = []
+    if cfg.workers > 1:
+        spawn = multiprocessing.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+        for index in range(cfg.workers - 1):
+            process = spawn.Process(target=_worker_main, args=(ctx.name, str(ws.root), ws.db_url, trials_wanted,
+                                                               ctx.deadline, threads, index))
+            process.start()
+            processes.append(process)
+    try:
+        objective = _work(ctx, ws, storage, trials_wanted)
+    finally:
+        for process in processes:
+            process.join()
+    return finish_study(ctx, ws, storage, one_se=cfg.one_se or bool(ctx.settings.get("one_se")),
+                        ensemble=max(cfg.ensemble, int(ctx.settings.get("ensemble", 1))),
+                        started=started, feature_passes=objective.features.passes if objective.features else 0)
+
+
+def work_study(name: str, workspace: Workspace | None = None, *, budget: float | None = None,
+               trials: int | None = None) -> int:
+    """``handlens study work NAME``: join an existing study (e.g. on PostgreSQL) and run trials until it is done.
+    Returns the number of trials this worker finished."""
+    ws = workspace or Workspace.open()
+    storage = open_storage(ws.db_url)
+    study = load_study(storage, name)
+    ctx = _load_context(study)
+    ctx.deadline = time.time() + budget if budget else None
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    wanted = trials or (None if ctx.settings["sampler"] == "grid" else ctx.settings.get("trials") or 20)
+    _work(ctx, ws, storage, wanted, worker_index=os.getpid())
+    after = load_study(storage, name).get_trials(deepcopy=False)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return sum(1 for t in after if t.number not in before or t.user_attrs.get("worker") == worker)
+
+
+def _default_name(cfg: StudyConfig) -> str:
+    source = cfg.preset or (Path(cfg.space).stem if cfg.space else "quick")
+    return f"{cfg.dataset}-{source}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+# ----------------------------------------------------------------------------------------------- choosing
+
+COST_ORDER = {"frozen": 0, "partial": 1, "full": 2}
+
+
+def _cost(row: TrialRow) -> tuple[int, float]:
+    freeze = str(row.params.get("model.freeze", "frozen")).split(":")[0]
+    return COST_ORDER.get(freeze, 1), row.seconds or 0.0
+
+
+def choose(rows: list[TrialRow], *, one_se: bool = False) -> TrialRow | None:
+    """The winner by CV mean; with ``one_se``, the cheapest config within one standard error of the best."""
+    complete = [r for r in rows if r.status == "complete" and r.cv_mean is not None and "duplicate" not in r.note
+                and not r.note.startswith("same as")]
+    if not complete:
+        return None
+    best = max(complete, key=lambda r: (r.cv_mean, -(r.cv_std or 0.0)))
+    if not one_se:
+        return best
+    se = (best.cv_std or 0.0) / np.sqrt(max(best.folds, 1))
+    near = [r for r in complete if r.cv_mean >= best.cv_mean - se]
+    return min(near, key=lambda r: (_cost(r), -r.cv_mean))
+
+
+def verdict(winner: TrialRow | None, rows: list[TrialRow]) -> str:
+    """In words: how sure the CV is that the winner beats the runner-up."""
+    if winner is None:
+        return "no trial finished"
+    others = [r for r in rows if r.status == "complete" and r.number != winner.number and r.cv_mean is not None
+              and not r.note.startswith("same as")]
+    if not others:
+        return (f"winner trial {winner.number}: CV {winner.cv_mean:.3f} ± {winner.cv_std:.3f} "
+                "(no other trial to compare)")
+    runner = max(others, key=lambda r: r.cv_mean)
+    gap = winner.cv_mean - runner.cv_mean
+    se = (winner.cv_std or 0.0) / np.sqrt(max(winner.folds, 1))
+    sure = "clearly better than" if gap > 2 * se else "within noise of"
+    return (f"winner trial {winner.number}: CV {winner.cv_mean:.3f} ± {winner.cv_std:.3f}, {sure} the runner-up "
+            f"(trial {runner.number}, {runner.cv_mean:.3f}; gap {gap:+.3f}, one standard error {se:.3f})")
+
+
+def importances(study: Any) -> dict[str, float]:
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 3:
+        return {}
+    try:
+        return {k: round(float(v), 4) for k, v in optuna.importance.get_param_importances(study).items()}
+    except Exception:  # too few distinct values to tell
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------- refit
+
+def finish_study(ctx: StudyContext, ws: Workspace, storage: Any, *, one_se: bool, ensemble: int, started: float,
+                 feature_passes: int) -> StudyResult:
+    """Pick the winner, refit it (or the top ``ensemble`` trials) on all non-test images, write the bundle."""
+    study = load_study(storage, ctx.name)
+    rows = trial_rows(study)
+    winner = choose(rows, one_se=one_se)
+    if winner is None:
+        failed = [r for r in rows if r.status == "failed" and r.note]
+        if failed:
+            first = min(failed, key=lambda r: r.number)
+            raise HandlensError(f"study {ctx.name}: every trial failed; the first (trial {first.number}) with: "
+                                f"{first.note}")
+        raise HandlensError(f"study {ctx.name}: no trial finished (budget too small, or all pruned); give a larger "
+                            f"--budget, then continue with `handlens study run --resume {ctx.name}`")
+    members = _ensemble_members(ctx, rows, winner, ensemble)
+    refits = [refit(ctx, ws, row) for row in members]
+    if len(refits) == 1:
+        bundle, refit_info = refits[0]
+    else:
+        from handlens.models.ensemble import save_ensemble
+
+        bundle = save_ensemble([b for b, _ in refits], ws.runs_dir / f"{ctx.name}-ensemble" / "bundle",
+                               study=_study_manifest(ctx, winner, members))
+        refit_info = {"members": [info for _, info in refits]}
+    study.set_user_attr("bundle", str(bundle))
+    study.set_user_attr("winner", winner.number)
+    return StudyResult(name=ctx.name, bundle=bundle, winner=winner, trials=rows, importances=importances(study),
+                       seconds=time.time() - started, feature_passes=feature_passes, refit=refit_info,
+                       members=[m.number for m in members], verdict=verdict(winner, rows))
+
+
+def _ensemble_members(ctx: StudyContext, rows: list[TrialRow], winner: TrialRow, k: int) -> list[TrialRow]:
+    """The winner and the next best complete trials that share its preprocessing (one input for all)."""
+    if k <= 1:
+        return [winner]
+    key = _preprocess_key(ctx, winner)
+    ranked = sorted((r for r in rows if r.status == "complete" and r.cv_mean is not None
+                     and not r.note.startswith("same as") and r.number != winner.number),
+                    key=lambda r: -r.cv_mean)
+    members = [winner, *[r for r in ranked if _preprocess_key(ctx, r) == key][:k - 1]]
+    return members
+
+
+def _preprocess_key(ctx: StudyContext, row: TrialRow) -> str:
+    cfg = ctx.trial_config(row.params)
+    p = cfg.preprocess
+    return json.dumps([p.size, p.resize, p.normalize, p.morphology, p.patches.model_dump()], default=str)
+
+
+def _study_manifest(ctx: StudyContext, winner: TrialRow, members: list[TrialRow]) -> dict[str, Any]:
+    return {"name": ctx.name, "trial": winner.number, "members": [m.number for m in members],
+            "objective": ctx.settings["objective"], "cv": ctx.settings["cv"], "repeats": ctx.settings["repeats"],
+            "grouped": ctx.settings.get("grouped", False), "cv_mean": winner.cv_mean, "cv_std": winner.cv_std,
+            "refitted": True, "images_seen": len(ctx.pool_ids), "test_images_held_out": len(ctx.test_ids)}
+
+
+def refit(ctx: StudyContext, ws: Workspace, row: TrialRow) -> tuple[Path, dict[str, Any]]:
+    """Retrain ``row``'s config on the whole train+val pool with the epochs its folds chose; its bundle
+    records the CV estimate, that it was refitted, and which images it saw."""
+    from handlens.models.bundle import MANIFEST_FILE
+    from handlens.train.run import train
+
+    cfg = ctx.trial_config(row.params)
+    cfg.train.epochs = int(row.epochs or cfg.train.epochs)
+    cfg.train.early_stopping = 0
+    cfg.tracking.experiment = f"study-{ctx.name}"
+    result = train(cfg, ws, subsets={"train": list(ctx.pool_ids)}, progress=False)
+    manifest_path = result.bundle / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["study"] = {**_study_manifest(ctx, row, [row]), "refit_epochs": cfg.train.epochs,
+                         "refit_run": result.run_id}
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)
+    return result.bundle, {"trial": row.number, "run_id": result.run_id, "epochs": cfg.train.epochs,
+                           "seconds": round(result.seconds, 2), "bundle": str(result.bundle)}
+
+
+def show_study(name: str, workspace: Workspace | None = None) -> StudyResult:
+    """The study's trials, winner and importances as stored (nothing is run)."""
+    ws = workspace or Workspace.open()
+    storage = open_storage(ws.db_url)
+    study = load_study(storage, name)
+    ctx = _load_context(study)
+    rows = trial_rows(study)
+    winner = choose(rows, one_se=bool(ctx.settings.get("one_se")))
+    bundle = study.user_attrs.get("bundle")
+    return StudyResult(name=name, bundle=Path(bundle) if bundle else None, winner=winner, trials=rows,
+                       importances=importances(study), seconds=0.0, verdict=verdict(winner, rows))
+
+
+def list_studies(workspace: Workspace | None = None) -> list[dict[str, Any]]:
+    """Every handlens study in the workspace's storage: name, dataset, trials by status, best CV."""
+    import optuna
+
+    ws = workspace or Workspace.open()
+    storage = open_storage(ws.db_url)
+    out = []
+    for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
+        attrs = summary.user_attrs
+        if not attrs.get(STUDY_TAG):
+            continue
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        rows = trial_rows(study)
+        best = choose(rows)
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row.status] = counts.get(row.status, 0) + 1
+        out.append({"name": summary.study_name, "dataset": attrs["settings"]["dataset"],
+                    "space": attrs["space"].get("source", ""), "sampler": attrs["settings"]["sampler"],
+                    "trials": counts, "best_cv_mean": best.cv_mean if best else None,
+                    "bundle": attrs.get("bundle"), "created_at": attrs.get("created_at")})
+    return out
+
+
+def export_study(name: str, workspace: Workspace | None = None, *, fmt: str = "json") -> str:
+    """A study's trials as CSV (one row per trial, one column per parameter) or the whole study as JSON."""
+    import csv
+    import io
+
+    result = show_study(name, workspace)
+    if fmt == "json":
+        return json.dumps(result.to_dict(), indent=2, default=str)
+    keys = sorted({k for t in result.trials for k in t.params})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["trial", "status", *keys, "cv_mean", "cv_std", "folds", "epochs", "seconds", "run_id", "note"])
+    for t in result.trials:
+        writer.writerow([t.number, t.status, *[t.params.get(k, "") for k in keys], t.cv_mean, t.cv_std, t.folds,
+                         t.epochs, t.seconds, t.run_id, t.note])
+    return buffer.getvalue()

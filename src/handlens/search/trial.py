@@ -1,0 +1,230 @@
+"""One trial: a run config scored by cross-validation over the train+val pool.
+
+Frozen backbones on cached features take the fast path: the pool's features are computed once per
+(backbone, weights, preprocessing, pooling, views) for the whole study (kept in memory here and in the
+workspace's per-image feature store on disk), and each fold only fits a head on rows of them. Any
+other config trains one real run per fold (``handlens.train.train`` with the fold as its subsets);
+the fold runs keep their config, history and metrics, and their bundles and checkpoints are deleted
+(only refitted winners keep a bundle), so a study's disk use stays bounded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from handlens.core.errors import InputError
+from handlens.search.folds import Fold
+
+#: the metric a fold reports, by objective name
+OBJECTIVES = {"val_macro_f1": "macro_f1", "val_accuracy": "accuracy", "val_balanced_accuracy": "balanced_accuracy"}
+
+
+@dataclass
+class FoldScore:
+    fold: str
+    score: float
+    best_epoch: int
+    seconds: float
+    run_id: str | None = None
+
+
+@dataclass
+class TrialScore:
+    """Cross-validated score of one config: mean and std over folds (and repeats)."""
+
+    folds: list[FoldScore] = field(default_factory=list)
+    kind: str = "frozen"  # frozen (cached features) or train (a run per fold)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean([f.score for f in self.folds])) if self.folds else float("nan")
+
+    @property
+    def std(self) -> float:
+        return float(np.std([f.score for f in self.folds], ddof=1)) if len(self.folds) > 1 else 0.0
+
+    @property
+    def refit_epochs(self) -> int:
+        """The epochs the refit trains: the median of the folds' best epochs (at least 1)."""
+        return max(1, round(statistics.median(f.best_epoch for f in self.folds))) if self.folds else 1
+
+
+def on_cached_features(cfg: Any) -> bool:
+    """True when ``cfg`` trains only a head on fixed backbone features (the fast, shared path)."""
+    from handlens.train.run import on_cached_features as cached
+    from handlens.train.run import resolve_policy
+    from handlens.transforms.augment import policy_for
+
+    resolve_policy(cfg)
+    return cached(cfg, policy_for(cfg.augment))
+
+
+class PoolFeatures:
+    """Backbone features of the pool's images, computed once per feature key and kept for the study; the
+    rows are read from (and written to) the same per-image store ``train`` uses, so refits reuse them."""
+
+    def __init__(self, ws: Any, pool: Any) -> None:
+        self.ws = ws
+        self.pool = pool  # train.data.Subset of every train+val image
+        self._features: dict[str, Any] = {}
+        self._images: dict[str, Any] = {}
+        self.passes = 0  # feature sets this study computed or loaded (not served from memory)
+
+    def rows(self, cfg: Any, views: int = 0) -> Any:
+        """Features of the pool in pool order: (N, F), or (N, V, F) with ``views`` augmented views."""
+        import json
+
+        import torch
+
+        from handlens.models.backbones import BACKBONES
+        from handlens.models.classifier import create_classifier
+        from handlens.train.features import feature_rows
+        from handlens.train.run import apply_policy_preprocess, build_preprocess, feature_key_parts, resolve_policy
+        from handlens.transforms.augment import build_augmenter, policy_for
+
+        resolve_policy(cfg)
+        policy = policy_for(cfg.augment)
+        apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
+        spec = BACKBONES.get(cfg.model.backbone)
+        preprocess = build_preprocess(cfg, spec)
+        parts = feature_key_parts(cfg, spec, preprocess, views)
+        key = json.dumps([parts, views], sort_keys=True, default=str)
+        if key not in self._features:
+            images = self._images_for(cfg, preprocess)
+            model = create_classifier(cfg.model.backbone, 2, cfg.model.weights, "frozen", pool=cfg.model.pool)
+            self._features[key] = feature_rows(
+                model, images, self.pool.sha256s, key_parts=parts, cache_dir=self.ws.cache_dir,
+                normalize=preprocess.normalize_batch, views=views,
+                augment=build_augmenter(cfg.augment) if views else None,
+                generator=torch.Generator().manual_seed(cfg.train.seed))
+            self.passes += 1
+        return self._features[key]
+
+    def _images_for(self, cfg: Any, preprocess: Any) -> Any:
+        from handlens.train.data import as_tensor_images
+        from handlens.transforms.cache import decode_many
+
+        key = preprocess.model_key()
+        if key not in self._images:
+            self._images.clear()  # one decoded pool at a time: bounded memory
+            arrays = decode_many(self.pool.paths, preprocess, self.pool.sha256s, self.ws.cache_dir, cfg.train.workers)
+            self._images[key] = as_tensor_images(arrays)
+        return self._images[key]
+
+
+def fold_class_weights(cfg: Any, targets: np.ndarray, classes: list[str]) -> list[float] | None:
+    """The class weights a fold's training uses: what ``train`` would use with the fold as its train subset
+    (``auto``: inverse frequency of the fold's own train images)."""
+    from types import SimpleNamespace
+
+    from handlens.data.splits import inverse_frequency_weights
+    from handlens.train.run import _class_weights
+
+    counts = np.bincount(targets, minlength=len(classes))
+    weights = inverse_frequency_weights({c: int(n) for c, n in zip(classes, counts, strict=True) if n})
+    return _class_weights(cfg, SimpleNamespace(classes=classes, class_weights=weights))
+
+
+#: run-config keys a logistic head on cached features ignores: trials that differ only in these are one config
+LOGISTIC_IGNORES = ("lr", "weight_decay", "optimizer", "momentum", "schedule", "warmup_epochs", "step_size", "gamma",
+                    "epochs", "batch_size", "body_lr_mult", "early_stopping")
+
+
+def effective_key(cfg: Any) -> str:
+    """A key equal for configs that train the same model (e.g. a logistic head with another, unused, lr)."""
+    import json
+
+    from handlens.train.head import resolve_head
+
+    data = cfg.model_dump(mode="json")
+    cached = on_cached_features(cfg)
+    data["augment"]["policy"] = cfg.augment.policy
+    head = resolve_head(cfg.model, cfg.train, on_features=cached)
+    data["model"]["head"] = head
+    if head == "logistic":
+        for key in LOGISTIC_IGNORES:
+            data["train"].pop(key, None)
+        data["model"].pop("hidden", None)
+        data["model"].pop("dropout", None)
+    data.pop("tracking", None)
+    data["train"].pop("progress", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_index: dict[int, int],
+                 pool_targets: np.ndarray, classes: list[str], metric: str,
+                 after_fold: Callable[[int, float], None] | None = None) -> TrialScore:
+    """CV on cached features: one head per fold, fitted on rows of the study's shared features."""
+    import torch
+
+    from handlens.train.head import fit_head
+    from handlens.train.metrics import classification_metrics
+
+    rows = features.rows(cfg, cfg.train.views)  # training rows: augmented views when train.views > 0
+    plain = features.rows(cfg) if cfg.train.views else rows  # validation is never augmented
+    score = TrialScore(kind="frozen")
+    for step, fold in enumerate(folds):
+        started = time.perf_counter()
+        train_rows = [pool_index[i] for i in fold.train_ids]
+        val_rows = [pool_index[i] for i in fold.val_ids]
+        y_train, y_val = pool_targets[train_rows], pool_targets[val_rows]
+        fit = fit_head(rows[train_rows], y_train, n_classes=len(classes), model_cfg=cfg.model, train_cfg=cfg.train,
+                       class_weights=fold_class_weights(cfg, y_train, classes),
+                       val_x=plain[val_rows], val_y=y_val)
+        val_x = plain[val_rows]
+        with torch.inference_mode():
+            probs = torch.softmax(fit.head(val_x).float(), 1)
+        value = float(classification_metrics(probs, torch.from_numpy(y_val), classes)[metric])
+        score.folds.append(FoldScore(fold.name, value, int(fit.best_epoch), time.perf_counter() - started))
+        if after_fold is not None:
+            after_fold(step, score.mean)
+    return score
+
+
+def score_training(cfg: Any, folds: list[Fold], *, ws: Any, metric: str, test_ids: list[int],
+                   after_fold: Callable[[int, float], None] | None = None) -> TrialScore:
+    """CV by real runs: one ``train`` per fold on the fold's images (tracking off: the trial is tracked)."""
+    from handlens.train.run import train
+
+    score = TrialScore(kind="train")
+    for step, fold in enumerate(folds):
+        fold_cfg = cfg.model_copy(deep=True)
+        fold_cfg.tracking.backend = "none"
+        fold_cfg.train.progress = False
+        started = time.perf_counter()
+        result = train(fold_cfg, ws, subsets={"train": list(fold.train_ids), "val": list(fold.val_ids)},
+                       progress=False)
+        val = result.metrics.get("val") or {}
+        if metric not in val:
+            raise InputError(f"fold {fold.name} reported no validation {metric}")
+        best = result.best_epoch or result.epochs or 1
+        score.folds.append(FoldScore(fold.name, float(val[metric]), int(best), time.perf_counter() - started,
+                                     result.run_id))
+        drop_run_weights(ws, result.run_id)
+        if after_fold is not None:
+            after_fold(step, score.mean)
+    return score
+
+
+def drop_run_weights(ws: Any, run_id: str) -> None:
+    """Delete a fold run's bundle and checkpoints (its config, history and metrics stay): bounded disk."""
+    from handlens.data.catalog import Run, open_catalog
+
+    run_dir = ws.runs_dir / run_id
+    shutil.rmtree(run_dir / "bundle", ignore_errors=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    catalog = open_catalog(ws.db_url)
+    try:
+        with catalog.session() as session:
+            row = session.get(Run, run_id)
+            if row is not None:
+                row.bundle_path = None
+    finally:
+        catalog.close()

@@ -1,0 +1,185 @@
+"""Studies end to end on tiny synthetic data: honest CV, shared features, refit, resume, workers, ensembles."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from handlens.core.errors import ConflictError, HandlensError, InputError
+from handlens.data.catalog import open_catalog
+from handlens.search.study import StudyConfig, open_storage, run_study, show_study
+from handlens.train.data import load_split_data
+
+FROZEN = {"model.backbone": "tiny_cnn", "model.weights": "none", "model.freeze": "frozen", "train.epochs": 3,
+          "train.batch_size": 8}
+
+
+def write_space(path: Path, space: dict, fixed: dict | None = None) -> str:
+    path.write_text(json.dumps({"space": space, "fixed": {**FROZEN, **(fixed or {})}}))  # JSON is YAML
+    return str(path)
+
+
+def study_cfg(tmp_path: Path, space: dict, *, fixed: dict | None = None, **kwargs) -> StudyConfig:
+    values = {"dataset": "colours", "space": write_space(tmp_path / "space.yaml", space, fixed), "cv": 3,
+              "tracking": "none", "name": "s1", **kwargs}
+    return StudyConfig(**values)
+
+
+def split_ids(ws) -> dict[str, set[int]]:
+    catalog = open_catalog(ws.db_url)
+    try:
+        data = load_split_data(catalog, "colours")
+    finally:
+        catalog.close()
+    return {name: set(s.ids) for name, s in data.subsets.items()}
+
+
+def stored(ws, name: str = "s1"):
+    return optuna.load_study(study_name=name, storage=open_storage(ws.db_url))
+
+
+def test_frozen_grid_study_shares_features_refits_on_train_val_and_never_sees_test(trained_workspace, tmp_path):
+    from handlens.models.bundle import load_bundle
+    from handlens.train import features
+
+    ws = trained_workspace
+    before = features.FEATURE_PASSES
+    cfg = study_cfg(tmp_path, {"model.head": ["logistic", "linear"], "train.lr": [0.01, 0.003]}, sampler="grid")
+    result = run_study(cfg, ws)
+    assert [t.status for t in result.trials] == ["complete"] * 4
+    assert all(t.folds == 3 and t.cv_mean is not None for t in result.trials)
+    # a logistic head ignores train.lr: its second lr is the same model, scored once
+    logistic = [t for t in result.trials if t.params["model.head"] == "logistic"]
+    assert logistic[1].note == f"same as trial {logistic[0].number}" and logistic[1].cv_mean == logistic[0].cv_mean
+    # one backbone pass over the pool for 4 trials x 3 folds, and the refit reuses the stored rows
+    assert result.feature_passes == 1
+    assert features.FEATURE_PASSES - before == 1
+    ids = split_ids(ws)
+    folds = stored(ws).user_attrs["folds"]
+    assert len(folds) == 3
+    for _, _, train_ids, val_ids in folds:
+        assert not (set(train_ids) | set(val_ids)) & ids["test"]
+        assert set(train_ids) | set(val_ids) == ids["train"] | ids["val"]
+    bundle = load_bundle(result.bundle)
+    membership = bundle.manifest["split_membership"]
+    assert set(membership["train"]) == ids["train"] | ids["val"]
+    assert not set(membership.get("test", [])) - ids["test"] and not set(membership.get("val", []))
+    study = bundle.manifest["study"]
+    assert study["refitted"] is True and study["name"] == "s1" and study["trial"] == result.winner.number
+    assert study["images_seen"] == len(ids["train"] | ids["val"]) and study["cv"] == 3
+    assert study["cv_mean"] == pytest.approx(result.winner.cv_mean)
+    assert result.winner.cv_mean == max(t.cv_mean for t in result.trials)
+    assert "winner trial" in result.verdict
+    shown = show_study("s1", ws)
+    assert [t.number for t in shown.trials] == [0, 1, 2, 3] and shown.bundle == result.bundle
+
+
+def test_existing_name_refused_and_resume_keeps_trials(trained_workspace, tmp_path):
+    ws = trained_workspace
+    space = {"train.lr": {"float": [1e-3, 1e-1], "log": True}}
+    first = run_study(study_cfg(tmp_path, space, fixed={"model.head": "linear"}, sampler="random", trials=2), ws)
+    values = {t.number: t.cv_mean for t in first.trials}
+    with pytest.raises(ConflictError, match="--resume s1"):
+        run_study(study_cfg(tmp_path, space, sampler="random", trials=2), ws)
+    # a killed process leaves a RUNNING trial behind: resume marks it failed and keeps the others
+    study = stored(ws)
+    ghost = study.ask()
+    study._storage.set_trial_user_attr(ghost._trial_id, "worker", f"{os.uname().nodename}:999999")
+    resumed = run_study(StudyConfig(name="s1", resume=True, trials=4, tracking="none"), ws)
+    by_number = {t.number: t for t in resumed.trials}
+    assert {n: by_number[n].cv_mean for n in values} == values
+    assert by_number[ghost.number].status == "failed" and "interrupted" in by_number[ghost.number].note
+    assert sum(t.status == "complete" for t in resumed.trials) >= 3
+
+
+def test_all_trials_failing_ends_with_the_first_error(trained_workspace, tmp_path):
+    cfg = study_cfg(tmp_path, {"train.lr": [0.01, 0.02]}, fixed={"model.weights": str(tmp_path / "none.pth")},
+                    sampler="grid")
+    with pytest.raises(HandlensError, match=r"every trial failed; the first \(trial 0\).*none\.pth"):
+        run_study(cfg, trained_workspace)
+
+
+def test_cv_larger_than_the_smallest_class_is_refused_before_any_trial(trained_workspace, tmp_path):
+    with pytest.raises(InputError, match=r"class '\w+' has only \d+ images"):
+        run_study(study_cfg(tmp_path, {"train.lr": [0.01]}, cv=50), trained_workspace)
+
+
+def test_two_workers_on_one_grid_study_never_run_a_point_twice(trained_workspace, tmp_path):
+    ws = trained_workspace
+    grid = {"train.weight_decay": [0.0, 0.01], "train.lr": [0.03, 0.01, 0.003]}
+    result = run_study(study_cfg(tmp_path, grid, fixed={"model.head": "linear"}, sampler="grid", workers=2), ws)
+    ran = [t for t in result.trials if t.status in ("complete", "pruned") and not t.note.startswith("same as")]
+    points = [tuple(sorted(t.params.items())) for t in ran]
+    assert len(points) == len(set(points)) == 6
+    workers = {t.user_attrs.get("worker") for t in stored(ws).get_trials() if t.state.name == "COMPLETE"}
+    assert len(workers) >= 1
+
+
+def test_ensemble_bundle_loads_and_averages_its_members(trained_workspace, tmp_path):
+    from handlens.models.bundle import load_bundle
+
+    cfg = study_cfg(tmp_path, {"train.lr": [0.03, 0.01, 0.003]}, fixed={"model.head": "linear"}, sampler="grid",
+                    ensemble=2)
+    result = run_study(cfg, trained_workspace)
+    assert len(result.members) == 2 and result.members[0] == result.winner.number
+    bundle = load_bundle(result.bundle)
+    members = [load_bundle(m["bundle"]) for m in bundle.manifest["ensemble"]["members"]]
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    probs = bundle.predict_proba([image])
+    expected = np.mean([m.predict_proba([image]) for m in members], axis=0)
+    assert np.allclose(probs, expected, atol=1e-5)
+    assert bundle.predict([image])[0].top[0][0] in bundle.classes
+    assert bundle.layer("stage3") is bundle.module.members[0].layer("stage3")
+
+
+def test_fine_tuning_trials_train_a_run_per_fold_and_drop_fold_weights(trained_workspace, tmp_path):
+    ws = trained_workspace
+    cfg = study_cfg(tmp_path, {"train.lr": [0.01]}, fixed={"model.freeze": "full", "train.epochs": 1}, cv=2,
+                    sampler="grid")
+    result = run_study(cfg, ws)
+    trial = stored(ws).trials[0]
+    fold_runs = trial.user_attrs["fold_runs"]
+    assert len(fold_runs) == 2 and trial.user_attrs["kind"] == "train"
+    for run_id in fold_runs:
+        assert (ws.runs_dir / run_id / "metrics.json").is_file()
+        assert not (ws.runs_dir / run_id / "bundle").exists()
+    assert (result.bundle / "bundle.json").is_file()
+
+
+def test_two_study_work_processes_share_one_grid_study_on_postgresql(tmp_path, postgres_url):
+    """Two `handlens study work` processes on a PostgreSQL catalog split the grid between them."""
+    import subprocess
+    import sys
+
+    from handlens.core.workspace import Workspace
+    from handlens.data.importer import import_path
+    from handlens.data.splits import make_split
+    from handlens.search.study import create_study
+    from tests.conftest import colour_tree
+
+    ws = Workspace.open(tmp_path / "ws", db_url=postgres_url)
+    catalog = open_catalog(ws.db_url)
+    import_path(catalog, colour_tree(tmp_path / "colours"), "colours", workers=1)
+    make_split(catalog, "colours", ratios="0.5,0.25,0.25", seed=0)
+    catalog.close()
+    grid = {"train.weight_decay": [0.0, 0.01], "train.lr": [0.03, 0.01, 0.003]}
+    create_study(study_cfg(tmp_path, grid, fixed={"model.head": "linear"}, sampler="grid", name="team"), ws)
+    command = [sys.executable, "-m", "handlens.cli.main", "--workspace", str(ws.root), "--db", postgres_url,
+               "study", "work", "team"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=240) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    trials = stored(ws, "team").get_trials()
+    ran = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    points = [tuple(sorted(t.params.items())) for t in ran]
+    assert len(points) == len(set(points)) == 6
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    result = run_study(StudyConfig(name="team", resume=True, tracking="none"), ws)
+    assert result.bundle is not None and (result.bundle / "bundle.json").is_file()
