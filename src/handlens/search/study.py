@@ -415,6 +415,7 @@ class _Objective:
             trial.set_user_attr("fold_runs", [f.run_id for f in score.folds if f.run_id])
             trial.set_user_attr("refit_epochs", score.refit_epochs)
             trial.set_user_attr("seconds", seconds)
+            trial.set_user_attr("setup_seconds", score.setup_seconds)
             status = "finished"
             record.finish("finished", score, seconds)
             return score.mean
@@ -432,7 +433,9 @@ class _Objective:
         if self.ctx.deadline is None:
             return
         left = self.ctx.deadline - time.time()
-        same = [t.user_attrs["seconds"] for t in trial.study.get_trials(deepcopy=False)
+        # the fold work of this kind of trial; features a trial computed first are paid once, not by every trial
+        same = [t.user_attrs["seconds"] - t.user_attrs.get("setup_seconds", 0.0)
+                for t in trial.study.get_trials(deepcopy=False)
                 if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("kind") == kind
                 and t.user_attrs.get("seconds")]
         expected = float(np.median(same)) if same else None
@@ -522,7 +525,8 @@ def _stop_when_done(ctx: StudyContext, trials_wanted: int | None) -> Any:
             study.stop()
         if ctx.deadline is not None:
             left = ctx.deadline - time.time()
-            durations = [t.user_attrs["seconds"] for t in done if t.user_attrs.get("seconds")]
+            durations = [t.user_attrs["seconds"] - t.user_attrs.get("setup_seconds", 0.0) for t in done
+                         if t.user_attrs.get("seconds")]
             if left <= 0 or (durations and min(durations) > left):
                 study.stop()
 

@@ -41,6 +41,7 @@ class TrialScore:
 
     folds: list[FoldScore] = field(default_factory=list)
     kind: str = "frozen"  # frozen (cached features) or train (a run per fold)
+    setup_seconds: float = 0.0  # computing features the study had not computed yet (paid once per feature key)
 
     @property
     def mean(self) -> float:
@@ -167,9 +168,10 @@ def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_in
     from handlens.train.head import fit_head
     from handlens.train.metrics import classification_metrics
 
+    started = time.perf_counter()
     rows = features.rows(cfg, cfg.train.views)  # training rows: augmented views when train.views > 0
     plain = features.rows(cfg) if cfg.train.views else rows  # validation is never augmented
-    score = TrialScore(kind="frozen")
+    score = TrialScore(kind="frozen", setup_seconds=time.perf_counter() - started)
     for step, fold in enumerate(folds):
         started = time.perf_counter()
         train_rows = [pool_index[i] for i in fold.train_ids]

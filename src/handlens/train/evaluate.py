@@ -112,7 +112,8 @@ def evaluate(
         probs = bundle.predict_working(decoded, tta=tta)
     else:
         decoded = decode_many(paths, bundle.preprocess, sha256s, ws.cache_dir if sha256s else None)
-        probs = bundle.predict_arrays(decoded, tta=tta)
+        stored = None if tta or not sha256s else _frozen_probs(ws, bundle, decoded, sha256s)
+        probs = stored if stored is not None else bundle.predict_arrays(decoded, tta=tta)
     metrics = classification_metrics(torch.from_numpy(probs), torch.from_numpy(targets), bundle.classes)
     if images is None and subset != "test":
         leakage: dict[str, Any] = {"verdict": f"not checked: the model trained on (or was selected on) the {subset} "
@@ -136,6 +137,33 @@ def evaluate(
     report_file = png.with_name(png.stem.replace("eval_confusion_", "eval_report_") + ".json")
     report_file.write_text(json.dumps(report, indent=1, default=float))  # for people, and the service
     return {**report, "report": str(report_file)}
+
+
+def _frozen_probs(ws: Workspace, bundle: Any, decoded: np.ndarray, sha256s: list[str]) -> np.ndarray | None:
+    """A frozen-backbone bundle's probabilities from the workspace's per-image feature store (training
+    stored the features of every subset there): only the head runs, and only images not stored yet see the
+    backbone. None where that does not apply (a learning backbone, an ensemble, a config this cannot read)."""
+    import torch
+
+    from handlens.models.backbones import BACKBONES
+    from handlens.models.classifier import Classifier
+    from handlens.train.config import RunConfig
+    from handlens.train.features import feature_rows
+    from handlens.train.run import feature_key_parts
+
+    manifest = bundle.manifest
+    if manifest.get("freeze") != "frozen" or not isinstance(bundle.module, Classifier):
+        return None
+    try:
+        cfg = RunConfig.model_validate(manifest["config"])
+    except Exception:  # a bundle from another handlens version: plain inference
+        return None
+    parts = feature_key_parts(cfg, BACKBONES.get(bundle.backbone), bundle.preprocess, 0)
+    images = torch.from_numpy(np.ascontiguousarray(decoded.transpose(0, 3, 1, 2)))
+    features = feature_rows(bundle.module, images, list(sha256s), key_parts=parts, cache_dir=ws.cache_dir,
+                            normalize=bundle.preprocess.normalize_batch)
+    with torch.inference_mode():
+        return torch.softmax(bundle.module.head(features).float(), 1).numpy()
 
 
 def _file_sha256(path: str) -> str:
