@@ -112,12 +112,14 @@ def test_cv_larger_than_the_smallest_class_is_refused_before_any_trial(trained_w
 def test_two_workers_on_one_grid_study_never_run_a_point_twice(trained_workspace, tmp_path):
     ws = trained_workspace
     grid = {"train.weight_decay": [0.0, 0.01], "train.lr": [0.03, 0.01, 0.003]}
-    result = run_study(study_cfg(tmp_path, grid, fixed={"model.head": "linear"}, sampler="grid", workers=2), ws)
+    # trials of a few seconds, so that the second process (spawned: it imports torch first) gets its share
+    result = run_study(study_cfg(tmp_path, grid, fixed={"model.head": "linear", "train.epochs": 150},
+                                 sampler="grid", workers=2, pruner="none"), ws)
     ran = [t for t in result.trials if t.status in ("complete", "pruned") and not t.note.startswith("same as")]
     points = [tuple(sorted(t.params.items())) for t in ran]
     assert len(points) == len(set(points)) == 6
-    workers = {t.user_attrs.get("worker") for t in stored(ws).get_trials() if t.state.name == "COMPLETE"}
-    assert len(workers) >= 1
+    workers = {t.user_attrs.get("worker") for t in stored(ws).get_trials() if t.state.name in ("COMPLETE", "PRUNED")}
+    assert len(workers) == 2  # both processes took trials, and no point twice
 
 
 def test_ensemble_bundle_loads_and_averages_its_members(trained_workspace, tmp_path):
@@ -148,7 +150,9 @@ def test_fine_tuning_trials_train_a_run_per_fold_and_drop_fold_weights(trained_w
     for run_id in fold_runs:
         assert (ws.runs_dir / run_id / "metrics.json").is_file()
         assert not (ws.runs_dir / run_id / "bundle").exists()
-    assert (result.bundle / "bundle.json").is_file()
+    manifest = json.loads((result.bundle / "bundle.json").read_text())
+    # the refit has no validation images: it keeps its last epoch, the one the folds chose
+    assert manifest["metrics"]["best_epoch"] == manifest["study"]["refit_epochs"] == result.refit["epochs"]
 
 
 def test_two_study_work_processes_share_one_grid_study_on_postgresql(tmp_path, postgres_url):
@@ -183,3 +187,71 @@ def test_two_study_work_processes_share_one_grid_study_on_postgresql(tmp_path, p
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     result = run_study(StudyConfig(name="team", resume=True, tracking="none"), ws)
     assert result.bundle is not None and (result.bundle / "bundle.json").is_file()
+
+
+def test_one_standard_error_rule_picks_the_cheaper_config_near_the_best():
+    from handlens.search.study import TrialRow, choose
+
+    def row(number, mean, std, freeze, seconds):
+        return TrialRow(number, "complete", {"model.freeze": freeze}, mean, std, 5, 3, seconds, None, "frozen")
+
+    rows = [row(0, 0.90, 0.05, "full", 900.0), row(1, 0.88, 0.04, "frozen", 10.0), row(2, 0.80, 0.01, "frozen", 5.0)]
+    assert choose(rows).number == 0
+    assert choose(rows, one_se=True).number == 1  # within 0.05/sqrt(5) = 0.022 of the best, and frozen
+    rows[1] = row(1, 0.85, 0.04, "frozen", 10.0)
+    assert choose(rows, one_se=True).number == 0  # 0.05 below: outside one standard error
+
+
+def test_killed_study_run_resumes_with_its_finished_trials(trained_workspace, tmp_path):
+    """SIGKILL of a real `handlens study run`: finished trials are kept, the running one is marked failed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ws = trained_workspace
+    space = write_space(tmp_path / "space.yaml", {"train.lr": {"float": [1e-3, 1e-1], "log": True}},
+                        {"model.head": "linear", "train.epochs": 200})
+    command = [sys.executable, "-m", "handlens.cli.main", "--workspace", str(ws.root), "study", "run",
+               "--dataset", "colours", "--space", space, "--sampler", "random", "--trials", "40", "--cv", "3",
+               "--pruner", "none", "--tracking", "none", "--name", "killed"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = stored(ws, "killed").get_trials()
+            except Exception:  # the study is not made yet
+                continue
+            if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and trials[-1].state.name == "RUNNING":
+                break
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    before = {t.number: t.value for t in stored(ws, "killed").get_trials() if t.state.name == "COMPLETE"}
+    assert len(before) >= 2
+    done = len(stored(ws, "killed").get_trials())
+    resumed = run_study(StudyConfig(name="killed", resume=True, trials=done + 1, tracking="none"), ws)
+    rows = {t.number: t for t in resumed.trials}
+    assert {n: rows[n].cv_mean for n in before} == pytest.approx(before)
+    interrupted = [t for t in resumed.trials if "interrupted" in t.note]
+    assert len(interrupted) == 1 and interrupted[0].status == "failed"
+    assert resumed.bundle is not None
+
+
+def test_user_settings_win_over_the_spaces_fixed_values_and_resume_keeps_the_study_settings(trained_workspace,
+                                                                                             tmp_path):
+    ws = trained_workspace
+    cfg = study_cfg(tmp_path, {"train.lr": [0.01]}, fixed={"model.head": "linear"}, sampler="grid",
+                    overrides=["train.epochs=2"])
+    result = run_study(cfg, ws)
+    assert stored(ws).user_attrs["user_config"] == {"train": {"epochs": 2}}
+    from handlens.train.config import load_config
+
+    run_cfg = load_config(ws.runs_dir / result.trials[0].run_id / "config.yaml")
+    assert run_cfg.train.epochs == 2  # the space fixes 3; the user's own key=value wins
+    with pytest.raises(InputError, match=r"train\.lr is searched"):
+        run_study(study_cfg(tmp_path, {"train.lr": [0.01]}, name="s2", overrides=["train.lr=0.1"]), ws)
+    with pytest.raises(InputError, match=r"made with its own --cv"):
+        run_study(StudyConfig(name="s1", resume=True, cv=4), ws)

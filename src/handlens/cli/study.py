@@ -50,8 +50,7 @@ def run_cmd(
                                       "not fit."),
     cv: int = typer.Option(5, "--cv", min=2, help="Stratified (grouped when the split is) folds over train+val."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Repeat the K folds with new shuffles."),
-    objective: str = typer.Option("val_macro_f1", "--objective", help="val_macro_f1, val_accuracy or "
-                                  "val_balanced_accuracy."),
+    objective: str = typer.Option("val_macro_f1", "--objective", help="val_macro_f1 or val_accuracy."),
     one_se: bool = typer.Option(False, "--one-se", help="Pick the cheapest config within one standard error "
                                 "of the best CV mean."),
     ensemble: int = typer.Option(1, "--ensemble", min=1, help="Average the top K refitted trials in one bundle."),
@@ -82,8 +81,14 @@ def run_cmd(
 
 
 def _study_config(model: Any, **values: Any) -> Any:
+    """The StudyConfig of the flags; on --resume only the flags given (others keep the study's own)."""
     from pydantic import ValidationError
 
+    if values.get("resume"):
+        fields = model.model_fields
+        values = {k: v for k, v in values.items()
+                  if k in ("name", "resume") or v != (fields[k].default_factory() if fields[k].default_factory
+                                                      else fields[k].default)}
     try:
         return model(**values)
     except ValidationError as exc:

@@ -38,8 +38,9 @@ def check_cv(k: int, targets: np.ndarray, classes: list[str], groups: list[str |
         if counts[index] < k:
             raise InputError(f"--cv {k}: class {name!r} has only {counts[index]} images in the train+val pool, "
                              f"fewer than {k} folds; use --cv {max(2, counts[index])} or fewer")
-        if groups is not None:
-            n_groups = len({g for g, t in zip(groups, targets, strict=True) if int(t) == index})
+        if groups is not None:  # an image without a group is a group of its own (as cv_folds treats it)
+            n_groups = len({g if g is not None else f"__image{i}"
+                            for i, (g, t) in enumerate(zip(groups, targets, strict=True)) if int(t) == index})
             if n_groups < k:
                 raise InputError(f"--cv {k}: class {name!r} has only {n_groups} groups in the train+val pool "
                                  f"(the split keeps groups together), fewer than {k} folds; use "

@@ -61,7 +61,7 @@ class StudyConfig(BaseModel):
     budget: float | None = Field(None, gt=0, description="wall-time budget in seconds")
     cv: int = Field(5, ge=2)
     repeats: int = Field(1, ge=1)
-    objective: Literal["val_macro_f1", "val_accuracy", "val_balanced_accuracy"] = "val_macro_f1"
+    objective: Literal["val_macro_f1", "val_accuracy"] = "val_macro_f1"
     one_se: bool = Field(False, description="pick the cheapest config within one standard error of the best")
     ensemble: int = Field(1, ge=1, description="average the top K refitted trials in one bundle")
     workers: int = Field(1, ge=1)
@@ -124,8 +124,28 @@ def open_storage(db_url: str) -> Any:
     kwargs: dict[str, Any] = {}
     if db_url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 120}  # wait for the other writer instead of "database is locked"
-    return optuna.storages.RDBStorage(db_url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                                      grace_period=GRACE_SECONDS)
+    storage = optuna.storages.RDBStorage(db_url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                                         grace_period=GRACE_SECONDS)
+    if db_url.startswith("sqlite"):
+        _immediate_transactions(storage.engine)
+    return storage
+
+
+def _immediate_transactions(engine: Any) -> None:
+    """SQLite ignores ``SELECT ... FOR UPDATE`` and pysqlite begins transactions lazily, so two workers could
+    both read a queued trial as WAITING and both take it. ``BEGIN IMMEDIATE`` takes the write lock when the
+    transaction starts (SQLAlchemy's documented pysqlite recipe); the busy timeout makes the other wait."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners are dropped
 
 
 def _sampler(name: str, seed: int) -> Any:
@@ -163,13 +183,18 @@ class StudyContext:
     pool_targets: np.ndarray
     test_ids: list[int]
     folds: list[Any]
+    user: dict[str, Any] = field(default_factory=dict)  # what the user set (--config, key=value): wins over fixed
     deadline: float | None = None
 
     def trial_config(self, params: dict[str, Any]) -> Any:
         from handlens.train.config import RunConfig, _explain_error
 
         data = copy.deepcopy(self.base)
-        for key, value in {**self.space.fixed, **params}.items():
+        for key, value in self.space.fixed.items():
+            set_key(data, key, value)
+        for key, value in flat_keys(self.user).items():
+            set_key(data, key, value)
+        for key, value in params.items():
             set_key(data, key, value)
         try:
             return RunConfig.model_validate(data)
@@ -185,6 +210,17 @@ class StudyContext:
         return OBJECTIVES[self.settings["objective"]]
 
 
+def flat_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _base_config(cfg: StudyConfig, data: Any) -> dict[str, Any]:
     from handlens.train.config import load_config
 
@@ -196,14 +232,31 @@ def _base_config(cfg: StudyConfig, data: Any) -> dict[str, Any]:
     return run.model_dump(mode="json")
 
 
+def _user_settings(cfg: StudyConfig, space: SearchSpace) -> dict[str, Any]:
+    """The run-config keys the user set for every trial (``--config`` file, then ``key=value``); a key the space
+    searches is refused (it would be silently overwritten by each trial's value)."""
+    import yaml
+
+    from handlens.train.config import apply_overrides
+
+    data: dict[str, Any] = {}
+    if cfg.config:
+        data = yaml.safe_load(Path(cfg.config).read_text()) or {}
+    apply_overrides(data, list(cfg.overrides))
+    searched = sorted(set(flat_keys(data)) & set(space.keys))
+    if searched:
+        raise InputError(f"{', '.join(searched)} is searched by the study's space; drop it from --config / the "
+                         "key=value overrides, or from the space")
+    return data
+
+
 def _pool_groups(catalog: Any, split_name: str, dataset: str, ids: list[int]) -> list[str | None] | None:
     """Each pool image's group when the split keeps groups together (so folds must too), else None."""
-    import re
-
     from sqlalchemy import select
 
     from handlens.data.catalog import Image, Split
     from handlens.data.queries import find_dataset
+    from handlens.data.splits import compile_group_regex, name_group
 
     with catalog.session() as session:
         ds = find_dataset(session, dataset)
@@ -214,12 +267,8 @@ def _pool_groups(catalog: Any, split_name: str, dataset: str, ids: list[int]) ->
             return None
         rows = {row.id: row for row in session.scalars(select(Image).where(Image.id.in_(ids)))}
         if regex:
-            pattern = re.compile(regex)
-            out: list[str | None] = []
-            for i in ids:
-                found = pattern.search(Path(rows[i].path).name)
-                out.append((found.group(1) if found.groups() else found.group(0)) if found else None)
-            return out
+            pattern = compile_group_regex(regex)
+            return [name_group(pattern, rows[i].path) for i in ids]
         if group_by == "hash":
             return [rows[i].sha256 for i in ids]
         return [rows[i].group for i in ids]
@@ -241,7 +290,7 @@ def _create_context(cfg: StudyConfig, ws: Workspace, catalog: Any, space: Search
     settings.update(dataset=data.dataset, labelset=data.labelset, split=data.split, grouped=groups is not None)
     return StudyContext(name=str(cfg.name), settings=settings, space=space, base=_base_config(cfg, data),
                         classes=data.classes, pool_ids=pool_ids, pool_targets=targets,
-                        test_ids=list(data.subsets["test"].ids), folds=folds)
+                        test_ids=list(data.subsets["test"].ids), folds=folds, user=_user_settings(cfg, space))
 
 
 def _store_context(study: Any, ctx: StudyContext) -> None:
@@ -249,6 +298,7 @@ def _store_context(study: Any, ctx: StudyContext) -> None:
     study.set_user_attr("settings", ctx.settings)
     study.set_user_attr("space", ctx.space.to_dict())
     study.set_user_attr("base_config", ctx.base)
+    study.set_user_attr("user_config", ctx.user)
     study.set_user_attr("classes", ctx.classes)
     study.set_user_attr("pool", {"ids": ctx.pool_ids, "targets": [int(t) for t in ctx.pool_targets]})
     study.set_user_attr("test_ids", ctx.test_ids)
@@ -267,7 +317,7 @@ def _load_context(study: Any) -> StudyContext:
                         space=SearchSpace.from_dict(attrs["space"]), base=attrs["base_config"],
                         classes=attrs["classes"], pool_ids=list(attrs["pool"]["ids"]),
                         pool_targets=np.asarray(attrs["pool"]["targets"], dtype=np.int64),
-                        test_ids=list(attrs["test_ids"]), folds=folds)
+                        test_ids=list(attrs["test_ids"]), folds=folds, user=attrs.get("user_config") or {})
 
 
 def study_names(storage: Any) -> list[str]:
@@ -370,10 +420,18 @@ class _Objective:
             if same and other.state == optuna.trial.TrialState.RUNNING and self.grid:
                 trial.set_user_attr("skipped", f"grid point already running as trial {other.number}")
                 raise optuna.TrialPruned()
+        from handlens.train.run import RunInterrupted
+
         try:
             return self._score(trial, cfg, params)
         except optuna.TrialPruned:
             raise
+        except RunInterrupted:  # Ctrl-C inside a fold's training: stop the study, not just this trial
+            import signal
+
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning leaves SIGINT ignored
+            trial.set_user_attr("error", "interrupted: Ctrl-C")
+            raise KeyboardInterrupt from None
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
             raise
@@ -407,7 +465,7 @@ class _Objective:
                                      metric=self.ctx.metric, after_fold=after_fold)
             else:
                 score = score_training(cfg, self.ctx.folds, ws=self.ws, metric=self.ctx.metric,
-                                       test_ids=self.ctx.test_ids, after_fold=after_fold)
+                                       after_fold=after_fold)
             seconds = time.perf_counter() - started
             trial.set_user_attr("cv_mean", score.mean)
             trial.set_user_attr("cv_std", score.std)
@@ -557,6 +615,8 @@ def _interrupted_trials(storage: Any, study: Any) -> int:
         if name == host and pid.isdigit() and not _alive(int(pid)):
             storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: its worker process was stopped")
             storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+            if study.user_attrs.get("settings", {}).get("sampler") == "grid" and trial.params:
+                study.enqueue_trial(dict(trial.params))  # the point still has to run
             count += 1
     return count
 
@@ -583,9 +643,13 @@ def _work(ctx: StudyContext, ws: Workspace, storage: Any, trials_wanted: int | N
     study = optuna.load_study(study_name=ctx.name, storage=storage, sampler=_sampler(ctx.settings["sampler"], seed),
                               pruner=_pruner(ctx.settings["pruner"]))
     objective = _Objective(ctx, ws)
-    if ctx.settings["sampler"] == "grid" and not study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state.is_finished() and not t.user_attrs.get("skipped")]
+    if ctx.settings["sampler"] == "grid" and not any(t.state == optuna.trial.TrialState.WAITING for t in trials):
         return objective
+    if (trials_wanted is not None and len(finished) >= trials_wanted) or (
+            ctx.deadline is not None and time.time() >= ctx.deadline):
+        return objective  # optimize would run one trial before its callback can stop it
     study.optimize(objective, catch=(Exception,), callbacks=[_progress, _stop_when_done(ctx, trials_wanted)],
                    gc_after_trial=False)
     return objective
@@ -602,6 +666,20 @@ def _worker_main(name: str, ws_root: str, db_url: str, trials: int | None, deadl
     ctx = _load_context(load_study(storage, name))
     ctx.deadline = deadline
     _work(ctx, ws, storage, trials, worker_index=index)
+
+
+#: what a resumed study keeps from when it was made (the refit's --ensemble and --one-se may change)
+FIXED_ON_RESUME = ("dataset", "labelset", "split", "space", "preset", "sampler", "pruner", "cv", "repeats",
+                   "objective", "config", "overrides", "seed", "tracking")
+
+
+def _refuse_changes_on_resume(cfg: StudyConfig, settings: dict[str, Any]) -> None:
+    changed = [key for key in FIXED_ON_RESUME
+               if key in cfg.model_fields_set and getattr(cfg, key) != StudyConfig.model_fields[key].default
+               and getattr(cfg, key) != settings.get(key)]
+    if changed:
+        raise InputError(f"study {cfg.name} was made with its own {', '.join('--' + k for k in changed)}: a resumed "
+                         "study keeps them; start a new study (--name) to change them")
 
 
 def create_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyContext:
@@ -648,6 +726,7 @@ def run_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyResu
             raise InputError("--resume needs the study's name")
         study = load_study(storage, cfg.name)
         ctx = _load_context(study)
+        _refuse_changes_on_resume(cfg, ctx.settings)
         failed = _interrupted_trials(storage, study)
         if failed:
             print(f"study {cfg.name}: {failed} trial(s) left running by a stopped process marked failed",
@@ -671,8 +750,10 @@ def run_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyResu
     finally:
         for process in processes:
             process.join()
-    return finish_study(ctx, ws, storage, one_se=cfg.one_se or bool(ctx.settings.get("one_se")),
-                        ensemble=max(cfg.ensemble, int(ctx.settings.get("ensemble", 1))),
+    given = cfg.model_fields_set
+    return finish_study(ctx, ws, storage,
+                        one_se=cfg.one_se if "one_se" in given or not cfg.resume else bool(ctx.settings["one_se"]),
+                        ensemble=cfg.ensemble if "ensemble" in given or not cfg.resume else ctx.settings["ensemble"],
                         started=started, feature_passes=objective.features.passes if objective.features else 0)
 
 
@@ -685,12 +766,11 @@ def work_study(name: str, workspace: Workspace | None = None, *, budget: float |
     study = load_study(storage, name)
     ctx = _load_context(study)
     ctx.deadline = time.time() + budget if budget else None
-    before = {t.number for t in study.get_trials(deepcopy=False)}
     wanted = trials or (None if ctx.settings["sampler"] == "grid" else ctx.settings.get("trials") or 20)
     _work(ctx, ws, storage, wanted, worker_index=os.getpid())
-    after = load_study(storage, name).get_trials(deepcopy=False)
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    return sum(1 for t in after if t.number not in before or t.user_attrs.get("worker") == worker)
+    return sum(1 for t in load_study(storage, name).get_trials(deepcopy=False)
+               if t.user_attrs.get("worker") == worker and t.state.is_finished() and not t.user_attrs.get("skipped"))
 
 
 def _default_name(cfg: StudyConfig) -> str:
@@ -797,9 +877,16 @@ def _ensemble_members(ctx: StudyContext, rows: list[TrialRow], winner: TrialRow,
 
 
 def _preprocess_key(ctx: StudyContext, row: TrialRow) -> str:
+    """The model input a trial's run would build (policy recommendations applied, size resolved)."""
+    from handlens.models.backbones import BACKBONES
+    from handlens.train.run import apply_policy_preprocess, build_preprocess, resolve_policy
+    from handlens.transforms.augment import policy_for
+
     cfg = ctx.trial_config(row.params)
-    p = cfg.preprocess
-    return json.dumps([p.size, p.resize, p.normalize, p.morphology, p.patches.model_dump()], default=str)
+    resolve_policy(cfg)
+    policy = policy_for(cfg.augment)
+    apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
+    return json.dumps(build_preprocess(cfg, BACKBONES.get(cfg.model.backbone)).model_key(), default=str)
 
 
 def _study_manifest(ctx: StudyContext, winner: TrialRow, members: list[TrialRow]) -> dict[str, Any]:

@@ -23,16 +23,29 @@ from handlens.core.errors import InputError
 from handlens.search.folds import Fold
 
 #: the metric a fold reports, by objective name
-OBJECTIVES = {"val_macro_f1": "macro_f1", "val_accuracy": "accuracy", "val_balanced_accuracy": "balanced_accuracy"}
+OBJECTIVES = {"val_macro_f1": "macro_f1", "val_accuracy": "accuracy"}
 
 
 @dataclass
 class FoldScore:
     fold: str
-    score: float
+    score: float  # at the fold's own best epoch (what pruning sees while the folds run)
     best_epoch: int
     seconds: float
     run_id: str | None = None
+    by_epoch: list[float] = field(default_factory=list)  # the validation metric after each epoch
+
+
+def at_common_epoch(folds: list[FoldScore], epoch: int) -> None:
+    """Score every fold at one epoch, the one the refit will train (the folds' median best epoch).
+
+    Each fold picking its own best epoch on its own validation images and reporting that score would be
+    optimistic, and more so for heads trained for many epochs than for a logistic regression fitted once.
+    A fold that stopped early is scored at its last epoch.
+    """
+    for fold in folds:
+        if fold.by_epoch:
+            fold.score = float(fold.by_epoch[min(epoch, len(fold.by_epoch)) - 1])
 
 
 @dataclass
@@ -50,6 +63,11 @@ class TrialScore:
     @property
     def std(self) -> float:
         return float(np.std([f.score for f in self.folds], ddof=1)) if len(self.folds) > 1 else 0.0
+
+    def settle(self) -> TrialScore:
+        """Fold scores at the refit epoch (see :func:`at_common_epoch`)."""
+        at_common_epoch(self.folds, self.refit_epochs)
+        return self
 
     @property
     def refit_epochs(self) -> int:
@@ -93,12 +111,18 @@ class PoolFeatures:
         resolve_policy(cfg)
         policy = policy_for(cfg.augment)
         apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
+        if cfg.preprocess.normalize == "dataset":
+            raise InputError("studies do not support preprocess.normalize=dataset yet (each fold would need its "
+                             "own statistics): use backbone, unit, minmax or percentile")
         spec = BACKBONES.get(cfg.model.backbone)
         preprocess = build_preprocess(cfg, spec)
         parts = feature_key_parts(cfg, spec, preprocess, views)
         key = json.dumps([parts, views], sort_keys=True, default=str)
         if key not in self._features:
+            from handlens.train.run import seed_everything
+
             images = self._images_for(cfg, preprocess)
+            seed_everything(cfg.train.seed)  # as train() does: a random backbone (weights none) is the refit's
             model = create_classifier(cfg.model.backbone, 2, cfg.model.weights, "frozen", pool=cfg.model.pool)
             self._features[key] = feature_rows(
                 model, images, self.pool.sha256s, key_parts=parts, cache_dir=self.ws.cache_dir,
@@ -178,19 +202,20 @@ def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_in
         val_rows = [pool_index[i] for i in fold.val_ids]
         y_train, y_val = pool_targets[train_rows], pool_targets[val_rows]
         fit = fit_head(rows[train_rows], y_train, n_classes=len(classes), model_cfg=cfg.model, train_cfg=cfg.train,
-                       class_weights=fold_class_weights(cfg, y_train, classes),
-                       val_x=plain[val_rows], val_y=y_val)
-        val_x = plain[val_rows]
+                       class_weights=fold_class_weights(cfg, y_train, classes), val_x=plain[val_rows], val_y=y_val,
+                       data_cfg=cfg.data, classes=classes)
         with torch.inference_mode():
-            probs = torch.softmax(fit.head(val_x).float(), 1)
+            probs = torch.softmax(fit.head(plain[val_rows]).float(), 1)
         value = float(classification_metrics(probs, torch.from_numpy(y_val), classes)[metric])
-        score.folds.append(FoldScore(fold.name, value, int(fit.best_epoch), time.perf_counter() - started))
+        by_epoch = [float(r[f"val_{metric}"]) for r in fit.history if f"val_{metric}" in r]
+        score.folds.append(FoldScore(fold.name, value, int(fit.best_epoch), time.perf_counter() - started,
+                                     by_epoch=by_epoch))
         if after_fold is not None:
             after_fold(step, score.mean)
-    return score
+    return score.settle()
 
 
-def score_training(cfg: Any, folds: list[Fold], *, ws: Any, metric: str, test_ids: list[int],
+def score_training(cfg: Any, folds: list[Fold], *, ws: Any, metric: str,
                    after_fold: Callable[[int, float], None] | None = None) -> TrialScore:
     """CV by real runs: one ``train`` per fold on the fold's images (tracking off: the trial is tracked)."""
     from handlens.train.run import train
@@ -207,12 +232,13 @@ def score_training(cfg: Any, folds: list[Fold], *, ws: Any, metric: str, test_id
         if metric not in val:
             raise InputError(f"fold {fold.name} reported no validation {metric}")
         best = result.best_epoch or result.epochs or 1
+        by_epoch = [float(r[f"val_{metric}"]) for r in result.history if f"val_{metric}" in r]
         score.folds.append(FoldScore(fold.name, float(val[metric]), int(best), time.perf_counter() - started,
-                                     result.run_id))
+                                     result.run_id, by_epoch=by_epoch))
         drop_run_weights(ws, result.run_id)
         if after_fold is not None:
             after_fold(step, score.mean)
-    return score
+    return score.settle()
 
 
 def drop_run_weights(ws: Any, run_id: str) -> None:

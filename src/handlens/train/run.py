@@ -118,6 +118,8 @@ def feature_key_parts(cfg: RunConfig, spec: Any, preprocess: Any, views: int) ->
     """What identifies a frozen backbone's features in the per-image store (train runs and studies share it)."""
     base = {"backbone": spec.name, "weights": _weights_identity(cfg.model.weights),
             "preprocess": preprocess.model_key(), "pool": cfg.model.pool}
+    if cfg.model.weights == "none":  # a random backbone is made by the seed: another seed, other features
+        base["init_seed"] = cfg.train.seed
     return {**base, "augment": cfg.augment.model_dump(), "seed": cfg.train.seed} if views else base
 
 
@@ -744,6 +746,8 @@ def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, run_id: str,
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown
         raise RunInterrupted(f"run {run_id} was interrupted; continue it with "
                              f"`handlens train --resume {run_id}`") from None
+    if not has_val:  # nothing held out to choose an epoch on (a refit on all non-test images): keep the last
+        return (module.history[-1]["epoch"] if module.history else None), module.history, trainer.current_epoch
     return _load_best(module, checkpoint), module.history, trainer.current_epoch
 
 

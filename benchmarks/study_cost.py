@@ -1,0 +1,89 @@
+"""What a frozen study costs: 30 frozen trials against one trial's feature pass, on the lithology thin sections.
+
+In a fresh temporary workspace (import, split 0.7/0.15/0.15 seed 1):
+
+(a) one feature pass: ``handlens train --dataset lith --tracking none`` with the default frozen
+    EfficientNet-Lite0 (its features for every image, then a head: the run's ``features`` timing is
+    the pass; the whole command's wall time is reported too);
+(b) a 30-trial frozen study over heads and their hyperparameters on the same features, in a second fresh
+    workspace (so it pays its own feature pass): ``handlens study run --space SPACE --sampler random
+    --trials 30 --cv 5``, wall time of the whole command (feature pass, 30 trials x 5 folds, refit).
+
+Target (issue 11): (b) <= 2x the feature pass of (a).
+
+    python benchmarks/study_cost.py            # ~5-10 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frozen_speed import DATASET, LITHOLOGY, handlens_exe, machine, parse_json, prepare, timed
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "study_cost.json"
+SPACE = """\
+space:
+  model.head: [logistic, linear, mlp]
+  train.lr: {float: [3.0e-4, 1.0e-2], log: true}
+  train.weight_decay: {float: [1.0e-5, 1.0e-2], log: true}
+  train.epochs: {int: [10, 40], step: 10}
+  model.dropout: [0.0, 0.3]
+fixed:
+  model.freeze: frozen
+  model.weights: packaged
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=LITHOLOGY)
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    hl = handlens_exe()
+    root = Path(tempfile.mkdtemp(prefix="handlens-study-cost-"))
+    log = root / "log.txt"
+    try:
+        one, many = root / "one", root / "many"
+        prepare(one, args.data, log=log)
+        prepare(many, args.data, log=log)
+        train = timed([hl, "--workspace", str(one), "train", "--dataset", DATASET, "--tracking", "none", "--json"],
+                      log=log)
+        timings = parse_json(train.stdout)["timings"]
+        feature_pass = float(timings["features"]) + float(timings.get("decode", 0.0))
+        space = root / "space.yaml"
+        space.write_text(SPACE)
+        study = timed([hl, "--workspace", str(many), "study", "run", "--dataset", DATASET, "--space", str(space),
+                       "--sampler", "random", "--trials", str(args.trials), "--cv", "5", "--tracking", "none",
+                       "--name", "cost", "--json"], log=log)
+        report = parse_json(study.stdout)
+        statuses: dict[str, int] = {}
+        for trial in report["trials"]:
+            statuses[trial["status"]] = statuses.get(trial["status"], 0) + 1
+        result = {
+            "machine": machine(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "feature_pass_s": round(feature_pass, 2), "train_timings": timings, "train_wall_s": train.wall_s,
+            "study_wall_s": study.wall_s, "study_feature_passes": report["feature_passes"],
+            "trials": statuses, "same_as_earlier": sum(1 for t in report["trials"] if t["note"].startswith("same as")),
+            "ratio_study_to_feature_pass": round(study.wall_s / feature_pass, 3),
+            "target": "<= 2.0", "winner_cv": report["winner"]["cv_mean"] if report["winner"] else None,
+        }
+        words = "meets" if result["ratio_study_to_feature_pass"] <= 2.0 else "misses"
+        result["verdict"] = (f"{words} the target: {args.trials} frozen trials took "
+                             f"{result['ratio_study_to_feature_pass']:.2f}x one feature pass")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
