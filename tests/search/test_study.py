@@ -255,3 +255,13 @@ def test_user_settings_win_over_the_spaces_fixed_values_and_resume_keeps_the_stu
         run_study(study_cfg(tmp_path, {"train.lr": [0.01]}, name="s2", overrides=["train.lr=0.1"]), ws)
     with pytest.raises(InputError, match=r"made with its own --cv"):
         run_study(StudyConfig(name="s1", resume=True, cv=4), ws)
+
+
+def test_a_fine_tuning_trial_that_cannot_fit_the_budget_stops_after_its_first_epoch(trained_workspace, tmp_path):
+    cfg = study_cfg(tmp_path, {"train.lr": [0.01]}, fixed={"model.freeze": "full", "train.epochs": 400}, cv=2,
+                    sampler="grid", budget=20)
+    with pytest.raises(HandlensError, match="no trial finished"):
+        run_study(cfg, trained_workspace)
+    trial = stored(trained_workspace).trials[0]
+    assert trial.state.name == "PRUNED" and trial.user_attrs["pruned_by"].startswith("budget: ")
+    assert trial.user_attrs["epoch_seconds"] > 0

@@ -57,8 +57,10 @@ def test_frozen_backbone_features_are_computed_once(trained_workspace, monkeypat
 
     monkeypatch.setattr(Classifier, "features", counting)
     first = train(tiny_config("model.freeze=frozen", "train.epochs=5"), trained_workspace)
-    # one batch of at most 64 per subset: the backbone ran 3 times, not 5 epochs x batches
-    assert calls["n"] == 3
+    # batches of FEATURE_BATCH per subset (24 train, 12 val, 12 test images), once, not 5 epochs x batches
+    from handlens.train.features import FEATURE_BATCH
+
+    assert calls["n"] == sum(-(-n // FEATURE_BATCH) for n in (24, 12, 12))
     assert first.timings["features"] > 0
     calls["n"] = 0
     again = train(tiny_config("model.freeze=frozen", "train.epochs=3"), trained_workspace)

@@ -144,9 +144,10 @@ class Bundle:
         batch = torch.from_numpy(arrays).permute(0, 3, 1, 2)
         return self.preprocess.normalize_batch(batch)
 
-    def predict_arrays(self, arrays: np.ndarray, batch_size: int = 32, *, tta: bool = False) -> np.ndarray:
+    def predict_arrays(self, arrays: np.ndarray, batch_size: int = 16, *, tta: bool = False) -> np.ndarray:
         """Probabilities for already preprocessed (N, S, S, 3) uint8 arrays (e.g. from the decode cache);
-        ``tta``: averaged over the views its training policy allows (``models.tta``)."""
+        ``tta``: averaged over the views its training policy allows (``models.tta``). Batches of 16 in
+        channels-last layout: about 3x faster on a CPU than batches of 64 (train.features.FEATURE_BATCH)."""
         import torch
 
         from handlens.models.tta import tta_plan, view_probabilities
@@ -156,7 +157,8 @@ class Bundle:
         with torch.inference_mode():
             for start in range(0, len(arrays), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(arrays[start:start + batch_size])).permute(0, 3, 1, 2)
-                outputs.append(view_probabilities(self.module, self.preprocess.normalize_batch(batch), views).numpy())
+                inputs = self.preprocess.normalize_batch(batch).contiguous(memory_format=torch.channels_last)
+                outputs.append(view_probabilities(self.module, inputs, views).numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     @property

@@ -465,7 +465,7 @@ class _Objective:
                                      metric=self.ctx.metric, after_fold=after_fold)
             else:
                 score = score_training(cfg, self.ctx.folds, ws=self.ws, metric=self.ctx.metric,
-                                       after_fold=after_fold)
+                                       after_fold=after_fold, after_epoch=self._epoch_guard(trial, cfg))
             seconds = time.perf_counter() - started
             trial.set_user_attr("cv_mean", score.mean)
             trial.set_user_attr("cv_std", score.std)
@@ -484,6 +484,29 @@ class _Objective:
             if status != "finished":
                 record.finish(status, None, time.perf_counter() - started)
 
+    def _epoch_guard(self, trial: Any, cfg: Any) -> Any:
+        """After each epoch of a fold: record the epoch's time, and stop the trial (pruned) once what it still
+        has to train (this fold's epochs left, then every further fold) no longer fits in the budget."""
+        import optuna
+
+        folds, epochs = len(self.ctx.folds), cfg.train.epochs
+        times: list[float] = []
+
+        def guard(step: int, record: dict[str, Any]) -> None:
+            times.append(float(record.get("epoch_seconds") or 0.0))
+            per_epoch = float(np.median(times))
+            trial.set_user_attr("epoch_seconds", per_epoch)
+            if self.ctx.deadline is None:
+                return
+            left_epochs = (epochs - int(record["epoch"])) + epochs * (folds - step - 1)
+            needed, left = per_epoch * left_epochs, self.ctx.deadline - time.time()
+            if needed > left:
+                trial.set_user_attr("pruned_by", f"budget: {left_epochs} more epochs take ~{_minutes(needed)}, "
+                                                 f"{_minutes(max(left, 0))} left")
+                raise optuna.TrialPruned()
+
+        return guard
+
     def _check_budget(self, trial: Any, kind: str, params: dict[str, Any]) -> None:
         """Do not start a trial whose kind's typical duration no longer fits in the budget."""
         import optuna
@@ -497,6 +520,14 @@ class _Objective:
                 if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("kind") == kind
                 and t.user_attrs.get("seconds")]
         expected = float(np.median(same)) if same else None
+        if kind == "train":  # a fine-tuning trial: epochs x folds at the epoch time seen for its freeze and size
+            cfg = self.ctx.trial_config(params)
+            shape = (cfg.model.freeze, cfg.preprocess.size, cfg.model.backbone)
+            seen = [t.user_attrs["epoch_seconds"] for t in trial.study.get_trials(deepcopy=False)
+                    if t.user_attrs.get("epoch_seconds") and t.user_attrs.get("shape") == list(shape)]
+            trial.set_user_attr("shape", list(shape))
+            if seen:
+                expected = float(np.median(seen)) * cfg.train.epochs * len(self.ctx.folds)
         if left <= 0 or (expected is not None and expected > left):
             trial.set_user_attr("skipped", f"budget: a {kind} trial takes ~{_minutes(expected)}, "
                                            f"{_minutes(max(left, 0))} left")

@@ -216,8 +216,10 @@ def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_in
 
 
 def score_training(cfg: Any, folds: list[Fold], *, ws: Any, metric: str,
-                   after_fold: Callable[[int, float], None] | None = None) -> TrialScore:
-    """CV by real runs: one ``train`` per fold on the fold's images (tracking off: the trial is tracked)."""
+                   after_fold: Callable[[int, float], None] | None = None,
+                   after_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> TrialScore:
+    """CV by real runs: one ``train`` per fold on the fold's images (tracking off: the trial is tracked).
+    ``after_epoch(fold index, epoch record)`` may raise to stop the trial (e.g. its budget no longer fits)."""
     from handlens.train.run import train
 
     score = TrialScore(kind="train")
@@ -226,8 +228,9 @@ def score_training(cfg: Any, folds: list[Fold], *, ws: Any, metric: str,
         fold_cfg.tracking.backend = "none"
         fold_cfg.train.progress = False
         started = time.perf_counter()
+        hook = (lambda record, step=step: after_epoch(step, record)) if after_epoch is not None else None
         result = train(fold_cfg, ws, subsets={"train": list(fold.train_ids), "val": list(fold.val_ids)},
-                       progress=False)
+                       progress=False, epoch_hook=hook)
         val = result.metrics.get("val") or {}
         if metric not in val:
             raise InputError(f"fold {fold.name} reported no validation {metric}")

@@ -30,10 +30,18 @@ def features_key(parts: dict[str, Any], sha256s: list[str]) -> str:
     return digest.hexdigest()[:24]
 
 
+#: images per backbone call. Measured on 2 cores (EfficientNet-Lite0, 224 px, 256 images): batches of 16 in
+#: channels-last layout take 2.1 s, against 6.8 s for the batches of 64 in the default layout used before
+#: (channels-last alone: 3.9 s; 16 alone: 4.0 s); the features agree within 1e-5.
+FEATURE_BATCH = 16
+
+
 @torch.inference_mode()
-def compute_features(model: Any, images: torch.Tensor, normalize: Any, batch_size: int = 64, augment: Any = None,
+def compute_features(model: Any, images: torch.Tensor, normalize: Any, batch_size: int = FEATURE_BATCH,
+                     augment: Any = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """``model.features`` of (N, 3, H, W) uint8 images, optionally of one augmented view each."""
+    """``model.features`` of (N, 3, H, W) uint8 images, optionally of one augmented view each; each batch goes
+    in channels-last layout (oneDNN's convolutions are much faster on it on a CPU, see FEATURE_BATCH)."""
     was_training = model.training
     model.eval()
     try:
@@ -42,7 +50,7 @@ def compute_features(model: Any, images: torch.Tensor, normalize: Any, batch_siz
             batch = images[start:start + batch_size]
             if augment is not None:
                 batch = augment(batch, generator)
-            out.append(model.features(normalize(batch)).float())
+            out.append(model.features(normalize(batch).contiguous(memory_format=torch.channels_last)).float())
             _count(len(batch))
         return torch.cat(out) if out else torch.zeros((0, 0))
     finally:
@@ -135,7 +143,7 @@ def _compute_rows(model: Any, images: torch.Tensor, sha256s: list[str], normaliz
 
 def feature_rows(model: Any, images: torch.Tensor, sha256s: list[str], *, key_parts: dict[str, Any],
                  cache_dir: Path | None, normalize: Any, views: int = 0, augment: Any = None,
-                 generator: torch.Generator | None = None, batch_size: int = 64) -> torch.Tensor:
+                 generator: torch.Generator | None = None, batch_size: int = FEATURE_BATCH) -> torch.Tensor:
     """``model.features`` of (N, 3, H, W) uint8 ``images`` -> (N, F), or (N, V, F) for ``views`` > 0
     augmented views per image, from the per-image store of ``key_parts`` (backbone, weights identity,
     ``preprocess.model_key()``, pool; with views also the augmentation and ``seed``).

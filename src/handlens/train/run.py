@@ -550,8 +550,12 @@ SUBSETS_FILE = "subsets.json"
 
 
 def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None = None,
-          progress: bool | None = None, *, subsets: dict[str, list[int]] | None = None) -> RunResult:
+          progress: bool | None = None, *, subsets: dict[str, list[int]] | None = None,
+          epoch_hook: Any = None) -> RunResult:
     """Train a classifier as ``cfg`` says (or resume run ``resume`` from its last checkpoint).
+
+    ``epoch_hook(record)`` is called with each epoch's history record; an exception it raises stops the run
+    (a study uses it to stop a fold that no longer fits its budget).
 
     ``subsets``: regroup the split's labelled images into exactly these subsets by image id (``train``,
     optional ``val`` and ``test``), e.g. a cross-validation fold or a refit on every non-test image; the
@@ -611,9 +615,10 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
     try:
         fit_started = time.perf_counter()
         if prepared.module is None:
-            best_epoch, history, epochs, head_fit = _fit_on_features(prepared, tracker, run_dir)
+            best_epoch, history, epochs, head_fit = _fit_on_features(prepared, tracker, run_dir, epoch_hook)
         else:
-            best_epoch, history, epochs = _fit_lightning(prepared, tracker, run_dir, run_id, ckpt_path, progress)
+            best_epoch, history, epochs = _fit_lightning(prepared, tracker, run_dir, run_id, ckpt_path, progress,
+                                                         epoch_hook)
             head_fit = None
         prepared.timings["fit"] = time.perf_counter() - fit_started
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
@@ -672,8 +677,8 @@ def _record_run_end(catalog: Any, cfg: RunConfig, run_id: str, status: str, trac
             row.bundle_path, row.metrics = str(bundle), _jsonable(metrics)
 
 
-def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path) -> tuple[int, list[dict[str, Any]], int,
-                                                                                 dict[str, Any]]:
+def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path,
+                     epoch_hook: Any = None) -> tuple[int, list[dict[str, Any]], int, dict[str, Any]]:
     """Train the head on the cached features with fit_head; the fitted head becomes the model's head."""
     from handlens.train.head import fit_head
 
@@ -688,6 +693,8 @@ def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path) -> tuple[i
     def on_epoch(record: dict[str, Any]) -> None:
         history.append(record)
         reporter(record)
+        if epoch_hook is not None:
+            epoch_hook(record)
 
     fit = fit_head(train_x, train_y, n_classes=len(prepared.data.classes), model_cfg=cfg.model, train_cfg=cfg.train,
                    class_weights=prepared.class_weights, val_x=val_x, val_y=val_y, data_cfg=cfg.data,
@@ -706,7 +713,7 @@ def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path) -> tuple[i
 
 
 def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, run_id: str, ckpt_path: Path | None,
-                   progress: bool | None) -> tuple[int | None, list[dict[str, Any]], int]:
+                   progress: bool | None, epoch_hook: Any = None) -> tuple[int | None, list[dict[str, Any]], int]:
     """Lightning's loop (a backbone that learns, patches, mixing, overfit_batches): checkpoints to resume from,
     the best one kept by the monitored metric with ties to the lower loss."""
     import lightning.pytorch as pl
@@ -728,6 +735,8 @@ def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, run_id: str,
                            enable_version_counter=False)
     callbacks: list[Any] = [EpochRecorder(), checkpoint, last]
     module.epoch_listeners.append(_epoch_reporter(tracker, cfg.train.epochs, run_dir, module.history))
+    if epoch_hook is not None:
+        module.epoch_listeners.append(epoch_hook)
     if cfg.train.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor, mode=cfg.train.monitor_mode,
                                        patience=cfg.train.early_stopping))
