@@ -413,8 +413,9 @@ def train_cmd(
     overfit_batches: int | None = typer.Option(None, "--overfit-batches", min=1,
                                                help="Sanity run: can the model overfit K batches?"),
     tracking: str | None = typer.Option(None, "--tracking", help="mlflow (default), tensorboard or none."),
-    policy: str | None = typer.Option(None, "--policy", help="Augmentation: none, basic (default), a preset "
-                                      "(natural-photo, xray, thin-section, microscopy) or a policy .yaml file."),
+    policy: str | None = typer.Option(None, "--policy", help="Augmentation: auto (default: basic for a learning "
+                                      "backbone, none for a frozen one), none, basic, a preset (natural-photo, xray, "
+                                      "thin-section, microscopy) or a policy .yaml file."),
     balance: str | None = typer.Option(None, "--balance", help="Class balance: none (default), oversample, sampler "
                                        "or downsample (with data.per_class=N)."),
     config: Path | None = CONFIG_OPT,
@@ -922,7 +923,7 @@ def augment_preview_cmd(
     cfg = load_config(None, [f"augment.policy={policy}"])  # clear errors for unknown policies
     augment = build_augmenter(cfg.augment)
     batch = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()
-    recommended = (load_policy(policy).preprocess if policy not in ("none", "basic") else {}).get("patches", {})
+    recommended = (load_policy(policy).preprocess if policy not in ("none", "basic", "auto") else {}).get("patches", {})
     if recommended.get("enabled"):  # the policy trains on patches: show the patches the network gets
         from handlens.transforms.cache import decode_working_many
         from handlens.transforms.patches import PatchSpec, crop_resize, sample_boxes

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from handlens.cli.context import workspace
-from handlens.cli.output import emit_json, fmt, handle_errors, stdout, table
+from handlens.cli.output import emit_json, handle_errors, stdout, table
 from handlens.core.errors import InputError
 
 study_app = typer.Typer(help="Studies: cross-validated search over run configs; the winner is refitted.",
@@ -106,20 +106,24 @@ def _refit_line(refit: dict[str, Any]) -> str:
             f"(run {refit['run_id']})")
 
 
-def _params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={fmt(v) if isinstance(v, float) and v < 1 and v != 0 and v >= 1e-3 else v}"
-                     for k, v in params.items())
+def _print_study(result: Any, top: int | None = None) -> None:
+    """The trials table (``top``: the best N by CV mean, else every trial in order), importances, verdict."""
+    from handlens.search.study import params_line
 
-
-def _print_study(result: Any) -> None:
+    trials = result.trials
+    if top:
+        trials = sorted((t for t in trials if t.cv_mean is not None and not t.note.startswith("same as")),
+                        key=lambda t: -t.cv_mean)[:top]
     rows = []
-    for t in result.trials:
+    for t in trials:
         cv = f"{t.cv_mean:.3f} ± {t.cv_std:.3f}" if t.cv_mean is not None else "-"
-        rows.append([t.number, _params_text(t.params), cv, t.epochs if t.epochs is not None else "-",
+        rows.append([t.number, params_line(t.params), cv, t.epochs if t.epochs is not None else "-",
                      f"{t.seconds:.1f}s" if t.seconds is not None else "-", t.status, t.run_id or "-",
                      t.note[:60]])
-    stdout.print(table(f"Study {result.name}: CV mean ± std over folds", ["trial", "parameters", "CV", "epochs",
-                       "time", "status", "run", "note"], rows, justify_numbers=False))
+    shown = f"the best {len(trials)} of {len(result.trials)} trials" if top else f"{len(trials)} trials"
+    columns = ["trial", "parameters", "CV", "epochs", "time", "status", "run", "note"]
+    stdout.print(table(f"Study {result.name}: {shown}, CV mean ± std over folds", columns, rows,
+                       justify_numbers=False))
     if result.importances:
         stdout.print("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items()))
     stdout.print(f"verdict:  {result.verdict}")
@@ -130,6 +134,7 @@ def _print_study(result: Any) -> None:
 @study_app.command("show")
 @handle_errors
 def show_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="Study name."),
+             top: int | None = typer.Option(None, "--top", min=1, help="Only the best N trials by CV mean."),
              as_json: bool = JSON_OPTION) -> None:
     """The trials of a study: parameters, CV mean ± std, epochs, time, status, run id; parameter importances."""
     from handlens.search.study import show_study
@@ -138,7 +143,7 @@ def show_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="Study nam
     if as_json:
         emit_json(result.to_dict())
         return
-    _print_study(result)
+    _print_study(result, top)
 
 
 @study_app.command("list")

@@ -627,10 +627,10 @@ def _progress(study: Any, trial: Any) -> None:
     row = _row(trial)
     what = f"CV {row.cv_mean:.3f} ± {row.cv_std:.3f}" if row.cv_mean is not None else row.note
     took = f", {row.seconds:.1f}s" if row.seconds is not None else ""
-    print(f"trial {row.number} {row.status}: {what} [{_params_line(row.params)}]{took}", file=sys.stderr, flush=True)
+    print(f"trial {row.number} {row.status}: {what} [{params_line(row.params)}]{took}", file=sys.stderr, flush=True)
 
 
-def _params_line(params: dict[str, Any]) -> str:
+def params_line(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in params.items())
 
 

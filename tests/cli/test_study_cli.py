@@ -1,0 +1,52 @@
+"""CLI contract for studies: the last stdout line is the winning bundle; show, list, export; clear errors."""
+
+import csv
+import io
+import json
+
+from typer.testing import CliRunner
+
+from handlens.cli.main import app
+from handlens.cli.study import parse_budget
+
+runner = CliRunner()
+SPACE = {"space": {"train.lr": [0.03, 0.01]},
+         "fixed": {"model.backbone": "tiny_cnn", "model.weights": "none", "model.freeze": "frozen",
+                   "model.head": "linear", "train.epochs": 3, "train.batch_size": 8}}
+
+
+def cli(ws, *args):
+    return runner.invoke(app, ["--workspace", str(ws.root), *args])
+
+
+def test_study_run_show_list_export(trained_workspace, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(json.dumps(SPACE))
+    ran = cli(trained_workspace, "study", "run", "--dataset", "colours", "--space", str(space), "--sampler", "grid",
+              "--cv", "3", "--tracking", "none", "--name", "cli")
+    assert ran.exit_code == 0, ran.output
+    lines = ran.stdout.strip().splitlines()
+    assert lines[-1].endswith("/bundle") and any(line.startswith("verdict:") for line in lines)
+    shown = cli(trained_workspace, "study", "show", "cli", "--top", "1")
+    assert shown.exit_code == 0 and "the best 1 of 2 trials" in shown.stdout
+    listed = json.loads(cli(trained_workspace, "study", "list", "--json").stdout)
+    assert [s["name"] for s in listed] == ["cli"] and listed[0]["trials"] == {"complete": 2}
+    rows = list(csv.DictReader(io.StringIO(cli(trained_workspace, "study", "export", "cli", "--csv").stdout)))
+    assert [r["train.lr"] for r in rows] == ["0.03", "0.01"] and all(r["cv_mean"] for r in rows)
+    again = cli(trained_workspace, "study", "run", "--dataset", "colours", "--space", str(space), "--name", "cli")
+    assert again.exit_code != 0 and "--resume cli" in again.output
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(json.dumps({"space": {"train.lrr": [0.1]}}))
+    bad = cli(trained_workspace, "study", "run", "--dataset", "colours", "--space", str(typo))
+    assert bad.exit_code != 0 and "did you mean train.lr" in bad.output
+
+
+def test_budget_words():
+    assert parse_budget("20m") == 1200 and parse_budget("1h30m") == 5400 and parse_budget("90s") == 90
+    assert parse_budget("600") == 600
+    import pytest
+
+    from handlens.core.errors import InputError
+
+    with pytest.raises(InputError, match="wall time like 20m"):
+        parse_budget("twenty minutes")
