@@ -48,7 +48,7 @@ def test_frozen_grid_study_shares_features_refits_on_train_val_and_never_sees_te
     from handlens.train import features
 
     ws = trained_workspace
-    before = features.FEATURE_PASSES
+    before = features.FEATURE_IMAGES
     cfg = study_cfg(tmp_path, {"model.head": ["logistic", "linear"], "train.lr": [0.01, 0.003]}, sampler="grid")
     result = run_study(cfg, ws)
     assert [t.status for t in result.trials] == ["complete"] * 4
@@ -56,10 +56,10 @@ def test_frozen_grid_study_shares_features_refits_on_train_val_and_never_sees_te
     # a logistic head ignores train.lr: its second lr is the same model, scored once
     logistic = [t for t in result.trials if t.params["model.head"] == "logistic"]
     assert logistic[1].note == f"same as trial {logistic[0].number}" and logistic[1].cv_mean == logistic[0].cv_mean
-    # one backbone pass over the pool for 4 trials x 3 folds, and the refit reuses the stored rows
-    assert result.feature_passes == 1
-    assert features.FEATURE_PASSES - before == 1
+    # each pool image went through the backbone once for 4 trials x 3 folds, and the refit reused the rows
     ids = split_ids(ws)
+    assert result.feature_passes == 1
+    assert features.FEATURE_IMAGES - before == len(ids["train"] | ids["val"])
     folds = stored(ws).user_attrs["folds"]
     assert len(folds) == 3
     for _, _, train_ids, val_ids in folds:

@@ -195,3 +195,16 @@ def test_the_head_module_imports_no_lightning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_grouped_inner_cv_keeps_each_group_in_one_fold():
+    from handlens.train.head import image_folds
+
+    y = np.array([0] * 12 + [1] * 12)
+    groups = [f"s{i // 3}" for i in range(24)]  # 8 samples of 3 images, 4 per class
+    fold, k = image_folds(y, 5, seed=0, groups=groups)
+    assert k == 4  # as many folds as the rarest class has groups
+    for g in set(groups):
+        assert len({int(fold[i]) for i, name in enumerate(groups) if name == g}) == 1
+    plain, k_plain = image_folds(y, 5, seed=0)
+    assert k_plain == 5 and any(len({int(plain[i]) for i, n in enumerate(groups) if n == g}) > 1 for g in set(groups))

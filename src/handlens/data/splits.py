@@ -350,3 +350,23 @@ def split_members(session: Any, split_id: int, fold: int = 0) -> dict[str, list[
     for image_id, subset in rows:
         members[subset].append(image_id)
     return members
+
+
+def split_groups(session: Any, dataset_id: int, split_name: str, ids: list[int]) -> list[str | None] | None:
+    """Each image's group when split ``split_name`` keeps groups together (``--group-by group|hash`` or
+    ``--group-regex``), in ``ids`` order; None for an ungrouped split. Cross-validation inside such a split must
+    keep the groups together too, or images of one sample land on both sides of a fold."""
+    from handlens.data.catalog import Image
+
+    split = session.scalars(select(Split).where(Split.dataset_id == dataset_id, Split.name == split_name)).first()
+    params = dict(split.params or {}) if split is not None else {}
+    group_by, regex = params.get("group_by"), params.get("group_regex")
+    if not group_by and not regex:
+        return None
+    rows = {row.id: row for row in session.scalars(select(Image).where(Image.id.in_(ids)))}
+    if regex:
+        pattern = compile_group_regex(regex)
+        return [name_group(pattern, rows[i].path) for i in ids]
+    if group_by == "hash":
+        return [rows[i].sha256 for i in ids]
+    return [rows[i].group for i in ids]

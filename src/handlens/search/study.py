@@ -184,6 +184,7 @@ class StudyContext:
     test_ids: list[int]
     folds: list[Any]
     user: dict[str, Any] = field(default_factory=dict)  # what the user set (--config, key=value): wins over fixed
+    pool_groups: list[str | None] | None = None  # when the split keeps groups together
     deadline: float | None = None
 
     def trial_config(self, params: dict[str, Any]) -> Any:
@@ -252,26 +253,11 @@ def _user_settings(cfg: StudyConfig, space: SearchSpace) -> dict[str, Any]:
 
 def _pool_groups(catalog: Any, split_name: str, dataset: str, ids: list[int]) -> list[str | None] | None:
     """Each pool image's group when the split keeps groups together (so folds must too), else None."""
-    from sqlalchemy import select
-
-    from handlens.data.catalog import Image, Split
     from handlens.data.queries import find_dataset
-    from handlens.data.splits import compile_group_regex, name_group
+    from handlens.data.splits import split_groups
 
     with catalog.session() as session:
-        ds = find_dataset(session, dataset)
-        split = session.scalars(select(Split).where(Split.dataset_id == ds.id, Split.name == split_name)).first()
-        params = dict(split.params or {}) if split is not None else {}
-        group_by, regex = params.get("group_by"), params.get("group_regex")
-        if not group_by and not regex:
-            return None
-        rows = {row.id: row for row in session.scalars(select(Image).where(Image.id.in_(ids)))}
-        if regex:
-            pattern = compile_group_regex(regex)
-            return [name_group(pattern, rows[i].path) for i in ids]
-        if group_by == "hash":
-            return [rows[i].sha256 for i in ids]
-        return [rows[i].group for i in ids]
+        return split_groups(session, find_dataset(session, dataset).id, split_name, ids)
 
 
 def _create_context(cfg: StudyConfig, ws: Workspace, catalog: Any, space: SearchSpace) -> StudyContext:
@@ -290,7 +276,8 @@ def _create_context(cfg: StudyConfig, ws: Workspace, catalog: Any, space: Search
     settings.update(dataset=data.dataset, labelset=data.labelset, split=data.split, grouped=groups is not None)
     return StudyContext(name=str(cfg.name), settings=settings, space=space, base=_base_config(cfg, data),
                         classes=data.classes, pool_ids=pool_ids, pool_targets=targets,
-                        test_ids=list(data.subsets["test"].ids), folds=folds, user=_user_settings(cfg, space))
+                        test_ids=list(data.subsets["test"].ids), folds=folds, user=_user_settings(cfg, space),
+                        pool_groups=groups)
 
 
 def _store_context(study: Any, ctx: StudyContext) -> None:
@@ -300,7 +287,8 @@ def _store_context(study: Any, ctx: StudyContext) -> None:
     study.set_user_attr("base_config", ctx.base)
     study.set_user_attr("user_config", ctx.user)
     study.set_user_attr("classes", ctx.classes)
-    study.set_user_attr("pool", {"ids": ctx.pool_ids, "targets": [int(t) for t in ctx.pool_targets]})
+    study.set_user_attr("pool", {"ids": ctx.pool_ids, "targets": [int(t) for t in ctx.pool_targets],
+                                 "groups": ctx.pool_groups})
     study.set_user_attr("test_ids", ctx.test_ids)
     study.set_user_attr("folds", [[f.repeat, f.index, list(f.train_ids), list(f.val_ids)] for f in ctx.folds])
     study.set_user_attr("created_at", datetime.now(UTC).isoformat())
@@ -317,7 +305,8 @@ def _load_context(study: Any) -> StudyContext:
                         space=SearchSpace.from_dict(attrs["space"]), base=attrs["base_config"],
                         classes=attrs["classes"], pool_ids=list(attrs["pool"]["ids"]),
                         pool_targets=np.asarray(attrs["pool"]["targets"], dtype=np.int64),
-                        test_ids=list(attrs["test_ids"]), folds=folds, user=attrs.get("user_config") or {})
+                        test_ids=list(attrs["test_ids"]), folds=folds, user=attrs.get("user_config") or {},
+                        pool_groups=attrs["pool"].get("groups"))
 
 
 def study_names(storage: Any) -> list[str]:
@@ -462,7 +451,8 @@ class _Objective:
             if kind == "frozen":
                 score = score_frozen(cfg, self.ctx.folds, features=self._pool_features(), pool_index=self.pool_index,
                                      pool_targets=self.ctx.pool_targets, classes=self.ctx.classes,
-                                     metric=self.ctx.metric, after_fold=after_fold)
+                                     metric=self.ctx.metric, after_fold=after_fold,
+                                     pool_groups=self.ctx.pool_groups)
             else:
                 score = score_training(cfg, self.ctx.folds, ws=self.ws, metric=self.ctx.metric,
                                        after_fold=after_fold, after_epoch=self._epoch_guard(trial, cfg))

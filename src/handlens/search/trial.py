@@ -185,7 +185,8 @@ def effective_key(cfg: Any) -> str:
 
 def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_index: dict[int, int],
                  pool_targets: np.ndarray, classes: list[str], metric: str,
-                 after_fold: Callable[[int, float], None] | None = None) -> TrialScore:
+                 after_fold: Callable[[int, float], None] | None = None,
+                 pool_groups: list[str | None] | None = None) -> TrialScore:
     """CV on cached features: one head per fold, fitted on rows of the study's shared features."""
     import torch
 
@@ -203,7 +204,8 @@ def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_in
         y_train, y_val = pool_targets[train_rows], pool_targets[val_rows]
         fit = fit_head(rows[train_rows], y_train, n_classes=len(classes), model_cfg=cfg.model, train_cfg=cfg.train,
                        class_weights=fold_class_weights(cfg, y_train, classes), val_x=plain[val_rows], val_y=y_val,
-                       data_cfg=cfg.data, classes=classes)
+                       data_cfg=cfg.data, classes=classes,
+                       groups=[pool_groups[r] for r in train_rows] if pool_groups is not None else None)
         with torch.inference_mode():
             probs = torch.softmax(fit.head(plain[val_rows]).float(), 1)
         value = float(classification_metrics(probs, torch.from_numpy(y_val), classes)[metric])

@@ -76,7 +76,8 @@ def fit_head(train_x: torch.Tensor, train_y: np.ndarray, *, n_classes: int, mode
              epochs: int | None = None, report: Callable[[int, float], None] | None = None,
              data_cfg: Any = None, classes: list[str] | None = None,
              on_epoch: Callable[[dict[str, Any]], None] | None = None,
-             c_grid: tuple[float, ...] = C_GRID, cv_folds: int = CV_FOLDS) -> HeadFit:
+             c_grid: tuple[float, ...] = C_GRID, cv_folds: int = CV_FOLDS,
+             groups: list[str | None] | None = None) -> HeadFit:
     """Train a head on features (N, F), or (N, V, F) cached augmented views (each epoch draws one view
     per sample); ``train_y`` int64 class indices.
 
@@ -101,13 +102,15 @@ def fit_head(train_x: torch.Tensor, train_y: np.ndarray, *, n_classes: int, mode
 
         order = balanced_indices(y, balance, data_cfg.per_class, train_cfg.seed)
         x, y = x[torch.from_numpy(order)], y[order]
+        groups = [groups[i] for i in order] if groups is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_cfg.seed)
         if kind == "logistic":
             check_logistic(train_cfg)
             return _fit_logistic(x, y, n_classes=n_classes, names=names, train_cfg=train_cfg,
                                  class_weights=class_weights, balanced=balance == "sampler", val=val,
-                                 report=report, on_epoch=on_epoch, c_grid=c_grid, cv_folds=cv_folds)
+                                 report=report, on_epoch=on_epoch, c_grid=c_grid, cv_folds=cv_folds,
+                                 groups=groups)
         return _fit_gradient(x, y, kind, n_classes=n_classes, names=names, model_cfg=model_cfg,
                              train_cfg=train_cfg if epochs is None else train_cfg.model_copy(update={"epochs": epochs}),
                              class_weights=class_weights, sampler=balance == "sampler", val=val,
@@ -302,6 +305,26 @@ def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return fold
 
 
+def image_folds(y: np.ndarray, k: int, seed: int, groups: list[str | None] | None = None) -> tuple[np.ndarray, int]:
+    """A fold number per image and the number of folds: stratified, and grouped when ``groups`` is given (every
+    image of a group in one fold; an image without a group is its own), as few folds as the rarest class's
+    groups allow."""
+    if groups is None:
+        return stratified_folds(y, k, seed), k
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = np.array([g if g is not None else f"__image{i}" for i, g in enumerate(groups)])
+    fewest = min(len(set(labels[y == c])) for c in np.unique(y))
+    k = min(k, fewest)
+    if k < 2:
+        return np.zeros(len(y), dtype=np.int64), 1
+    fold = np.empty(len(y), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for index, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y, groups=labels)):
+        fold[held] = index
+    return fold, k
+
+
 def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = x.mean(0)
     std = x.std(0)
@@ -340,18 +363,20 @@ def _rows(x: torch.Tensor, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _choose_c(rows: np.ndarray, row_y: np.ndarray, owner: np.ndarray, weights: np.ndarray, y: np.ndarray,
-              n_classes: int, c_grid: tuple[float, ...], cv_folds: int, seed: int) -> tuple[float, dict[str, Any]]:
+              n_classes: int, c_grid: tuple[float, ...], cv_folds: int, seed: int,
+              groups: list[str | None] | None = None) -> tuple[float, dict[str, Any]]:
     """C with the best out-of-fold macro-F1 (ties: the lower out-of-fold log loss), by stratified K-fold over
-    images (an image's views stay in one fold); each C warm-starts from the previous one."""
+    images (an image's views stay in one fold; with ``groups``, a group's images too, or images of one sample
+    on both sides of a fold would favour too little regularisation); each C warm-starts from the previous one."""
     from sklearn.metrics import f1_score
 
     counts = np.bincount(y, minlength=n_classes)
     k = min(cv_folds, int(counts[counts > 0].min()))
+    image_fold, k = image_folds(y, k, seed, groups) if k >= 2 else (None, k)
     if k < 2 or len(c_grid) < 2:
         chosen = float(c_grid[len(c_grid) // 2]) if len(c_grid) else 1.0
         return chosen, {"folds": 0, "note": "no cross-validation: a class has fewer than 2 training images "
-                        f"(or one C given); C={chosen:g}"}
-    image_fold = stratified_folds(y, k, seed)
+                        f"(or groups, or one C given); C={chosen:g}"}
     row_fold = image_fold[owner]
     oof = np.zeros((len(c_grid), len(y), n_classes))
     converged = True
@@ -399,7 +424,7 @@ def threadpool_limits(**kwargs: Any) -> Any:
 def _fit_logistic(x: torch.Tensor, y: np.ndarray, *, n_classes: int, names: list[str], train_cfg: Any,
                   class_weights: list[float] | None, balanced: bool, val: tuple[torch.Tensor, np.ndarray] | None,
                   report: Callable[[int, float], None] | None, on_epoch: Callable[[dict[str, Any]], None] | None,
-                  c_grid: tuple[float, ...], cv_folds: int) -> HeadFit:
+                  c_grid: tuple[float, ...], cv_folds: int, groups: list[str | None] | None = None) -> HeadFit:
     started = time.perf_counter()
     present = np.unique(y)
     if len(present) < 2:
@@ -416,7 +441,8 @@ def _fit_logistic(x: torch.Tensor, y: np.ndarray, *, n_classes: int, names: list
     # One BLAS thread: these products are small, and a multi-threaded BLAS on busy cores was measured 20-30x
     # slower (0.1 s instead of 3 ms per L-BFGS iteration for 850 x 1280 features, 2 shared cores).
     with threadpool_limits(limits=1, user_api="blas"):
-        chosen, cv = _choose_c(rows, row_y, owner, weights, y, n_classes, c_grid, cv_folds, train_cfg.seed)
+        chosen, cv = _choose_c(rows, row_y, owner, weights, y, n_classes, c_grid, cv_folds, train_cfg.seed, groups)
+        cv["grouped"] = groups is not None
         cv_seconds = time.perf_counter() - started
         mean, std = _standardise(rows)
         model = _logistic(chosen)

@@ -80,6 +80,8 @@ class Prepared:
     #: subset -> (features (N, F) or (N, V, F), targets) on cached features; the train rows before any balancing
     features: dict[str, tuple[Any, np.ndarray]] | None = None
     class_weights: list[float] | None = None
+    #: the train images' groups when the split keeps groups together (a logistic head's inner CV keeps them too)
+    train_groups: list[str | None] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -245,7 +247,8 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
         timings["features"] = time.perf_counter() - started
         if not for_lightning and not cfg.train.overfit_batches:  # fit_head trains it: no Lightning at all
             return Prepared(cfg, data, model, None, preprocess, None, None, eval_inputs, on_features, timings,
-                            {"source": cfg.model.weights}, features, class_weights)
+                            {"source": cfg.model.weights}, features, class_weights,
+                            _train_groups(catalog, data) if cfg.model.head == "logistic" else None)
         from handlens.train.module import ClassifierModule
 
         module = ClassifierModule(model.head, data.classes, cfg.train, preprocess.normalize_batch,
@@ -677,6 +680,14 @@ def _record_run_end(catalog: Any, cfg: RunConfig, run_id: str, status: str, trac
             row.bundle_path, row.metrics = str(bundle), _jsonable(metrics)
 
 
+def _train_groups(catalog: Any, data: Any) -> list[str | None] | None:
+    from handlens.data.queries import find_dataset
+    from handlens.data.splits import split_groups
+
+    with catalog.session() as session:
+        return split_groups(session, find_dataset(session, data.dataset).id, data.split, data.subsets["train"].ids)
+
+
 def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path,
                      epoch_hook: Any = None) -> tuple[int, list[dict[str, Any]], int, dict[str, Any]]:
     """Train the head on the cached features with fit_head; the fitted head becomes the model's head."""
@@ -698,7 +709,7 @@ def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path,
 
     fit = fit_head(train_x, train_y, n_classes=len(prepared.data.classes), model_cfg=cfg.model, train_cfg=cfg.train,
                    class_weights=prepared.class_weights, val_x=val_x, val_y=val_y, data_cfg=cfg.data,
-                   classes=prepared.data.classes, on_epoch=on_epoch)
+                   classes=prepared.data.classes, on_epoch=on_epoch, groups=prepared.train_groups)
     if logistic:
         cv = fit.info["cv"]
         how = (f"chosen by {cv['folds']}-fold cross-validation on the training features" if cv.get("folds")
