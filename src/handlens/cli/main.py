@@ -281,7 +281,8 @@ def demo_cmd(
     name: str = typer.Argument("textures", help="Embedded demo dataset."),
     seed: int = typer.Option(0, "--seed"),
     train_model: bool = typer.Option(True, "--train/--no-train", help="Also train, evaluate and predict."),
-    epochs: int = typer.Option(15, "--epochs", min=1, help="Epochs for the demo model."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs for the demo model (a gradient-trained "
+                                      "head: model.head=linear; the default logistic head has none)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """The main job on embedded data: build a demo dataset offline, import, split, train, evaluate, predict."""
@@ -324,17 +325,19 @@ def demo_cmd(
                      f"next:      handlens --workspace {ws.root} predict {result['train']['bundle']} YOUR_IMAGE.png")
 
 
-def _demo_train(ws: Any, dataset: str, seed: int, epochs: int, quiet: bool) -> dict[str, Any]:
+def _demo_train(ws: Any, dataset: str, seed: int, epochs: int | None, quiet: bool) -> dict[str, Any]:
     """Train EfficientNet-Lite0 (packaged ImageNet weights, frozen), evaluate on test, predict two images."""
     from handlens.models.bundle import load_bundle
     from handlens.train.config import load_config
     from handlens.train.evaluate import evaluate
     from handlens.train.run import train
 
+    head = [f"train.epochs={epochs}", "model.head=linear"] if epochs else []
     cfg = load_config(None, [f"data.dataset={dataset}", "model.backbone=efficientnet_lite0", "model.weights=packaged",
-                             "model.freeze=frozen", f"train.epochs={epochs}", f"train.seed={seed}"])
+                             "model.freeze=frozen", f"train.seed={seed}", *head])
     if not quiet:
-        stdout.print(f"\nTraining efficientnet_lite0 (packaged ImageNet weights, frozen) for {epochs} epochs...")
+        how = f"a linear head for {epochs} epochs" if epochs else "the default logistic head"
+        stdout.print(f"\nTraining efficientnet_lite0 (packaged ImageNet weights, frozen) with {how}...")
     result = train(cfg, ws)
     report = evaluate(result.bundle, ws, subset="test")
     bundle = load_bundle(result.bundle)
