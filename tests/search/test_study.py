@@ -137,6 +137,14 @@ def test_ensemble_bundle_loads_and_averages_its_members(trained_workspace, tmp_p
     assert np.allclose(probs, expected, atol=1e-5)
     assert bundle.predict([image])[0].top[0][0] in bundle.classes
     assert bundle.layer("stage3") is bundle.module.members[0].layer("stage3")
+    # explanations work on it: a CAM at the winner's layer, saliency through every member
+    import handlens
+
+    explainable = handlens.load_bundle(result.bundle)
+    for method in ("gradcam", "saliency"):
+        explanation = explainable.explain([image], method=method)
+        maps = np.asarray(explanation.maps)
+        assert maps.shape[-2:] == (32, 32) and np.isfinite(maps).all() and maps.max() > 0
 
 
 def test_fine_tuning_trials_train_a_run_per_fold_and_drop_fold_weights(trained_workspace, tmp_path):
