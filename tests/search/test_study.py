@@ -273,3 +273,25 @@ def test_a_fine_tuning_trial_that_cannot_fit_the_budget_stops_after_its_first_ep
     trial = stored(trained_workspace).trials[0]
     assert trial.state.name == "PRUNED" and trial.user_attrs["pruned_by"].startswith("budget: ")
     assert trial.user_attrs["epoch_seconds"] > 0
+
+
+def test_folds_of_a_grouped_split_keep_its_groups_together(trained_workspace, tmp_path):
+    """Files named red_07.png grouped by their last digit (10 groups across the classes): no group is split."""
+    from handlens.data.splits import make_split
+
+    ws = trained_workspace
+    catalog = open_catalog(ws.db_url)
+    try:
+        make_split(catalog, "colours", ratios="0.75,0,0.25", seed=0, group_regex=r"_\d(\d)\.png$", name="grouped")
+    finally:
+        catalog.close()
+    cfg = study_cfg(tmp_path, {"train.lr": [0.01]}, fixed={"model.head": "logistic"}, sampler="grid",
+                    split="grouped", cv=2)
+    result = run_study(cfg, ws)
+    study = stored(ws)
+    pool = study.user_attrs["pool"]
+    group_of = dict(zip(pool["ids"], pool["groups"], strict=True))
+    assert len(set(pool["groups"])) < len(pool["ids"])  # the split is grouped
+    for _, _, train_ids, val_ids in study.user_attrs["folds"]:
+        assert not {group_of[i] for i in train_ids} & {group_of[i] for i in val_ids}
+    assert result.bundle is not None and json.loads((result.bundle / "bundle.json").read_text())["study"]["grouped"]
