@@ -41,6 +41,7 @@ STUDY_TAG = "handlens_study"  # study user attribute marking handlens's own stud
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = int(os.environ.get("HANDLENS_STUDY_GRACE", "60"))
 SAMPLERS = ("grid", "random", "tpe", "gp")
+MAX_BUDGET_SKIPS = 20  # consecutive trials skipped for the budget before a study stops
 PRUNERS = ("median", "hyperband", "none")
 
 
@@ -612,7 +613,11 @@ def _stop_when_done(ctx: StudyContext, trials_wanted: int | None) -> Any:
         if ctx.settings["sampler"] == "grid" and not any(
                 t.state == optuna.trial.TrialState.WAITING for t in trials):
             study.stop()
-        if trial.user_attrs.get("skipped", "").startswith("budget"):
+        # a skipped kind (a fine-tuning trial that no longer fits) leaves the budget to cheaper trials; stop when
+        # the sampler keeps proposing only what cannot fit
+        recent = trials[-MAX_BUDGET_SKIPS:]
+        if len(recent) == MAX_BUDGET_SKIPS and all(
+                str(t.user_attrs.get("skipped", "")).startswith("budget") for t in recent):
             study.stop()
         if ctx.deadline is not None:
             left = ctx.deadline - time.time() - refit_reserve(study, len(ctx.folds))
