@@ -108,12 +108,11 @@ def _refit_line(refit: dict[str, Any]) -> str:
 
 def _print_study(result: Any, top: int | None = None) -> None:
     """The trials table (``top``: the best N by CV mean, else every trial in order), importances, verdict."""
-    from handlens.search.study import params_line
+    from handlens.search.study import params_line, scored_trials
 
     trials = result.trials
     if top:
-        trials = sorted((t for t in trials if t.cv_mean is not None and not t.note.startswith("same as")),
-                        key=lambda t: -t.cv_mean)[:top]
+        trials = sorted(scored_trials(trials), key=lambda t: -t.cv_mean)[:top]
     rows = []
     for t in trials:
         cv = f"{t.cv_mean:.3f} ± {t.cv_std:.3f}" if t.cv_mean is not None else "-"

@@ -355,17 +355,16 @@ class _Objective:
 
     def __init__(self, ctx: StudyContext, ws: Workspace) -> None:
         from handlens.search.trial import PoolFeatures
-        from handlens.train.data import Subset
 
         self.ctx, self.ws = ctx, ws
         self.features: PoolFeatures | None = None
-        self._subset = Subset
         self.grid = ctx.settings["sampler"] == "grid"
         self.pool_index = {image_id: row for row, image_id in enumerate(ctx.pool_ids)}
 
     def _pool_features(self) -> Any:
         from handlens.data.catalog import Image, open_catalog
         from handlens.search.trial import PoolFeatures
+        from handlens.train.data import Subset
 
         if self.features is None:
             catalog = open_catalog(self.ws.db_url)
@@ -374,7 +373,7 @@ class _Objective:
                     rows = {r.id: r for r in session.query(Image).filter(Image.id.in_(self.ctx.pool_ids))}
             finally:
                 catalog.close()
-            pool = self._subset(ids=self.ctx.pool_ids, paths=[rows[i].path for i in self.ctx.pool_ids],
+            pool = Subset(ids=self.ctx.pool_ids, paths=[rows[i].path for i in self.ctx.pool_ids],
                                 sha256s=[rows[i].sha256 for i in self.ctx.pool_ids], targets=self.ctx.pool_targets)
             self.features = PoolFeatures(self.ws, pool)
         return self.features
@@ -826,10 +825,14 @@ def _cost(row: TrialRow) -> tuple[int, float]:
     return COST_ORDER.get(freeze, 1), row.seconds or 0.0
 
 
+def scored_trials(rows: list[TrialRow]) -> list[TrialRow]:
+    """Trials that were scored themselves: complete, with a CV mean, not a copy of an earlier trial's score."""
+    return [r for r in rows if r.status == "complete" and r.cv_mean is not None and not r.note.startswith("same as")]
+
+
 def choose(rows: list[TrialRow], *, one_se: bool = False) -> TrialRow | None:
     """The winner by CV mean; with ``one_se``, the cheapest config within one standard error of the best."""
-    complete = [r for r in rows if r.status == "complete" and r.cv_mean is not None and "duplicate" not in r.note
-                and not r.note.startswith("same as")]
+    complete = scored_trials(rows)
     if not complete:
         return None
     best = max(complete, key=lambda r: (r.cv_mean, -(r.cv_std or 0.0)))
@@ -844,8 +847,7 @@ def verdict(winner: TrialRow | None, rows: list[TrialRow]) -> str:
     """In words: how sure the CV is that the winner beats the runner-up."""
     if winner is None:
         return "no trial finished"
-    others = [r for r in rows if r.status == "complete" and r.number != winner.number and r.cv_mean is not None
-              and not r.note.startswith("same as")]
+    others = [r for r in scored_trials(rows) if r.number != winner.number]
     if not others:
         return (f"winner trial {winner.number}: CV {winner.cv_mean:.3f} ± {winner.cv_std:.3f} "
                 "(no other trial to compare)")
@@ -907,9 +909,7 @@ def _ensemble_members(ctx: StudyContext, rows: list[TrialRow], winner: TrialRow,
     if k <= 1:
         return [winner]
     key = _preprocess_key(ctx, winner)
-    ranked = sorted((r for r in rows if r.status == "complete" and r.cv_mean is not None
-                     and not r.note.startswith("same as") and r.number != winner.number),
-                    key=lambda r: -r.cv_mean)
+    ranked = sorted((r for r in scored_trials(rows) if r.number != winner.number), key=lambda r: -r.cv_mean)
     members = [winner, *[r for r in ranked if _preprocess_key(ctx, r) == key][:k - 1]]
     return members
 
