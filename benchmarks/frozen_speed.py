@@ -161,6 +161,21 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """The results JSON (its folder made on first use), and where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def finish_workspace(ws: Path, *, keep: bool) -> None:
+    """Keep the temporary workspace (saying where) or remove it."""
+    if keep:
+        print(f"workspace kept: {ws}")
+    else:
+        shutil.rmtree(ws, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=LITHOLOGY, help="folder-per-class tree (default: lithology)")
@@ -198,14 +213,9 @@ def main() -> None:
                              else "misses the target") + " (cold run)"
         print(f"import {result['prepare']['import_s']:.1f}s + split {result['prepare']['split_s']:.1f}s; "
               f"cold ratio {cold['ratio_handlens_vs_baseline']}: {result['verdict']}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_result(result, args.out)
     finally:
-        if args.keep:
-            print(f"workspace kept: {ws}")
-        else:
-            shutil.rmtree(ws, ignore_errors=True)
+        finish_workspace(ws, keep=args.keep)
 
 
 if __name__ == "__main__":

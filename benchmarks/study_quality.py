@@ -23,9 +23,7 @@ its wall time is the time a user waits at that point, not from scratch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from typing import Any
 from frozen_speed import (  # the shared steps: import + split + export, the baseline arm, the train arm
     DATASET,
     LITHOLOGY,
+    finish_workspace,
     handlens_exe,
     machine,
     parse_json,
@@ -40,6 +39,7 @@ from frozen_speed import (  # the shared steps: import + split + export, the bas
     run_baseline,
     run_handlens,
     timed,
+    write_result,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -126,14 +126,9 @@ def main() -> None:
         result["verdicts"] = verdicts(arms)
         for arm, words in result["verdicts"].items():
             print(f"{arm}: {words}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_result(result, args.out)
     finally:
-        if args.keep:
-            print(f"workspace kept: {ws}")
-        else:
-            shutil.rmtree(ws, ignore_errors=True)
+        finish_workspace(ws, keep=args.keep)
 
 
 if __name__ == "__main__":
