@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import yaml
 
 from handlens.core.errors import ConflictError, HandlensError, InputError
 from handlens.data.catalog import open_catalog
 from handlens.search.study import StudyConfig, open_storage, run_study, show_study
 from handlens.train.data import load_split_data
+from handlens.train.head import C_GRID
 
 FROZEN = {"model.backbone": "tiny_cnn", "model.weights": "none", "model.freeze": "frozen", "train.epochs": 3,
           "train.batch_size": 8}
@@ -56,6 +58,10 @@ def test_frozen_grid_study_shares_features_refits_on_train_val_and_never_sees_te
     # a logistic head ignores train.lr: its second lr is the same model, scored once
     logistic = [t for t in result.trials if t.params["model.head"] == "logistic"]
     assert logistic[1].note == f"same as trial {logistic[0].number}" and logistic[1].cv_mean == logistic[0].cv_mean
+    # its C is chosen on the study's folds (no nested search per fold); the folds are scored at that C
+    chosen = logistic[0].refit_set["model.logistic_c"]
+    assert chosen in C_GRID and logistic[0].note == f"C={chosen:g} chosen on the folds"
+    assert logistic[1].refit_set == logistic[0].refit_set
     # each pool image went through the backbone once for 4 trials x 3 folds, and the refit reused the rows
     ids = split_ids(ws)
     assert result.feature_passes == 1
@@ -295,3 +301,15 @@ def test_folds_of_a_grouped_split_keep_its_groups_together(trained_workspace, tm
     for _, _, train_ids, val_ids in study.user_attrs["folds"]:
         assert not {group_of[i] for i in train_ids} & {group_of[i] for i in val_ids}
     assert result.bundle is not None and json.loads((result.bundle / "bundle.json").read_text())["study"]["grouped"]
+
+
+def test_a_logistic_winner_is_refitted_at_the_c_its_folds_chose(trained_workspace, tmp_path):
+    from handlens.models.bundle import load_bundle
+
+    cfg = study_cfg(tmp_path, {"train.lr": [0.01]}, fixed={"model.head": "logistic"}, sampler="grid", cv=2)
+    result = run_study(cfg, trained_workspace)
+    chosen = result.winner.refit_set["model.logistic_c"]
+    run_dir = load_bundle(result.bundle).path.parent
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["logistic_c"] == chosen
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["head_fit"]["C"] == chosen and metrics["head_fit"]["cv"]["folds"] == 0

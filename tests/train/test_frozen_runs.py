@@ -111,3 +111,10 @@ def test_logistic_needs_cached_features(trained_workspace):
         train(tiny_config("model.head=logistic"), trained_workspace)
     with pytest.raises(InputError, match="plain cross-entropy"):
         train(tiny_config(FROZEN, "model.head=logistic", "train.label_smoothing=0.1"), trained_workspace)
+
+
+def test_a_fixed_logistic_c_is_fitted_as_given_and_refused_where_it_has_no_effect(trained_workspace):
+    result = train(tiny_config(FROZEN, "model.logistic_c=0.05"), trained_workspace)
+    assert result.metrics["head_fit"]["C"] == 0.05 and result.metrics["head_fit"]["cv"]["folds"] == 0
+    with pytest.raises(InputError, match=r"model\.logistic_c has no effect with model\.head=linear"):
+        train(tiny_config(FROZEN, "model.head=linear", "model.logistic_c=0.05"), trained_workspace)

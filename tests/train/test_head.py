@@ -14,19 +14,11 @@ from handlens.train.config import load_config
 from handlens.train.head import C_GRID, better, fit_head, resolve_head
 
 
-def blobs(n_per_class=(30, 30, 30), features=8, seed=0, spread=1.5):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 2.0, (len(n_per_class), features))
-    x = np.concatenate([centres[c] + rng.normal(0, spread, (n, features)) for c, n in enumerate(n_per_class)])
-    y = np.concatenate([np.full(n, c) for c, n in enumerate(n_per_class)]).astype(np.int64)
-    return torch.tensor(x, dtype=torch.float32), y
-
-
 def config(*overrides):
     return load_config(None, ["train.batch_size=16", "train.lr=0.05", "train.epochs=6", *overrides])
 
 
-def test_a_linear_head_trains_keeps_its_best_epoch_and_reports_every_epoch():
+def test_a_linear_head_trains_keeps_its_best_epoch_and_reports_every_epoch(blobs):
     x, y = blobs()
     vx, vy = blobs(n_per_class=(10, 10, 10), seed=0)
     cfg = config("model.head=linear")
@@ -44,7 +36,7 @@ def test_a_linear_head_trains_keeps_its_best_epoch_and_reports_every_epoch():
     assert best["val_macro_f1"] > 0.8
 
 
-def test_tied_epochs_go_to_the_lowest_loss_and_the_kept_weights_are_that_epochs(monkeypatch):
+def test_tied_epochs_go_to_the_lowest_loss_and_the_kept_weights_are_that_epochs(monkeypatch, blobs):
     losses = iter([0.50, 0.31, 0.30, 0.30, 0.32, 0.40])
     states = []
 
@@ -62,7 +54,7 @@ def test_tied_epochs_go_to_the_lowest_loss_and_the_kept_weights_are_that_epochs(
         assert torch.equal(value, states[2][key]), key
 
 
-def test_a_pruning_exception_from_report_propagates():
+def test_a_pruning_exception_from_report_propagates(blobs):
     class Pruned(Exception):
         pass
 
@@ -77,7 +69,7 @@ def test_a_pruning_exception_from_report_propagates():
                  val_x=x, val_y=y, report=report)
 
 
-def test_a_refit_runs_exactly_its_epochs_and_keeps_the_last():
+def test_a_refit_runs_exactly_its_epochs_and_keeps_the_last(blobs):
     x, y = blobs()
     cfg = config("model.head=linear", "train.early_stopping=1", "train.schedule=step", "train.step_size=1")
     fit = fit_head(x, y, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train, class_weights=[1.0, 2.0, 1.0],
@@ -86,7 +78,7 @@ def test_a_refit_runs_exactly_its_epochs_and_keeps_the_last():
     assert fit.history[-1]["lr"] < fit.history[0]["lr"]  # the schedule spans the refit's own epochs
 
 
-def test_early_stopping_on_validation():
+def test_early_stopping_on_validation(blobs):
     x, y = blobs()
     cfg = config("model.head=linear", "train.early_stopping=1", "train.epochs=30", "train.lr=0.5")
     fit = fit_head(x, y, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train, class_weights=None,
@@ -94,7 +86,7 @@ def test_early_stopping_on_validation():
     assert len(fit.history) < 30 and fit.info["stopped_early"]
 
 
-def test_views_draw_one_view_per_sample_and_the_seed_repeats_the_fit():
+def test_views_draw_one_view_per_sample_and_the_seed_repeats_the_fit(blobs):
     x, y = blobs()
     views = torch.stack([x, x + 0.1, x - 0.1], dim=1)
     cfg = config("model.head=linear", "train.seed=4")
@@ -106,7 +98,7 @@ def test_views_draw_one_view_per_sample_and_the_seed_repeats_the_fit():
     assert one.head(x).shape == (90, 3)
 
 
-def test_a_non_finite_loss_is_named():
+def test_a_non_finite_loss_is_named(blobs):
     x, y = blobs()
     x[0, 0] = float("nan")
     cfg = config("model.head=linear")
@@ -126,7 +118,7 @@ def sklearn_probs(x, y, c, test, class_weight=None):
     return model.fit(x.double().numpy(), y).predict_proba(test.double().numpy())
 
 
-def test_the_logistic_probe_is_the_careful_baseline_folded_into_a_plain_linear_layer():
+def test_the_logistic_probe_is_the_careful_baseline_folded_into_a_plain_linear_layer(blobs):
     x, y = blobs(n_per_class=(40, 12, 20), features=12, seed=3, spread=2.5)
     test, _ = blobs(n_per_class=(5, 5, 5), features=12, seed=3, spread=2.5)
     cfg = config("model.head=logistic")
@@ -148,7 +140,7 @@ def test_the_logistic_probe_is_the_careful_baseline_folded_into_a_plain_linear_l
     np.testing.assert_allclose(ours, sklearn_probs(x, y, fit.info["C"], test, "balanced"), atol=2e-4)
 
 
-def test_binary_views_and_missing_classes():
+def test_binary_views_and_missing_classes(blobs):
     x, y = blobs(n_per_class=(20, 20), features=6, seed=1)
     cfg = config("model.head=logistic")
     fit = fit_head(x, y, n_classes=2, model_cfg=cfg.model, train_cfg=cfg.train, class_weights=None)
@@ -163,7 +155,7 @@ def test_binary_views_and_missing_classes():
         assert float(torch.softmax(absent.head(x), 1)[:, 2].max()) < 1e-6  # a class never seen is never predicted
 
 
-def test_logistic_refuses_what_it_cannot_honour_and_auto_picks_it_only_for_plain_cross_entropy():
+def test_logistic_refuses_what_it_cannot_honour_and_auto_picks_it_only_for_plain_cross_entropy(blobs):
     x, y = blobs()
     cfg = config("model.head=logistic", "train.loss=focal")
     with pytest.raises(InputError, match="plain cross-entropy"):

@@ -24,6 +24,39 @@ def test_auroc_is_none_when_a_class_is_absent():
     assert m["roc_auc"] is None and "val_roc_auc" not in scalar_metrics(m, "val")
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_equal_torchmetrics(seed):
+    """The NumPy metrics are torchmetrics' definitions: random cases with ties, a class never predicted, a class
+    absent from the targets (macro-F1 then leaves out a class absent from both)."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_auroc,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+    )
+
+    generator = torch.Generator().manual_seed(seed)
+    k, n = 4, 40
+    probs = torch.softmax(torch.randint(0, 4, (n, k), generator=generator).float(), 1)  # many ties
+    target = torch.randint(0, k - (seed % 2), (n,), generator=generator)  # odd seeds: class 3 absent
+    if seed >= 4:
+        probs[:, 2] = 0.0  # class 2 never predicted
+        probs = probs / probs.sum(1, keepdim=True)
+    m = classification_metrics(probs, target, list("abcd"))
+    pred = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(float(multiclass_accuracy(pred, target, k, average="micro")), abs=1e-6)
+    assert m["macro_f1"] == pytest.approx(
+        float(multiclass_f1_score(pred, target, k, average="macro", zero_division=0)), abs=1e-6)
+    assert m["confusion"] == multiclass_confusion_matrix(pred, target, k).tolist()
+    precision = multiclass_precision(pred, target, k, average=None, zero_division=0)
+    assert [m["per_class"][c]["precision"] for c in "abcd"] == pytest.approx(precision.tolist(), abs=1e-6)
+    if len(torch.unique(target)) == k:
+        assert m["roc_auc"] == pytest.approx(float(multiclass_auroc(probs, target, k, average="macro")), abs=1e-5)
+    else:
+        assert m["roc_auc"] is None
+
+
 def test_top_losses_are_the_most_confidently_wrong():
     probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.05, 0.95], [0.7, 0.3]])
     targets = np.array([0, 0, 0, 1])

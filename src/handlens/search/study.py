@@ -86,11 +86,12 @@ class TrialRow:
     run_id: str | None
     kind: str | None
     note: str = ""
+    refit_set: dict[str, Any] = field(default_factory=dict)  # values the folds chose, which the refit uses
 
     def to_dict(self) -> dict[str, Any]:
         return {"number": self.number, "status": self.status, "params": self.params, "cv_mean": self.cv_mean,
                 "cv_std": self.cv_std, "folds": self.folds, "epochs": self.epochs, "seconds": self.seconds,
-                "run_id": self.run_id, "kind": self.kind, "note": self.note}
+                "run_id": self.run_id, "kind": self.kind, "note": self.note, "refit_set": self.refit_set}
 
 
 @dataclass
@@ -331,15 +332,17 @@ def _row(trial: Any) -> TrialRow:
     status = {"fail": "failed"}.get(trial.state.name.lower(), trial.state.name.lower())
     if attrs.get("skipped"):
         status = "skipped"
+    chosen = attrs.get("refit_set") or {}
     note = attrs.get("skipped") or attrs.get("error") or attrs.get("pruned_by") or (
-        f"same as trial {attrs['duplicate_of']}" if "duplicate_of" in attrs else "")
+        f"same as trial {attrs['duplicate_of']}" if "duplicate_of" in attrs else "") or (
+        f"C={chosen['model.logistic_c']:g} chosen on the folds" if "model.logistic_c" in chosen else "")
     seconds = attrs.get("seconds")
     if seconds is None and trial.datetime_start and trial.datetime_complete:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     return TrialRow(number=trial.number, status=status, params=dict(trial.params),
                     cv_mean=attrs.get("cv_mean"), cv_std=attrs.get("cv_std"), folds=len(attrs.get("fold_scores", [])),
                     epochs=attrs.get("refit_epochs"), seconds=round(seconds, 2) if seconds is not None else None,
-                    run_id=attrs.get("run_id"), kind=attrs.get("kind"), note=str(note))
+                    run_id=attrs.get("run_id"), kind=attrs.get("kind"), note=str(note), refit_set=dict(chosen))
 
 
 def trial_rows(study: Any) -> list[TrialRow]:
@@ -401,7 +404,7 @@ class _Objective:
             if same and other.state == optuna.trial.TrialState.COMPLETE:
                 # a sampler may repeat a point, or vary a key this config ignores (lr of a logistic head)
                 trial.set_user_attr("duplicate_of", other.number)
-                for key in ("cv_mean", "cv_std", "fold_scores", "refit_epochs", "kind", "run_id"):
+                for key in ("cv_mean", "cv_std", "fold_scores", "refit_epochs", "refit_set", "kind", "run_id"):
                     if key in other.user_attrs:
                         trial.set_user_attr(key, other.user_attrs[key])
                 trial.set_user_attr("seconds", 0.0)
@@ -451,8 +454,7 @@ class _Objective:
             if kind == "frozen":
                 score = score_frozen(cfg, self.ctx.folds, features=self._pool_features(), pool_index=self.pool_index,
                                      pool_targets=self.ctx.pool_targets, classes=self.ctx.classes,
-                                     metric=self.ctx.metric, after_fold=after_fold,
-                                     pool_groups=self.ctx.pool_groups)
+                                     metric=self.ctx.metric, after_fold=after_fold)
             else:
                 score = score_training(cfg, self.ctx.folds, ws=self.ws, metric=self.ctx.metric,
                                        after_fold=after_fold, after_epoch=self._epoch_guard(trial, cfg))
@@ -462,6 +464,7 @@ class _Objective:
             trial.set_user_attr("fold_scores", [f.score for f in score.folds])
             trial.set_user_attr("fold_runs", [f.run_id for f in score.folds if f.run_id])
             trial.set_user_attr("refit_epochs", score.refit_epochs)
+            trial.set_user_attr("refit_set", score.refit_set)
             trial.set_user_attr("seconds", seconds)
             trial.set_user_attr("setup_seconds", score.setup_seconds)
             status = "finished"
@@ -576,7 +579,8 @@ class _TrialRecord:
 
         metrics: dict[str, Any] = {"study": self.ctx.name, "trial": self.trial.number, "seconds": round(seconds, 2)}
         if score is not None:
-            metrics.update(cv_mean=score.mean, cv_std=score.std, refit_epochs=score.refit_epochs, kind=score.kind,
+            metrics.update(cv_mean=score.mean, cv_std=score.std, refit_epochs=score.refit_epochs,
+                           refit_set=score.refit_set, kind=score.kind,
                            folds=[{"fold": f.fold, "score": f.score, "best_epoch": f.best_epoch,
                                    "seconds": round(f.seconds, 2), "run_id": f.run_id} for f in score.folds])
             self.tracker.log_metrics({"cv_mean": score.mean, "cv_std": score.std}, step=0)
@@ -940,7 +944,7 @@ def refit(ctx: StudyContext, ws: Workspace, row: TrialRow) -> tuple[Path, dict[s
     from handlens.models.bundle import MANIFEST_FILE
     from handlens.train.run import train
 
-    cfg = ctx.trial_config(row.params)
+    cfg = ctx.trial_config({**row.params, **row.refit_set})
     cfg.train.epochs = int(row.epochs or cfg.train.epochs)
     cfg.train.early_stopping = 0
     cfg.tracking.experiment = f"study-{ctx.name}"

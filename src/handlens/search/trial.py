@@ -55,6 +55,7 @@ class TrialScore:
     folds: list[FoldScore] = field(default_factory=list)
     kind: str = "frozen"  # frozen (cached features) or train (a run per fold)
     setup_seconds: float = 0.0  # computing features the study had not computed yet (paid once per feature key)
+    refit_set: dict[str, Any] = field(default_factory=dict)  # config values the folds chose (a logistic head's C)
 
     @property
     def mean(self) -> float:
@@ -185,36 +186,100 @@ def effective_key(cfg: Any) -> str:
 
 def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_index: dict[int, int],
                  pool_targets: np.ndarray, classes: list[str], metric: str,
-                 after_fold: Callable[[int, float], None] | None = None,
-                 pool_groups: list[str | None] | None = None) -> TrialScore:
-    """CV on cached features: one head per fold, fitted on rows of the study's shared features."""
-    import torch
-
-    from handlens.train.head import fit_head
-    from handlens.train.metrics import classification_metrics
+                 after_fold: Callable[[int, float], None] | None = None) -> TrialScore:
+    """CV on cached features: a head per fold, fitted on rows of the study's shared features. Gradient heads
+    of all folds train at once (:func:`~handlens.train.fold_heads.fit_fold_heads`); a logistic head's C is
+    chosen on these folds (:func:`score_logistic`). Grouped folds need nothing more here: the groups
+    decided the folds, and no head fit holds out images of its own."""
+    from handlens.train.fold_heads import FoldData, fit_fold_heads
+    from handlens.train.head import resolve_head
 
     started = time.perf_counter()
     rows = features.rows(cfg, cfg.train.views)  # training rows: augmented views when train.views > 0
     plain = features.rows(cfg) if cfg.train.views else rows  # validation is never augmented
     score = TrialScore(kind="frozen", setup_seconds=time.perf_counter() - started)
-    for step, fold in enumerate(folds):
-        started = time.perf_counter()
-        train_rows = [pool_index[i] for i in fold.train_ids]
-        val_rows = [pool_index[i] for i in fold.val_ids]
-        y_train, y_val = pool_targets[train_rows], pool_targets[val_rows]
-        fit = fit_head(rows[train_rows], y_train, n_classes=len(classes), model_cfg=cfg.model, train_cfg=cfg.train,
-                       class_weights=fold_class_weights(cfg, y_train, classes), val_x=plain[val_rows], val_y=y_val,
-                       data_cfg=cfg.data, classes=classes,
-                       groups=[pool_groups[r] for r in train_rows] if pool_groups is not None else None)
-        with torch.inference_mode():
-            probs = torch.softmax(fit.head(plain[val_rows]).float(), 1)
-        value = float(classification_metrics(probs, torch.from_numpy(y_val), classes)[metric])
+    data = []
+    for fold in folds:
+        train_rows = np.array([pool_index[i] for i in fold.train_ids], dtype=np.int64)
+        data.append(FoldData(train_rows, np.array([pool_index[i] for i in fold.val_ids], dtype=np.int64),
+                             fold_class_weights(cfg, pool_targets[train_rows], classes)))
+    if resolve_head(cfg.model, cfg.train, on_features=True) == "logistic" and cfg.model.logistic_c is None:
+        return score_logistic(cfg, folds, data, rows=rows, plain=plain, pool_targets=pool_targets, classes=classes,
+                              metric=metric, score=score, after_fold=after_fold)
+    started = time.perf_counter()
+
+    def done(step: int, fit: Any) -> None:
+        nonlocal started
         by_epoch = [float(r[f"val_{metric}"]) for r in fit.history if f"val_{metric}" in r]
-        score.folds.append(FoldScore(fold.name, value, int(fit.best_epoch), time.perf_counter() - started,
-                                     by_epoch=by_epoch))
+        value = _fold_metric(fit.head, plain[data[step].val_rows], pool_targets[data[step].val_rows], classes, metric)
+        score.folds.append(FoldScore(folds[step].name, value, int(fit.best_epoch),
+                                     float(fit.info.get("seconds", time.perf_counter() - started)), by_epoch=by_epoch))
+        started = time.perf_counter()
         if after_fold is not None:
             after_fold(step, score.mean)
+
+    fit_fold_heads(rows, pool_targets, data, plain=plain, n_classes=len(classes), model_cfg=cfg.model,
+                   train_cfg=cfg.train, data_cfg=cfg.data, classes=classes, after_fold=done)
     return score.settle()
+
+
+def _fold_metric(head: Any, x: Any, y: np.ndarray, classes: list[str], metric: str) -> float:
+    import torch
+
+    from handlens.train.metrics import classification_metrics
+
+    with torch.inference_mode():
+        probs = torch.softmax(head(x).float(), 1)
+    return float(classification_metrics(probs, torch.from_numpy(y), classes)[metric])
+
+
+def score_logistic(cfg: Any, folds: list[Fold], data: list[Any], *, rows: Any, plain: Any, pool_targets: np.ndarray,
+                   classes: list[str], metric: str, score: TrialScore,
+                   after_fold: Callable[[int, float], None] | None = None) -> TrialScore:
+    """A logistic head's C chosen on the study's folds: each fold fits the whole C grid (warm-started) and scores
+    each C on its held-out images; the C with the best mean over folds (ties: the lower mean log loss) is the
+    trial's, every fold is scored at it, and the refit fits that C (``model.logistic_c``). This replaces a
+    nested 5-fold search for C inside each fold, 5x the fits; C is then chosen on the folds as a gradient
+    head's epoch count is. While folds run, pruning sees the mean at the C best so far."""
+    import torch
+
+    from handlens.train.fold_heads import logistic_c_path
+    from handlens.train.metrics import classification_metrics
+
+    per_fold: list[tuple[list[float], list[float]]] = []  # (metric per C, log loss per C)
+    grid: tuple[float, ...] = ()
+    for step, fold in enumerate(data):
+        started = time.perf_counter()
+        y_val = pool_targets[fold.val_rows]
+        path = logistic_c_path(rows[fold.train_rows], pool_targets[fold.train_rows], plain[fold.val_rows],
+                               n_classes=len(classes), train_cfg=cfg.train, data_cfg=cfg.data,
+                               class_weights=fold.class_weights)
+        grid = path.grid
+        values = [float(classification_metrics(torch.from_numpy(p), torch.from_numpy(y_val), classes)[metric])
+                  for p in path.val_probs]
+        losses = [float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-15, 1.0)).mean()) for p in path.val_probs]
+        per_fold.append((values, losses))
+        chosen = _best_c(per_fold)
+        score.folds.append(FoldScore(folds[step].name, values[chosen], 1, time.perf_counter() - started))
+        for done, (fold_values, _) in zip(score.folds, per_fold, strict=True):
+            done.score = fold_values[chosen]
+        if after_fold is not None:
+            after_fold(step, score.mean)
+    score.refit_set = {"model.logistic_c": grid[_best_c(per_fold)]}
+    return score
+
+
+def _best_c(per_fold: list[tuple[list[float], list[float]]]) -> int:
+    """The C index with the best mean metric over folds, a tie going to the lower mean log loss."""
+    from handlens.train.head import better
+
+    metric = np.mean([v for v, _ in per_fold], axis=0)
+    loss = np.mean([lo for _, lo in per_fold], axis=0)
+    best: int | None = None
+    for i in range(len(metric)):
+        if better((metric[i], loss[i]), None if best is None else (metric[best], loss[best]), "max"):
+            best = i
+    return best if best is not None else 0
 
 
 def score_training(cfg: Any, folds: list[Fold], *, ws: Any, metric: str,

@@ -115,6 +115,9 @@ class ModelConfig(_Section):
     head: Literal["auto", "linear", "mlp", "logistic"] = Field(
         "auto", description="auto (logistic for a frozen backbone on cached features, else linear), linear, mlp, "
         "or logistic: L-BFGS logistic regression on cached features, its L2 strength chosen by cross-validation")
+    logistic_c: float | None = Field(None, gt=0, description="model.head=logistic only: this inverse L2 strength "
+                                     "instead of one chosen by cross-validation on the training images (a study "
+                                     "sets it to the C its folds chose)")
     hidden: int = 256
     dropout: float = Field(0.0, ge=0, lt=1)
     freeze_norm: bool = False

@@ -96,13 +96,13 @@ def fit_head(train_x: torch.Tensor, train_y: np.ndarray, *, n_classes: int, mode
     val = (val_x.float(), np.asarray(val_y, dtype=np.int64)) if val_x is not None and len(val_y) else None
     names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
     kind = resolve_head(model_cfg, train_cfg, on_features=True)
-    balance = getattr(data_cfg, "balance", "none") if data_cfg is not None else "none"
-    if balance in ("oversample", "downsample"):
-        from handlens.train.balance import balanced_indices
-
-        order = balanced_indices(y, balance, data_cfg.per_class, train_cfg.seed)
+    balance = balance_mode(data_cfg)
+    order = epoch_pool(y, data_cfg, train_cfg.seed)
+    if order is not None:
         x, y = x[torch.from_numpy(order)], y[order]
         groups = [groups[i] for i in order] if groups is not None else None
+    if getattr(model_cfg, "logistic_c", None) is not None:
+        c_grid = (float(model_cfg.logistic_c),)  # a C chosen beforehand (a study's folds): no inner CV
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_cfg.seed)
         if kind == "logistic":
@@ -115,6 +115,20 @@ def fit_head(train_x: torch.Tensor, train_y: np.ndarray, *, n_classes: int, mode
                              train_cfg=train_cfg if epochs is None else train_cfg.model_copy(update={"epochs": epochs}),
                              class_weights=class_weights, sampler=balance == "sampler", val=val,
                              early_stopping=epochs is None, report=report, on_epoch=on_epoch)
+
+
+def balance_mode(data_cfg: Any) -> str:
+    return str(getattr(data_cfg, "balance", "none")) if data_cfg is not None else "none"
+
+
+def epoch_pool(y: np.ndarray, data_cfg: Any, seed: int) -> np.ndarray | None:
+    """Indices of the training samples ``data.balance`` oversample/downsample keeps (None: every sample once)."""
+    balance = balance_mode(data_cfg)
+    if balance not in ("oversample", "downsample"):
+        return None
+    from handlens.train.balance import balanced_indices
+
+    return balanced_indices(y, balance, data_cfg.per_class, seed)
 
 
 # ---------------------------------------------------------------------------------------------- gradient heads
@@ -421,6 +435,22 @@ def threadpool_limits(**kwargs: Any) -> Any:
     return limits(**kwargs)
 
 
+def row_weights(y: np.ndarray, row_y: np.ndarray, *, n_classes: int, class_weights: list[float] | None,
+                balanced: bool) -> np.ndarray:
+    """Sample weights of a logistic head's rows: the class weights, or (``data.balance=sampler``) the
+    equivalent of drawing every class equally often, or 1; V views of an image weigh as much as one image,
+    so C keeps its scale."""
+    if class_weights:
+        weights = np.asarray(class_weights, dtype=np.float64)[row_y]
+    elif balanced:
+        counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+        present = int((counts > 0).sum())
+        weights = (len(y) / (present * np.where(counts > 0, counts, 1.0)))[row_y]
+    else:
+        weights = np.ones(len(row_y))
+    return weights / (len(row_y) / len(y))
+
+
 def _fit_logistic(x: torch.Tensor, y: np.ndarray, *, n_classes: int, names: list[str], train_cfg: Any,
                   class_weights: list[float] | None, balanced: bool, val: tuple[torch.Tensor, np.ndarray] | None,
                   report: Callable[[int, float], None] | None, on_epoch: Callable[[dict[str, Any]], None] | None,
@@ -430,14 +460,7 @@ def _fit_logistic(x: torch.Tensor, y: np.ndarray, *, n_classes: int, names: list
     if len(present) < 2:
         raise InputError(f"a logistic head needs training images of at least 2 classes, got only {names[present[0]]}")
     rows, row_y, owner = _rows(x, y)
-    if class_weights:
-        weights = np.asarray(class_weights, dtype=np.float64)[row_y]
-    elif balanced:  # data.balance=sampler: the equivalent of drawing every class equally often
-        counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-        weights = (len(y) / (len(present) * counts))[row_y]
-    else:
-        weights = np.ones(len(row_y))
-    weights = weights / (len(row_y) / len(y))  # V views of an image weigh as much as one image: C keeps its scale
+    weights = row_weights(y, row_y, n_classes=n_classes, class_weights=class_weights, balanced=balanced)
     # One BLAS thread: these products are small, and a multi-threaded BLAS on busy cores was measured 20-30x
     # slower (0.1 s instead of 3 ms per L-BFGS iteration for 850 x 1280 features, 2 shared cores).
     with threadpool_limits(limits=1, user_api="blas"):

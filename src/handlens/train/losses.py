@@ -30,3 +30,22 @@ def build_loss(kind: str, weight: torch.Tensor | None, label_smoothing: float, f
     if kind == "focal":
         return FocalLoss(focal_gamma, weight, label_smoothing)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+def stacked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                          mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """``nn.CrossEntropyLoss(weight, label_smoothing)`` (mean reduction) of K independent batches at once:
+    ``logits`` (K, B, C), ``target`` (K, B), ``weight`` (K, C) per-batch class weights or None, ``mask`` (K, B)
+    the rows that count. Returns the K losses; a batch with no counted row gets 0. PyTorch's definition with
+    weights: (1 - e) * sum_i w_yi nll_i / sum_i w_yi + (e / C) * sum_i sum_c w_c (-log p_ic) / sum_i w_yi."""
+    logp = torch.log_softmax(logits, -1)
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    keep = mask.to(logp.dtype)
+    row_w = (weight.gather(1, target) if weight is not None else torch.ones_like(nll)) * keep
+    denominator = row_w.sum(1).clamp_min(torch.finfo(logp.dtype).tiny)
+    loss = (row_w * nll).sum(1) / denominator
+    if label_smoothing:
+        per_class = -logp if weight is None else -logp * weight.unsqueeze(1)
+        smooth = (per_class.sum(-1) * keep).sum(1) / denominator
+        loss = (1 - label_smoothing) * loss + smooth * (label_smoothing / logits.shape[-1])
+    return loss * (keep.sum(1) > 0)

@@ -217,6 +217,9 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
                              "model.freeze=frozen, no patch sampling, no mixup/cutmix and train.feature_cache "
                              "auto or on; use model.head=linear (or mlp) for a backbone that learns")
         check_logistic(cfg.train)
+    elif cfg.model.logistic_c is not None:
+        raise InputError(f"model.logistic_c has no effect with model.head={cfg.model.head}: it sets a logistic "
+                         "head's C; drop it, or use model.head=logistic on a frozen backbone")
     started = time.perf_counter()
     model = create_classifier(cfg.model.backbone, len(data.classes), cfg.model.weights, cfg.model.freeze,
                               cfg.model.head, cfg.model.hidden, cfg.model.dropout, cfg.model.freeze_norm,

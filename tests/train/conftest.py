@@ -1,0 +1,20 @@
+"""Fixtures of the train tests."""
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture
+def blobs():
+    """``blobs(n_per_class, features, seed, spread)`` -> (features (N, F) float32, int64 labels): one Gaussian
+    blob per class, a head can separate them."""
+
+    def make(n_per_class=(30, 30, 30), features=8, seed=0, spread=1.5):
+        rng = np.random.default_rng(seed)
+        centres = rng.normal(0, 2.0, (len(n_per_class), features))
+        x = np.concatenate([centres[c] + rng.normal(0, spread, (n, features)) for c, n in enumerate(n_per_class)])
+        y = np.concatenate([np.full(n, c) for c, n in enumerate(n_per_class)]).astype(np.int64)
+        return torch.tensor(x, dtype=torch.float32), y
+
+    return make

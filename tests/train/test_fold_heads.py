@@ -1,0 +1,151 @@
+"""fit_fold_heads: every fold's head trained at once equals each fold trained alone; the logistic C path."""
+
+import numpy as np
+import pytest
+import torch
+
+from handlens.train.config import load_config
+from handlens.train.fold_heads import FoldData, fit_fold_heads, logistic_c_path
+from handlens.train.head import NonFiniteLossError, fit_head
+from handlens.train.losses import stacked_cross_entropy
+
+
+def config(*overrides):
+    return load_config(None, ["train.batch_size=16", "train.lr=0.05", "train.epochs=5", *overrides])
+
+
+def five_folds(y, ragged=False):
+    """Round-robin folds; ``ragged`` drops rows so that the folds' epochs have different step counts."""
+    fold_of = np.arange(len(y)) % 5
+    folds = []
+    for k in range(5):
+        train = np.flatnonzero(fold_of != k)
+        if ragged:
+            train = train[:len(train) - 9 * k]
+        folds.append(FoldData(train, np.flatnonzero(fold_of == k), [1.0, 1.5, 0.8]))
+    return folds
+
+
+def alone(x, y, fold, cfg, plain=None):
+    plain = x if plain is None else plain
+    return fit_head(x[fold.train_rows], y[fold.train_rows], n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
+                    class_weights=fold.class_weights, val_x=plain[fold.val_rows], val_y=y[fold.val_rows])
+
+
+@pytest.mark.parametrize("overrides", [
+    ("model.head=linear",),
+    ("model.head=mlp", "model.hidden=16", "train.early_stopping=2"),
+    ("model.head=linear", "train.label_smoothing=0.1", "train.optimizer=sgd", "train.schedule=step",
+     "train.step_size=2"),
+    ("model.head=mlp", "model.hidden=8", "train.loss=focal", "train.warmup_epochs=1"),
+])
+def test_stacked_folds_train_as_each_fold_alone(blobs, overrides):
+    x, y = blobs(n_per_class=(40, 40, 40))
+    cfg = config(*overrides)
+    folds = five_folds(y)
+    fits = fit_fold_heads(x, y, folds, plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train)
+    for fold, fit in zip(folds, fits, strict=True):
+        one = alone(x, y, fold, cfg)
+        assert fit.best_epoch == one.best_epoch
+        assert len(fit.history) == len(one.history)  # early stopping per fold
+        assert [r["val_loss"] for r in fit.history] == pytest.approx([r["val_loss"] for r in one.history], abs=1e-5)
+        assert [r["train_loss"] for r in fit.history] == pytest.approx([r["train_loss"] for r in one.history],
+                                                                       abs=1e-5)
+        for mine, theirs in zip(fit.head.state_dict().values(), one.head.state_dict().values(), strict=True):
+            assert torch.allclose(mine, theirs, atol=1e-5)
+        assert not fit.head.training and fit.info["stacked_folds"] == 5
+
+
+def test_a_fold_with_fewer_steps_sits_the_extra_step_out(blobs):
+    """Folds 44 rows apart: the shortest fold has fewer steps per epoch; its weights stay put in the steps it has
+    no batch for (its result is still close to training it alone, not dragged by a zero-gradient step)."""
+    x, y = blobs(n_per_class=(40, 40, 40))
+    cfg = config("model.head=linear", "train.schedule=none", "train.epochs=1", "train.weight_decay=0")
+    folds = five_folds(y, ragged=True)
+    steps = {int(np.ceil(len(f.train_rows) / 16)) for f in folds}
+    assert len(steps) > 1
+    fits = fit_fold_heads(x, y, folds, plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train)
+    for fold, fit in zip(folds, fits, strict=True):
+        one = alone(x, y, fold, cfg)
+        assert torch.allclose(fit.head[0].weight, one.head[0].weight, atol=1e-5)
+
+
+def test_views_and_balance_and_dropout(blobs):
+    x, y = blobs(n_per_class=(40, 20, 40))
+    views = torch.stack([x, x + 0.01, x - 0.01], 1)  # (N, 3, F)
+    cfg = config("model.head=linear", "data.balance=oversample")
+    folds = five_folds(y)
+    fits = fit_fold_heads(views, y, folds, plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
+                          data_cfg=cfg.data)
+    for fold, fit in zip(folds, fits, strict=True):
+        one = fit_head(views[fold.train_rows], y[fold.train_rows], n_classes=3, model_cfg=cfg.model,
+                       train_cfg=cfg.train, class_weights=fold.class_weights, val_x=x[fold.val_rows],
+                       val_y=y[fold.val_rows], data_cfg=cfg.data)
+        assert [r["val_loss"] for r in fit.history] == pytest.approx([r["val_loss"] for r in one.history], abs=1e-5)
+    dropped = config("model.head=mlp", "model.hidden=16", "model.dropout=0.5")
+    first = fit_fold_heads(x, y, folds, plain=x, n_classes=3, model_cfg=dropped.model, train_cfg=dropped.train)
+    again = fit_fold_heads(x, y, folds, plain=x, n_classes=3, model_cfg=dropped.model, train_cfg=dropped.train)
+    assert [f.history[-1]["val_loss"] for f in first] == [f.history[-1]["val_loss"] for f in again]  # seeded
+    assert min(f.history[-1]["val_macro_f1"] for f in first) > 0.7
+
+
+def test_after_fold_is_called_in_order_and_may_stop(blobs):
+    x, y = blobs()
+    cfg = config("model.head=linear")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def after(index, fit):
+        seen.append(index)
+        if index == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit_fold_heads(x, y, five_folds(y), plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
+                       after_fold=after)
+    assert seen == [0, 1]
+
+
+def test_a_non_finite_loss_is_named_when_stacked(blobs):
+    x, y = blobs()
+    x[3, 0] = float("nan")
+    cfg = config("model.head=linear")
+    with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
+        fit_fold_heads(x, y, five_folds(y), plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_stacked_cross_entropy_is_pytorchs_per_batch(smoothing, weighted):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 4, generator=generator)
+    target = torch.randint(0, 4, (3, 7), generator=generator)
+    weight = torch.rand(3, 4, generator=generator) + 0.5 if weighted else None
+    counts = [7, 4, 0]
+    mask = torch.arange(7)[None] < torch.tensor(counts)[:, None]
+    got = stacked_cross_entropy(logits, target, weight, mask, smoothing)
+    for k, n in enumerate(counts):
+        if not n:
+            assert got[k] == 0
+            continue
+        loss = torch.nn.CrossEntropyLoss(weight=weight[k] if weighted else None, label_smoothing=smoothing)
+        assert float(got[k]) == pytest.approx(float(loss(logits[k, :n], target[k, :n])), abs=1e-6)
+
+
+def test_the_logistic_c_path_matches_the_logistic_head_at_each_c(blobs):
+    x, y = blobs(n_per_class=(30, 15, 25), features=6, seed=2, spread=2.0)
+    vx, _ = blobs(n_per_class=(8, 8, 8), features=6, seed=2, spread=2.0)
+    cfg = config("model.head=logistic")
+    grid = (0.01, 1.0)
+    path = logistic_c_path(x, y, vx, n_classes=3, train_cfg=cfg.train, class_weights=[1.0, 2.0, 1.2], c_grid=grid)
+    assert path.grid == grid and len(path.val_probs) == 2
+    for c, probs in zip(grid, path.val_probs, strict=True):
+        fixed = load_config(None, ["model.head=logistic", f"model.logistic_c={c}"])
+        fit = fit_head(x, y, n_classes=3, model_cfg=fixed.model, train_cfg=fixed.train, class_weights=[1.0, 2.0, 1.2])
+        assert fit.info["C"] == c and fit.info["cv"]["folds"] == 0  # a fixed C: no inner search
+        with torch.no_grad():
+            theirs = torch.softmax(fit.head(vx), 1).numpy()
+        assert np.abs(theirs - probs).max() < 2e-3  # warm start vs cold start: the same optimum
+    assert not np.allclose(path.val_probs[0], path.val_probs[1])
