@@ -128,3 +128,13 @@ def test_probe_restores_pillows_global_limit(tmp_path: Path):
     before = Image.MAX_IMAGE_PIXELS
     probe_image(str(write_image(tmp_path / "a.png", 8)), max_pixels=1234)
     assert before == Image.MAX_IMAGE_PIXELS
+
+
+def test_exif_rotated_jpeg_reports_its_displayed_size(tmp_path: Path):
+    """A phone photo stored 400x200 with orientation 6 is shown 200x400: the catalog records that."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.new("RGB", (400, 200), (90, 120, 30)).save(path, exif=exif)
+    probe = probe_image(str(path))
+    assert probe.ok and (probe.width, probe.height) == (200, 400)

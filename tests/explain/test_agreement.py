@@ -95,14 +95,14 @@ def test_agreement_without_regions_says_how_to_add_them(trained_workspace):
 def test_trust_and_agreement_measure_a_patch_trained_model_as_it_sees_images(annotated, tmp_path):
     """Trust: the grid patches at its scale, each with its own piece of the expert region; agreement: its
     stitched maps against the regions on the image itself."""
-    from handlens.cli.main import _patch_inputs_and_rois
     from handlens.explain.api import load_bundle
+    from handlens.explain.trust import patch_inputs_and_rois
 
     patches = ["preprocess.patches.enabled=true", "preprocess.patches.size=16", "preprocess.patches.max_side=0",
                "preprocess.patches.grid_max=4", "preprocess.size=16"]
     bundle = train(tiny_config(*patches), annotated).bundle
     image = str(sorted((tmp_path / "colours" / "red").iterdir())[0])
-    inputs, masks = _patch_inputs_and_rois(annotated, load_bundle(bundle), [image], "annotations")
+    inputs, masks = patch_inputs_and_rois(load_bundle(bundle), [image], roi="annotations", workspace=annotated)
     assert inputs.shape == (4, 3, 16, 16) and masks.shape == (4, 16, 16)
     # 40-px image, 16-px grid thinned to 4 boxes: top-left (inside the left-half region), ..., bottom-right (outside)
     assert masks[0].all() and not masks[-1].any()

@@ -13,35 +13,8 @@ from PIL import Image
 
 from handlens.serve.app import create_app
 from handlens.serve.pool import MicroBatcher
-from handlens.serve.settings import ServeSettings
-from tests.conftest import colour_tree, tiny_config
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from handlens.core.workspace import Workspace
-    from handlens.data.catalog import open_catalog
-    from handlens.data.importer import import_path
-    from handlens.data.splits import make_split
-    from handlens.train.run import train
-
-    root = tmp_path_factory.mktemp("serve")
-    ws = Workspace.open(root / "ws")
-    catalog = open_catalog(ws.db_url)
-    import_path(catalog, colour_tree(root / "colours"), "colours", workers=1)
-    make_split(catalog, "colours", ratios="0.5,0.25,0.25", seed=0)
-    catalog.close()
-    result = train(tiny_config(), ws)
-    settings = ServeSettings(workspace=ws.root, db_url=ws.db_url, max_upload_bytes=200_000, max_pixels=1_000_000,
-                             max_ig_steps=16)
-    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
-        yield client, result.run_id, root
-
-
-def png_bytes(colour=(200, 40, 40), size=(40, 40), fmt="PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, fmt)
-    return buffer.getvalue()
+from tests.conftest import tiny_config
+from tests.serve.conftest import png_bytes
 
 
 def test_health_metrics_and_docs(served):
@@ -308,7 +281,8 @@ def test_a_chunked_oversize_body_is_refused_without_reading_it_all(served):
 
 
 @pytest.mark.parametrize("params,words", [
-    ({"noise": "lots"}, "noise must be a number"),
+    ({"noise": "lots"}, "noise='lots'"),
+    ({"stpes": 2}, "did you mean 'steps'"),  # a typo is refused, never a silent default
     ({"window": 500}, "window <= the input size"),
     ({"window": 8, "stride": 16}, "stride <= window"),
     ({"baseline": "purple"}, "baseline"),
@@ -323,7 +297,7 @@ def test_bad_explain_parameters_are_422(served, params, words):
 
 
 def test_maps_are_placed_back_where_the_preprocessing_took_them():
-    from handlens.serve.app import heat_on_image
+    from handlens.serve.explaining import heat_on_image
     from handlens.transforms.preprocess import Preprocess
 
     heat = np.ones((32, 32), dtype=np.float32)

@@ -4,10 +4,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from tests.serve.test_api import served  # noqa: F401  (the module-scoped service fixture)
 
-
-def test_no_request_the_schema_allows_gets_a_server_error(served):  # noqa: F811
+def test_no_request_the_schema_allows_gets_a_server_error(served):
     client, _, _ = served
     schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
     operations = [result.ok() for result in schema.get_all_operations()]

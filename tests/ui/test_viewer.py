@@ -77,7 +77,9 @@ def page(service):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        # bypass_csp: Playwright's wait_for_function evaluates its predicate in the page, which the viewer's CSP
+        # (no eval) forbids; test_the_viewer_runs_under_its_content_security_policy loads it with the CSP on
+        page = browser.new_page(viewport={"width": 1200, "height": 800}, bypass_csp=True)
         requests, problems = [], []
         page.on("request", lambda r: requests.append(r.url))
         page.on("pageerror", lambda e: problems.append(str(e)))
@@ -168,3 +170,27 @@ def test_upload_and_compare(page, tmp_path, shots):
     page.wait_for_function("document.querySelector('#cmp-left').src.startsWith('data:') && "
                            "document.querySelector('#cmp-right').src.startsWith('data:')", timeout=30_000)
     page.screenshot(path=str(shots / "viewer-compare.png"))
+
+
+def test_the_viewer_runs_under_its_content_security_policy(page):
+    """With the CSP enforced (scripts, styles, connections from the service only), the viewer loads its models
+    and draws an overlay, and the browser reports no violation."""
+    import time
+
+    shared, (url, _), _ = page
+    strict = shared.context.browser.new_page(viewport={"width": 1200, "height": 800})  # CSP not bypassed
+    try:
+        messages = []
+        strict.on("console", lambda m: messages.append(m.text))
+        strict.on("pageerror", lambda e: messages.append(str(e)))
+        answer = strict.goto(url)
+        assert "script-src 'self'" in answer.headers["content-security-policy"]
+        deadline = time.time() + 60
+        overlay = "(document.getElementById('heat') || {}).src || ''"
+        while time.time() < deadline and not strict.evaluate(overlay):
+            time.sleep(0.2)
+        assert strict.evaluate("document.getElementById('model').options.length") > 0
+        assert strict.evaluate(overlay), messages
+        assert not [m for m in messages if "Content Security Policy" in m], messages
+    finally:
+        strict.close()

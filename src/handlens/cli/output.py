@@ -42,6 +42,34 @@ def handle_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class ProgressBar:
+    """A rich progress bar on stderr (only on a terminal) fed by ``(done, total)`` callbacks; ``with`` gives the
+    callback, or None when the bar is off (the library then reports no progress)."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.label, self.enabled = label, enabled and stderr.is_terminal
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressBar | None:
+        if not self.enabled:
+            return None
+        from rich.progress import Progress
+
+        self._bar = Progress(console=stderr, transient=True)
+        self._bar.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._bar.add_task(self.label, total=total)
+        self._bar.update(self._task, completed=done)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
 def table(title: str, columns: list[str], rows: list[list[Any]], justify_numbers: bool = True) -> Table:
     out = Table(title=title, title_justify="left", show_lines=False)
     for index, column in enumerate(columns):

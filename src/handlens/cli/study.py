@@ -9,13 +9,12 @@ from typing import Any
 import typer
 
 from handlens.cli.context import workspace
+from handlens.cli.options import JSON_OPTION
 from handlens.cli.output import emit_json, handle_errors, stdout, table
 from handlens.core.errors import InputError
 
 study_app = typer.Typer(help="Studies: cross-validated search over run configs; the winner is refitted.",
                         no_args_is_help=True)
-
-JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
 
 
 def parse_budget(text: str | None) -> float | None:

@@ -110,3 +110,18 @@ def annotated_images_by_id(session: Any, image_ids: list[int]) -> dict[int, list
         for row in session.scalars(select(Annotation).where(Annotation.image_id.in_(chunk))):
             out[row.image_id].append(row)
     return dict(out)
+
+
+def add_polygon_region(session: Any, image_id: int, *, polygons: list[Any], label: str | None,
+                       source: str) -> int:
+    """Add one expert region of ``polygons`` (image pixels, checked) to catalog image ``image_id``; its new id.
+    Raises NotFoundError when the image is not in the catalog."""
+    from handlens.core.errors import NotFoundError
+
+    check_polygons(polygons)
+    if session.get(Image, image_id) is None:
+        raise NotFoundError(f"no image {image_id} in the catalog")
+    row = Annotation(image_id=image_id, kind="polygon", polygons=polygons, label=label, source=source)
+    session.add(row)
+    session.flush()
+    return int(row.id)

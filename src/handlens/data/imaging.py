@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-#: Extensions the folder scan treats as images. Files with these extensions that fail to decode are
-#: reported; other files are ignored (and counted).
-#: Common in the domains we serve but not decodable here: reported as unsupported, with a fix.
-UNDECODABLE_EXTENSIONS = frozenset(
-    {".heic", ".heif", ".avif", ".jxl", ".dcm", ".dicom", ".jp2", ".j2k", ".svs", ".ndpi", ".czi"}
-)
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"}
-) | UNDECODABLE_EXTENSIONS
-#: Formats (as Pillow names them) that the rest of handlens reads.
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF", "PPM", "MPO"})
+from handlens.core.errors import ConflictError, HandlensError, NotFoundError
+from handlens.core.formats import IMAGE_EXTENSIONS, SUPPORTED_FORMATS, UNDECODABLE_EXTENSIONS  # noqa: F401
+from handlens.core.workspace import is_within
 
 DEFAULT_MIN_SIDE = 16
 DEFAULT_MAX_PIXELS = 250_000_000  # 250 MP: a 20k x 12k whole-slide scan passes, a bomb does not
@@ -42,7 +36,9 @@ class Reason:
     MISSING = "missing"
     OUTSIDE_TREE = "outside_tree"
     BAD_ROW = "bad_manifest_row"
+    BAD_NAME = "bad_file_name"
     UNLABELLED = "unlabelled"
+    CHANGED = "changed_since_import"
 
 
 @dataclass(frozen=True)
@@ -66,6 +62,116 @@ class Probe:
 
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+#: EXIF orientations (tag 0x0112) whose displayed image is the stored one turned a quarter: width and
+#: height swap. ``transforms.preprocess.load_rgb`` applies the orientation when decoding.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def exif_orientation(img: Any) -> int:
+    """The EXIF orientation of an open PIL image (1, upright, when absent or unreadable)."""
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block must not fail an otherwise good image
+        return 1
+
+
+# --------------------------------------------------------------------------- where files really are
+
+
+def inside_tree(path: str | Path, root: str | Path) -> bool:
+    """True when ``path``, every symlink resolved, is ``root`` (also resolved) or lies below it.
+
+    The one check both import modes (folder tree and CSV manifest) and the service use, so a
+    symlink inside a dataset's folder cannot smuggle in a file from elsewhere on the disk. A path that
+    cannot be resolved (a symlink loop, an embedded NUL byte) is not inside anything.
+    """
+    try:
+        return is_within(Path(path).resolve(), Path(root).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def printable_path(path: str | Path) -> str:
+    """``path`` as text that can be stored and shown: bytes that are not UTF-8 become ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def valid_name(path: str | Path) -> bool:
+    """False when ``path`` holds bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class CatalogFileError(HandlensError):
+    """A catalog image's file no longer is what the catalog recorded; ``reason`` is a :class:`Reason`."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class CatalogFileMissingError(CatalogFileError, NotFoundError):
+    """The file of a catalog image is gone."""
+
+
+class CatalogFileChangedError(CatalogFileError, ConflictError):
+    """The file now lies outside its dataset's folder, or its content differs from the catalog's."""
+
+
+def verify_catalog_file(
+    path: str | Path,
+    *,
+    sha256: str,
+    size: int | None = None,
+    mtime_ns: int | None = None,
+    root: str | Path | Sequence[str | Path] | None = None,
+) -> Path:
+    """Check that a catalog image's file may still be served as the catalog describes it; its real path.
+
+    ``root``: the dataset's folder (or several): the file, symlinks resolved, must lie inside one.
+    Then its content must match: when ``size`` and ``mtime_ns`` are both given and both match, the file
+    is taken as unchanged (the check an import makes, cheap); otherwise its SHA-256 is computed.
+    Serve the returned path (symlinks already resolved), not ``path``: a link swapped after this check
+    then cannot redirect the read. Raises :class:`CatalogFileMissingError` (a ``NotFoundError``) or
+    :class:`CatalogFileChangedError` (a ``ConflictError``), each saying how to fix it.
+    """
+    shown = printable_path(path)
+    try:
+        real = Path(path).resolve()
+        stat = real.stat()
+    except (OSError, RuntimeError, ValueError):
+        raise CatalogFileMissingError(f"image file {shown} is no longer on disk; restore it, or re-import "
+                                      "its dataset to drop it", reason=Reason.MISSING) from None
+    roots = [root] if isinstance(root, (str, Path)) else list(root or [])
+    if roots and not any(inside_tree(real, r) for r in roots):
+        raise CatalogFileChangedError(
+            f"image file {shown} now resolves to {printable_path(real)}, outside its dataset's folder "
+            f"{printable_path(roots[0])} (was a symlink changed?); restore the file or re-import the dataset",
+            reason=Reason.OUTSIDE_TREE)
+    if size is not None and stat.st_size != size:
+        raise CatalogFileChangedError(
+            f"image file {shown} changed since it was imported ({stat.st_size:,} bytes, the catalog recorded "
+            f"{size:,}); re-import its dataset to record the new version", reason=Reason.CHANGED)
+    if size is not None and mtime_ns is not None and stat.st_mtime_ns == mtime_ns:
+        return real
+    if _file_sha256(real) != sha256:
+        raise CatalogFileChangedError(
+            f"image file {shown} changed since it was imported (its SHA-256 differs from the catalog's); "
+            "re-import its dataset to record the new version", reason=Reason.CHANGED)
+    return real
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def probe_image(path: str, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
@@ -112,6 +218,8 @@ def probe_image(path: str, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = D
 
     with img:
         width, height = img.size
+        if exif_orientation(img) in _QUARTER_TURNS:  # stored on its side: record the size as displayed
+            width, height = height, width
         fmt = img.format or ""
         mode = img.mode
         facts = {**base, "width": width, "height": height, "mode": mode, "format": fmt}
@@ -127,7 +235,7 @@ def probe_image(path: str, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = D
                          detail=f"{width}x{height} is below the minimum side of {min_side} px (--min-size)")
         try:
             if fmt == "JPEG":
-                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
         except Exception as exc:
             return Probe(**facts, ok=False, reason=Reason.TRUNCATED, detail=f"{type(exc).__name__}: {exc}")

@@ -108,3 +108,63 @@ def dataset_summaries(session: Session) -> list[dict[str, Any]]:
         summaries.append({"name": dataset.name, "images": count, "labelsets": labelsets, "splits": splits,
                           "created_at": dataset.created_at.isoformat() if dataset.created_at else None})
     return summaries
+
+
+def list_images(session: Session, *, dataset: str, labelset: str | None = None, label: str | None = None,
+                split: str | None = None, subset: str | None = None, limit: int = 100,
+                offset: int = 0) -> dict[str, Any]:
+    """A page of a dataset's images under one labelset (its default when None), optionally of one class and
+    one split's subset (the dataset's newest split when only ``subset`` is given): {dataset, labelset, split,
+    total, offset, items: [{id, name, width, height, label, subset}]}."""
+    from pathlib import Path
+
+    from handlens.data.catalog import SplitAssignment
+
+    ds = find_dataset(session, dataset)
+    ls = find_labelset(session, ds, labelset)
+    chosen = None
+    if split or subset:
+        chosen = (session.scalars(select(Split).where(Split.dataset_id == ds.id, Split.name == split)).first()
+                  if split else latest_split(session, ds, ls))
+        if chosen is None:
+            raise NotFoundError(f"dataset {dataset!r} has no split {split or '(none yet)'!r}")
+    query = (select(Image.id, Image.path, Image.width, Image.height, Label.label)
+             .join(Label, Label.image_id == Image.id).where(Label.labelset_id == ls.id))
+    if label:
+        query = query.where(Label.label == label)
+    if chosen is not None:
+        query = query.join(SplitAssignment, SplitAssignment.image_id == Image.id).where(
+            SplitAssignment.split_id == chosen.id, SplitAssignment.fold == 0)
+        if subset:
+            query = query.where(SplitAssignment.subset == subset)
+        query = query.add_columns(SplitAssignment.subset)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = session.execute(query.order_by(Image.id).limit(limit).offset(offset)).all()
+    items = [{"id": r[0], "name": Path(r[1]).name, "width": r[2], "height": r[3], "label": r[4],
+              "subset": r[5] if len(r) > 5 else None} for r in rows]
+    return {"dataset": dataset, "labelset": ls.name, "split": chosen.name if chosen is not None else None,
+            "total": int(total or 0), "offset": offset, "items": items}
+
+
+def image_detail(session: Session, image_id: int) -> dict[str, Any] | None:
+    """One image with its labels (per labelset), split memberships and expert regions; None when absent.
+    Only the file's name is given, never its path on the server."""
+    from pathlib import Path
+
+    from handlens.data.catalog import Annotation, SplitAssignment
+
+    row = session.get(Image, image_id)
+    if row is None:
+        return None
+    labels = {name: value for name, value in session.execute(
+        select(Labelset.name, Label.label).join(Labelset, Label.labelset_id == Labelset.id)
+        .where(Label.image_id == image_id))}
+    splits = [{"split": name, "fold": fold, "subset": subset} for name, fold, subset in session.execute(
+        select(Split.name, SplitAssignment.fold, SplitAssignment.subset)
+        .join(Split, SplitAssignment.split_id == Split.id).where(SplitAssignment.image_id == image_id)
+        .order_by(Split.id, SplitAssignment.fold))]
+    regions = [{"kind": a.kind, "label": a.label, "polygons": a.polygons, "has_mask": bool(a.mask_path)}
+               for a in session.scalars(select(Annotation).where(Annotation.image_id == image_id))]
+    return {"id": row.id, "name": Path(row.path).name, "dataset_id": row.dataset_id, "width": row.width,
+            "height": row.height, "format": row.format, "sha256": row.sha256, "group": row.group,
+            "labels": labels, "splits": splits, "regions": regions}

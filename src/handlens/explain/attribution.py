@@ -20,9 +20,7 @@ from torch import nn
 
 from handlens.core.errors import InputError
 from handlens.explain.base import Explanation, explaining, resolve_targets
-
-#: IG's internal batch is sized so that its extra memory stays under this budget.
-DEFAULT_MEMORY_BUDGET_MB = 500
+from handlens.explain.registry import DEFAULT_MEMORY_BUDGET_MB, occlusion_geometry
 
 
 def backward_bytes_per_sample(model: nn.Module, inputs: torch.Tensor) -> int:
@@ -92,10 +90,12 @@ def _targets(model: nn.Module, inputs: torch.Tensor, classes: list[str], target:
     return targets, logits
 
 
-def integrated_gradients(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred",
+def integrated_gradients(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", *,
                          steps: int = 50, baseline: str = "black", mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                          std: tuple[float, ...] = (0.5, 0.5, 0.5), memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-                         internal_batch: int | None = None, **_: Any) -> Explanation:
+                         internal_batch: int | None = None) -> Explanation:
+    """Integrated Gradients from a ``black``, ``blur`` or ``noise`` baseline, with the convergence delta
+    per image. Parameters are checked by ``IntegratedGradientsParams`` (the registry) before they get here."""
     from captum.attr import IntegratedGradients
 
     started = time.perf_counter()
@@ -113,7 +113,7 @@ def integrated_gradients(model: nn.Module, inputs: torch.Tensor, classes: list[s
                    {"convergence_delta": deltas})
 
 
-def saliency(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", **_: Any) -> Explanation:
+def saliency(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred") -> Explanation:
     from captum.attr import Saliency
 
     started = time.perf_counter()
@@ -124,8 +124,8 @@ def saliency(model: nn.Module, inputs: torch.Tensor, classes: list[str], target:
                    False, reduce="max")
 
 
-def smoothgrad(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", samples: int = 20,
-               noise: float = 0.15, **_: Any) -> Explanation:
+def smoothgrad(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", *,
+               samples: int = 20, noise: float = 0.15) -> Explanation:
     from captum.attr import NoiseTunnel, Saliency
 
     started = time.perf_counter()
@@ -140,9 +140,9 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, classes: list[str], targe
                    {"total": time.perf_counter() - started}, False, reduce="max")
 
 
-def gradient_shap(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred",
+def gradient_shap(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", *,
                   samples: int = 20, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-                  std: tuple[float, ...] = (0.5, 0.5, 0.5), **_: Any) -> Explanation:
+                  std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> Explanation:
     from captum.attr import GradientShap
 
     started = time.perf_counter()
@@ -156,13 +156,13 @@ def gradient_shap(model: nn.Module, inputs: torch.Tensor, classes: list[str], ta
                    {"total": time.perf_counter() - started}, True)
 
 
-def occlusion(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", window: int = 0,
-              stride: int = 0, batch_size: int = 64, **_: Any) -> Explanation:
+def occlusion(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", *,
+              window: int | None = None, stride: int | None = None, batch_size: int = 64) -> Explanation:
+    """Occlusion with a ``window``-pixel square every ``stride`` pixels (unset: from the input width, see
+    :func:`~handlens.explain.registry.occlusion_geometry`)."""
     from captum.attr import Occlusion
 
-    size = inputs.shape[-1]
-    window = window or max(4, size // 8)
-    stride = stride or max(2, window // 2)
+    window, stride = occlusion_geometry(window, stride, height=inputs.shape[-2], width=inputs.shape[-1])
     started = time.perf_counter()
     with explaining(model):
         targets, logits = _targets(model, inputs, classes, target)

@@ -26,6 +26,9 @@ def write_explanations(bundle: Any, files: list[str], out: Path, method: str, la
     """
     from PIL import Image
 
+    from handlens.explain.api import method_params
+
+    checked = method_params(method, params)  # a typo fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
     if resume and (out / "index.json").is_file():
@@ -41,7 +44,7 @@ def write_explanations(bundle: Any, files: list[str], out: Path, method: str, la
     used_layer = layer
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        result = bundle.explain(chunk, method=method, layer=layer, target=target, **(params or {}))
+        result = bundle.explain(chunk, method=method, layer=layer, target=target, params=checked)
         used_layer = result.layer
         timings.append(result.timings)
         for i, path in enumerate(chunk):
@@ -158,7 +161,7 @@ def write_tiled(bundle: Any, files: list[str], out: Path, method: str, layer: st
     entries = []
     for path in files:
         result = tiled_explain(bundle, path, tile, overlap, method=method, layer=layer, target=target,
-                               **(params or {}))
+                               params=params)
         stem = f"{Path(path).stem}.{method}.tiled"
         np.save(out / f"{stem}.npy", result.heatmap)
         np.save(out / f"{stem}.probabilities.npy", result.probability_map)

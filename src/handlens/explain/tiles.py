@@ -16,6 +16,7 @@ and ``evaluate`` give it.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from handlens.core.errors import InputError
+from handlens.explain.registry import ExplainParams
 from handlens.transforms.preprocess import load_rgb
 
 
@@ -83,17 +85,20 @@ def _tile_batch(picture: np.ndarray, origins: list[tuple[int, int]], tile: int, 
 
 def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: float = 0.25, batch_size: int = 8,
                   method: str = "gradcam", layer: str | None = None, target: Any = "pred",
-                  max_tiles: int | None = None, with_probability_map: bool = True, **params: Any) -> TiledResult:
+                  max_tiles: int | None = None, with_probability_map: bool = True,
+                  params: Mapping[str, Any] | ExplainParams | None = None, **keywords: Any) -> TiledResult:
     """Predict and explain a large image tile by tile (see the module docstring); more than ``max_tiles``
     tiles is an error (a service's bound on the work one request may ask for). Without
     ``with_probability_map`` the per-class map (C full-resolution planes) is not built, and a patch-trained
-    model's tiles are not predicted at all (its image-level prediction comes from its own grid)."""
+    model's tiles are not predicted at all (its image-level prediction comes from its own grid). The
+    method's parameters come as in :func:`handlens.explain.api.explain` (``params=`` or keywords)."""
     import torch.nn.functional as F
 
-    from handlens.explain.api import explain
+    from handlens.explain.api import explain, method_params
 
     if not 0 <= overlap < 1:
         raise InputError("--overlap must be in [0, 1)")
+    checked_params = method_params(method, params, keywords)  # a typo fails before any tile is predicted
     preprocess = bundle.preprocess
     original = np.asarray(load_rgb(image))
     if preprocess.patches:  # a patch-trained model: tiles at the scale it trained on, from its working image
@@ -145,7 +150,7 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
         chunk = origins[start:start + batch_size]
         batch = _tile_batch(picture, chunk, tile, size, bundle.preprocess)
         result = explained = explain(bundle.module, batch, bundle.classes, method, layer, [chosen] * len(chunk),
-                                     mean, std, **params)
+                                     mean, std, params=checked_params)
         maps = torch.from_numpy(result.maps)[:, None]
         if tile != size:
             maps = F.interpolate(maps, size=(tile, tile), mode="bilinear", align_corners=False)

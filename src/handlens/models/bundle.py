@@ -5,6 +5,11 @@ classes and labelset, preprocessing, training config, metrics, split membership 
 package versions and a schema version. Bundles are written atomically (a temp dir renamed into
 place) and loaded without unpickling anything. This module is on the inference path: it must not
 import Lightning or MLflow.
+
+A damaged bundle (``bundle.json`` that is not JSON or has wrongly typed keys, a missing or empty
+weights file, weights that do not fit the manifest's classes) raises :class:`DamagedBundleError`
+naming the bundle and the reason; :func:`scan_bundles` lists a runs folder's bundles with the
+damaged ones marked, so one damaged bundle never hides the others.
 """
 
 from __future__ import annotations
@@ -13,23 +18,44 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from handlens.core.errors import InputError, NotFoundError
-from handlens.transforms.preprocess import Preprocess, decode_working, preprocess_image
+from handlens.core.disk import DiskFullError, is_disk_full, raise_if_disk_full  # noqa: F401
+from handlens.core.errors import HandlensError, InputError, NotFoundError
+from handlens.transforms.preprocess import NormalizeMode, Preprocess, ResizeMode, decode_working, preprocess_image
 
 BUNDLE_SCHEMA_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "bundle.json"
+#: a temp or replaced-bundle folder whose writer cannot be seen alive is removed once this old (seconds)
+STALE_TEMP_SECONDS = 30 * 60
+
+
+class DamagedBundleError(InputError):
+    """A model bundle exists but cannot be used: its manifest or weights are damaged (or from a newer handlens).
+
+    ``bundle`` is the bundle directory, ``reason`` what is wrong with it (without the path)."""
+
+    http_status = 409  # the stored bundle conflicts with what handlens can load
+
+    def __init__(self, bundle: Path, reason: str, fix: str = "train the model again or restore the bundle "
+                                                              "from a backup") -> None:
+        self.bundle, self.reason = Path(bundle), reason
+        super().__init__(f"model bundle {bundle} is damaged: {reason}; {fix}")
 
 
 def package_versions() -> dict[str, str]:
@@ -40,13 +66,274 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+# ---------------------------------------------------------------------------------------------- manifest
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    """Types as JSON gives them (no "3" -> 3); keys a newer handlens adds are kept (forward compatibility)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class PreprocessManifest(BaseModel):
+    """``bundle.json``'s ``preprocess``: what :class:`~handlens.transforms.preprocess.Preprocess` is built from.
+    Unknown keys are refused: they would change the pixels, and ignoring them would predict wrongly."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    size: int = Field(gt=0)
+    mean: list[FiniteFloat] = Field(min_length=3, max_length=3)
+    std: list[PositiveFloat] = Field(min_length=3, max_length=3)
+    resize: ResizeMode = "shorter-crop"
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    normalize: NormalizeMode = "backbone"
+    clip_percentiles: list[FiniteFloat] = Field([1.0, 99.0], min_length=2, max_length=2)
+    morphology: list[dict[str, Any]] = Field(default_factory=list)
+    patches: dict[str, Any] | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("clip_percentiles")
+    @classmethod
+    def _ordered(cls, value: list[float]) -> list[float]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError(f"must be two percentiles low < high within 0..100, got {value}")
+        return value
+
+
+class HeadManifest(_Strict):
+    type: Literal["auto", "linear", "mlp", "logistic"] = "linear"
+    hidden: int = 256
+    dropout: float = Field(0.0, ge=0, lt=1)
+    pool: Literal["avg", "texture"] = "avg"
+
+
+class EnsembleMember(_Strict):
+    backbone: str = Field(min_length=1)
+    freeze: str = "full"
+    head: HeadManifest | None = None
+    weights: str | None = None
+
+
+class EnsembleManifest(_Strict):
+    members: list[EnsembleMember] = Field(min_length=2)
+
+
+class BundleManifest(_Strict):
+    """``bundle.json``, validated: the keys handlens reads, typed; any other key kept as it is."""
+
+    schema_version: int
+    backbone: str = Field(min_length=1)
+    classes: list[str] = Field(min_length=2)
+    preprocess: PreprocessManifest
+    head: HeadManifest = Field(default_factory=HeadManifest)
+    freeze: str = "full"
+    weights: str | None = None
+    layers: dict[str, str] = Field(default_factory=dict)
+    default_layer: str = ""
+    run_id: str | None = None
+    dataset: str | None = None
+    labelset: str | None = None
+    split: str | None = None
+    fold: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+    split_membership: dict[str, list[int]] = Field(default_factory=dict)
+    training_sha256: list[str] = Field(default_factory=list)
+    weights_sha256: str | None = None
+    ensemble: EnsembleManifest | None = None
+    study: dict[str, Any] | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _named_once(cls, classes: list[str]) -> list[str]:
+        if any(not name.strip() for name in classes):
+            raise ValueError("class names must not be empty")
+        repeated = sorted({name for name in classes if classes.count(name) > 1})
+        if repeated:
+            raise ValueError(f"class names must be unique; repeated: {', '.join(map(repr, repeated))}")
+        return classes
+
+
+def _validation_reason(exc: ValidationError, shown: int = 4) -> str:
+    errors = exc.errors()
+    parts = []
+    for error in errors[:shown]:
+        where = ".".join(str(p) for p in error["loc"]) or "the top level"
+        parts.append(f"{MANIFEST_FILE} {where}: {error['msg']}")
+    if len(errors) > shown:
+        parts.append(f"and {len(errors) - shown} more problem(s)")
+    return "; ".join(parts)
+
+
+def parse_manifest(path: Path, text: str) -> tuple[dict[str, Any], BundleManifest]:
+    """The raw manifest dict and its validated model, from the text of bundle ``path``'s ``bundle.json``;
+    raises :class:`DamagedBundleError` saying what is wrong."""
+    if not text.strip():
+        raise DamagedBundleError(path, f"{MANIFEST_FILE} is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DamagedBundleError(path, f"{MANIFEST_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DamagedBundleError(path, f"{MANIFEST_FILE} holds a JSON {type(data).__name__}, not an object")
+    version = data.get("schema_version")
+    if version != BUNDLE_SCHEMA_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_SCHEMA_VERSION
+        raise DamagedBundleError(path, f"it has schema version {version!r}; this handlens reads version "
+                                       f"{BUNDLE_SCHEMA_VERSION}",
+                                 "upgrade handlens to load it" if newer else "train the model again")
+    try:
+        return data, BundleManifest.model_validate(data)
+    except ValidationError as exc:
+        raise DamagedBundleError(path, _validation_reason(exc)) from None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The validated manifest of bundle directory ``path`` (as the dict in the file, extra keys included)."""
+    return read_bundle_manifest(path)[0]
+
+
+def read_bundle_manifest(path: Path) -> tuple[dict[str, Any], BundleManifest]:
+    """(raw dict, validated model) of bundle directory ``path``'s manifest; :class:`NotFoundError` if it is not a
+    bundle, :class:`DamagedBundleError` if its manifest is damaged."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise NotFoundError(f"{path} is not a model bundle (no {MANIFEST_FILE}); give a bundle directory or run id")
+    try:
+        text = manifest_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DamagedBundleError(path, f"{MANIFEST_FILE} is not UTF-8 text") from None
+    except OSError as exc:
+        raise DamagedBundleError(path, f"{MANIFEST_FILE} cannot be read ({exc.strerror or exc})") from None
+    return parse_manifest(path, text)
+
+
+def check_weights_file(path: Path) -> Path:
+    """Bundle ``path``'s weights file, which must exist and not be empty (else :class:`DamagedBundleError`)."""
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DamagedBundleError(path, f"its weights file {WEIGHTS_FILE} is missing")
+    if weights.stat().st_size == 0:
+        raise DamagedBundleError(path, f"its weights file {WEIGHTS_FILE} is empty (0 bytes)")
+    return weights
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """One run's bundle in a runs folder: usable (``manifest`` set) or ``damaged`` (the reason, no path)."""
+
+    model_id: str
+    path: Path
+    manifest: BundleManifest | None
+    damaged: str | None = None
+
+
+def scan_bundles(runs_dir: Path) -> list[BundleEntry]:
+    """Every ``<runs_dir>/<run id>/bundle`` holding a ``bundle.json``, sorted by run id, damaged ones included
+    and marked (their weights are checked to exist, not read). Stale temp folders of killed bundle writes
+    are swept on the way (see :func:`sweep_stale_temp`)."""
+    runs_dir = Path(runs_dir)
+    entries: list[BundleEntry] = []
+    if not runs_dir.is_dir():
+        return entries
+    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        bundle = run_dir / "bundle"
+        with contextlib.suppress(OSError):  # a read-only workspace: list it all the same
+            sweep_stale_temp(bundle)
+        if not (bundle / MANIFEST_FILE).is_file():
+            continue  # a run without a bundle (yet): not a model
+        try:
+            _, manifest = read_bundle_manifest(bundle)
+            check_weights_file(bundle)
+        except DamagedBundleError as exc:
+            entries.append(BundleEntry(run_dir.name, bundle, None, exc.reason))
+            continue
+        entries.append(BundleEntry(run_dir.name, bundle, manifest))
+    return entries
+
+
+# ------------------------------------------------------------------------------------------------- saving
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+
+
+_WRITER = re.compile(r"^(?:tmp|old)-(?P<pid>\d+)-(?P<host>[A-Za-z0-9]*)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _newest_mtime(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    with contextlib.suppress(OSError):
+        times += [item.stat().st_mtime for item in folder.iterdir()]
+    return max(times)
+
+
+def _is_stale(folder: Path, prefix: str, now: float) -> bool:
+    """A temp folder is stale when its writer (pid and host in its name) is a dead process on this host, or,
+    for a writer this host cannot check (another host, an older handlens's name), when it is
+    :data:`STALE_TEMP_SECONDS` old. A live writer's folder is only removed past that age (a reused pid)."""
+    old_enough = now - _newest_mtime(folder) > STALE_TEMP_SECONDS
+    writer = _WRITER.match(folder.name[len(prefix):])
+    if writer is not None and writer["host"] == _host_tag():
+        return old_enough or not _pid_alive(int(writer["pid"]))
+    return old_enough
+
+
+def sweep_stale_temp(directory: Path) -> list[Path]:
+    """Remove the temp folders (``.<name>.tmp-*``, ``.<name>.old-*``) that killed writes of bundle ``directory``
+    left beside it; folders of a write still running are kept. A replaced bundle (``.old``) is put back
+    when ``directory`` itself is missing (a write killed between its two renames). Returns what was removed."""
+    directory = Path(directory)
+    prefix = f".{directory.name}."
+    if not directory.parent.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for folder in sorted(directory.parent.iterdir()):
+        if not (folder.name.startswith(prefix) and folder.is_dir()):
+            continue
+        try:
+            if not _is_stale(folder, prefix, now):
+                continue
+            replaced = folder.name[len(prefix):].startswith("old")
+            if replaced and not directory.exists() and (folder / MANIFEST_FILE).is_file():
+                os.replace(folder, directory)
+                continue
+        except OSError:  # another sweep got there first
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 def save_bundle(directory: Path, model: Any, manifest: dict[str, Any]) -> Path:
-    """Write the model's weights and ``manifest`` to ``directory`` atomically; returns the directory."""
+    """Write the model's weights and ``manifest`` to ``directory`` atomically; returns the directory.
+
+    The temp folder's name carries the writer's pid and host, so a later write (or :func:`scan_bundles`)
+    can sweep what a killed write left without touching one in progress. A full disk raises
+    :class:`DiskFullError` and leaves the previous bundle, if any, in place."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    with contextlib.suppress(OSError):
+        sweep_stale_temp(directory)
+    writer = f"{os.getpid()}-{_host_tag()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{writer}", dir=directory.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
@@ -63,15 +350,15 @@ def save_bundle(directory: Path, model: Any, manifest: dict[str, Any]) -> Path:
         (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, default=_jsonable))
         _share_like_other_files(tmp)
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = directory.with_name(f".{directory.name}.old-{writer}{secrets.token_hex(4)}")
             os.replace(directory, old)
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(exc, what="the model bundle", where=directory.parent)
         raise
     return directory
 
@@ -242,19 +529,6 @@ class Bundle:
         return predictions
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    manifest_file = path / MANIFEST_FILE
-    if not manifest_file.is_file():
-        raise NotFoundError(f"{path} is not a model bundle (no {MANIFEST_FILE}); give a bundle directory or run id")
-    manifest = json.loads(manifest_file.read_text())
-    version = manifest.get("schema_version")
-    if version != BUNDLE_SCHEMA_VERSION:
-        raise InputError(f"bundle {path} has schema version {version}; this handlens reads version "
-                         f"{BUNDLE_SCHEMA_VERSION}")
-    return manifest
-
-
 def build_from_manifest(manifest: dict[str, Any]) -> Any:
     from handlens.models.classifier import create_classifier
 
@@ -262,30 +536,68 @@ def build_from_manifest(manifest: dict[str, Any]) -> Any:
         from handlens.models.ensemble import build_ensemble
 
         return build_ensemble(manifest)
-    head = manifest.get("head", {})
+    head = manifest.get("head") or {}
     return create_classifier(manifest["backbone"], len(manifest["classes"]), weights="none",
                              freeze=manifest.get("freeze", "full"), head=head.get("type", "linear"),
                              hidden=head.get("hidden", 256), dropout=head.get("dropout", 0.0),
                              pool=head.get("pool", "avg"))
 
 
+def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's tensors, checked against the manifest's checksum; never unpickles."""
+    from safetensors.torch import load_file
+
+    weights = check_weights_file(path)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if manifest.get("weights_sha256") not in (None, digest):
+        raise DamagedBundleError(path, f"{WEIGHTS_FILE} does not match the checksum in {MANIFEST_FILE}")
+    try:
+        return load_file(str(weights))
+    except Exception as exc:  # safetensors' own error for a truncated or foreign file
+        raise DamagedBundleError(path, f"{WEIGHTS_FILE} cannot be read as safetensors ({exc})") from None
+
+
+def _check_weights_fit(path: Path, model: Any, state: dict[str, Any], classes: list[str]) -> None:
+    """The weights must have exactly the tensors, and shapes, of the model ``bundle.json`` describes; a head
+    trained for another number of classes is named as such."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    wrong = [(k, given[k], shape) for k, shape in expected.items() if k in given and given[k] != shape]
+    for _, got, want in wrong:
+        if want and got and want[0] == len(classes) and got[0] != len(classes):
+            raise DamagedBundleError(path, f"its weights give {got[0]} class outputs but {MANIFEST_FILE} lists "
+                                           f"{len(classes)} classes ({', '.join(classes)})")
+    missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    if wrong or missing or unexpected:
+        problems = [f"{k} is {got} not {want}" for k, got, want in wrong[:3]]
+        problems += [f"missing {', '.join(missing[:3])}"] if missing else []
+        problems += [f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []
+        backbone = getattr(getattr(model, "spec", None), "name", "?")
+        raise DamagedBundleError(path, f"its weights do not fit the model {MANIFEST_FILE} describes "
+                                       f"(backbone {backbone}): {'; '.join(problems)}")
+
+
 def load_bundle(path: str | Path, bundle_class: type[Bundle] = Bundle) -> Bundle:
     """Load a bundle directory: weights from safetensors (never pickle), model in eval mode.
 
     ``bundle_class`` lets a higher layer (``handlens.explain``) return its richer bundle without this
-    module importing it.
+    module importing it. A damaged bundle raises :class:`DamagedBundleError` saying what is wrong.
     """
     import torch
-    from safetensors.torch import load_file
 
     path = Path(path).expanduser().resolve()
     manifest = read_manifest(path)
-    weights = path / WEIGHTS_FILE
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    if manifest.get("weights_sha256") not in (None, digest):
-        raise InputError(f"{weights} does not match the checksum in {MANIFEST_FILE}: the bundle is damaged")
-    model = build_from_manifest(manifest)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    state = _read_weights(path, manifest)
+    try:
+        model = build_from_manifest(manifest)
+    except HandlensError as exc:  # an unknown backbone, a pool it cannot give...
+        raise DamagedBundleError(path, f"its model cannot be built: {exc}", "use the handlens that trained it, "
+                                 "or train the model again") from None
+    _check_weights_fit(path, model, state, list(manifest["classes"]))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # a dtype or shape detail the check above does not see
+        raise DamagedBundleError(path, f"its weights do not load into the model: {exc}") from None
     model.eval()
     torch.set_grad_enabled(True)  # explanations need gradients; inference uses inference_mode
     return bundle_class(path, manifest, model)
@@ -293,7 +605,7 @@ def load_bundle(path: str | Path, bundle_class: type[Bundle] = Bundle) -> Bundle
 
 def iter_images(paths: Iterable[str | Path]) -> list[str]:
     """Expand folders into their image files (sorted); keep files as given."""
-    from handlens.data.imaging import IMAGE_EXTENSIONS
+    from handlens.core.formats import IMAGE_EXTENSIONS
 
     out: list[str] = []
     for item in paths:

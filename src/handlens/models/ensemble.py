@@ -14,7 +14,6 @@ gradients) explain the whole ensemble.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,7 @@ def build_ensemble(manifest: dict[str, Any]) -> Ensemble:
 
 def save_ensemble(bundles: list[Path], directory: Path, *, study: dict[str, Any] | None = None) -> Path:
     """One bundle averaging ``bundles`` (which must share classes and preprocessing)."""
-    from handlens.models.bundle import MANIFEST_FILE, load_bundle, save_bundle
+    from handlens.models.bundle import load_bundle, save_bundle
 
     loaded = [load_bundle(path) for path in bundles]
     first = loaded[0]
@@ -71,7 +70,7 @@ def save_ensemble(bundles: list[Path], directory: Path, *, study: dict[str, Any]
         if other.manifest["preprocess"] != first.manifest["preprocess"]:
             raise InputError(f"ensemble members {first.path} and {other.path} preprocess differently; "
                              "an ensemble feeds all members one input")
-    manifest = {k: v for k, v in json.loads((first.path / MANIFEST_FILE).read_text()).items()
+    manifest = {k: v for k, v in first.manifest.items()  # validated as it was loaded
                 if k not in ("schema_version", "created_at", "versions", "weights_sha256", "layers", "default_layer")}
     manifest["ensemble"] = {"members": [{k: b.manifest.get(k) for k in MEMBER_KEYS} | {"bundle": str(b.path),
                                          "run_id": b.manifest.get("run_id")} for b in loaded]}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import threading
 from collections import OrderedDict
@@ -23,6 +22,7 @@ import numpy as np
 
 from handlens.core.errors import NotFoundError
 from handlens.core.workspace import resolve_inside
+from handlens.models.bundle import MANIFEST_FILE, BundleEntry, check_weights_file, read_manifest, scan_bundles
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -32,9 +32,18 @@ def bundle_dir(runs_dir: Path, model_id: str) -> Path:
     if not MODEL_ID.match(model_id) or ".." in model_id:
         raise NotFoundError(f"no model {model_id!r}: model ids are run ids, see GET /api/v1/models")
     path = resolve_inside(runs_dir, Path(model_id) / "bundle")
-    if not (path / "bundle.json").is_file():
+    if not (path / MANIFEST_FILE).is_file():
         raise NotFoundError(f"no model {model_id!r}; see GET /api/v1/models")
     return path
+
+
+def read_model_manifest(runs_dir: Path, model_id: str) -> dict[str, Any]:
+    """Model ``model_id``'s validated manifest (the dict in its ``bundle.json``); its weights file must be
+    there. :class:`NotFoundError` for no such model, :class:`DamagedBundleError` for a damaged one."""
+    path = bundle_dir(runs_dir, model_id)
+    manifest = read_manifest(path)
+    check_weights_file(path)
+    return manifest
 
 
 class MicroBatcher:
@@ -102,17 +111,45 @@ class MicroBatcher:
 
 
 @dataclass
-class LoadedModel:
-    model_id: str
+class ModelCopy:
+    """One instance of a bundle and the lock every use of it holds (explanation hooks must never see another
+    request's forward pass)."""
+
     bundle: Any  # handlens.explain.api.ExplainableBundle
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class LoadedModel:
+    """A model kept warm: the instance predictions use (micro-batched), and a second one for explanations,
+    loaded on the first explanation, so that a slow explanation never holds the lock predictions need."""
+
+    model_id: str
+    bundle: Any  # handlens.explain.api.ExplainableBundle, for predictions
     sha256: str
     nbytes: int
+    path: Path | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     batcher: MicroBatcher | None = None
+    _explainer: ModelCopy | None = None
+    _explainer_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def predict(self, arrays: list[np.ndarray]) -> np.ndarray:
         with self.lock:
             return self.bundle.predict_proba(arrays, batch_size=max(1, len(arrays)))
+
+    def explainer(self) -> ModelCopy:
+        """The explanation copy (loaded once, off the event loop: call it from a worker thread)."""
+        with self._explainer_lock:
+            if self._explainer is None:
+                if self.path is None:
+                    self._explainer = ModelCopy(self.bundle, self.lock)  # no path to load from: share the one
+                else:
+                    from handlens.explain.api import load_bundle
+
+                    self._explainer = ModelCopy(load_bundle(self.path))
+                    self.nbytes *= 2
+            return self._explainer
 
 
 class ModelPool:
@@ -125,17 +162,14 @@ class ModelPool:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
 
-    def manifests(self) -> list[tuple[str, dict[str, Any]]]:
-        out = []
-        for manifest in sorted(self.runs_dir.glob("*/bundle/bundle.json")):
-            try:
-                out.append((manifest.parent.parent.name, json.loads(manifest.read_text())))
-            except (OSError, ValueError):
-                continue  # a bundle being written or damaged: not listed
-        return out
+    def manifests(self) -> list[BundleEntry]:
+        """Every model of the workspace, sorted by id: usable ones with their validated manifest, damaged ones
+        with ``damaged`` saying why (one damaged bundle never hides the others)."""
+        return [entry for entry in scan_bundles(self.runs_dir) if MODEL_ID.match(entry.model_id)]
 
     def manifest(self, model_id: str) -> dict[str, Any]:
-        return json.loads((bundle_dir(self.runs_dir, model_id) / "bundle.json").read_text())
+        """Model ``model_id``'s validated manifest; raises :class:`DamagedBundleError` for a damaged bundle."""
+        return read_model_manifest(self.runs_dir, model_id)
 
     def get(self, model_id: str) -> LoadedModel:
         path = bundle_dir(self.runs_dir, model_id)
@@ -150,7 +184,7 @@ class ModelPool:
             nbytes = sum(p.numel() * p.element_size() for p in bundle.module.parameters())
             sha = bundle.manifest.get("weights_sha256") or hashlib.sha256(
                 (path / "weights.safetensors").read_bytes()).hexdigest()
-            loaded = LoadedModel(model_id, bundle, str(sha), nbytes)
+            loaded = LoadedModel(model_id, bundle, str(sha), nbytes, path=path)
             loaded.batcher = MicroBatcher(loaded.predict, self.batch_size, self.max_wait_s)
             self._loaded[model_id] = loaded
             total = sum(m.nbytes for m in self._loaded.values())
@@ -165,75 +199,3 @@ class ModelPool:
 
     def queue_depth(self) -> int:
         return sum(m.batcher.depth for m in self._loaded.values() if m.batcher is not None)
-
-
-class ExplanationCache:
-    """LRU of explanation results keyed by (bundle hash, image hash, method, layer, target, parameters)."""
-
-    def __init__(self, items: int) -> None:
-        self.items = items
-        self._data: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(*parts: Any) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-    def get(self, key: str) -> Any:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return self._data[key]
-            self.misses += 1
-            return None
-
-    def put(self, key: str, value: Any) -> None:
-        if self.items <= 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.items:
-                self._data.popitem(last=False)
-
-
-class Metrics:
-    """Request counts and latencies per route and per explanation method, in Prometheus text format."""
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counts: dict[tuple[str, str, int], int] = {}
-        self.histograms: dict[tuple[str, str], list[float]] = {}
-
-    def observe(self, family: str, label: str, seconds: float, status: int = 200) -> None:
-        with self._lock:
-            self.counts[(family, label, status)] = self.counts.get((family, label, status), 0) + 1
-            buckets = self.histograms.setdefault((family, label), [0.0] * (len(self.BUCKETS) + 2))
-            for i, bound in enumerate(self.BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
-            buckets[-2] += 1  # +Inf / count
-            buckets[-1] += seconds  # sum
-
-    def render(self, gauges: dict[str, float]) -> str:
-        lines = ["# TYPE handlens_requests_total counter"]
-        with self._lock:
-            for (family, label, status), count in sorted(self.counts.items()):
-                key = "route" if family == "http" else "method"
-                lines.append(f'handlens_requests_total{{kind="{family}",{key}="{label}",status="{status}"}} {count}')
-            lines.append("# TYPE handlens_request_seconds histogram")
-            for (family, label), buckets in sorted(self.histograms.items()):
-                key = "route" if family == "http" else "method"
-                base = f'kind="{family}",{key}="{label}"'
-                for bound, value in zip(self.BUCKETS, buckets, strict=False):
-                    lines.append(f'handlens_request_seconds_bucket{{{base},le="{bound}"}} {value:g}')
-                lines.append(f'handlens_request_seconds_bucket{{{base},le="+Inf"}} {buckets[-2]:g}')
-                lines.append(f"handlens_request_seconds_count{{{base}}} {buckets[-2]:g}")
-                lines.append(f"handlens_request_seconds_sum{{{base}}} {buckets[-1]:.6f}")
-        for name, value in gauges.items():
-            lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
-        return "\n".join(lines) + "\n"

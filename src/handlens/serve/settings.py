@@ -13,7 +13,15 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = Field(20 * 2**20, gt=0, description="larger uploads get 413")
-    max_pixels: int = Field(50_000_000, gt=0, description="larger images (decompression bombs) get 413")
+    max_pixels: int = Field(50_000_000, gt=0, description="larger images (decompression bombs) get 413; "
+                            "uploads and catalog images alike")
+    max_pixels_in_flight: int = Field(100_000_000, gt=0, description="pixels decoded at once over all requests "
+                                      "(others wait their turn): bounds the service's memory")
+    max_json_bytes: int = Field(1 * 2**20, gt=0, description="larger JSON bodies get 413 (parsed off the event "
+                                "loop, nesting bounded)")
+    allowed_hosts: list[str] = Field(default_factory=list, description="names (Host headers) the service is "
+                                     "reached by besides IP addresses, localhost and this machine's name; "
+                                     "'*' turns the check off behind a proxy that checks it")
     api_key: str | None = Field(None, description="required on mutating endpoints when not bound to loopback")
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed")
     batch_size: int = Field(16, ge=1, description="most predict requests served by one forward pass")
@@ -21,9 +29,10 @@ class ServeSettings(BaseModel):
     pool_memory_mb: float = Field(2048, gt=0, description="loaded models kept warm up to this many MB (LRU)")
     explain_cache_items: int = Field(256, ge=0, description="explanations kept (overlay PNG + float16 map each)")
     explain_concurrency: int = Field(2, ge=1, description="explanations computed at once; others queue")
-    max_ig_steps: int = Field(128, ge=1, description="Integrated Gradients / GradientSHAP steps allowed per request")
-    max_occlusion_windows: int = Field(4096, ge=1, description="occlusion windows allowed per request")
-    max_scorecam_channels: int = Field(512, ge=1, description="Score-CAM channels allowed per request")
+    max_forward_passes: int = Field(4096, ge=1, description="forward passes one image's explanation may take "
+                                    "(occlusion windows, Score-CAM channels, IG steps...), from each method's cost")
+    max_backward_passes: int = Field(128, ge=1, description="backward passes one image's explanation may take "
+                                     "(Integrated Gradients steps, SmoothGrad / GradientSHAP samples)")
     max_explain_tiles: int = Field(64, ge=1, description="tiles one explanation of a patch-trained model may take "
                                    "(each tile is explained at the model's input size, within the budgets above)")
     request_timeout_s: float = Field(60.0, gt=0)

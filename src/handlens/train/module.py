@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from handlens.train.checkpoint_files import previous_checkpoint, write_atomically
 from handlens.train.head import NonFiniteLossError, better, build_scheduler
 from handlens.train.losses import build_loss
 from handlens.train.metrics import classification_metrics, scalar_metrics
 from handlens.transforms.patches import mean_by_image
 
-__all__ = ["ClassifierModule", "EpochRecorder", "NonFiniteLossError", "TieBreakCheckpoint", "build_scheduler"]
+__all__ = ["AtomicCheckpointIO", "ClassifierModule", "EpochRecorder", "NonFiniteLossError", "TieBreakCheckpoint",
+           "build_scheduler", "previous_checkpoint", "write_atomically"]
 
 
 class ClassifierModule(pl.LightningModule):
@@ -246,3 +251,22 @@ class TieBreakCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.best_tie_value = state_dict.get("best_tie_value")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made safe for full disks: each checkpoint is serialised in memory, written
+    to a temp file in its folder, fsynced and renamed into place (:func:`write_atomically`). Checkpoints whose
+    file stem is in ``keep_previous`` (``last``) keep the one they replace as ``<stem>.prev.ckpt``."""
+
+    def __init__(self, keep_previous: tuple[str, ...] = ("last",)) -> None:
+        super().__init__()
+        self.keep_previous = keep_previous
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomically(target, buffer.getbuffer(), keep_previous=target.stem in self.keep_previous)

@@ -1,7 +1,8 @@
 """``train(cfg) -> RunResult``: from a catalog split to a model bundle, with metrics and tracking.
 
 A run lives in ``<workspace>/runs/<run id>/``: ``config.yaml`` (enough to repeat it),
-``checkpoints/`` (``last.ckpt`` to resume, ``best.ckpt``), ``history.json``, ``metrics.json``,
+``checkpoints/`` (``last.ckpt`` to resume, ``last.prev.ckpt`` its fallback, ``best.ckpt``; each written
+atomically), ``history.json``, ``metrics.json``,
 confusion-matrix PNGs and ``bundle/``. Images are decoded once (cached across runs); a frozen
 backbone's features are computed once per image (also cached) and only the head trains on them, with
 :func:`handlens.train.head.fit_head` (no Lightning, no checkpoints: a frozen run takes seconds).
@@ -9,6 +10,7 @@ backbone's features are computed once per image (also cached) and only the head 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -23,8 +25,9 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from handlens.core.errors import ConflictError, HandlensError, InputError, NotFoundError
+from handlens.core.errors import BusyError, ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
+from handlens.models.bundle import raise_if_disk_full
 from handlens.train.config import RunConfig, load_config
 from handlens.transforms.augment import build_augmenter
 
@@ -118,8 +121,11 @@ def resolve_policy(cfg: RunConfig) -> str:
 
 def feature_key_parts(cfg: RunConfig, spec: Any, preprocess: Any, views: int) -> dict[str, Any]:
     """What identifies a frozen backbone's features in the per-image store (train runs and studies share it)."""
+    from handlens.transforms.cache import DECODER_VERSION
+
     base = {"backbone": spec.name, "weights": _weights_identity(cfg.model.weights),
-            "preprocess": preprocess.model_key(), "pool": cfg.model.pool}
+            "preprocess": preprocess.model_key(), "pool": cfg.model.pool,
+            "decoder": DECODER_VERSION}  # features of images decoded before EXIF orientation was applied: stale
     if cfg.model.weights == "none":  # a random backbone is made by the seed: another seed, other features
         base["init_seed"] = cfg.train.seed
     return {**base, "augment": cfg.augment.model_dump(), "seed": cfg.train.seed} if views else base
@@ -581,35 +587,43 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
         if not (run_dir / CONFIG_FILE).is_file():
             raise NotFoundError(f"no run {run_id!r} in {ws.runs_dir}; see the run ids printed by `handlens train`")
         cfg = load_config(run_dir / CONFIG_FILE)
-        last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = last_ckpt if last_ckpt.is_file() else None
-        if (run_dir / "bundle" / "bundle.json").is_file() and (run_dir / "history.json").is_file():
+        if run_finished(run_dir):
+            reconcile_quietly(ws, [run_id])  # a final catalog write lost to a locked database: fix the row now
             raise ConflictError(f"run {run_id} already finished; its bundle is {run_dir / 'bundle'}. "
                                 "Start a new run to train more")
+        ckpt_path = resume_checkpoint(run_dir, run_id)
         if (run_dir / SUBSETS_FILE).is_file():
             subsets = json.loads((run_dir / SUBSETS_FILE).read_text())
     else:
         run_id = new_run_id()
         run_dir = ws.runs_dir / run_id
-        run_dir.mkdir(parents=True)
-        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-        if subsets is not None:
-            (run_dir / SUBSETS_FILE).write_text(json.dumps({k: [int(i) for i in v] for k, v in subsets.items()}))
+        try:
+            run_dir.mkdir(parents=True)
+            (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+            if subsets is not None:
+                (run_dir / SUBSETS_FILE).write_text(json.dumps({k: [int(i) for i in v] for k, v in subsets.items()}))
+        except OSError as exc:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise_if_disk_full(exc, what="a new run's config", where=ws.runs_dir, then="start the run again")
+            raise
 
     catalog = open_catalog_for(ws)
     try:
+        _reconcile_on(catalog, ws.runs_dir)
         prepared = prepare(cfg, ws, catalog, subsets=subsets, for_lightning=False)
-    except BaseException:
+        data = prepared.data
+        if not resume:  # pin what "default"/"auto" resolved to, so a resume or repeat uses the same split and size
+            cfg.data.split, cfg.data.labelset = data.split, data.labelset
+            cfg.preprocess.size = prepared.preprocess.size
+            (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+        _record_run_start(catalog, cfg, run_id, data)
+    except BaseException as exc:
         catalog.close()
         if not resume:  # nothing was trained: leave no empty run behind
             shutil.rmtree(run_dir, ignore_errors=True)
+        raise_if_disk_full(exc, what="the image and feature caches or the run's files", where=ws.root,
+                           then=f"continue with `handlens train --resume {run_id}`" if resume else "train again")
         raise
-    data = prepared.data
-    if not resume:  # pin what "default"/"auto" resolved to, so a resume or repeat uses the same split and size
-        cfg.data.split, cfg.data.labelset = data.split, data.labelset
-        cfg.preprocess.size = prepared.preprocess.size
-        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-    _record_run_start(catalog, cfg, run_id, data)
 
     from handlens.models.bundle import save_bundle
     from handlens.track import create_tracker, flatten
@@ -633,17 +647,24 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
         metrics["best_epoch"] = best_epoch
         if head_fit is not None:
             metrics["head_fit"] = head_fit
+        (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+        # the bundle's rename is the moment the run finishes: nothing after it can make the run fail
         bundle = save_bundle(run_dir / "bundle", prepared.model, _manifest(cfg, prepared, metrics, run_id))
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        for png in sorted(run_dir.glob("confusion_*.png")):
-            tracker.log_artifact(png)
-        tracker.log_artifact(bundle)
         status = "finished"
+        _best_effort(lambda: _log_outputs(tracker, run_dir, bundle), f"run {run_id} finished, but logging its "
+                     f"bundle and confusion matrices to the {cfg.tracking.backend} tracker")
+        _best_effort(lambda: _drop_previous_checkpoint(run_dir), f"run {run_id} finished, but removing its "
+                     "previous checkpoint")
     except (KeyboardInterrupt, RunInterrupted):
-        status = "interrupted"
+        if status != "finished":
+            status = "interrupted"
+        raise
+    except Exception as exc:
+        raise_if_disk_full(exc, what=f"run {run_id}'s checkpoints, metrics and bundle", where=run_dir,
+                           then=f"continue it with `handlens train --resume {run_id}`")
         raise
     finally:
-        tracker.finish(status)
+        _best_effort(lambda: tracker.finish(status), f"closing run {run_id} in the {cfg.tracking.backend} tracker")
         _record_run_end(catalog, cfg, run_id, status, tracker, bundle if status == "finished" else None,
                         metrics if status == "finished" else None)
         catalog.close()
@@ -653,13 +674,175 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
                      resumed=bool(resume))
 
 
+def _drop_previous_checkpoint(run_dir: Path) -> None:
+    """A finished run is never resumed: the fallback checkpoint kept for a resume only takes disk space."""
+    from handlens.train.checkpoint_files import previous_checkpoint
+
+    previous_checkpoint(run_dir / "checkpoints" / LAST_CHECKPOINT).unlink(missing_ok=True)
+
+
+def _log_outputs(tracker: Any, run_dir: Path, bundle: Path) -> None:
+    for png in sorted(run_dir.glob("confusion_*.png")):
+        tracker.log_artifact(png)
+    tracker.log_artifact(bundle)
+
+
+def _best_effort(step: Any, what: str) -> None:
+    """Run ``step``; if it fails, say so on stderr and go on (bookkeeping after a run's outcome is decided must
+    neither change that outcome nor hide the error that decided it)."""
+    try:
+        step()
+    except Exception as exc:
+        print(f"warning: {what} failed: {_reason(exc)}", file=sys.stderr, flush=True)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
+
+
+# ------------------------------------------------------------------------------------ resume checkpoints
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from (empty, truncated, corrupt), or None when it reads
+    whole. Checks the zip archive ``torch.save`` writes and every member's CRC: nothing is unpickled."""
+    import zipfile
+
+    try:
+        if path.stat().st_size == 0:
+            return "it is empty (0 bytes)"
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        return f"it is truncated or not a checkpoint ({_reason(exc)})"
+    return f"its member {broken} is corrupt" if broken else None
+
+
+def resume_checkpoint(run_dir: Path, run_id: str) -> Path | None:
+    """The checkpoint a resume continues from: ``last.ckpt``, or, when it cannot be read (a full disk under an
+    older handlens truncated it), the one before it (``last.prev.ckpt``) with a warning; the unreadable one
+    is removed so the next save keeps the good one as previous. None: no checkpoint (the run trains anew)."""
+    from handlens.train.checkpoint_files import previous_checkpoint
+
+    folder = run_dir / "checkpoints"
+    for leftover in folder.glob(".*.tmp"):  # a write killed before its rename
+        leftover.unlink(missing_ok=True)
+    last = folder / LAST_CHECKPOINT
+    candidates = [path for path in (last, previous_checkpoint(last)) if path.is_file()]
+    problems: list[str] = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                for broken in candidates[:len(problems)]:
+                    broken.unlink(missing_ok=True)
+                print(f"warning: run {run_id}: {'; '.join(problems)}; resuming from {path.name}, the checkpoint "
+                      "before it (the epoch after it is trained again); the unreadable one was removed",
+                      file=sys.stderr, flush=True)
+            return path
+        problems.append(f"checkpoints/{path.name} cannot be read: {problem}")
+    if problems:
+        raise InputError(f"run {run_id} cannot be resumed: {'; '.join(problems)}. Delete {folder} to train the "
+                         f"run again from its first epoch, or start a new run")
+    return None
+
+
+# ------------------------------------------------------------------------------------ the catalog's run rows
+
+#: seconds to wait between tries of a catalog write that found the database locked (about 4 s in all, on top
+#: of SQLite's own busy timeout per try)
+CATALOG_RETRY_DELAYS = (0.1, 0.3, 1.0, 2.5)
+
+
+def run_finished(run_dir: Path) -> bool:
+    """A run's files say it finished: its bundle and its history are written (whatever the catalog says)."""
+    return (run_dir / "bundle" / "bundle.json").is_file() and (run_dir / "history.json").is_file()
+
+
+def with_retries(write: Any, delays: tuple[float, ...] | None = None) -> Any:
+    """``write()``, tried again after each of ``delays`` (:data:`CATALOG_RETRY_DELAYS`) while the database
+    answers an OperationalError (SQLite's "database is locked" while another process writes); the last
+    failure propagates."""
+    from sqlalchemy.exc import OperationalError
+
+    for delay in CATALOG_RETRY_DELAYS if delays is None else delays:
+        try:
+            return write()
+        except OperationalError:
+            time.sleep(delay)
+    return write()
+
+
 def open_catalog_for(ws: Workspace) -> Any:
     from handlens.data.catalog import open_catalog
 
     return open_catalog(ws.db_url)
 
 
+def reconcile_runs(catalog: Any, runs_dir: Path, run_ids: list[str] | None = None) -> list[str]:
+    """Mark finished every run the catalog does not say finished although its files do (:func:`run_finished`):
+    its final catalog write was lost (a locked database, a kill just after the bundle). Its bundle path,
+    metrics (``metrics.json``) and end time come from the run directory. Returns the run ids fixed."""
+    from handlens.data.catalog import Run
+
+    fixed: list[str] = []
+    with catalog.session() as session:
+        query = session.query(Run).filter(Run.status != "finished")
+        if run_ids is not None:
+            query = query.filter(Run.id.in_(run_ids))
+        for row in query:
+            run_dir = runs_dir / row.id
+            if not run_finished(run_dir):
+                continue
+            metrics_file = run_dir / "metrics.json"
+            try:
+                metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else row.metrics
+            except (OSError, ValueError):
+                metrics = row.metrics
+            row.status, row.bundle_path, row.metrics = "finished", str(run_dir / "bundle"), metrics
+            row.finished_at = datetime.fromtimestamp((run_dir / "bundle").stat().st_mtime, UTC)
+            fixed.append(row.id)
+    return fixed
+
+
+def _reconcile_on(catalog: Any, runs_dir: Path) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    with contextlib.suppress(SQLAlchemyError):  # locked now: the next command reconciles
+        reconcile_runs(catalog, runs_dir)
+
+
+def reconcile_quietly(ws: Workspace, run_ids: list[str] | None = None) -> list[str]:
+    """:func:`reconcile_runs` on the workspace's catalog, skipped (with nothing said) while it is unreachable or
+    locked: it is bookkeeping that the next command can do."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        catalog = open_catalog_for(ws)
+    except (HandlensError, SQLAlchemyError):
+        return []
+    try:
+        return reconcile_runs(catalog, ws.runs_dir, run_ids)
+    except SQLAlchemyError:
+        return []
+    finally:
+        catalog.close()
+
+
 def _record_run_start(catalog: Any, cfg: RunConfig, run_id: str, data: Any) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        with_retries(lambda: _write_run_start(catalog, cfg, run_id, data))
+    except OperationalError as exc:
+        raise BusyError(f"the catalog cannot record run {run_id}: {_reason(exc)}. Another handlens process is "
+                        "probably writing to it; try again when it is done") from None
+
+
+def _write_run_start(catalog: Any, cfg: RunConfig, run_id: str, data: Any) -> None:
     from handlens.data.catalog import Dataset, Run
 
     with catalog.session() as session:
@@ -671,6 +854,26 @@ def _record_run_start(catalog: Any, cfg: RunConfig, run_id: str, data: Any) -> N
 
 def _record_run_end(catalog: Any, cfg: RunConfig, run_id: str, status: str, tracker: Any, bundle: Path | None,
                     metrics: dict[str, Any] | None) -> None:
+    """The run's final catalog row, retried while the database is locked. It never raises: a finished run stays
+    finished (its files say so and the next ``handlens train`` reconciles the row, see :func:`reconcile_runs`),
+    and a failed run's own error is what the user must see."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with_retries(lambda: _write_run_end(catalog, cfg, run_id, status, tracker, bundle, metrics))
+    except SQLAlchemyError as exc:
+        if status == "finished":
+            print(f"warning: run {run_id} finished (its bundle is {bundle}), but the catalog could not record it: "
+                  f"{_reason(exc)}. The catalog lists it as running until the next `handlens train` (or "
+                  f"`handlens train --resume {run_id}`) records it from the run's files", file=sys.stderr,
+                  flush=True)
+        else:
+            print(f"warning: the catalog could not record run {run_id} as {status}: {_reason(exc)}",
+                  file=sys.stderr, flush=True)
+
+
+def _write_run_end(catalog: Any, cfg: RunConfig, run_id: str, status: str, tracker: Any, bundle: Path | None,
+                   metrics: dict[str, Any] | None) -> None:
     from handlens.data.catalog import Run
 
     with catalog.session() as session:
@@ -734,7 +937,7 @@ def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, run_id: str,
     import rich
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-    from handlens.train.module import EpochRecorder, TieBreakCheckpoint
+    from handlens.train.module import AtomicCheckpointIO, EpochRecorder, TieBreakCheckpoint
 
     quiet_lightning()
     cfg, module = prepared.cfg, prepared.module
@@ -760,6 +963,7 @@ def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, run_id: str,
         callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))
     trainer = pl.Trainer(
         max_epochs=cfg.train.epochs, accelerator="auto", devices=1, logger=False, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],  # a full disk or a kill never leaves a truncated checkpoint
         enable_progress_bar=show_bar, enable_model_summary=False, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, overfit_batches=cfg.train.overfit_batches or 0.0, log_every_n_steps=10,
     )

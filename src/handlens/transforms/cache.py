@@ -1,10 +1,11 @@
 """Decode and resize each image once: a bounded two-tier cache keyed by file hash and preprocessing.
 
 Tier 1 is an LRU in memory (``HANDLENS_CACHE_MEMORY_MB``, default 2048 MB); tier 2 is ``.npy`` files
-under ``<workspace>/cache/decoded/<preprocess key>/<sha256[:2]>/<sha256>.npy``, bounded by
-``HANDLENS_CACHE_DISK_GB`` (default 20 GB: the least recently used files go first). The key of a
-preprocessing (``Preprocess.key()``) hashes every parameter that changes the pixels, so changing one
-never returns stale images. Images not cached are decoded on every core.
+under ``<workspace>/cache/decoded/<key>/<sha256[:2]>/<sha256>.npy``, bounded by
+``HANDLENS_CACHE_DISK_GB`` (default 20 GB: the least recently used files go first). The key
+(:func:`decoded_key`) hashes every preprocessing parameter that changes the pixels
+(``Preprocess.key()``) and :data:`DECODER_VERSION`, so changing either never returns stale images.
+Images not cached are decoded on every core.
 
 ``decode_many`` returns one (N, S, S, 3) uint8 array for whole-image training; ``decode_working_many``
 returns the variable-size working images patch sampling cuts from.
@@ -25,6 +26,10 @@ from typing import Any
 import numpy as np
 
 from handlens.transforms.preprocess import Preprocess, decode_working, preprocess_image
+
+#: Bumped whenever decoding itself changes, so no cache serves pixels the current code would not make.
+#: 2: EXIF orientation applied (``load_rgb``); earlier entries hold sideways phone photos.
+DECODER_VERSION = 2
 
 
 def _env_number(name: str, default: float) -> float:
@@ -159,7 +164,14 @@ def _fill(keys: Sequence[str | None], key: str, cache: DecodedCache | None, jobs
         results: Any = map(decode, todo)
         pool = None
     else:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        import multiprocessing
+
+        from handlens.core.procs import worker_init
+
+        context = multiprocessing.get_context()
+        parent = os.getpid() if context.get_start_method() in ("fork", "spawn") else None  # see worker_init
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker_init,
+                                   initargs=(parent,))  # decode workers die with the command that started them
         results = pool.map(decode, todo, chunksize=8)
     try:
         for index, array in zip(missing, results, strict=True):
@@ -169,7 +181,7 @@ def _fill(keys: Sequence[str | None], key: str, cache: DecodedCache | None, jobs
                 cache.put(key, sha, array)
     finally:
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def decode_many(
@@ -188,13 +200,19 @@ def decode_many(
         out[index] = array
 
     keys = list(sha256s) if sha256s else [None] * len(paths)
-    _fill(keys, preprocess.key(), cache, [(p, preprocess) for p in paths], _decode_one, workers, store)
+    _fill(keys, decoded_key(preprocess), cache, [(p, preprocess) for p in paths], _decode_one, workers, store)
     return out
+
+
+def decoded_key(preprocess: Preprocess) -> str:
+    """Cache key of a decoded model input: the preprocessing's pixel key and the decoder version."""
+    relevant = {"preprocess": preprocess.key(), "decoder": DECODER_VERSION}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def working_key(max_side: int, morphology: list[dict[str, Any]]) -> str:
     """Cache key of a working image for patch sampling (changes with every parameter that changes it)."""
-    relevant = {"working": max_side, "morphology": morphology, "v": 1}
+    relevant = {"working": max_side, "morphology": morphology, "v": 1, "decoder": DECODER_VERSION}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -97,23 +97,24 @@ class Preprocess:
 
 
 def load_rgb(source: Any) -> Any:
-    """Open a path, PIL image or array as an 8-bit RGB PIL image.
+    """Open a path, PIL image or array as an 8-bit RGB PIL image, upright as a browser shows it.
 
-    16-bit images are scaled over their full range (65535 -> 255) rather than clipped at 255, which is
-    what a plain ``convert("L")`` would do to an X-ray; palette and alpha images are flattened; CMYK
-    is converted.
+    The one decode that training, prediction, explanation and the viewer's thumbnails share: an
+    EXIF orientation (a phone photo stored on its side) is applied here, so every one of them sees the
+    image the way the user does. 16-bit images are scaled over their full range (65535 -> 255) rather
+    than clipped at 255, which is what a plain ``convert("L")`` would do to an X-ray; palette and alpha
+    images are flattened; CMYK is converted.
     """
     import numpy as np
     from PIL import Image
 
     if isinstance(source, (str, Path)):
         with Image.open(source) as opened:
-            opened.load()
-            img = opened.copy() if opened.mode != "P" else opened.convert("RGBA")
+            img = _upright(opened, copy=True)
     elif isinstance(source, np.ndarray):
         img = Image.fromarray(_array_to_uint8(source))
     elif isinstance(source, Image.Image):
-        img = source
+        img = _upright(source, copy=False)
     else:
         raise TypeError(f"cannot read an image from {type(source).__name__}; give a path, PIL image or array")
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -125,6 +126,21 @@ def load_rgb(source: Any) -> Any:
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
         return background
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _upright(img: Any, *, copy: bool) -> Any:
+    """``img`` loaded and turned as its EXIF orientation says (tag 0x0112), the tag then dropped; an image
+    without one is returned as is, or as a copy when ``copy`` (to outlive its closed file)."""
+    from PIL import ImageOps
+
+    img.load()
+    try:
+        orientation = int(img.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block: show the pixels as stored
+        orientation = 1
+    if orientation == 1:
+        return img.copy() if copy else img
+    return ImageOps.exif_transpose(img)
 
 
 def _array_to_uint8(array: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The catalog: a SQL database (SQLite by default, any SQLAlchemy URL) describing the user's images."""
 
-from handlens.data.catalog.db import Catalog, open_catalog
+from handlens.data.catalog.db import Catalog, CatalogBusyError, open_catalog
 from handlens.data.catalog.schema import (
     SCHEMA_VERSION,
     Annotation,
@@ -19,6 +19,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Annotation",
     "Catalog",
+    "CatalogBusyError",
     "Dataset",
     "Image",
     "ImportRecord",

@@ -1,15 +1,13 @@
-"""The CLI contract: command names, flags, one JSON document with --json, clear errors."""
+"""CLI contract of the data commands (cli/data.py): import, datasets, stats, split, demo; one JSON document
+with --json, clear errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from handlens.cli.main import app
+from handlens.cli.app import app
 from tests.conftest import write_image
 
 runner = CliRunner()
@@ -101,15 +99,6 @@ def test_errors_are_one_line_with_a_fix_and_an_exit_code(make_tree, tmp_path):
     assert bad.exit_code == 2 and "sums to 0.9" in bad.output
 
 
-def test_db_url_option_puts_the_catalog_elsewhere(make_tree, tmp_path):
-    root = make_tree({"a": 2})
-    other = tmp_path / "team.db"
-    result = runner.invoke(app, ["--workspace", str(tmp_path / "ws"), "--db", f"sqlite:///{other}",
-                                 "import", str(root), "--dataset", "d"])
-    assert result.exit_code == 0, result.output
-    assert other.is_file() and not (tmp_path / "ws" / "handlens.db").exists()
-
-
 def test_demo_builds_imports_splits_trains_and_predicts(tmp_path):
     result = invoke(tmp_path / "ws", "demo", "--json", "--epochs", "5")
     assert result.exit_code == 0, result.output
@@ -122,26 +111,6 @@ def test_demo_builds_imports_splits_trains_and_predicts(tmp_path):
     assert len(out["predictions"]) == 2 and Path(out["train"]["bundle"]).is_dir()
     again = json.loads(invoke(tmp_path / "ws", "demo", "--json", "--no-train").stdout)
     assert again["import"]["nothing_new"] and again["split"]["name"] == "demo" and "train" not in again
-
-
-def test_help_is_fast_to_import_and_does_not_import_torch():
-    code = (
-        "import sys, runpy; sys.argv=['handlens','--help'];\n"
-        "try:\n    runpy.run_module('handlens.cli.main', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        "names = ('torch', 'torchvision', 'timm', 'lightning', 'sqlalchemy', 'PIL', 'numpy')\n"
-        "heavy = [m for m in names if m in sys.modules]\n"
-        "print('HEAVY', heavy)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
-    assert "HEAVY []" in result.stdout, result.stdout[-500:]
-    assert "import" in result.stdout and "split" in result.stdout
-
-
-def test_importing_the_package_does_not_import_torch():
-    code = "import handlens, handlens.data, handlens.core; import sys; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("args", [["import", "--help"], ["split", "--help"]])

@@ -1,11 +1,11 @@
-"""CLI contract for training and inference: last stdout line is the bundle, clear errors, JSON."""
+"""CLI contract for training and inference (cli/training.py): last stdout line is the bundle, clear errors, JSON."""
 
 import json
 import shutil
 
 from typer.testing import CliRunner
 
-from handlens.cli.main import app
+from handlens.cli.app import app
 
 runner = CliRunner()
 TINY = ["--backbone", "tiny_cnn", "--weights", "none", "--freeze", "full", "--epochs", "2", "--tracking", "none",

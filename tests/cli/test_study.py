@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from handlens.cli.main import app
+from handlens.cli.app import app
 from handlens.cli.study import parse_budget
 
 runner = CliRunner()

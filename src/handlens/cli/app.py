@@ -1,0 +1,42 @@
+"""``handlens``: the Typer app, assembled from one module per command group.
+
+Every command is a thin shell: it parses flags, calls one library function, prints the result.
+Nothing heavy is imported at module level, so ``handlens --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from handlens.cli import data, explaining, serving, training
+from handlens.cli.options import DbOption, WorkspaceOption
+from handlens.cli.study import study_app
+
+app = typer.Typer(
+    name="handlens",
+    help="A workbench for small, expert-labelled image collections: catalog, transfer learning, "
+    "explanations and serving, offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main(ctx: typer.Context, workspace: WorkspaceOption = None, db: DbOption = None) -> None:
+    ctx.obj = {"workspace": workspace, "db": db}
+
+
+for group in (data, training, explaining, serving):
+    app.add_typer(group.app)
+app.add_typer(study_app, name="study")
+app.add_typer(data.annotate_app, name="annotate")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    run()

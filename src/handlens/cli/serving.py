@@ -1,0 +1,60 @@
+"""The ``serve`` command: the API, the viewer, health and metrics, in one process or several."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from handlens.cli.context import workspace
+from handlens.cli.output import handle_errors, stderr
+
+app = typer.Typer()
+
+
+@app.command("serve")
+@handle_errors
+def serve_cmd(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Server processes.")] = 1,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Larger uploads get "
+                                                 "413.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Larger images get 413.")] = 50_000_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Predict micro-batch size (1: no "
+                                            "batching).")] = 16,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help="How long a request waits for a "
+                                               "batch.")] = 5.0,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="HANDLENS_API_KEY", help="Key for mutating "
+                                                "endpoints (needed off loopback).")] = None,
+    cors: Annotated[list[str] | None, typer.Option("--cors", help="Allow this browser origin (repeatable; off by "
+                                                   "default).")] = None,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        "--allowed-host", help="A name the service is reached by (repeatable), besides IP addresses, localhost and "
+        "this machine's name; other Host headers get 400 (DNS rebinding). '*' turns the check off behind a proxy "
+        "that checks it.")] = None,
+    max_pixels_in_flight: Annotated[int, typer.Option("--max-pixels-in-flight", min=1, help="Pixels decoded at "
+                                                      "once over all requests; others wait.")] = 100_000_000,
+) -> None:
+    """Serve the API (/api/v1, OpenAPI at /docs), health (/livez, /readyz) and metrics (/metrics)."""
+    import os
+
+    import uvicorn
+
+    from handlens.serve.app import SETTINGS_ENV
+    from handlens.serve.settings import ServeSettings
+
+    ws = workspace(ctx)
+    settings = ServeSettings(workspace=ws.root, db_url=ws.db_url, host=host, port=port,
+                             max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+                             batch_size=batch_size, max_wait_ms=max_wait_ms, api_key=api_key,
+                             cors_origins=list(cors or []), allowed_hosts=list(allowed_host or []),
+                             max_pixels_in_flight=max_pixels_in_flight)
+    if not settings.loopback and not api_key:
+        stderr.print(f"[yellow]warning:[/] serving on {host} without --api-key: read-only endpoints are open to "
+                     "the network and mutating ones are refused")
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()  # each worker process builds its app from it
+    stderr.print(f"handlens serving {ws.root} on http://{host}:{port} (API docs at /docs)")
+    uvicorn.run("handlens.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="warning")

@@ -1,0 +1,53 @@
+"""Explanations: a map of where the model looks for one image, cached by (model, image, method, parameters)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from fastapi import APIRouter
+
+from handlens.core.errors import InputError
+from handlens.serve.cache import ExplanationCache
+from handlens.serve.deps import LoadedModelDep, RequestImageDep, StateDep
+from handlens.serve.schemas import ERRORS, IMAGE_BODY, Explanation
+
+router = APIRouter(prefix="/api/v1", tags=["models"], responses=ERRORS)
+
+
+@router.post("/models/{model_id}/explain", openapi_extra=IMAGE_BODY, response_model_exclude_unset=True)
+async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, state: StateDep) -> Explanation:
+    from handlens.serve.explaining import budgeted_params, compute_explanation
+
+    fields = image.fields
+    method = str(fields.get("method") or "gradcam")
+    params = budgeted_params(state.settings, method, fields.get("params") or {}, model.bundle.preprocess.size)
+    layer = fields.get("layer") or None
+    target = str(fields.get("target") or "pred")
+    output = str(fields.get("output") or "png")
+    if output not in ("png", "array", "both"):
+        raise InputError("output: choose png, array or both")
+    key = ExplanationCache.key(model.sha256, image.sha256, method, layer, target, params.model_dump())
+    result = state.cache.get(key)
+    cached = result is not None
+    started = time.perf_counter()
+    if result is None:
+        async with state.explain_slots():  # a burst of slow explanations cannot take every worker thread
+            result = state.cache.peek(key)  # an identical request may have finished while this one waited
+            if result is None:
+                loop = asyncio.get_running_loop()
+                copy = await loop.run_in_executor(state.io_pool, model.explainer)  # never the predict instance
+                result = await loop.run_in_executor(state.explain_pool, lambda: compute_explanation(
+                    copy, image.array, method=method, layer=layer, target=target, params=params,
+                    max_tiles=state.settings.max_explain_tiles))
+                state.cache.put(key, result)
+            else:
+                cached = True
+    state.metrics.observe("explain", method, time.perf_counter() - started)
+    body = {k: v for k, v in result.items() if k not in ("map", "overlay_png")}
+    if output in ("png", "both"):
+        body["overlay_png"] = result["overlay_png"]
+    if output in ("array", "both"):
+        body["map"] = np.round(result["map"].astype(np.float32), 5).tolist()
+    return Explanation(**body, model=model_id, image_sha256=image.sha256, image_id=image.image_id, cached=cached)

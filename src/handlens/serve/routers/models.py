@@ -1,0 +1,99 @@
+"""Model resources: the workspace's bundles (damaged ones listed as damaged), their evaluations, the
+explainers, and predictions (micro-batched)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query
+
+from handlens.serve.deps import LoadedModelDep, RequestImageDep, StateDep
+from handlens.serve.schemas import ERRORS, IMAGE_BODY, ExplainerInfo, ModelDetail, ModelSummary, Prediction
+
+router = APIRouter(prefix="/api/v1", tags=["models"], responses=ERRORS)
+
+
+def model_summary(model_id: str, manifest: dict[str, Any]) -> ModelSummary:
+    metrics = manifest.get("metrics") or {}
+    layers = manifest.get("layers") or {}
+    return ModelSummary(
+        id=model_id, backbone=manifest.get("backbone"), freeze=manifest.get("freeze"),
+        frozen=str(manifest.get("freeze", "")).startswith("frozen"), dataset=manifest.get("dataset"),
+        labelset=manifest.get("labelset"), split=manifest.get("split"), classes=list(manifest.get("classes") or []),
+        layers=[manifest.get("default_layer"), *[n for n in layers if n != manifest.get("default_layer")]],
+        patch_trained=bool((manifest.get("preprocess") or {}).get("patches")),
+        metrics={s: {k: metrics[s].get(k) for k in ("accuracy", "macro_f1", "roc_auc", "n")}
+                 for s in ("val", "test") if isinstance(metrics.get(s), dict)})
+
+
+def as_dict(manifest: Any) -> dict[str, Any]:
+    return manifest if isinstance(manifest, dict) else manifest.model_dump(mode="json")
+
+
+@router.get("/models")
+def models(state: StateDep) -> list[ModelSummary]:
+    """Every bundle of the workspace; a damaged one is listed with ``damaged`` saying why, and hides no other."""
+    out = []
+    for entry in state.pool.manifests():
+        if entry.damaged or entry.manifest is None:
+            out.append(ModelSummary(id=entry.model_id, damaged=entry.damaged or "unreadable"))
+        else:
+            out.append(model_summary(entry.model_id, as_dict(entry.manifest)))
+    return out
+
+
+@router.get("/models/{model_id}")
+def model(model_id: str, state: StateDep) -> ModelDetail:
+    manifest = state.pool.manifest(model_id)
+    return ModelDetail(**{**model_summary(model_id, manifest).model_dump(), "metrics": manifest.get("metrics") or {},
+                          "split_membership": manifest.get("split_membership") or {},
+                          "preprocess": manifest.get("preprocess"), "config": manifest.get("config") or {}})
+
+
+@router.get("/models/{model_id}/evaluations")
+def evaluations(model_id: str, state: StateDep) -> list[dict[str, Any]]:
+    """The model's final metrics per subset (from training) and every `handlens evaluate` report."""
+    from handlens.serve.pool import bundle_dir
+
+    run_dir = bundle_dir(state.workspace.runs_dir, model_id).parent
+    metrics = state.pool.manifest(model_id).get("metrics") or {}
+    out = [{"source": f"training: {subset}", **values} for subset, values in metrics.items()
+           if isinstance(values, dict)]
+    for report in sorted(run_dir.glob("eval_report_*.json")):
+        try:
+            data = json.loads(report.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            out.append({k: v for k, v in data.items() if k not in ("bundle", "confusion_png")})
+    return out
+
+
+@router.get("/explainers")
+def explainers() -> list[ExplainerInfo]:
+    """The registered explanation methods, each with the JSON schema of its parameters."""
+    from handlens.explain.registry import EXPLAINERS
+
+    out = []
+    for name in EXPLAINERS.names():
+        spec = EXPLAINERS.get(name)
+        schema = spec.params_schema(tuning=False)  # the service refuses memory/speed knobs
+        out.append(ExplainerInfo(name=name, description=spec.description, uses_layer=spec.uses_layer,
+                                 signed=spec.signed, expensive=spec.expensive, params=schema))
+    return out
+
+
+@router.post("/models/{model_id}/predict", openapi_extra=IMAGE_BODY)
+async def predict(model_id: str, image: RequestImageDep, model: LoadedModelDep,
+                  top_k: Annotated[int, Query(ge=1, le=100)] = 3) -> Prediction:
+    assert model.batcher is not None
+    probs = await model.batcher.submit(image.array)
+    classes = model.bundle.classes
+    order = np.argsort(-probs)[: min(top_k, len(classes))]
+    return Prediction(model=model_id, image_sha256=image.sha256, image_id=image.image_id,
+                      label=classes[int(order[0])], confidence=float(probs[order[0]]),
+                      top=[{"class": classes[int(i)], "probability": float(probs[i])} for i in order],
+                      probabilities={c: float(p) for c, p in zip(classes, probs, strict=True)})
+

@@ -1,0 +1,201 @@
+"""Request and response models of the API: what OpenAPI shows is what the routes return."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ValidationProblem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error: a sentence saying what went wrong and how to fix it, or (422 on a malformed request) the
+    list of bad fields."""
+
+    detail: str | list[ValidationProblem]
+
+
+#: the error answers every route may give (declared so the schema matches the responses)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in (
+        (400, "a Host this service is not reached by"), (403, "a mutation without the key or from another site"),
+        (404, "no such resource"), (409, "the stored file or bundle changed or is damaged"),
+        (413, "too large: bytes, pixels or nesting"), (415, "not an image this service reads"),
+        (422, "a bad parameter or image"), (503, "busy: retry shortly"), (504, "took longer than the time limit"))}
+
+
+class Status(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    models: int
+    loaded: list[str]
+
+
+class DatasetSummary(BaseModel):
+    name: str
+    images: int
+    labelsets: dict[str, int] = Field(description="labelset name -> number of classes")
+    splits: list[str]
+    created_at: str | None
+
+
+class LabelsetSummary(BaseModel):
+    name: str
+    classes: list[str]
+    counts: dict[str, int]
+
+
+class ImageItem(BaseModel):
+    id: int
+    name: str
+    width: int
+    height: int
+    label: str
+    subset: str | None
+
+
+class ImageList(BaseModel):
+    dataset: str
+    labelset: str
+    split: str | None
+    total: int
+    offset: int
+    items: list[ImageItem]
+
+
+class SplitMembership(BaseModel):
+    split: str
+    fold: int
+    subset: str
+
+
+class RegionSummary(BaseModel):
+    kind: str
+    label: str | None
+    polygons: Any = None
+    has_mask: bool
+
+
+class ImageDetail(BaseModel):
+    id: int
+    name: str
+    dataset_id: int
+    width: int
+    height: int
+    format: str
+    sha256: str
+    group: str | None
+    labels: dict[str, str]
+    splits: list[SplitMembership]
+    regions: list[RegionSummary]
+
+
+class RegionIn(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+    label: str | None = Field(None, max_length=200)
+    polygons: list[list[list[float]]] = Field(..., min_length=1, max_length=100,
+                                              description="[[[x, y], ...], ...] in image pixels")
+
+
+class RegionCreated(BaseModel):
+    id: int
+    image_id: int
+    kind: str
+    label: str | None
+
+
+class ModelSummary(BaseModel):
+    id: str
+    damaged: str | None = Field(None, description="why the bundle cannot be loaded; null for a usable model")
+    backbone: str | None = None
+    freeze: str | None = None
+    frozen: bool = False
+    dataset: str | None = None
+    labelset: str | None = None
+    split: str | None = None
+    classes: list[str] = Field(default_factory=list)
+    layers: list[str | None] = Field(default_factory=list)
+    patch_trained: bool = False
+    metrics: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
+
+
+class ModelDetail(ModelSummary):
+    metrics: dict[str, Any] = Field(default_factory=dict)  # type: ignore[assignment]  # in full, per subset
+    split_membership: dict[str, Any] = Field(default_factory=dict)
+    preprocess: dict[str, Any] | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExplainerInfo(BaseModel):
+    name: str
+    description: str
+    uses_layer: bool
+    signed: bool
+    expensive: bool
+    params: dict[str, Any] = Field(default_factory=dict, description="JSON schema of the method's parameters")
+
+
+class ClassProbability(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    class_: str = Field(alias="class")
+    probability: float
+
+
+class Prediction(BaseModel):
+    model: str
+    image_sha256: str
+    image_id: int | None
+    label: str
+    confidence: float
+    top: list[ClassProbability]
+    probabilities: dict[str, float]
+
+
+class Explanation(BaseModel):
+    model: str
+    image_sha256: str
+    image_id: int | None
+    method: str
+    layer: str | None
+    target: str
+    signed: bool
+    probabilities: dict[str, float]
+    map_shape: list[int]
+    seconds: float
+    cached: bool
+    overlay_png: str | None = Field(None, description="base64 PNG of the map over the image (output png/both)")
+    map: list[list[float]] | None = Field(None, description="the raw map (output array/both)")
+
+
+OUTPUTS = Literal["png", "array", "both"]
+
+
+#: the body of predict and explain: a multipart upload, or JSON naming a catalog image
+IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"}, "method": {"type": "string"},
+                "layer": {"type": "string"}, "target": {"type": "string"},
+                "output": {"type": "string", "enum": ["png", "array", "both"]},
+                "params": {"type": "string", "description": "the method's parameters as a JSON object"}},
+                "required": ["file"]}},
+            "application/json": {"schema": {"type": "object", "properties": {
+                "image_id": {"type": "integer", "minimum": 1, "maximum": 2**53}, "method": {"type": "string"},
+                "layer": {"type": "string"}, "target": {"type": "string"},
+                "output": {"type": "string", "enum": ["png", "array", "both"]},
+                "params": {"type": "object"}}, "required": ["image_id"]}},
+        },
+    }
+}

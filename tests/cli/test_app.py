@@ -1,0 +1,67 @@
+"""The assembled app (cli/app.py): global options, the console-script entry point, and a --help that imports
+nothing heavy."""
+
+import importlib
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from handlens.cli.app import app
+
+runner = CliRunner()
+
+
+def test_db_url_option_puts_the_catalog_elsewhere(make_tree, tmp_path):
+    root = make_tree({"a": 2})
+    other = tmp_path / "team.db"
+    result = runner.invoke(app, ["--workspace", str(tmp_path / "ws"), "--db", f"sqlite:///{other}",
+                                 "import", str(root), "--dataset", "d"])
+    assert result.exit_code == 0, result.output
+    assert other.is_file() and not (tmp_path / "ws" / "handlens.db").exists()
+
+
+@pytest.mark.parametrize("module", ["handlens.cli.app", "handlens.cli.main"])
+def test_help_is_fast_to_import_and_does_not_import_torch(module):
+    code = (
+        "import sys, runpy; sys.argv=['handlens','--help'];\n"
+        f"try:\n    runpy.run_module({module!r}, run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "names = ('torch', 'torchvision', 'timm', 'lightning', 'sqlalchemy', 'PIL', 'numpy')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
+    assert "HEAVY []" in result.stdout, result.stdout[-500:]
+    assert "import" in result.stdout and "split" in result.stdout
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = "import handlens, handlens.data, handlens.core; import sys; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+COMMANDS = ["import", "datasets", "stats", "split", "demo", "annotate", "train", "lr-find", "evaluate", "predict",
+            "explain", "trust", "agreement", "augment-preview", "serve", "study"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_group_is_assembled(command):
+    assert command in runner.invoke(app, ["--help"]).stdout
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout
+
+
+def test_the_console_script_and_the_old_module_run_the_same_app():
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["handlens"].partition(":")
+    entry = getattr(importlib.import_module(module), name)
+    from handlens.cli import main
+
+    assert entry is main.run and main.app is app
