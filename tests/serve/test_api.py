@@ -296,20 +296,6 @@ def test_bad_explain_parameters_are_422(served, params, words):
     assert answer.status_code == 422 and words in answer.json()["detail"]
 
 
-def test_maps_are_placed_back_where_the_preprocessing_took_them():
-    from handlens.serve.explaining import heat_on_image
-    from handlens.transforms.preprocess import Preprocess
-
-    heat = np.ones((32, 32), dtype=np.float32)
-    cropped = heat_on_image(heat, 40, 80, Preprocess(size=32, resize="shorter-crop"))  # 40x80 -> centre 40x40
-    assert cropped.shape == (40, 80) and cropped[:, 20:60].min() > 0.99 and cropped[:, :19].max() == 0
-    assert heat_on_image(heat, 40, 80, Preprocess(size=32, resize="stretch")).min() > 0.99
-    padded = heat.copy()
-    padded[:8], padded[24:] = 0, 0  # letterbox: the 80x40 image fills rows 8..24 of the input
-    boxed = heat_on_image(padded, 40, 80, Preprocess(size=32, resize="letterbox"))
-    assert boxed.shape == (40, 80) and boxed.min() > 0.99
-
-
 def test_the_uvicorn_factory_builds_the_app_from_the_environment(served, monkeypatch):
     from handlens.serve.app import SETTINGS_ENV, app_from_env
 

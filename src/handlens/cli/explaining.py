@@ -65,10 +65,10 @@ def explain_cmd(
     ws = workspace(ctx)
     loaded = load_bundle(resolve_bundle(ws, bundle))
     on_files = bool(images) and not subset
-    if tile is None and on_files and loaded.patch_trained:
+    if tile is None and on_files and loaded.patch_tile:
         # whole images resized to the input are not what it learned from: tiles at its patch scale are
         stderr.print(f"{bundle} was trained on patches: explaining tile by tile at its patch scale (--tile)")
-        tile = int(loaded.preprocess.patches.get("size", loaded.preprocess.size))
+        tile = loaded.patch_tile
     if tile is not None:
         _explain_tiled(loaded, images or [], out=out, method=method, layer=layer, target=target, tile=tile,
                        overlap=overlap, opacity=opacity, params=params, as_json=as_json)

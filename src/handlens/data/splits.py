@@ -161,6 +161,28 @@ def plan_split(
     max_per_class: int | None = None,
 ) -> SplitPlan:
     """Plan a split of ``images`` (see the module docstring). Pure: same input and seed, same plan."""
+    _check_split_request(images, group_by, folds)
+    rng = random.Random(seed)
+    kept = _cap_per_class(images, max_per_class, rng) if max_per_class is not None else images
+    units: dict[str, list[LabelledImage]] = defaultdict(list)
+    for img in kept:
+        units[_unit_key(img, group_by)].append(img)
+    grouped = group_by is not None
+    if folds is None:
+        assignments, active = _holdout_assignments(units, ratios, rng, grouped)
+    else:
+        assignments, active = _fold_assignments(units, ratios[2], folds, rng, grouped)
+    counts = _subset_counts(kept, assignments, active, min_per_class, folds)
+    return SplitPlan(
+        assignments=assignments,
+        class_weights={fold: inverse_frequency_weights(c["train"]) for fold, c in counts.items()},
+        counts=counts,
+        leakage=find_leakage(kept, assignments),
+        excluded=len(images) - len(kept),
+    )
+
+
+def _check_split_request(images: list[LabelledImage], group_by: str | None, folds: int | None) -> None:
     if group_by is not None and group_by not in GROUP_KEYS:
         raise InputError(f"--group-by {group_by!r}: choose 'group' (the import's group column) or 'hash'")
     if group_by == "group" and not any(img.group for img in images):
@@ -169,48 +191,52 @@ def plan_split(
         raise InputError("--folds must be 2 or more")
     if not images:
         raise InputError("no labelled images to split")
-    rng = random.Random(seed)
-    excluded = 0
-    if max_per_class is not None:
-        by_class: dict[str, list[LabelledImage]] = defaultdict(list)
-        for img in images:
-            by_class[img.label].append(img)
-        kept: list[LabelledImage] = []
-        for label in sorted(by_class):
-            members = sorted(by_class[label], key=lambda i: i.id)
-            rng.shuffle(members)
-            kept.extend(members[:max_per_class])
-        excluded = len(images) - len(kept)
-        images = sorted(kept, key=lambda i: i.id)
 
-    units: dict[str, list[LabelledImage]] = defaultdict(list)
+
+def _cap_per_class(images: list[LabelledImage], max_per_class: int, rng: random.Random) -> list[LabelledImage]:
+    """At most ``max_per_class`` images of each class, drawn at random (seeded), in id order."""
+    by_class: dict[str, list[LabelledImage]] = defaultdict(list)
     for img in images:
-        units[_unit_key(img, group_by)].append(img)
-    grouped = group_by is not None
+        by_class[img.label].append(img)
+    kept: list[LabelledImage] = []
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda i: i.id)
+        rng.shuffle(members)
+        kept.extend(members[:max_per_class])
+    return sorted(kept, key=lambda i: i.id)
+
+
+def _holdout_assignments(units: dict[str, list[LabelledImage]], ratios: tuple[float, float, float],
+                         rng: random.Random, grouped: bool) -> tuple[dict[int, dict[int, str]], dict[str, bool]]:
     train, val, test = ratios
+    placement = _partition(units, [train, val, test], rng, grouped)
+    assignment = {img.id: SUBSETS[placement[key]] for key, members in units.items() for img in members}
+    return {0: assignment}, {"train": True, "val": val > 0, "test": test > 0}
 
+
+def _fold_assignments(units: dict[str, list[LabelledImage]], test: float, folds: int, rng: random.Random,
+                      grouped: bool) -> tuple[dict[int, dict[int, str]], dict[str, bool]]:
+    """K folds over what the test share leaves: each fold's val is one part, its train the others."""
+    rest = units
+    test_ids: set[int] = set()
+    if test > 0:
+        outer = _partition(units, [1 - test, test], rng, grouped)
+        rest = {k: v for k, v in units.items() if outer[k] == 0}
+        test_ids = {img.id for k, v in units.items() if outer[k] == 1 for img in v}
+    inner = _partition(rest, [1 / folds] * folds, rng, grouped)
     assignments: dict[int, dict[int, str]] = {}
-    active: dict[str, bool]
-    if folds is None:
-        placement = _partition(units, [train, val, test], rng, grouped)
-        assignments[0] = {img.id: SUBSETS[placement[key]] for key, members in units.items() for img in members}
-        active = {"train": True, "val": val > 0, "test": test > 0}
-    else:
-        rest = units
-        test_ids: set[int] = set()
-        if test > 0:
-            outer = _partition(units, [1 - test, test], rng, grouped)
-            rest = {k: v for k, v in units.items() if outer[k] == 0}
-            test_ids = {img.id for k, v in units.items() if outer[k] == 1 for img in v}
-        inner = _partition(rest, [1 / folds] * folds, rng, grouped)
-        for fold in range(folds):
-            assignment = {img_id: "test" for img_id in test_ids}
-            for key, members in rest.items():
-                for img in members:
-                    assignment[img.id] = "val" if inner[key] == fold else "train"
-            assignments[fold] = assignment
-        active = {"train": True, "val": True, "test": test > 0}
+    for fold in range(folds):
+        assignment = {img_id: "test" for img_id in test_ids}
+        for key, members in rest.items():
+            for img in members:
+                assignment[img.id] = "val" if inner[key] == fold else "train"
+        assignments[fold] = assignment
+    return assignments, {"train": True, "val": True, "test": test > 0}
 
+
+def _subset_counts(images: list[LabelledImage], assignments: dict[int, dict[int, str]], active: dict[str, bool],
+                   min_per_class: int, folds: int | None) -> dict[str, dict[str, dict[str, int]]]:
+    """Images per class per subset per fold; refuses a subset with fewer than ``min_per_class`` of a class."""
     classes = sorted({img.label for img in images})
     label_of = {img.id: img.label for img in images}
     counts: dict[str, dict[str, dict[str, int]]] = {}
@@ -229,14 +255,7 @@ def plan_split(
                     f"{detail}; raise that share in --ratios, use fewer --folds, set its share to 0, "
                     "or add images of that class"
                 )
-
-    return SplitPlan(
-        assignments=assignments,
-        class_weights={fold: inverse_frequency_weights(c["train"]) for fold, c in counts.items()},
-        counts=counts,
-        leakage=find_leakage(images, assignments),
-        excluded=excluded,
-    )
+    return counts
 
 
 def inverse_frequency_weights(train_counts: dict[str, int]) -> dict[str, float]:

@@ -83,6 +83,21 @@ def _tile_batch(picture: np.ndarray, origins: list[tuple[int, int]], tile: int, 
     return preprocess.normalize_batch(batch)
 
 
+def _tiled_picture(bundle: Any, original: np.ndarray) -> np.ndarray:
+    """What the tiles are cut from: a patch-trained model's working image (its scale and morphology), else the
+    image with the bundle's morphology applied."""
+    preprocess = bundle.preprocess
+    if bundle.patch_tile:
+        from handlens.transforms.preprocess import decode_working
+
+        return decode_working(original, preprocess.working_side, preprocess.morphology)
+    if preprocess.morphology:
+        from handlens.transforms.morphology import apply_morphology
+
+        return apply_morphology(original, preprocess.morphology)
+    return original
+
+
 def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: float = 0.25, batch_size: int = 8,
                   method: str = "gradcam", layer: str | None = None, target: Any = "pred",
                   max_tiles: int | None = None, with_probability_map: bool = True,
@@ -101,17 +116,8 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     checked_params = method_params(method, params, keywords)  # a typo fails before any tile is predicted
     preprocess = bundle.preprocess
     original = np.asarray(load_rgb(image))
-    if preprocess.patches:  # a patch-trained model: tiles at the scale it trained on, from its working image
-        from handlens.transforms.preprocess import decode_working
-
-        picture = decode_working(original, preprocess.working_side, preprocess.morphology)
-        tile = tile or int(preprocess.patches.get("size", preprocess.size))
-    elif preprocess.morphology:
-        from handlens.transforms.morphology import apply_morphology
-
-        picture = apply_morphology(original, preprocess.morphology)
-    else:
-        picture = original
+    picture = _tiled_picture(bundle, original)
+    tile = tile or bundle.patch_tile  # a patch-trained model: tiles at the scale it trained on
     height, width = picture.shape[:2]
     size = bundle.preprocess.size
     tile = min(tile or size, height, width)

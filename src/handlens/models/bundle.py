@@ -453,6 +453,13 @@ class Bundle:
         """True for a model trained on patches: it predicts an image as the mean over its grid patches."""
         return bool(self.preprocess.patches)
 
+    @property
+    def patch_tile(self) -> int | None:
+        """The tile size a patch-trained model sees images in (its patch size); None: it sees whole images."""
+        if not self.preprocess.patches:
+            return None
+        return int(self.preprocess.patches.get("size", self.preprocess.size))
+
     def grid_patches(self, images: Sequence[np.ndarray]) -> tuple[Any, list[int], list[tuple[int, int, int]]]:
         """A patch-trained model's inputs for working images (``decode_working``): the (P, 3, S, S) uint8 grid
         patches it predicts from (ROI-aware with a threshold ROI rule), each patch's image index and box."""

@@ -1,0 +1,78 @@
+"""One image explained as the model sees images: the one place that decides whole image or patches.
+
+A model trained on whole images sees the image resized to its input: its map is computed there and placed
+back on the image (undoing the resize and crop or letterbox). A model trained on patches sees patches at
+its training scale: it is explained tile by tile over its working image and the tile maps stitched
+(:mod:`handlens.explain.tiles`). Callers (the service, the CLI) get one typed answer either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from handlens.core.errors import InputError
+
+
+@dataclass
+class ImageExplanation:
+    heatmap: np.ndarray  # (H, W) float32 over the image as given
+    model_map: np.ndarray  # the raw map: on the model input (whole images), or the stitched map (patches)
+    probabilities: np.ndarray  # (classes,)
+    target: int  # the class explained
+    signed: bool
+    layer: str | None
+    seconds: float
+    seen_as: str  # "whole image" or "patches"
+
+
+def check_request(bundle: Any, *, layer: str | None, target: Any) -> None:
+    """A layer and target this bundle has, or an InputError naming what it has."""
+    if layer is not None and layer not in bundle.layer_names:
+        raise InputError(f"layer {layer!r}: this model's layers are {', '.join(bundle.layer_names)}")
+    if target != "pred" and target not in bundle.classes:
+        raise InputError(f"target {target!r}: use pred or one of {', '.join(bundle.classes)}")
+
+
+def explain_image(bundle: Any, picture: np.ndarray, *, method: str, layer: str | None = None, target: Any = "pred",
+                  params: Any = None, max_tiles: int | None = None) -> ImageExplanation:
+    """Explain one (H, W, 3) uint8 image with ``bundle`` (an ``ExplainableBundle``) as it sees images; the
+    caller holds whatever lock the bundle needs. ``max_tiles`` bounds a patch-trained model's work."""
+    check_request(bundle, layer=layer, target=target)
+    if bundle.patch_trained:
+        from handlens.explain.tiles import tiled_explain
+
+        tiled = tiled_explain(bundle, picture, method=method, layer=layer, target=target, max_tiles=max_tiles,
+                              with_probability_map=False, params=params)  # C full-size planes nobody reads
+        return ImageExplanation(tiled.heatmap, tiled.heatmap, np.asarray(tiled.probabilities), int(tiled.target),
+                                bool(tiled.signed), tiled.layer, float(sum(tiled.timings.values())), "patches")
+    result = bundle.explain([picture], method=method, layer=layer, target=target, params=params)
+    heat = result.map_for(0)
+    probabilities = np.asarray(result.probabilities[0])
+    target_index = int(result.targets[0]) if result.targets else int(np.argmax(probabilities))
+    return ImageExplanation(heat_on_image(heat, picture.shape[0], picture.shape[1], bundle.preprocess), heat,
+                            probabilities, target_index, bool(result.signed), result.layer,
+                            float(result.timings.get("total", 0.0)), "whole image")
+
+
+def heat_on_image(heat: np.ndarray, height: int, width: int, preprocess: Any) -> np.ndarray:
+    """A map on the model input placed back on the original image, undoing ``preprocess.resize``
+    (``input_placement``): outside a centre crop the map is 0, letterbox padding is dropped."""
+    from PIL import Image
+
+    from handlens.transforms.preprocess import input_placement
+
+    placement = input_placement(width, height, preprocess)
+    (rw, rh), (ox, oy) = placement.resized, placement.offset
+    size = heat.shape[0]
+    x0, y0, x1, y1 = max(0, ox), max(0, oy), min(size, ox + rw), min(size, oy + rh)  # the image's part of the input
+    sx, sy = width / rw, height / rh  # resized-image pixels -> original pixels
+    left, top = round((x0 - ox) * sx), round((y0 - oy) * sy)
+    w, h = max(1, round((x1 - ox) * sx) - left), max(1, round((y1 - oy) * sy) - top)
+    part = np.asarray(Image.fromarray(heat[y0:y1, x0:x1].astype(np.float32), mode="F").resize((w, h),
+                                                                                          Image.BILINEAR))
+    out = np.zeros((height, width), dtype=np.float32)
+    out[top:top + h, left:left + w] = part[:height - top, :width - left]
+    return out

@@ -1,0 +1,43 @@
+"""explain_image: one image explained as the model sees images, whole or in patches, its map over the image."""
+
+import numpy as np
+import pytest
+
+from handlens.core.errors import InputError
+from handlens.explain.api import load_bundle
+from handlens.explain.image import explain_image
+from handlens.train.run import train
+from tests.conftest import tiny_config
+
+PATCHES = ["preprocess.patches.enabled=true", "preprocess.patches.size=16", "preprocess.patches.max_side=0",
+           "preprocess.size=16"]
+
+
+@pytest.mark.parametrize("overrides,seen_as", [((), "whole image"), (PATCHES, "patches")])
+def test_whole_image_and_patch_models_are_explained_as_they_see_images(trained_workspace, overrides, seen_as):
+    bundle = load_bundle(train(tiny_config(*overrides), trained_workspace).bundle)
+    picture = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    explained = explain_image(bundle, picture, method="gradcam")
+    assert explained.seen_as == seen_as and explained.heatmap.shape == (32, 48)
+    assert explained.probabilities.sum() == pytest.approx(1, abs=1e-3) and explained.layer
+    if seen_as == "whole image":
+        assert explained.model_map.shape == (bundle.preprocess.size, bundle.preprocess.size)
+    with pytest.raises(InputError, match="layers are"):
+        explain_image(bundle, picture, method="gradcam", layer="nope")
+    with pytest.raises(InputError, match="use pred or one of"):
+        explain_image(bundle, picture, method="gradcam", target="purple")
+
+
+def test_maps_are_placed_back_where_the_preprocessing_took_them():
+    from handlens.explain.image import heat_on_image
+    from handlens.transforms.preprocess import Preprocess
+
+    heat = np.ones((32, 32), dtype=np.float32)
+    cropped = heat_on_image(heat, 40, 80, Preprocess(size=32, resize="shorter-crop"))  # 40x80 -> centre 40x40
+    assert cropped.shape == (40, 80) and cropped[:, 20:60].min() > 0.99 and cropped[:, :19].max() == 0
+    assert heat_on_image(heat, 40, 80, Preprocess(size=32, resize="stretch")).min() > 0.99
+    padded = heat.copy()
+    padded[:8], padded[24:] = 0, 0  # letterbox: the 80x40 image fills rows 8..24 of the input
+    boxed = heat_on_image(padded, 40, 80, Preprocess(size=32, resize="letterbox"))
+    assert boxed.shape == (40, 80) and boxed.min() > 0.99
+
