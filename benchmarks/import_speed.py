@@ -215,7 +215,7 @@ def with_rates(result: dict[str, Any], n: int, total_bytes: int) -> dict[str, An
     return result
 
 
-def measure_set(name: str, root: Path, db_dir: Path, repeats: int, parallel: int,
+def measure_set(name: str, root: Path, db_dir: Path, *, repeats: int, parallel: int,
                 problems: list[str]) -> dict[str, Any]:
     paths = list_images(root)
     n = len(paths)
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         db_dir.mkdir()
         for name, root in sets:
             print(f"measuring {name} ...", flush=True)
-            results[name] = measure_set(name, root, db_dir, args.repeats, parallel, problems)
+            results[name] = measure_set(name, root, db_dir, repeats=args.repeats, parallel=parallel, problems=problems)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = load_average()

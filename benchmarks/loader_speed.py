@@ -33,7 +33,7 @@ LITHOLOGY = ROOT.parent.parent / "shared" / "data" / "lithology" / "train"
 DEFAULT_OUT = ROOT / "results" / "loader_speed.json"
 
 
-def handlens_epochs(ws: Any, dataset: str, epochs: int, batch: int, workers: int) -> tuple[list[float], int, float]:
+def handlens_epochs(ws: Any, dataset: str, *, epochs: int, batch: int, workers: int) -> tuple[list[float], int, float]:
     """Samples/s per epoch (the first includes decoding into the cold cache) and the decode seconds."""
     import numpy as np
     import torch
@@ -58,11 +58,11 @@ def handlens_epochs(ws: Any, dataset: str, epochs: int, batch: int, workers: int
     spec = PatchSpec.from_dict(preprocess.patches)
     rates = []
     started = time.perf_counter()
-    images = decode_working_many(subset.paths, spec.max_side, [], subset.sha256s, ws.cache_dir)
+    images = decode_working_many(subset.paths, spec.max_side, [], sha256s=subset.sha256s, cache_dir=ws.cache_dir)
     decode_seconds = time.perf_counter() - started
-    dataset_ = RandomPatchDataset(images, subset.targets, spec, preprocess.size, None, None, 0)
+    dataset_ = RandomPatchDataset(images, subset.targets, spec, preprocess.size, rois=None, order=None, seed=0)
     loader = build_train_loader(cfg, dataset_, build_augmenter(cfg.augment), subset.targets,
-                                torch.Generator().manual_seed(0))
+                                generator=torch.Generator().manual_seed(0))
     for epoch in range(epochs):
         if epoch:
             started = time.perf_counter()
@@ -168,7 +168,8 @@ def main() -> None:
         catalog.close()
         print(f"{len(paths)} training images from {args.source}; batch {args.batch}; loader workers: handlens "
               f"{args.workers}, plain {args.plain_workers}")
-        ours, n_images, decode_seconds = handlens_epochs(ws, "bench", args.epochs, args.batch, args.workers)
+        ours, n_images, decode_seconds = handlens_epochs(ws, "bench", epochs=args.epochs, batch=args.batch,
+                                                         workers=args.workers)
         plain = plain_epochs(paths, args.epochs, args.batch, args.plain_workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

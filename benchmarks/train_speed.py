@@ -70,7 +70,7 @@ def images_per_second(result: Any, n_train: int, batch_size: int = 32, drop_last
     return [seen / h["train_seconds"] for h in result.history]
 
 
-def plain_loop(ws: Any, backbone: str, epochs: int, batch_size: int, lr: float) -> list[float]:
+def plain_loop(ws: Any, backbone: str, *, epochs: int, batch_size: int, lr: float) -> list[float]:
     """The loop a user would write by hand: same model, data, batch size and optimiser; no framework."""
     import torch
 
@@ -87,7 +87,7 @@ def plain_loop(ws: Any, backbone: str, epochs: int, batch_size: int, lr: float) 
     spec = BACKBONES.get(backbone)
     pre = spec.preprocess()
     train = data.subsets["train"]
-    images = as_tensor_images(decode_many(train.paths, pre, train.sha256s, ws.cache_dir))
+    images = as_tensor_images(decode_many(train.paths, pre, sha256s=train.sha256s, cache_dir=ws.cache_dir))
     targets = torch.from_numpy(train.targets)
     torch.manual_seed(0)
     model = create_classifier(backbone, len(data.classes), weights="packaged" if spec.packaged_weights else "none",
@@ -167,7 +167,7 @@ def main() -> None:
         ours = run_train(ws, tune)
         n_tune = len(json.loads((ours.bundle / "bundle.json").read_text())["split_membership"]["train"])
         ours_rates = images_per_second(ours, n_tune)
-        plain_rates = plain_loop(ws, args.backbone, args.epochs, 32, 0.0005)
+        plain_rates = plain_loop(ws, args.backbone, epochs=args.epochs, batch_size=32, lr=0.0005)
         ours_later = sum(ours_rates[1:]) / max(1, len(ours_rates) - 1)
         plain_later = sum(plain_rates[1:]) / max(1, len(plain_rates) - 1)
         results["finetune"] = {

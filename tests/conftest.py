@@ -21,7 +21,7 @@ def textured(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> 
     return img if mode == "RGB" else img.convert(mode)
 
 
-def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB",
+def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), *, mode: str = "RGB",
                 fmt: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     textured(seed, size, mode).save(path, format=fmt)

@@ -57,7 +57,7 @@ def test_sanity_check_passes_for_gradcam_and_fails_for_a_model_blind_map(monkeyp
     import handlens.explain.api as api
     from handlens.explain.base import Explanation
 
-    def edge_detector(model, inputs, classes, method, layer, target, **params):  # ignores the model entirely
+    def edge_detector(model, inputs, classes, method, *, layer, target, **params):  # ignores the model entirely
         edges = (inputs[:, :, 1:, :] - inputs[:, :, :-1, :]).abs().sum(1)
         maps = torch.nn.functional.pad(edges, (0, 0, 0, 1)).numpy()
         return Explanation(maps=maps, method=method, layer=layer, targets=[0] * len(inputs), classes=classes,

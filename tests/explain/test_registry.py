@@ -292,7 +292,8 @@ def test_write_explanations_checks_params_before_writing(tmp_path):
 
     out = tmp_path / "maps"
     with pytest.raises(InputError, match="did you mean 'steps'"):
-        write_explanations(object(), ["a.png"], out, "integrated_gradients", None, "pred", params={"stpes": 2})
+        write_explanations(object(), ["a.png"], out, "integrated_gradients", layer=None, target="pred",
+                           params={"stpes": 2})
     assert not out.exists()
 
 

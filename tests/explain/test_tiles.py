@@ -77,7 +77,7 @@ def test_overlapping_tiles_blend_without_seams(bundle, monkeypatch):
 
     counter = iter(range(1000))
 
-    def constant_maps(model, inputs, classes, method, layer, targets, mean, std, **params):
+    def constant_maps(model, inputs, classes, method, *, layer, target, mean, std, **params):
         values = [float(next(counter) % 2) for _ in range(len(inputs))]  # 0, 1, 0, 1...: neighbours differ
         maps = np.stack([np.full(inputs.shape[-2:], v, dtype=np.float32) for v in values])
         return types.SimpleNamespace(maps=maps, layer="stage2", signed=False)

@@ -206,13 +206,14 @@ def test_two_study_work_processes_share_one_grid_study_on_postgresql(tmp_path, p
 def test_one_standard_error_rule_picks_the_cheaper_config_near_the_best():
     from handlens.search.study import TrialRow, choose
 
-    def row(number, mean, std, freeze, seconds):
+    def row(number, mean, std, *, freeze, seconds):
         return TrialRow(number, "complete", {"model.freeze": freeze}, mean, std, 5, 3, seconds, None, "frozen")
 
-    rows = [row(0, 0.90, 0.05, "full", 900.0), row(1, 0.88, 0.04, "frozen", 10.0), row(2, 0.80, 0.01, "frozen", 5.0)]
+    rows = [row(0, 0.90, 0.05, freeze="full", seconds=900.0), row(1, 0.88, 0.04, freeze="frozen", seconds=10.0),
+            row(2, 0.80, 0.01, freeze="frozen", seconds=5.0)]
     assert choose(rows).number == 0
     assert choose(rows, one_se=True).number == 1  # within 0.05/sqrt(5) = 0.022 of the best, and frozen
-    rows[1] = row(1, 0.85, 0.04, "frozen", 10.0)
+    rows[1] = row(1, 0.85, 0.04, freeze="frozen", seconds=10.0)
     assert choose(rows, one_se=True).number == 0  # 0.05 below: outside one standard error
 
 
@@ -230,16 +231,19 @@ def test_killed_study_run_resumes_with_its_finished_trials(trained_workspace, tm
                "--dataset", "colours", "--space", space, "--sampler", "random", "--trials", "40", "--cv", "3",
                "--pruner", "none", "--tracking", "none", "--name", "killed"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = open_storage(ws.db_url)  # one storage for the polling: re-opening it each time races the writer
     deadline = time.time() + 180
     try:
-        while time.time() < deadline:
-            time.sleep(0.5)
+        while time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
             try:
-                trials = stored(ws, "killed").get_trials()
-            except Exception:  # the study is not made yet
+                trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
+            except Exception:  # the study is not made yet, or the catalog is busy this instant
                 continue
-            if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and trials[-1].state.name == "RUNNING":
+            states = [t.state.name for t in trials]
+            if states.count("COMPLETE") >= 2 and "RUNNING" in states:
                 break
+        assert process.poll() is None, "the study ended before it could be killed mid-trial"
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait(timeout=30)

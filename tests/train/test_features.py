@@ -14,7 +14,7 @@ from handlens.transforms.preprocess import Preprocess
 @pytest.fixture
 def setup(tmp_path):
     torch.manual_seed(0)
-    model = create_classifier("tiny_cnn", 2, "none", "frozen")
+    model = create_classifier("tiny_cnn", 2, weights="none", freeze="frozen")
     images = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
     shas = [hashlib.sha256(bytes([i])).hexdigest() for i in range(8)]
     normalize = Preprocess(size=32).normalize_batch

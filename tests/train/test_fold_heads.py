@@ -26,7 +26,7 @@ def five_folds(y, ragged=False):
     return folds
 
 
-def alone(x, y, fold, cfg, plain=None):
+def alone(x, y, fold, cfg, *, plain=None):
     plain = x if plain is None else plain
     return fit_head(x[fold.train_rows], y[fold.train_rows], n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
                     class_weights=fold.class_weights, val_x=plain[fold.val_rows], val_y=y[fold.val_rows])
@@ -125,7 +125,7 @@ def test_stacked_cross_entropy_is_pytorchs_per_batch(smoothing, weighted):
     weight = torch.rand(3, 4, generator=generator) + 0.5 if weighted else None
     counts = [7, 4, 0]
     mask = torch.arange(7)[None] < torch.tensor(counts)[:, None]
-    got = stacked_cross_entropy(logits, target, weight, mask, smoothing)
+    got = stacked_cross_entropy(logits, target, weight, mask, label_smoothing=smoothing)
     for k, n in enumerate(counts):
         if not n:
             assert got[k] == 0

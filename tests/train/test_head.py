@@ -40,7 +40,7 @@ def test_tied_epochs_go_to_the_lowest_loss_and_the_kept_weights_are_that_epochs(
     losses = iter([0.50, 0.31, 0.30, 0.30, 0.32, 0.40])
     states = []
 
-    def fake_evaluate(head, x, y, loss_fn, batch_size, names):
+    def fake_evaluate(head, x, y, loss_fn, *, batch_size, names):
         states.append(copy.deepcopy(head.state_dict()))
         return {"n": len(y), "accuracy": 0.9, "macro_f1": 0.9, "roc_auc": None, "loss": next(losses)}
 
@@ -109,7 +109,7 @@ def test_a_non_finite_loss_is_named(blobs):
 # ------------------------------------------------------------------------------------------------ logistic
 
 
-def sklearn_probs(x, y, c, test, class_weight=None):
+def sklearn_probs(x, y, c, test, *, class_weight=None):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -137,7 +137,7 @@ def test_the_logistic_probe_is_the_careful_baseline_folded_into_a_plain_linear_l
     assert fit.history[0]["logistic_C"] == fit.info["C"]
     with torch.no_grad():
         ours = torch.softmax(fit.head(test).double(), 1).numpy()
-    np.testing.assert_allclose(ours, sklearn_probs(x, y, fit.info["C"], test, "balanced"), atol=2e-4)
+    np.testing.assert_allclose(ours, sklearn_probs(x, y, fit.info["C"], test, class_weight="balanced"), atol=2e-4)
 
 
 def test_binary_views_and_missing_classes(blobs):

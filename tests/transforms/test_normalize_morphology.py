@@ -40,7 +40,7 @@ def test_percentile_clipping_ignores_a_few_saturated_pixels():
     x[:, :, 0, 0] = 255  # one hot pixel per image (an X-ray marker)
     x[:, :, 0, 1] = 0
     minmax = normalize_batch(x, (0.5,) * 3, (0.5,) * 3, "minmax")
-    clipped = normalize_batch(x, (0.5,) * 3, (0.5,) * 3, "percentile", (1.0, 99.0))
+    clipped = normalize_batch(x, (0.5,) * 3, (0.5,) * 3, "percentile", percentiles=(1.0, 99.0))
     assert clipped.min() >= 0 and clipped.max() <= 1
     flat = clipped.flatten(1)
     assert bool(((flat == 0).float().mean(1) >= 0.005).all()) and bool(((flat == 1).float().mean(1) >= 0.005).all())
@@ -142,12 +142,12 @@ def test_decode_many_uses_the_cache_and_refreshes_on_a_new_key(tmp_path):
         Image.fromarray(np.full((30, 50, 3), 60 * i, np.uint8)).save(path)
         paths.append(str(path))
     shas = ["a" * 64, "b" * 64, "c" * 64]
-    first = decode_many(paths, Preprocess(size=16), shas, tmp_path / "cache", workers=1)
+    first = decode_many(paths, Preprocess(size=16), sha256s=shas, cache_dir=tmp_path / "cache", workers=1)
     store = cache_module.get_cache(tmp_path / "cache")
     before = dict(store.hits)
-    again = decode_many(paths, Preprocess(size=16), shas, tmp_path / "cache", workers=1)
+    again = decode_many(paths, Preprocess(size=16), sha256s=shas, cache_dir=tmp_path / "cache", workers=1)
     assert np.array_equal(first, again) and store.hits["memory"] - before["memory"] == 3
-    bigger = decode_many(paths, Preprocess(size=20), shas, tmp_path / "cache", workers=1)
+    bigger = decode_many(paths, Preprocess(size=20), sha256s=shas, cache_dir=tmp_path / "cache", workers=1)
     assert bigger.shape == (3, 20, 20, 3)  # a new key: decoded again, not served stale 16-px images
     assert len(list((tmp_path / "cache" / "decoded").glob("*/*/*.npy"))) == 6
 

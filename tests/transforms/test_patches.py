@@ -26,7 +26,7 @@ def test_random_patches_honour_the_roi():
     mask[:, :200] = True  # the specimen is the left third; the rest is empty slide
     spec = PatchSpec(size=64, scale=(1.0, 1.0), per_image=300, min_roi=0.9)
     roi = RoiIntegral(mask)
-    boxes = sample_boxes(300, 600, spec, random.Random(0), roi)
+    boxes = sample_boxes(300, 600, spec, random.Random(0), roi=roi)
     assert all(roi.share(b) >= 0.9 for b in boxes)
     without = sample_boxes(300, 600, spec, random.Random(0))
     assert np.mean([roi.share(b) >= 0.9 for b in without]) < 0.5  # without a ROI most boxes are background
@@ -57,7 +57,7 @@ def test_grid_is_deterministic_covers_the_image_and_keeps_foreground_only():
 def test_an_empty_roi_still_gives_a_patch():
     empty = RoiIntegral(np.zeros((100, 100), dtype=bool))
     spec = PatchSpec(size=32, min_roi=0.5, per_image=3)
-    assert len(sample_boxes(100, 100, spec, random.Random(1), empty)) == 3
+    assert len(sample_boxes(100, 100, spec, random.Random(1), roi=empty)) == 3
     assert len(grid_boxes(100, 100, spec, empty)) == 1
 
 

@@ -72,10 +72,10 @@ def test_decode_cache_is_reused_and_keyed_by_preprocessing(tmp_path):
 
     paths = [str(write_image(tmp_path / f"{i}.png", i, (50, 40))) for i in range(3)]
     shas = [f"{i:064x}" for i in range(3)]
-    first = decode_many(paths, Preprocess(size=24), shas, tmp_path / "cache", workers=1)
+    first = decode_many(paths, Preprocess(size=24), sha256s=shas, cache_dir=tmp_path / "cache", workers=1)
     for p in paths:  # the files are gone: the second call must come from the cache
         (tmp_path / p).unlink()
-    again = decode_many(paths, Preprocess(size=24), shas, tmp_path / "cache", workers=1)
+    again = decode_many(paths, Preprocess(size=24), sha256s=shas, cache_dir=tmp_path / "cache", workers=1)
     assert np.array_equal(first, again)
     assert Preprocess(size=24).key() != Preprocess(size=32).key()
     assert Preprocess(size=24).key() != Preprocess(size=24, resize="stretch").key()

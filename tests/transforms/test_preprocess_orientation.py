@@ -59,6 +59,6 @@ def test_the_decode_cache_does_not_serve_decodes_made_before_orientation_was_app
     stale = tmp_path / "cache" / "decoded" / preprocess.key() / sha[:2] / f"{sha}.npy"
     stale.parent.mkdir(parents=True)
     np.save(stale, np.zeros((32, 32, 3), dtype=np.uint8))
-    fresh = decode_many([str(path)], preprocess, [sha], tmp_path / "cache", workers=1)
+    fresh = decode_many([str(path)], preprocess, sha256s=[sha], cache_dir=tmp_path / "cache", workers=1)
     assert fresh.max() > 0 and _close(fresh[0, 1, 30], RED)
     assert decoded_key(preprocess) != preprocess.key()

@@ -23,6 +23,7 @@ annotate_app = typer.Typer(help="Expert regions (masks or polygons) on catalog i
 def import_cmd(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="A folder of class folders, or a CSV manifest.")],
+    *,
     dataset: Annotated[str, typer.Option("--dataset", help="Dataset to add the images to (created if new).")],
     labelset: Annotated[str | None, typer.Option("--labelset", help="Labelset for the labels (default "
                                                  "'default').")] = None,
@@ -162,6 +163,7 @@ def _value_counts(counts: dict[str, int]) -> str:
 def split_cmd(
     ctx: typer.Context,
     dataset: DatasetArg,
+    *,
     labelset: Annotated[str | None, typer.Option("--labelset", help="Labelset to stratify on.")] = None,
     ratios: Annotated[str, typer.Option("--ratios", help="train,val[,test] shares summing to 1.")] = "0.8,0.1,0.1",
     group_by: Annotated[str | None, typer.Option("--group-by", help="'group' (import's group column) or "
@@ -228,6 +230,7 @@ def print_split(summary: dict[str, Any]) -> None:
 def demo_cmd(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Embedded demo dataset.")] = "textures",
+    *,
     seed: SeedOption = 0,
     train_model: Annotated[bool, typer.Option("--train/--no-train", help="Also train, evaluate and "
                                               "predict.")] = True,

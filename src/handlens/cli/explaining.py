@@ -33,6 +33,7 @@ def explain_cmd(
     bundle: BundleArg,
     images: Annotated[list[Path] | None, typer.Argument(help="Image files or folders (or use "
                                                         "--dataset/--split).")] = None,
+    *,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Explain catalog images (default: the "
                                                 "model's).")] = None,
     subset: Annotated[str | None, typer.Option("--split", help="Subset of the model's split: train, val or "
@@ -85,8 +86,8 @@ def _explain_tiled(loaded: Any, images: list[Path], *, out: Path, method: str, l
     from handlens.explain.output import write_tiled
     from handlens.models.bundle import iter_images
 
-    index = write_tiled(loaded, iter_images(images), out, method, layer, target, tile, overlap, opacity=opacity,
-                        params=params)
+    index = write_tiled(loaded, iter_images(images), out, method, layer=layer, target=target, tile=tile,
+                        overlap=overlap, opacity=opacity, params=params)
     if as_json:
         emit_json(index)
         return
@@ -102,8 +103,8 @@ def _explain_subset(ctx: typer.Context, loaded: Any, subset: str, *, out: Path, 
     _, catalog = workspace_and_catalog(ctx)
     try:
         with ProgressBar("explaining", enabled=not as_json) as progress:
-            index = explain_subset(loaded, catalog, subset, out, method, layer=layer, target=target, dataset=dataset,
-                                   opacity=opacity, params=params, progress=progress)
+            index = explain_subset(loaded, catalog, subset, out, method=method, layer=layer, target=target,
+                                   dataset=dataset, opacity=opacity, params=params, progress=progress)
     finally:
         catalog.close()
     if as_json:
@@ -124,7 +125,8 @@ def _explain_files(loaded: Any, images: list[Path], *, out: Path, method: str, l
     missing = [f for f in files if not Path(f).is_file()]
     if missing or not files:
         raise InputError(f"no such image file: {missing[0] if missing else images}")
-    index = write_explanations(loaded, files, out, method, layer, target, opacity=opacity, params=params)
+    index = write_explanations(loaded, files, out, method, layer=layer, target=target, opacity=opacity,
+                               params=params)
     if as_json:
         emit_json(index)
         return
@@ -142,6 +144,7 @@ def trust_cmd(
     ctx: typer.Context,
     bundle: BundleArg,
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (a handful is enough).")],
+    *,
     method: Annotated[str, typer.Option("--method", help="Explanation method to check.")] = "gradcam",
     layer: Annotated[str | None, typer.Option("--layer", help="Layer for CAM methods.")] = None,
     baseline: Annotated[str, typer.Option("--baseline", help="What removed pixels become: blur or "
@@ -190,6 +193,7 @@ def _print_trust(report: Any) -> None:
 def agreement_cmd(
     ctx: typer.Context,
     bundle: BundleArg,
+    *,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset with expert regions (default: the "
                                                 "model's).")] = None,
     method: MethodOption = "gradcam",
@@ -230,6 +234,7 @@ def agreement_cmd(
 def augment_preview_cmd(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Argument(help="Dataset to sample images from.")],
+    *,
     policy: Annotated[str, typer.Option("--policy", help="basic, a preset (natural-photo, xray, thin-section, "
                                         "microscopy) or a policy .yaml file.")] = "basic",
     n: Annotated[int, typer.Option("--n", min=1, max=256, help="How many images.")] = 16,

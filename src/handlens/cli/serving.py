@@ -16,6 +16,7 @@ app = typer.Typer()
 @handle_errors
 def serve_cmd(
     ctx: typer.Context,
+    *,
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Server processes.")] = 1,

@@ -35,6 +35,7 @@ def parse_budget(text: str | None) -> float | None:
 def run_cmd(
     ctx: typer.Context,
     overrides: list[str] | None = typer.Argument(None, help="key=value run-config overrides for every trial."),
+    *,
     dataset: str | None = typer.Option(None, "--dataset", help="Dataset name."),
     labelset: str | None = typer.Option(None, "--labelset", help="Labelset (default: the split's)."),
     split: str | None = typer.Option(None, "--split", help="Split name (default: the newest)."),
@@ -163,7 +164,7 @@ def list_cmd(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 
 @study_app.command("export")
 @handle_errors
-def export_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="Study name."),
+def export_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="Study name."), *,
                csv: bool = typer.Option(False, "--csv", help="CSV: one row per trial."),
                as_json: bool = typer.Option(False, "--json", help="JSON: the whole study."),
                out: Path | None = typer.Option(None, "--out", help="Write to this file instead of stdout.")) -> None:

@@ -53,6 +53,7 @@ def run_config(config: Path | None, overrides: list[str] | None, **flags: Any) -
 def train_cmd(
     ctx: typer.Context,
     overrides: OverridesArg = None,
+    *,
     dataset: TrainDatasetOption = None,
     labelset: LabelsetOption = None,
     split: SplitOption = None,
@@ -114,6 +115,7 @@ def _print_run(result: Any) -> None:
 def lr_find_cmd(
     ctx: typer.Context,
     overrides: OverridesArg = None,
+    *,
     dataset: TrainDatasetOption = None,
     labelset: LabelsetOption = None,
     split: SplitOption = None,
@@ -151,6 +153,7 @@ def lr_find_cmd(
 def evaluate_cmd(
     ctx: typer.Context,
     bundle: BundleArg,
+    *,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset (default: the one it trained "
                                                 "on).")] = None,
     subset: Annotated[str, typer.Option("--split", help="Subset of the split: train, val or test.")] = "test",
@@ -233,6 +236,7 @@ def predict_cmd(
     ctx: typer.Context,
     bundle: BundleArg,
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    *,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes to show per image.")] = 3,
     tta: TtaFlag = False,
     as_json: JsonFlag = False,

@@ -310,6 +310,7 @@ def _manifest_entry(line_no: int, fields: list[str], columns: list[str], *, mani
 
 def probe_many(
     paths: list[str],
+    *,
     workers: int | None = None,
     min_side: int = DEFAULT_MIN_SIDE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -372,13 +373,13 @@ def import_entries(
     dataset_name: str,
     source: str,
     entries: Iterable[Entry],
+    *,
     pre_skipped: Iterable[Skipped] = (),
     ignored_files: int = 0,
     workers: int | None = None,
     min_side: int = DEFAULT_MIN_SIDE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: ProgressCallback | None = None,
-    *,
     batch_size: int = DEFAULT_BATCH,
     root: str | None = None,
 ) -> ImportReport:
@@ -399,7 +400,7 @@ def import_entries(
     # Unchanged files (same size and mtime as at their last import) are not decoded again.
     stats = {e.path: _stat(e.path) for e in entries}
     needs_probe = [not _unchanged(known.get(e.path), stats[e.path]) for e in entries]
-    writer = _BatchWriter(catalog, dataset_name, source, report, stats)
+    writer = _BatchWriter(catalog, dataset_name, source, report=report, stats=stats)
     try:
         with _sigterm_as_interrupt():
             _probe_and_write(entries, needs_probe, writer, batch_size=max(1, batch_size), workers=workers,
@@ -431,7 +432,7 @@ def _probe_and_write(entries: list[Entry], needs_probe: list[bool], writer: _Bat
                      progress: ProgressCallback | None) -> None:
     """Probe the files that need it (streamed from the workers) and hand each result to ``writer``."""
     probes = probe_many([e.path for e, needed in zip(entries, needs_probe, strict=True) if needed],
-                        workers, min_side, max_pixels, progress)
+                        workers=workers, min_side=min_side, max_pixels=max_pixels, progress=progress)
     try:
         for entry, needed in zip(entries, needs_probe, strict=True):
             probe = next(probes) if needed else None  # results stream in while workers decode
@@ -489,7 +490,7 @@ class _BatchWriter:
     another writer's insert (PostgreSQL) is rolled back and redone.
     """
 
-    def __init__(self, catalog: Catalog, dataset_name: str, source: str, report: ImportReport,
+    def __init__(self, catalog: Catalog, dataset_name: str, source: str, *, report: ImportReport,
                  stats: dict[str, tuple[int, int] | None]) -> None:
         self.catalog, self.dataset_name, self.source = catalog, dataset_name, source
         self.report, self.stats = report, stats
@@ -723,6 +724,7 @@ def import_path(
     catalog: Catalog,
     path: Path,
     dataset_name: str,
+    *,
     labelset: str | None = None,
     csv_file: Path | None = None,
     allow_outside: bool = False,
@@ -730,7 +732,6 @@ def import_path(
     min_side: int = DEFAULT_MIN_SIDE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: ProgressCallback | None = None,
-    *,
     batch_size: int = DEFAULT_BATCH,
 ) -> ImportReport:
     """Import ``path``: a folder-per-class tree, or a CSV manifest (``path`` itself, or ``csv_file``).
@@ -760,6 +761,6 @@ def import_path(
         source = str(tree)
     if not entries and not skipped:
         raise InputError(f"no images found under {path}; expected class folders holding image files")
-    return import_entries(catalog, dataset_name, source, entries, skipped, ignored, workers,
-                          min_side, max_pixels, progress, batch_size=batch_size,
-                          root=None if allow_outside else str(tree))
+    return import_entries(catalog, dataset_name, source, entries, pre_skipped=skipped, ignored_files=ignored,
+                          workers=workers, min_side=min_side, max_pixels=max_pixels, progress=progress,
+                          batch_size=batch_size, root=None if allow_outside else str(tree))

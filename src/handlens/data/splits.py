@@ -154,6 +154,7 @@ def _unit_key(img: LabelledImage, group_by: str | None) -> str:
 def plan_split(
     images: list[LabelledImage],
     ratios: tuple[float, float, float],
+    *,
     seed: int = 0,
     group_by: str | None = None,
     folds: int | None = None,
@@ -171,8 +172,8 @@ def plan_split(
     if folds is None:
         assignments, active = _holdout_assignments(units, ratios, rng, grouped)
     else:
-        assignments, active = _fold_assignments(units, ratios[2], folds, rng, grouped)
-    counts = _subset_counts(kept, assignments, active, min_per_class, folds)
+        assignments, active = _fold_assignments(units, ratios[2], folds=folds, rng=rng, grouped=grouped)
+    counts = _subset_counts(kept, assignments, active, min_per_class=min_per_class, folds=folds)
     return SplitPlan(
         assignments=assignments,
         class_weights={fold: inverse_frequency_weights(c["train"]) for fold, c in counts.items()},
@@ -214,7 +215,7 @@ def _holdout_assignments(units: dict[str, list[LabelledImage]], ratios: tuple[fl
     return {0: assignment}, {"train": True, "val": val > 0, "test": test > 0}
 
 
-def _fold_assignments(units: dict[str, list[LabelledImage]], test: float, folds: int, rng: random.Random,
+def _fold_assignments(units: dict[str, list[LabelledImage]], test: float, *, folds: int, rng: random.Random,
                       grouped: bool) -> tuple[dict[int, dict[int, str]], dict[str, bool]]:
     """K folds over what the test share leaves: each fold's val is one part, its train the others."""
     rest = units
@@ -235,7 +236,7 @@ def _fold_assignments(units: dict[str, list[LabelledImage]], test: float, folds:
 
 
 def _subset_counts(images: list[LabelledImage], assignments: dict[int, dict[int, str]], active: dict[str, bool],
-                   min_per_class: int, folds: int | None) -> dict[str, dict[str, dict[str, int]]]:
+                   *, min_per_class: int, folds: int | None) -> dict[str, dict[str, dict[str, int]]]:
     """Images per class per subset per fold; refuses a subset with fewer than ``min_per_class`` of a class."""
     classes = sorted({img.label for img in images})
     label_of = {img.id: img.label for img in images}
@@ -288,6 +289,7 @@ def make_split(
     catalog: Any,
     dataset_name: str,
     labelset_name: str | None = None,
+    *,
     ratios: str | tuple[float, ...] = (0.8, 0.1, 0.1),
     seed: int = 0,
     group_by: str | None = None,
@@ -295,7 +297,6 @@ def make_split(
     name: str | None = None,
     min_per_class: int = 1,
     max_per_class: int | None = None,
-    *,
     group_regex: str | None = None,
 ) -> dict[str, Any]:
     """Plan a split of a catalog dataset and store it; returns its summary (what ``split`` prints).
@@ -313,7 +314,8 @@ def make_split(
         images = labelled_images(session, labelset)
         if group_regex is not None:
             images = groups_from_names(images, group_regex)
-        plan = plan_split(images, shares, seed, group_by, folds, min_per_class, max_per_class)
+        plan = plan_split(images, shares, seed=seed, group_by=group_by, folds=folds, min_per_class=min_per_class,
+                          max_per_class=max_per_class)
         if name is None:
             existing = session.scalar(select(func.count(Split.id)).where(Split.dataset_id == dataset.id)) or 0
             name = f"split{existing + 1}"

@@ -16,7 +16,7 @@ from handlens.explain.metrics import agreement
 from handlens.transforms.roi import mask_for_input
 
 
-def agreement_report(bundle: Any, catalog: Catalog, dataset_name: str | None = None, method: str = "gradcam",
+def agreement_report(bundle: Any, catalog: Catalog, *, dataset_name: str | None = None, method: str = "gradcam",
                      layer: str | None = None, fraction: float = 0.2, tolerance: int = 0, subset: str | None = None,
                      batch_size: int = 8, **params: Any) -> dict[str, Any]:
     """Pointing game, energy inside and top-k% IoU of ``method``'s maps for every annotated image.
@@ -45,7 +45,8 @@ def agreement_report(bundle: Any, catalog: Catalog, dataset_name: str | None = N
                                .where(Image.id.in_(sorted(wanted))).order_by(Image.id)).all()
         masks = {row.id: region_mask(regions[row.id], row.width, row.height) for row in rows}
     score = _scores_on_tiles if bundle.patch_trained else _scores_on_inputs
-    images = score(bundle, rows, labels, masks, method, layer, fraction, tolerance, batch_size, params)
+    images = score(bundle, rows, labels, masks, method=method, layer=layer, fraction=fraction, tolerance=tolerance,
+                   batch_size=batch_size, params=params)
     return {"bundle": str(bundle.path), "method": method, "layer": layer or bundle.layer_names[0],
             "dataset": dataset_name, "top_fraction": fraction, "images": images,
             "per_class": _summarise(images, key="label"), "overall": _summarise(images)["all"]}
@@ -56,7 +57,7 @@ def _explained_for(bundle: Any, label: str | None) -> str:
     return label if label in bundle.classes else "pred"
 
 
-def _scores_on_inputs(bundle: Any, rows: list[Any], labels: dict[int, str], masks: dict[int, np.ndarray],
+def _scores_on_inputs(bundle: Any, rows: list[Any], labels: dict[int, str], masks: dict[int, np.ndarray], *,
                       method: str, layer: str | None, fraction: float, tolerance: int, batch_size: int,
                       params: dict[str, Any]) -> list[dict[str, Any]]:
     """Agreement on the model input: maps of whole resized images, regions carried through the same resize."""
@@ -77,7 +78,7 @@ def _scores_on_inputs(bundle: Any, rows: list[Any], labels: dict[int, str], mask
     return images
 
 
-def _scores_on_tiles(bundle: Any, rows: list[Any], labels: dict[int, str], masks: dict[int, np.ndarray],
+def _scores_on_tiles(bundle: Any, rows: list[Any], labels: dict[int, str], masks: dict[int, np.ndarray], *,
                      method: str, layer: str | None, fraction: float, tolerance: int, batch_size: int,
                      params: dict[str, Any]) -> list[dict[str, Any]]:
     """Agreement of a patch-trained model on the image itself: maps stitched from tiles at its patch scale."""

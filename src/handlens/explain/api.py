@@ -29,9 +29,9 @@ def method_params(method: str, params: Mapping[str, Any] | ExplainParams | None 
     return explainer(method).validate_params({**given, **keywords})
 
 
-def explain(model: Any, inputs: torch.Tensor, classes: list[str], method: str = "gradcam", layer: str | None = None,
+def explain(model: Any, inputs: torch.Tensor, classes: list[str], method: str = "gradcam", *, layer: str | None = None,
             target: Any = "pred", mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
-            *, params: Mapping[str, Any] | ExplainParams | None = None, **keywords: Any) -> Explanation:
+            params: Mapping[str, Any] | ExplainParams | None = None, **keywords: Any) -> Explanation:
     """Explain ``inputs`` (N, 3, H, W), normalised, with a registered method (see ``EXPLAINERS``).
 
     The method's parameters come as ``params=`` (a dict, or its model from
@@ -46,7 +46,8 @@ def explain(model: Any, inputs: torch.Tensor, classes: list[str], method: str = 
     if spec.uses_layer:
         layer_name = layer or getattr(model, "default_layer", None)
         module = model.layer(layer_name) if hasattr(model, "layer") else model.get_submodule(layer_name)
-    result = spec.run(model, inputs, classes, module, layer_name, target, chosen, mean=mean, std=std)
+    result = spec.run(model, inputs, classes, module, layer_name=layer_name, target=target, params=chosen,
+                      mean=mean, std=std)
     result.timings["total"] = time.perf_counter() - started
     result.signed = spec.signed
     return result
@@ -65,7 +66,8 @@ class ExplainableBundle(Bundle):
         items: Sequence[Any] = list(images) if isinstance(images, (list, tuple)) else [images]
         inputs = self.transform_many(items)
         mean, std = self.preprocess.affine()
-        return explain(self.module, inputs, self.classes, method, layer, target, mean, std, params=chosen)
+        return explain(self.module, inputs, self.classes, method, layer=layer, target=target, mean=mean, std=std,
+                       params=chosen)
 
 
 def load_bundle(path: str | Path) -> ExplainableBundle:

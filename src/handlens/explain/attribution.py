@@ -47,7 +47,7 @@ def internal_batch_size(model: nn.Module, inputs: torch.Tensor, budget_mb: float
     return max(1, int(budget_mb * 1024 * 1024 // max(per_sample, 1)))
 
 
-def make_baseline(kind: str, inputs: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+def make_baseline(kind: str, inputs: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], *,
                   seed: int = 0) -> torch.Tensor:
     """A reference input in the model's normalised space: black pixels, a blurred copy, or uniform noise."""
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
@@ -67,7 +67,7 @@ def make_baseline(kind: str, inputs: torch.Tensor, mean: tuple[float, ...], std:
     raise InputError(f"baseline {kind!r}: choose black, blur or noise")
 
 
-def _finish(attributions: torch.Tensor, method: str, targets: list[int], classes: list[str], logits: torch.Tensor,
+def _finish(attributions: torch.Tensor, method: str, targets: list[int], classes: list[str], *, logits: torch.Tensor,
             params: dict[str, Any], timings: dict[str, float], signed: bool, extras: dict[str, Any] | None = None,
             reduce: str = "sum") -> Explanation:
     maps = attributions.sum(1) if reduce == "sum" else attributions.abs().amax(1)
@@ -108,9 +108,9 @@ def integrated_gradients(model: nn.Module, inputs: torch.Tensor, classes: list[s
                                                return_convergence_delta=True)
     timings = {"total": time.perf_counter() - started}
     deltas = delta.detach().abs().tolist()
-    return _finish(attributions, "integrated_gradients", targets, classes, logits,
-                   {"steps": steps, "baseline": baseline, "internal_batch_size": batch}, timings, True,
-                   {"convergence_delta": deltas})
+    return _finish(attributions, "integrated_gradients", targets, classes, logits=logits,
+                   params={"steps": steps, "baseline": baseline, "internal_batch_size": batch}, timings=timings,
+                   signed=True, extras={"convergence_delta": deltas})
 
 
 def saliency(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred") -> Explanation:
@@ -120,8 +120,8 @@ def saliency(model: nn.Module, inputs: torch.Tensor, classes: list[str], target:
     with explaining(model):
         targets, logits = _targets(model, inputs, classes, target)
         attributions = Saliency(model).attribute(_with_grad(inputs), target=targets, abs=True)
-    return _finish(attributions, "saliency", targets, classes, logits, {}, {"total": time.perf_counter() - started},
-                   False, reduce="max")
+    return _finish(attributions, "saliency", targets, classes, logits=logits, params={},
+                   timings={"total": time.perf_counter() - started}, signed=False, reduce="max")
 
 
 def smoothgrad(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", *,
@@ -136,8 +136,9 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, classes: list[str], targe
                                                               nt_samples=samples,
                                                               nt_samples_batch_size=min(samples, 10), stdevs=stdev,
                                                               target=targets, abs=True)
-    return _finish(attributions, "smoothgrad", targets, classes, logits, {"samples": samples, "noise": noise},
-                   {"total": time.perf_counter() - started}, False, reduce="max")
+    return _finish(attributions, "smoothgrad", targets, classes, logits=logits,
+                   params={"samples": samples, "noise": noise}, timings={"total": time.perf_counter() - started},
+                   signed=False, reduce="max")
 
 
 def gradient_shap(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", *,
@@ -152,8 +153,8 @@ def gradient_shap(model: nn.Module, inputs: torch.Tensor, classes: list[str], ta
                                make_baseline("noise", inputs[:1], mean, std)])
         attributions = GradientShap(model).attribute(inputs, baselines=baselines, n_samples=samples, stdevs=0.1,
                                                      target=targets)
-    return _finish(attributions, "gradient_shap", targets, classes, logits, {"samples": samples},
-                   {"total": time.perf_counter() - started}, True)
+    return _finish(attributions, "gradient_shap", targets, classes, logits=logits, params={"samples": samples},
+                   timings={"total": time.perf_counter() - started}, signed=True)
 
 
 def occlusion(model: nn.Module, inputs: torch.Tensor, classes: list[str], target: Any = "pred", *,
@@ -169,5 +170,6 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, classes: list[str], target
         attributions = Occlusion(model).attribute(inputs, sliding_window_shapes=(inputs.shape[1], window, window),
                                                   strides=(inputs.shape[1], stride, stride), baselines=0.0,
                                                   target=targets, perturbations_per_eval=batch_size)
-    return _finish(attributions, "occlusion", targets, classes, logits, {"window": window, "stride": stride},
-                   {"total": time.perf_counter() - started}, True)
+    return _finish(attributions, "occlusion", targets, classes, logits=logits,
+                   params={"window": window, "stride": stride}, timings={"total": time.perf_counter() - started},
+                   signed=True)

@@ -68,7 +68,7 @@ def _combine(method: str, activation: torch.Tensor, grads: torch.Tensor) -> torc
     return cam.clamp(min=0)
 
 
-def gradient_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], layer: nn.Module, layer_name: str,
+def gradient_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], layer: nn.Module, *, layer_name: str,
                  method: str = "gradcam", target: Any = "pred", class_chunk: int = 256) -> Explanation:
     """Any of the gradient CAMs (see the module docstring) for ``inputs`` (N, 3, H, W), normalised."""
     timings: dict[str, float] = {}
@@ -93,7 +93,7 @@ def gradient_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], lay
                 hw = activation.shape[-2] * activation.shape[-1]
                 cam = (torch.einsum("ck,nkhw->nchw", head, activation) / hw).clamp(min=0)
             else:
-                cam = _all_classes(method, logits, raw, activation, prefix, class_chunk)  # (N, C, h, w)
+                cam = _all_classes(method, logits, raw, activation, prefix=prefix, chunk=class_chunk)  # (N, C, h, w)
         timings["backward"] = time.perf_counter() - started
     started = time.perf_counter()
     maps = upsample(cam.detach(), tuple(inputs.shape[-2:]))
@@ -104,7 +104,7 @@ def gradient_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], lay
                        timings=timings)
 
 
-def _all_classes(method: str, logits: torch.Tensor, raw: torch.Tensor, activation: torch.Tensor, prefix: int,
+def _all_classes(method: str, logits: torch.Tensor, raw: torch.Tensor, activation: torch.Tensor, *, prefix: int,
                  chunk: int) -> torch.Tensor:
     """Maps for every class: gradients of all logits w.r.t. the activation by batched backward passes."""
     n, c = logits.shape
@@ -132,7 +132,7 @@ def linear_head(model: nn.Module, layer_name: str | None) -> torch.Tensor | None
     return linear[0].weight.detach()
 
 
-def closed_form_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], layer: nn.Module,
+def closed_form_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], layer: nn.Module, *,
                     layer_name: str, target: Any = "pred") -> Explanation:
     """CAM from the head's weights: valid where the layer is the map that the head pools and reads linearly."""
     weight = linear_head(model, layer_name)
@@ -163,7 +163,7 @@ def closed_form_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], 
                        probabilities=torch.softmax(logits.float(), 1).numpy(), timings=timings)
 
 
-def score_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], layer: nn.Module, layer_name: str,
+def score_cam(model: nn.Module, inputs: torch.Tensor, classes: list[str], layer: nn.Module, *, layer_name: str,
               target: Any = "pred", batch_size: int = 64, max_channels: int | None = None) -> Explanation:
     """Score-CAM: one masked forward pass per channel (batched); ``max_channels`` keeps the most active."""
     timings: dict[str, float] = {}

@@ -43,7 +43,7 @@ def _baseline(inputs: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _curves(model: nn.Module, image: torch.Tensor, base: torch.Tensor, heatmap: np.ndarray, target: int,
+def _curves(model: nn.Module, image: torch.Tensor, base: torch.Tensor, heatmap: np.ndarray, *, target: int,
             steps: int, batch_size: int, roi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Deletion and insertion curves (steps + 1 points each) for one image and one map.
 
@@ -73,7 +73,7 @@ def _curves(model: nn.Module, image: torch.Tensor, base: torch.Tensor, heatmap: 
     return out[0], out[1]
 
 
-def deletion_insertion(model: nn.Module, inputs: torch.Tensor, maps: np.ndarray, targets: list[int],
+def deletion_insertion(model: nn.Module, inputs: torch.Tensor, maps: np.ndarray, targets: list[int], *,
                        baseline: str = "blur", steps: int = 20, batch_size: int = 32, seed: int = 0,
                        rois: np.ndarray | None = None) -> dict[str, Any]:
     """Deletion and insertion AUCs of ``maps`` (N, H, W) for ``targets``, beside those of random maps.
@@ -94,10 +94,11 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, maps: np.ndarray,
         rows = []
         for i in range(inputs.shape[0]):
             roi = rois[i] if rois is not None and rois[i].any() else None
-            deletion, insertion = _curves(model, inputs[i], base[i], maps[i], targets[i], steps, batch_size, roi)
+            deletion, insertion = _curves(model, inputs[i], base[i], maps[i], target=targets[i], steps=steps,
+                                          batch_size=batch_size, roi=roi)
             random_map = rng.random(maps[i].shape)
-            r_deletion, r_insertion = _curves(model, inputs[i], base[i], random_map, targets[i], steps, batch_size,
-                                              roi)
+            r_deletion, r_insertion = _curves(model, inputs[i], base[i], random_map, target=targets[i], steps=steps,
+                                              batch_size=batch_size, roi=roi)
             rows.append({"deletion_auc": _auc(deletion), "insertion_auc": _auc(insertion),
                          "random_deletion_auc": _auc(r_deletion), "random_insertion_auc": _auc(r_insertion),
                          "roi_share": float(roi.mean()) if roi is not None else 1.0,
@@ -142,7 +143,7 @@ def _reinitialise(modules: list[nn.Module], generator: torch.Generator) -> None:
                     sub.reset_running_stats()
 
 
-def parameter_randomisation(model: nn.Module, inputs: torch.Tensor, classes: list[str], method: str,
+def parameter_randomisation(model: nn.Module, inputs: torch.Tensor, classes: list[str], method: str, *,
                             layer: str | None = None, max_steps: int | None = None, threshold: float = 0.5,
                             seed: int = 0, **params: Any) -> dict[str, Any]:
     """Cascading randomisation: the rank correlation between trained and randomised maps, block by block.
@@ -152,7 +153,7 @@ def parameter_randomisation(model: nn.Module, inputs: torch.Tensor, classes: lis
     """
     from handlens.explain.api import explain
 
-    reference = explain(model, inputs, classes, method, layer, "pred", **params)
+    reference = explain(model, inputs, classes, method, layer=layer, target="pred", **params)
     if reference.maps.ndim != 3:
         raise InputError("the sanity check compares one map per image; use a single target")
     targets = reference.targets
@@ -162,7 +163,7 @@ def parameter_randomisation(model: nn.Module, inputs: torch.Tensor, classes: lis
     steps = []
     for name, modules in units:
         _reinitialise(modules, generator)
-        maps = explain(randomised, inputs, classes, method, layer, targets, **params).maps
+        maps = explain(randomised, inputs, classes, method, layer=layer, target=targets, **params).maps
         rho = [spearman(reference.maps[i], maps[i]) for i in range(len(inputs))]
         steps.append({"randomised_down_to": name, "spearman": float(np.mean(rho)), "per_image": rho})
     final = steps[-1]["spearman"] if steps else 1.0

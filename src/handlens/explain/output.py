@@ -15,7 +15,7 @@ from handlens.transforms.preprocess import preprocess_image
 ALL_CLASS_PANELS = 12
 
 
-def write_explanations(bundle: Any, files: list[str], out: Path, method: str, layer: str | None, target: str,
+def write_explanations(bundle: Any, files: list[str], out: Path, method: str, *, layer: str | None, target: str,
                        opacity: float = 0.5, params: dict[str, Any] | None = None, batch_size: int = 8,
                        resume: bool = False, progress: Any = None) -> dict[str, Any]:
     """Explain ``files`` in batches and write ``<stem>.<method>.png`` / ``.npy`` plus ``index.json``.
@@ -67,13 +67,15 @@ def write_explanations(bundle: Any, files: list[str], out: Path, method: str, la
             if "convergence_delta" in result.extras:
                 entry["convergence_delta"] = result.extras["convergence_delta"][i]
             entries.append(entry)
-        _write_index(out, bundle, method, used_layer, target, params, entries, timings, layer)
+        _write_index(out, bundle, method, layer=used_layer, target=target, params=params, entries=entries,
+                     timings=timings, requested_layer=layer)
         if progress:
             progress(len(done) + start + len(chunk), len(files))
-    return _write_index(out, bundle, method, used_layer, target, params, entries, timings, layer)
+    return _write_index(out, bundle, method, layer=used_layer, target=target, params=params, entries=entries,
+                        timings=timings, requested_layer=layer)
 
 
-def _write_index(out: Path, bundle: Any, method: str, layer: str | None, target: str, params: dict[str, Any] | None,
+def _write_index(out: Path, bundle: Any, method: str, *, layer: str | None, target: str, params: dict[str, Any] | None,
                  entries: list[dict[str, Any]], timings: list[dict[str, float]],
                  requested_layer: str | None = None) -> dict[str, Any]:
     index = {"bundle": str(bundle.path), "method": method, "layer": layer, "requested_layer": requested_layer,
@@ -83,7 +85,7 @@ def _write_index(out: Path, bundle: Any, method: str, layer: str | None, target:
     return _save_index(out, index)
 
 
-def explain_subset(bundle: Any, catalog: Any, subset: str, out: Path, method: str, layer: str | None = None,
+def explain_subset(bundle: Any, catalog: Any, subset: str, out: Path, *, method: str, layer: str | None = None,
                    target: str = "pred", dataset: str | None = None, opacity: float = 0.5,
                    params: dict[str, Any] | None = None, gallery: int = 12, progress: Any = None) -> dict[str, Any]:
     """Explain every image of one subset of the bundle's split; resumable; with a gallery of the top losses."""
@@ -109,9 +111,9 @@ def explain_subset(bundle: Any, catalog: Any, subset: str, out: Path, method: st
                                       .where(Label.labelset_id == labelset.id)).all()) if labelset else {}
     files = [row.path for row in rows]
     truth = {row.path: labels.get(row.id) for row in rows}
-    index = write_explanations(bundle, files, out, method, layer, target, opacity, params, resume=True,
-                               progress=progress)
-    index["gallery"] = _top_loss_gallery(bundle, index["images"], truth, out, method, gallery)
+    index = write_explanations(bundle, files, out, method, layer=layer, target=target, opacity=opacity,
+                               params=params, resume=True, progress=progress)
+    index["gallery"] = _top_loss_gallery(bundle, index["images"], truth, out, method=method, count=gallery)
     return _save_index(out, index)
 
 
@@ -123,7 +125,7 @@ def _save_index(out: Path, index: dict[str, Any]) -> dict[str, Any]:
     return index
 
 
-def _top_loss_gallery(bundle: Any, entries: list[dict[str, Any]], truth: dict[str, str | None], out: Path,
+def _top_loss_gallery(bundle: Any, entries: list[dict[str, Any]], truth: dict[str, str | None], out: Path, *,
                       method: str, count: int) -> str | None:
     """The most confidently wrong images with their maps, side by side: where a model errs is worth seeing."""
     from PIL import Image
@@ -147,7 +149,7 @@ def _top_loss_gallery(bundle: Any, entries: list[dict[str, Any]], truth: dict[st
     return str(path)
 
 
-def write_tiled(bundle: Any, files: list[str], out: Path, method: str, layer: str | None, target: str,
+def write_tiled(bundle: Any, files: list[str], out: Path, method: str, *, layer: str | None, target: str,
                 tile: int, overlap: float, opacity: float = 0.5, params: dict[str, Any] | None = None,
                 preview: int = 2048) -> dict[str, Any]:
     """Tiled explanation of large images: full-resolution heatmap (.npy), probability map (.npy), and an
@@ -160,7 +162,7 @@ def write_tiled(bundle: Any, files: list[str], out: Path, method: str, layer: st
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for path in files:
-        result = tiled_explain(bundle, path, tile, overlap, method=method, layer=layer, target=target,
+        result = tiled_explain(bundle, path, tile=tile, overlap=overlap, method=method, layer=layer, target=target,
                                params=params)
         stem = f"{Path(path).stem}.{method}.tiled"
         np.save(out / f"{stem}.npy", result.heatmap)

@@ -225,7 +225,7 @@ def _occlusion_cost(params: OcclusionParams, *, input_size: InputSize) -> Explai
 # --------------------------------------------------------------------------- the registry
 
 
-RunFn = Callable[..., Any]  # (model, inputs, classes, layer, layer_name, target, params, *, mean, std)
+RunFn = Callable[..., Any]  # (model, inputs, classes, layer, *, layer_name, target, params, mean, std)
 CostFn = Callable[..., ExplainCost]  # (params, *, input_size) -> ExplainCost
 
 
@@ -368,12 +368,12 @@ def _register() -> None:
     """Register every method. Names, models and costs only: the code (torch, Captum) loads when one runs."""
 
     def gradient(method: str) -> RunFn:
-        def run(model: Any, inputs: Any, classes: list[str], layer: Any, layer_name: str, target: Any,
+        def run(model: Any, inputs: Any, classes: list[str], layer: Any, *, layer_name: str, target: Any,
                 params: GradientCamParams, **_affine: Any) -> Any:
             from handlens.explain import cam
 
-            return cam.gradient_cam(model, inputs, classes, layer, layer_name, method, target,
-                                    class_chunk=params.class_chunk)
+            return cam.gradient_cam(model, inputs, classes, layer, layer_name=layer_name, method=method,
+                                    target=target, class_chunk=params.class_chunk)
 
         return run
 
@@ -388,23 +388,23 @@ def _register() -> None:
         EXPLAINERS.register(name, ExplainerSpec(name, text, gradient(name), uses_layer=True, all_classes=True,
                                                 params=GradientCamParams, cost=_one_backward))
 
-    def scorecam(model: Any, inputs: Any, classes: list[str], layer: Any, layer_name: str, target: Any,
+    def scorecam(model: Any, inputs: Any, classes: list[str], layer: Any, *, layer_name: str, target: Any,
                  params: ScoreCamParams, **_affine: Any) -> Any:
         from handlens.explain import cam
 
-        return cam.score_cam(model, inputs, classes, layer, layer_name, target, batch_size=params.batch_size,
-                             max_channels=params.max_channels)
+        return cam.score_cam(model, inputs, classes, layer, layer_name=layer_name, target=target,
+                             batch_size=params.batch_size, max_channels=params.max_channels)
 
     EXPLAINERS.register("scorecam", ExplainerSpec(
         "scorecam", "Score-CAM: gradient-free, one masked forward pass per channel (Wang et al. 2020)", scorecam,
         uses_layer=True, expensive=True, params=ScoreCamParams, cost=_scorecam_cost, fit=_scorecam_fit,
         budget_hint="ask for fewer max_channels"))
 
-    def closed(model: Any, inputs: Any, classes: list[str], layer: Any, layer_name: str, target: Any,
+    def closed(model: Any, inputs: Any, classes: list[str], layer: Any, *, layer_name: str, target: Any,
                params: NoParams, **_affine: Any) -> Any:
         from handlens.explain import cam
 
-        return cam.closed_form_cam(model, inputs, classes, layer, layer_name, target)
+        return cam.closed_form_cam(model, inputs, classes, layer, layer_name=layer_name, target=target)
 
     EXPLAINERS.register("cam", ExplainerSpec(
         "cam", "CAM: closed form from the linear head, final layer only (Zhou et al. 2016)", closed,
@@ -414,8 +414,8 @@ def _register() -> None:
         """Run ``attribution.<function>`` with the model's fields; ``affine`` methods also get mean/std
         (their baselines are made in pixel space)."""
 
-        def run(model: Any, inputs: Any, classes: list[str], layer: Any, layer_name: str, target: Any,
-                params: ExplainParams, *, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+        def run(model: Any, inputs: Any, classes: list[str], layer: Any, *, layer_name: str, target: Any,
+                params: ExplainParams, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
             from handlens.explain import attribution
 
             extra = {"mean": mean, "std": std} if affine else {}

@@ -69,7 +69,7 @@ class TiledResult:
                 "size": list(self.heatmap.shape[::-1]), "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
-def _tile_batch(picture: np.ndarray, origins: list[tuple[int, int]], tile: int, size: int,
+def _tile_batch(picture: np.ndarray, origins: list[tuple[int, int]], tile: int, size: int, *,
                 preprocess: Any) -> torch.Tensor:
     from PIL import Image
 
@@ -98,7 +98,7 @@ def _tiled_picture(bundle: Any, original: np.ndarray) -> np.ndarray:
     return original
 
 
-def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: float = 0.25, batch_size: int = 8,
+def tiled_explain(bundle: Any, image: Any, *, tile: int | None = None, overlap: float = 0.25, batch_size: int = 8,
                   method: str = "gradcam", layer: str | None = None, target: Any = "pred",
                   max_tiles: int | None = None, with_probability_map: bool = True,
                   params: Mapping[str, Any] | ExplainParams | None = None, **keywords: Any) -> TiledResult:
@@ -133,7 +133,8 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     if with_probability_map or not preprocess.patches:
         with torch.inference_mode():
             for start in range(0, len(origins), batch_size):
-                batch = _tile_batch(picture, origins[start:start + batch_size], tile, size, bundle.preprocess)
+                batch = _tile_batch(picture, origins[start:start + batch_size], tile, size,
+                                    preprocess=bundle.preprocess)
                 probs.append(torch.softmax(bundle.module(batch).float(), 1).numpy())
     tile_probs = np.concatenate(probs)
     # a patch-trained model's image-level prediction is its own: its grid, as predict and evaluate give
@@ -154,9 +155,9 @@ def tiled_explain(bundle: Any, image: Any, tile: int | None = None, overlap: flo
     weight = np.zeros((height, width), dtype=np.float32)
     for start in range(0, len(origins), batch_size):
         chunk = origins[start:start + batch_size]
-        batch = _tile_batch(picture, chunk, tile, size, bundle.preprocess)
-        result = explained = explain(bundle.module, batch, bundle.classes, method, layer, [chosen] * len(chunk),
-                                     mean, std, params=checked_params)
+        batch = _tile_batch(picture, chunk, tile, size, preprocess=bundle.preprocess)
+        result = explained = explain(bundle.module, batch, bundle.classes, method, layer=layer,
+                                     target=[chosen] * len(chunk), mean=mean, std=std, params=checked_params)
         maps = torch.from_numpy(result.maps)[:, None]
         if tile != size:
             maps = F.interpolate(maps, size=(tile, tile), mode="bilinear", align_corners=False)

@@ -63,10 +63,11 @@ def trust_report(bundle_path: str | Path, images: Sequence[str | Path], *, works
         inputs, rois = loaded.transform_many(files), input_rois(loaded.preprocess, files, roi=roi,
                                                                   workspace=workspace)
     mean, std = loaded.preprocess.affine()
-    result = explain(loaded.module, inputs, loaded.classes, method, layer, "pred", mean, std)
+    result = explain(loaded.module, inputs, loaded.classes, method, layer=layer, target="pred", mean=mean, std=std)
     maps = result.maps if result.maps.ndim == 3 else result.maps[:, 0]
-    faithfulness = deletion_insertion(loaded.module, inputs, maps, result.targets, baseline, steps, rois=rois)
-    sanity = parameter_randomisation(loaded.module, inputs, loaded.classes, method, layer, sanity_steps,
+    faithfulness = deletion_insertion(loaded.module, inputs, maps, result.targets, baseline=baseline, steps=steps,
+                                      rois=rois)
+    sanity = parameter_randomisation(loaded.module, inputs, loaded.classes, method, layer=layer, max_steps=sanity_steps,
                                      mean=mean, std=std)
     return TrustReport(method=method, layer=result.layer, images=files, patch_trained=loaded.patch_trained,
                        n_inputs=len(inputs), faithfulness=faithfulness, sanity=sanity)

@@ -96,7 +96,7 @@ class Classifier(nn.Module):
                              "(or give a module path)") from None
 
 
-def build_head(in_features: int, num_classes: int, head: str = "linear", hidden: int = 256,
+def build_head(in_features: int, num_classes: int, *, head: str = "linear", hidden: int = 256,
                dropout: float = 0.0) -> nn.Module:
     """The head module: ``linear`` (optional dropout first), ``mlp`` (one hidden layer), or ``logistic`` (a plain
     linear layer whose weights a logistic regression on cached features sets; ``auto`` resolves to one of them
@@ -115,6 +115,7 @@ def build_head(in_features: int, num_classes: int, head: str = "linear", hidden:
 def create_classifier(
     name: str,
     num_classes: int,
+    *,
     weights: str = "none",
     freeze: str = "full",
     head: str = "linear",
@@ -134,7 +135,8 @@ def create_classifier(
     if pool == "texture" and not hasattr(backbone, "forward_intermediates"):
         raise InputError(f"{name} cannot give intermediate features; use pool=avg")
     in_features = backbone.num_features if pool == "avg" else 2 * (backbone.num_features + texture_stage(backbone)[1])
-    model = Classifier(backbone, build_head(in_features, num_classes, head, hidden, dropout), spec, pool)
+    model = Classifier(backbone, build_head(in_features, num_classes, head=head, hidden=hidden, dropout=dropout), spec,
+                       pool)
     apply_freeze(model, FreezeSpec.parse(freeze), freeze_norm)
     return model
 

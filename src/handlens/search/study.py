@@ -266,7 +266,7 @@ def _create_context(cfg: StudyConfig, ws: Workspace, catalog: Any, space: Search
     from handlens.search.folds import cv_folds
     from handlens.train.data import load_split_data
 
-    data = load_split_data(catalog, cfg.dataset, cfg.labelset, cfg.split)
+    data = load_split_data(catalog, cfg.dataset, cfg.labelset, split_name=cfg.split)
     pool_ids = [*data.subsets["train"].ids, *data.subsets["val"].ids]
     targets = np.concatenate([data.subsets["train"].targets, data.subsets["val"].targets])
     if not pool_ids:
@@ -674,7 +674,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _work(ctx: StudyContext, ws: Workspace, storage: Any, trials_wanted: int | None,
+def _work(ctx: StudyContext, ws: Workspace, storage: Any, trials_wanted: int | None, *,
           worker_index: int | None = None) -> _Objective:
     import optuna
 
@@ -696,8 +696,8 @@ def _work(ctx: StudyContext, ws: Workspace, storage: Any, trials_wanted: int | N
     return objective
 
 
-def _worker_main(name: str, ws_root: str, db_url: str, trials: int | None, deadline: float | None,
-                 threads: int, index: int) -> None:
+def _worker_main(name: str, ws_root: str, db_url: str, trials: int | None, deadline: float | None,  # noqa: PLR0917
+                 threads: int, index: int) -> None:  # positional: the target of Process(args=...) in run_study
     """A parallel worker process of ``run_study(workers=N)``."""
     import torch
 

@@ -124,7 +124,8 @@ class PoolFeatures:
 
             images = self._images_for(cfg, preprocess)
             seed_everything(cfg.train.seed)  # as train() does: a random backbone (weights none) is the refit's
-            model = create_classifier(cfg.model.backbone, 2, cfg.model.weights, "frozen", pool=cfg.model.pool)
+            model = create_classifier(cfg.model.backbone, 2, weights=cfg.model.weights, freeze="frozen",
+                                      pool=cfg.model.pool)
             self._features[key] = feature_rows(
                 model, images, self.pool.sha256s, key_parts=parts, cache_dir=self.ws.cache_dir,
                 normalize=preprocess.normalize_batch, views=views,
@@ -140,7 +141,8 @@ class PoolFeatures:
         key = preprocess.model_key()
         if key not in self._images:
             self._images.clear()  # one decoded pool at a time: bounded memory
-            arrays = decode_many(self.pool.paths, preprocess, self.pool.sha256s, self.ws.cache_dir, cfg.train.workers)
+            arrays = decode_many(self.pool.paths, preprocess, sha256s=self.pool.sha256s, cache_dir=self.ws.cache_dir,
+                                 workers=cfg.train.workers)
             self._images[key] = as_tensor_images(arrays)
         return self._images[key]
 
@@ -211,7 +213,8 @@ def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_in
     def done(step: int, fit: Any) -> None:
         nonlocal started
         by_epoch = [float(r[f"val_{metric}"]) for r in fit.history if f"val_{metric}" in r]
-        value = _fold_metric(fit.head, plain[data[step].val_rows], pool_targets[data[step].val_rows], classes, metric)
+        value = _fold_metric(fit.head, plain[data[step].val_rows], pool_targets[data[step].val_rows], classes,
+                             metric=metric)
         score.folds.append(FoldScore(folds[step].name, value, int(fit.best_epoch),
                                      float(fit.info.get("seconds", time.perf_counter() - started)), by_epoch=by_epoch))
         started = time.perf_counter()
@@ -223,7 +226,7 @@ def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_in
     return score.settle()
 
 
-def _fold_metric(head: Any, x: Any, y: np.ndarray, classes: list[str], metric: str) -> float:
+def _fold_metric(head: Any, x: Any, y: np.ndarray, classes: list[str], *, metric: str) -> float:
     import torch
 
     from handlens.train.metrics import classification_metrics

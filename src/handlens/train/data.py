@@ -39,7 +39,7 @@ class SplitData:
         return {name: subset.ids for name, subset in self.subsets.items()}
 
 
-def load_split_data(catalog: Catalog, dataset_name: str, labelset_name: str | None = None,
+def load_split_data(catalog: Catalog, dataset_name: str, labelset_name: str | None = None, *,
                     split_name: str | None = None, fold: int = 0) -> SplitData:
     """Images and targets of each subset of a stored split (the newest one unless named)."""
     with catalog.session() as session:

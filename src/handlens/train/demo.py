@@ -73,7 +73,8 @@ def prepare_demo(workspace: Workspace, name: str = "textures", *, seed: int = 0)
             existing = latest_split(session, ds, labelset)
             summary = split_summary(existing, ds.name, labelset.name) if existing else None
         if summary is None:
-            summary = make_split(catalog, demo.name, None, DEMO_RATIOS, seed, demo.group_by, name="demo")
+            summary = make_split(catalog, demo.name, None, ratios=DEMO_RATIOS, seed=seed, group_by=demo.group_by,
+                                 name="demo")
     finally:
         catalog.close()
     return DemoData(workspace=workspace, dataset=demo.name, images=manifest.parent, report=report, stats=stats,

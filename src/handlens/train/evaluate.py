@@ -26,7 +26,7 @@ def resolve_bundle(ws: Workspace, ref: str | Path) -> Path:
     raise NotFoundError(f"{ref!r} is neither a bundle directory nor a run id in {ws.runs_dir}")
 
 
-def top_losses(probs: np.ndarray, targets: np.ndarray, paths: list[str], classes: list[str],
+def top_losses(probs: np.ndarray, targets: np.ndarray, paths: list[str], classes: list[str], *,
                count: int = 10) -> list[dict[str, Any]]:
     """The most confidently wrong images: highest cross-entropy among the misclassified."""
     pred = probs.argmax(1)
@@ -40,13 +40,13 @@ def top_losses(probs: np.ndarray, targets: np.ndarray, paths: list[str], classes
 def evaluate(
     bundle_ref: str | Path,
     workspace: Workspace | None = None,
+    *,
     dataset: str | None = None,
     subset: str = "test",
     split: str | None = None,
     images: Path | None = None,
     out_dir: Path | None = None,
     top: int = 10,
-    *,
     tta: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a bundle on ``subset`` of a catalog split (default: the one it trained on) or on ``images``.
@@ -91,7 +91,7 @@ def evaluate(
         catalog = open_catalog(ws.db_url)
         try:
             data = load_split_data(catalog, dataset or manifest["dataset"], manifest.get("labelset"),
-                                   split or manifest.get("split"), int(manifest.get("fold", 0)))
+                                   split_name=split or manifest.get("split"), fold=int(manifest.get("fold", 0)))
         finally:
             catalog.close()
         if subset not in data.subsets:
@@ -107,11 +107,11 @@ def evaluate(
         source = f"{data.dataset}/{data.split}/{subset}"
     targets = np.array([index[label] for label in labels], dtype=np.int64)
     if bundle.patch_trained:  # image-level: mean probability over each image's grid patches
-        decoded: Any = decode_working_many(paths, bundle.preprocess.working_side,
-                                           bundle.preprocess.morphology, sha256s, ws.cache_dir if sha256s else None)
+        decoded: Any = decode_working_many(paths, bundle.preprocess.working_side, bundle.preprocess.morphology,
+                                           sha256s=sha256s, cache_dir=ws.cache_dir if sha256s else None)
         probs = bundle.predict_working(decoded, tta=tta)
     else:
-        decoded = decode_many(paths, bundle.preprocess, sha256s, ws.cache_dir if sha256s else None)
+        decoded = decode_many(paths, bundle.preprocess, sha256s=sha256s, cache_dir=ws.cache_dir if sha256s else None)
         stored = None if tta or not sha256s else _frozen_probs(ws, bundle, decoded, sha256s)
         probs = stored if stored is not None else bundle.predict_arrays(decoded, tta=tta)
     metrics = classification_metrics(torch.from_numpy(probs), torch.from_numpy(targets), bundle.classes)
@@ -119,7 +119,7 @@ def evaluate(
         leakage: dict[str, Any] = {"verdict": f"not checked: the model trained on (or was selected on) the {subset} "
                                    "subset; the leak check is for test subsets and --images", "pairs": []}
     else:
-        leakage = leak_check(ws, bundle, paths, decoded, sha256s).to_dict()
+        leakage = leak_check(ws, bundle, paths, decoded, sha256s=sha256s).to_dict()
         pred = probs.argmax(1)
         leaked = {p["test"] for p in leakage["pairs"]}
         clean = [i for i, p in enumerate(paths) if p not in leaked]
@@ -132,7 +132,7 @@ def evaluate(
     confusion_png(metrics["confusion"], bundle.classes, png,
                   f"{source}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
     report = {"bundle": str(path), "source": source, "classes": bundle.classes, **metrics,
-              "confusion_png": str(png), "top_losses": top_losses(probs, targets, paths, bundle.classes, top),
+              "confusion_png": str(png), "top_losses": top_losses(probs, targets, paths, bundle.classes, count=top),
               "leakage": leakage, "tta": tta_report}
     report_file = png.with_name(png.stem.replace("eval_confusion_", "eval_report_") + ".json")
     report_file.write_text(json.dumps(report, indent=1, default=float))  # for people, and the service
@@ -213,8 +213,8 @@ def training_images(ws: Workspace, manifest: dict[str, Any]) -> tuple[list[tuple
     return [(known.get(sha, ""), sha) for sha in sorted(recorded)], notes
 
 
-def leak_check(ws: Workspace, bundle: Any, paths: list[str], decoded: Any, sha256s: list[str] | None = None,
-               *, chunk: int = 64) -> Any:
+def leak_check(ws: Workspace, bundle: Any, paths: list[str], decoded: Any, *, sha256s: list[str] | None = None,
+               chunk: int = 64) -> Any:
     """Which of ``paths`` (decoded as the model sees them: ``decoded``) copy an image the bundle trained on.
 
     Exact copies by SHA-256; near-duplicates by dHash (``data.leaks``) of the decoded pixels, the training
@@ -239,9 +239,9 @@ def leak_check(ws: Workspace, bundle: Any, paths: list[str], decoded: Any, sha25
         part_paths, part_sha = [p for p, _ in part], [s for _, s in part]
         if bundle.patch_trained:
             arrays: Any = decode_working_many(part_paths, bundle.preprocess.working_side,
-                                              bundle.preprocess.morphology, part_sha, ws.cache_dir)
+                                              bundle.preprocess.morphology, sha256s=part_sha, cache_dir=ws.cache_dir)
         else:
-            arrays = decode_many(part_paths, bundle.preprocess, part_sha, ws.cache_dir)
+            arrays = decode_many(part_paths, bundle.preprocess, sha256s=part_sha, cache_dir=ws.cache_dir)
         hashes += hash_many(arrays)
     refs = [ImageRef(p, s, h) for (p, s), h in zip(on_disk, hashes, strict=True)]
     refs += [ImageRef(p, s) for p, s in train if not (p and Path(p).is_file())]

@@ -37,7 +37,7 @@ FEATURE_BATCH = 16
 
 
 @torch.inference_mode()
-def compute_features(model: Any, images: torch.Tensor, normalize: Any, batch_size: int = FEATURE_BATCH,
+def compute_features(model: Any, images: torch.Tensor, normalize: Any, *, batch_size: int = FEATURE_BATCH,
                      augment: Any = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """``model.features`` of (N, 3, H, W) uint8 images, optionally of one augmented view each; each batch goes
@@ -122,11 +122,11 @@ def _remember(path: Path, stamp: tuple[int, int], index: dict[str, int], rows: t
         _STORES.pop(next(iter(_STORES)))
 
 
-def _compute_rows(model: Any, images: torch.Tensor, sha256s: list[str], normalize: Any, views: int, augment: Any,
+def _compute_rows(model: Any, images: torch.Tensor, sha256s: list[str], normalize: Any, *, views: int, augment: Any,
                   seed: int, batch_size: int) -> torch.Tensor:
     """Features (n, F), or (n, V, F) of ``views`` augmented views, each view seeded by its image and index."""
     if views == 0:
-        return compute_features(model, images, normalize, batch_size)
+        return compute_features(model, images, normalize, batch_size=batch_size)
     if augment is None:
         from handlens.train.config import AugmentConfig
         from handlens.transforms.augment import build_augmenter
@@ -136,7 +136,7 @@ def _compute_rows(model: Any, images: torch.Tensor, sha256s: list[str], normaliz
     def one_view(view: int) -> torch.Tensor:
         parts = [augment(images[i:i + 1], torch.Generator().manual_seed(view_seed(seed, sha, view)))
                  for i, sha in enumerate(sha256s)]
-        return compute_features(model, torch.cat(parts), normalize, batch_size)
+        return compute_features(model, torch.cat(parts), normalize, batch_size=batch_size)
 
     return torch.stack([one_view(v) for v in range(views)], dim=1)
 
@@ -167,7 +167,8 @@ def feature_rows(model: Any, images: torch.Tensor, sha256s: list[str], *, key_pa
             if sha not in known:
                 first.setdefault(sha, i)
         picks = list(first.values())
-        fresh = _compute_rows(model, images[picks], list(first), normalize, views, augment, seed, batch_size)
+        fresh = _compute_rows(model, images[picks], list(first), normalize, views=views, augment=augment, seed=seed,
+                              batch_size=batch_size)
         return {sha: n for n, sha in enumerate(first)}, fresh
 
     if any(sha not in index for sha in sha256s):

@@ -113,7 +113,8 @@ class _StackedFit:
         self.views = int(x.shape[1]) if x.dim() == 3 else 0
         self.dropout = float(model_cfg.dropout)
         self.rng = np.random.default_rng(train_cfg.seed)
-        self.template = build_head(int(x.shape[-1]), len(names), kind, model_cfg.hidden, model_cfg.dropout)
+        self.template = build_head(int(x.shape[-1]), len(names), head=kind, hidden=model_cfg.hidden,
+                                   dropout=model_cfg.dropout)
         k = len(folds)
         self.params: list[torch.Tensor] = []
         for linear in _linears(self.template):  # (K, in, out) weights and (K, 1, out) biases, every fold alike
@@ -199,7 +200,7 @@ class _StackedFit:
         """(K,) the folds' losses on this step's rows (0 for a fold with none)."""
         cfg = self.cfg
         if cfg.loss == "ce":
-            return stacked_cross_entropy(logits, targets, self.class_weights, mask, cfg.label_smoothing)
+            return stacked_cross_entropy(logits, targets, self.class_weights, mask, label_smoothing=cfg.label_smoothing)
         return torch.stack([self.loss_fns[k](logits[k, :n], targets[k, :n]) if n else logits.new_zeros(())
                             for k, n in enumerate(counts)])
 
@@ -273,7 +274,7 @@ class _StackedFit:
             lr = float(optimizer.param_groups[-1]["lr"])
             for k in active:
                 val = self.evaluate(k)
-                record = _record(epoch, train[k], val, lr, started, train_seconds)
+                record = _record(epoch, train[k], val, lr=lr, started=started, train_seconds=train_seconds)
                 record["epoch_seconds"] = (time.perf_counter() - started) / len(active)
                 history[k].append(record)
                 candidate = (record.get(monitor, math.nan), record["val_loss"])

@@ -185,7 +185,7 @@ def _stage_metrics(probs: list[torch.Tensor], targets: torch.Tensor, loss_sum: f
     return metrics
 
 
-def _evaluate(head: nn.Module, x: torch.Tensor, y: np.ndarray, loss_fn: nn.Module, batch_size: int,
+def _evaluate(head: nn.Module, x: torch.Tensor, y: np.ndarray, loss_fn: nn.Module, *, batch_size: int,
               names: list[str]) -> dict[str, Any]:
     """Validation metrics and mean loss (per sample, batch by batch as the Lightning loop sums it)."""
     head.eval()
@@ -200,7 +200,7 @@ def _evaluate(head: nn.Module, x: torch.Tensor, y: np.ndarray, loss_fn: nn.Modul
     return _stage_metrics(probs, targets, loss_sum, names)
 
 
-def _record(epoch: int, train: dict[str, Any], val: dict[str, Any] | None, lr: float | None,
+def _record(epoch: int, train: dict[str, Any], val: dict[str, Any] | None, *, lr: float | None,
             started: float, train_seconds: float) -> dict[str, Any]:
     """A history record shaped like ClassifierModule's."""
     record: dict[str, Any] = {"epoch": epoch, "train_loss": float(train["loss"]), **scalar_metrics(train, "train")}
@@ -223,7 +223,7 @@ def _fit_gradient(x: torch.Tensor, y: np.ndarray, kind: str, *, n_classes: int, 
 
     cfg = train_cfg
     started_fit = time.perf_counter()
-    head = build_head(int(x.shape[-1]), n_classes, kind, model_cfg.hidden, model_cfg.dropout)
+    head = build_head(int(x.shape[-1]), n_classes, head=kind, hidden=model_cfg.hidden, dropout=model_cfg.dropout)
     weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
     loss_fn = build_loss(cfg.loss, weight, cfg.label_smoothing, cfg.focal_gamma)
     optimizer = build_optimizer(list(head.parameters()), cfg, cfg.lr)
@@ -268,8 +268,10 @@ def _fit_gradient(x: torch.Tensor, y: np.ndarray, kind: str, *, n_classes: int, 
             loss_sum += value * len(batch_y)
         train_seconds = time.perf_counter() - started
         train = _stage_metrics([torch.softmax(torch.cat(probs).float(), 1)], targets[order], loss_sum, names)
-        val_metrics = _evaluate(head, val[0], val[1], loss_fn, cfg.batch_size, names) if val is not None else None
-        record = _record(epoch, train, val_metrics, float(optimizer.param_groups[-1]["lr"]), started, train_seconds)
+        val_metrics = (_evaluate(head, val[0], val[1], loss_fn, batch_size=cfg.batch_size, names=names)
+                       if val is not None else None)
+        record = _record(epoch, train, val_metrics, lr=float(optimizer.param_groups[-1]["lr"]), started=started,
+                         train_seconds=train_seconds)
         history.append(record)
         if scheduler is not None:
             if cfg.schedule == "plateau":
@@ -376,7 +378,7 @@ def _rows(x: torch.Tensor, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return x.double().numpy(), y, np.arange(len(y))
 
 
-def _choose_c(rows: np.ndarray, row_y: np.ndarray, owner: np.ndarray, weights: np.ndarray, y: np.ndarray,
+def _choose_c(rows: np.ndarray, row_y: np.ndarray, owner: np.ndarray, weights: np.ndarray, *, y: np.ndarray,
               n_classes: int, c_grid: tuple[float, ...], cv_folds: int, seed: int,
               groups: list[str | None] | None = None) -> tuple[float, dict[str, Any]]:
     """C with the best out-of-fold macro-F1 (ties: the lower out-of-fold log loss), by stratified K-fold over
@@ -464,7 +466,8 @@ def _fit_logistic(x: torch.Tensor, y: np.ndarray, *, n_classes: int, names: list
     # One BLAS thread: these products are small, and a multi-threaded BLAS on busy cores was measured 20-30x
     # slower (0.1 s instead of 3 ms per L-BFGS iteration for 850 x 1280 features, 2 shared cores).
     with threadpool_limits(limits=1, user_api="blas"):
-        chosen, cv = _choose_c(rows, row_y, owner, weights, y, n_classes, c_grid, cv_folds, train_cfg.seed, groups)
+        chosen, cv = _choose_c(rows, row_y, owner, weights, y=y, n_classes=n_classes, c_grid=c_grid,
+                               cv_folds=cv_folds, seed=train_cfg.seed, groups=groups)
         cv["grouped"] = groups is not None
         cv_seconds = time.perf_counter() - started
         mean, std = _standardise(rows)
@@ -486,9 +489,9 @@ def _fit_logistic(x: torch.Tensor, y: np.ndarray, *, n_classes: int, names: list
     weight_t = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
     loss_fn = build_loss("ce", weight_t, 0.0, 0.0)
     train_x = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    train = _evaluate(head, train_x, y if x.dim() == 2 else row_y, loss_fn, 4096, names)
-    val_metrics = _evaluate(head, val[0], val[1], loss_fn, 4096, names) if val is not None else None
-    record = _record(1, train, val_metrics, None, started, fit_seconds)
+    train = _evaluate(head, train_x, y if x.dim() == 2 else row_y, loss_fn, batch_size=4096, names=names)
+    val_metrics = _evaluate(head, val[0], val[1], loss_fn, batch_size=4096, names=names) if val is not None else None
+    record = _record(1, train, val_metrics, lr=None, started=started, train_seconds=fit_seconds)
     record["logistic_C"] = chosen
     record["cv"] = cv
     info = {"head": "logistic", "C": chosen, "cv": cv, "converged": bool(converged), "features": int(rows.shape[1]),

@@ -33,7 +33,7 @@ def build_loss(kind: str, weight: torch.Tensor | None, label_smoothing: float, f
 
 
 def stacked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                          mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+                          mask: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """``nn.CrossEntropyLoss(weight, label_smoothing)`` (mean reduction) of K independent batches at once:
     ``logits`` (K, B, C), ``target`` (K, B), ``weight`` (K, C) per-batch class weights or None, ``mask`` (K, B)
     the rows that count. Returns the K losses; a batch with no counted row gets 0. PyTorch's definition with

@@ -31,7 +31,7 @@ class ClassifierModule(pl.LightningModule):
     """
 
     def __init__(self, model: nn.Module, classes: list[str], train_cfg: Any,
-                 normalize: Any, class_weights: list[float] | None, on_features: bool = False,
+                 normalize: Any, *, class_weights: list[float] | None, on_features: bool = False,
                  body_params: list[nn.Parameter] | None = None, mixer: Any = None) -> None:
         super().__init__()
         self.model = model

@@ -24,7 +24,7 @@ class RandomPatchDataset(torch.utils.data.Dataset):
     generator: the same seed and sample order give the same patches.
     """
 
-    def __init__(self, images: Sequence[np.ndarray], targets: np.ndarray, spec: PatchSpec, out_size: int,
+    def __init__(self, images: Sequence[np.ndarray], targets: np.ndarray, spec: PatchSpec, out_size: int, *,
                  rois: Sequence[np.ndarray | None] | None = None, order: np.ndarray | None = None,
                  seed: int = 0) -> None:
         self.images, self.spec, self.out_size = images, spec, out_size
@@ -50,14 +50,14 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         image_index = int(self.order[index % len(self.order)])
         image = self.images[image_index]
         roi = self.rois[image_index] if self.rois is not None else None
-        box = sample_boxes(image.shape[0], image.shape[1], self.spec, self._generator(), roi, count=1)[0]
+        box = sample_boxes(image.shape[0], image.shape[1], self.spec, self._generator(), roi=roi, count=1)[0]
         return Source(image, box, self.out_size), self.targets[image_index]
 
 
 class GridPatchDataset(torch.utils.data.Dataset):
     """Every grid patch of every image (deterministic), as (uint8 patch, target, image index)."""
 
-    def __init__(self, images: Sequence[np.ndarray], targets: np.ndarray, spec: PatchSpec, out_size: int,
+    def __init__(self, images: Sequence[np.ndarray], targets: np.ndarray, spec: PatchSpec, out_size: int, *,
                  rois: Sequence[np.ndarray | None] | None = None) -> None:
         self.images, self.out_size = images, out_size
         self.targets = torch.from_numpy(np.asarray(targets))

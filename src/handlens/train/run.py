@@ -201,7 +201,8 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
     policy = policy_for(cfg.augment)
     apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
     spec = BACKBONES.get(cfg.model.backbone)
-    data = load_split_data(catalog, cfg.data.dataset, cfg.data.labelset, cfg.data.split, cfg.data.fold)
+    data = load_split_data(catalog, cfg.data.dataset, cfg.data.labelset, split_name=cfg.data.split,
+                           fold=cfg.data.fold)
     if subsets is not None:
         data = regroup_subsets(data, subsets)
     if len(data.subsets["train"]) == 0:
@@ -227,9 +228,9 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
         raise InputError(f"model.logistic_c has no effect with model.head={cfg.model.head}: it sets a logistic "
                          "head's C; drop it, or use model.head=logistic on a frozen backbone")
     started = time.perf_counter()
-    model = create_classifier(cfg.model.backbone, len(data.classes), cfg.model.weights, cfg.model.freeze,
-                              cfg.model.head, cfg.model.hidden, cfg.model.dropout, cfg.model.freeze_norm,
-                              cfg.model.pool)
+    model = create_classifier(cfg.model.backbone, len(data.classes), weights=cfg.model.weights,
+                              freeze=cfg.model.freeze, head=cfg.model.head, hidden=cfg.model.hidden,
+                              dropout=cfg.model.dropout, freeze_norm=cfg.model.freeze_norm, pool=cfg.model.pool)
     timings["model"] = time.perf_counter() - started
     subsets_ = {name: s for name, s in data.subsets.items() if len(s)}
     preprocess = build_preprocess(cfg, spec)
@@ -238,7 +239,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
     mixer = batch_mixer(policy.batch_steps, len(data.classes)) if policy is not None else None
     started = time.perf_counter()
     if patches:
-        inputs = _patch_inputs(cfg, ws, catalog, subsets_, preprocess)
+        inputs = _patch_inputs(cfg, ws, catalog, subsets_, preprocess=preprocess)
     else:
         inputs = _whole_inputs(cfg, ws, subsets_, preprocess)
     timings["decode"] = time.perf_counter() - started
@@ -251,8 +252,9 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
 
     if on_features:
         started = time.perf_counter()
-        datasets, eval_inputs, features = _feature_datasets(cfg, ws, spec, model, preprocess, subsets_, inputs,
-                                                            augmenter, generator)
+        datasets, eval_inputs, features = _feature_datasets(cfg, ws, spec, model, preprocess=preprocess,
+                                                            subsets=subsets_, images=inputs, augmenter=augmenter,
+                                                            generator=generator)
         timings["features"] = time.perf_counter() - started
         if not for_lightning and not cfg.train.overfit_batches:  # fit_head trains it: no Lightning at all
             return Prepared(cfg, data, model, None, preprocess, None, None, eval_inputs, on_features, timings,
@@ -261,7 +263,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
         from handlens.train.module import ClassifierModule
 
         module = ClassifierModule(model.head, data.classes, cfg.train, preprocess.normalize_batch,
-                                  class_weights, on_features=True)
+                                  class_weights=class_weights, on_features=True)
     else:
         from handlens.train.module import ClassifierModule
 
@@ -269,10 +271,11 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
         datasets, eval_inputs = _image_datasets(cfg, preprocess, subsets_, inputs)
         # the train loader augments (in its workers); the module only normalises and mixes
         module = ClassifierModule(model, data.classes, cfg.train, preprocess.normalize_batch,
-                                  class_weights, body_params=list(model.backbone.parameters()), mixer=mixer)
+                                  class_weights=class_weights, body_params=list(model.backbone.parameters()),
+                                  mixer=mixer)
 
     train_loader = build_train_loader(cfg, datasets["train"], None if on_features else augmenter,
-                                      subsets_["train"].targets, generator, on_features)
+                                      subsets_["train"].targets, generator=generator, on_features=on_features)
     loader_kwargs = {"batch_size": cfg.train.batch_size, "num_workers": 0}
     val_loader = torch.utils.data.DataLoader(datasets["val"], **loader_kwargs) if "val" in datasets else None
     return Prepared(cfg, data, model, module, preprocess, train_loader, val_loader, eval_inputs, on_features,
@@ -287,7 +290,7 @@ def loader_workers(cfg: RunConfig, n_samples: int) -> int:
     return cfg.train.loader_workers if cfg.train.loader_workers is not None else 0
 
 
-def build_train_loader(cfg: RunConfig, train_set: Any, augmenter: Any, targets: np.ndarray, generator: Any,
+def build_train_loader(cfg: RunConfig, train_set: Any, augmenter: Any, targets: np.ndarray, *, generator: Any,
                        on_features: bool = False) -> Any:
     """The training DataLoader: shuffled or class-balanced sampling; batches augmented by the loader."""
     import torch
@@ -381,15 +384,15 @@ def _whole_inputs(cfg: RunConfig, ws: Workspace, subsets: dict[str, Any], prepro
     from handlens.train.data import as_tensor_images
     from handlens.transforms.cache import decode_many
 
-    images: dict[str, Any] = {name: as_tensor_images(decode_many(s.paths, preprocess, s.sha256s, ws.cache_dir,
-                                                                   cfg.train.workers))
+    images: dict[str, Any] = {name: as_tensor_images(decode_many(s.paths, preprocess, sha256s=s.sha256s,
+                                                                 cache_dir=ws.cache_dir, workers=cfg.train.workers))
                               for name, s in subsets.items()}
     if cfg.preprocess.normalize == "dataset":
         images["_stats"] = _channel_stats(images["train"])
     return images
 
 
-def _patch_inputs(cfg: RunConfig, ws: Workspace, catalog: Any, subsets: dict[str, Any],
+def _patch_inputs(cfg: RunConfig, ws: Workspace, catalog: Any, subsets: dict[str, Any], *,
                   preprocess: Any) -> dict[str, Any]:
     """Working images (cached) and their ROI masks per subset, for patch sampling."""
     from handlens.transforms.cache import decode_working_many
@@ -397,8 +400,8 @@ def _patch_inputs(cfg: RunConfig, ws: Workspace, catalog: Any, subsets: dict[str
     p = cfg.preprocess
     out: dict[str, Any] = {}
     for name, subset in subsets.items():
-        images = decode_working_many(subset.paths, p.patches.max_side, list(p.morphology), subset.sha256s,
-                                     ws.cache_dir, cfg.train.workers)
+        images = decode_working_many(subset.paths, p.patches.max_side, list(p.morphology), sha256s=subset.sha256s,
+                                     cache_dir=ws.cache_dir, workers=cfg.train.workers)
         out[name] = (images, roi_masks(catalog, subset.ids, images, p.roi.model_dump()))
     if p.normalize == "dataset":
         out["_stats"] = _channel_stats(out["train"][0])
@@ -455,10 +458,10 @@ def _image_datasets(cfg: RunConfig, preprocess: Any, subsets: dict[str, Any],
         for name, subset in subsets.items():
             images, rois = inputs[name]
             if name == "train":
-                datasets[name] = RandomPatchDataset(images, subset.targets, spec, preprocess.size, rois, order,
-                                                    cfg.train.seed)
+                datasets[name] = RandomPatchDataset(images, subset.targets, spec, preprocess.size, rois=rois,
+                                                    order=order, seed=cfg.train.seed)
             else:
-                grid = GridPatchDataset(images, subset.targets, spec, preprocess.size, rois)
+                grid = GridPatchDataset(images, subset.targets, spec, preprocess.size, rois=rois)
                 datasets[name] = eval_inputs[name] = grid  # patches are cut as they are evaluated
         return datasets, eval_inputs
     for name, subset in subsets.items():
@@ -472,7 +475,7 @@ def _image_datasets(cfg: RunConfig, preprocess: Any, subsets: dict[str, Any],
     return datasets, eval_inputs
 
 
-def _feature_datasets(cfg: RunConfig, ws: Workspace, spec: Any, model: Any, preprocess: Any,
+def _feature_datasets(cfg: RunConfig, ws: Workspace, spec: Any, model: Any, *, preprocess: Any,
                       subsets: dict[str, Any], images: dict[str, Any], augmenter: Any,
                       generator: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Backbone features per subset (frozen backbones) from the per-image feature store: datasets for a
@@ -637,8 +640,8 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
         if prepared.module is None:
             best_epoch, history, epochs, head_fit = _fit_on_features(prepared, tracker, run_dir, epoch_hook)
         else:
-            best_epoch, history, epochs = _fit_lightning(prepared, tracker, run_dir, run_id, ckpt_path, progress,
-                                                         epoch_hook)
+            best_epoch, history, epochs = _fit_lightning(prepared, tracker, run_dir, run_id=run_id, ckpt_path=ckpt_path,
+                                                         progress=progress, epoch_hook=epoch_hook)
             head_fit = None
         prepared.timings["fit"] = time.perf_counter() - fit_started
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
@@ -665,8 +668,9 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
         raise
     finally:
         _best_effort(lambda: tracker.finish(status), f"closing run {run_id} in the {cfg.tracking.backend} tracker")
-        _record_run_end(catalog, cfg, run_id, status, tracker, bundle if status == "finished" else None,
-                        metrics if status == "finished" else None)
+        _record_run_end(catalog, cfg, run_id, status=status, tracker=tracker,
+                        bundle=bundle if status == "finished" else None,
+                        metrics=metrics if status == "finished" else None)
         catalog.close()
     return RunResult(run_id=run_id, run_dir=run_dir, bundle=bundle, epochs=epochs,
                      best_epoch=best_epoch, metrics=metrics, history=history,
@@ -852,7 +856,7 @@ def _write_run_start(catalog: Any, cfg: RunConfig, run_id: str, data: Any) -> No
         session.merge(record)
 
 
-def _record_run_end(catalog: Any, cfg: RunConfig, run_id: str, status: str, tracker: Any, bundle: Path | None,
+def _record_run_end(catalog: Any, cfg: RunConfig, run_id: str, *, status: str, tracker: Any, bundle: Path | None,
                     metrics: dict[str, Any] | None) -> None:
     """The run's final catalog row, retried while the database is locked. It never raises: a finished run stays
     finished (its files say so and the next ``handlens train`` reconciles the row, see :func:`reconcile_runs`),
@@ -860,7 +864,8 @@ def _record_run_end(catalog: Any, cfg: RunConfig, run_id: str, status: str, trac
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        with_retries(lambda: _write_run_end(catalog, cfg, run_id, status, tracker, bundle, metrics))
+        with_retries(lambda: _write_run_end(catalog, cfg, run_id, status=status, tracker=tracker, bundle=bundle,
+                                            metrics=metrics))
     except SQLAlchemyError as exc:
         if status == "finished":
             print(f"warning: run {run_id} finished (its bundle is {bundle}), but the catalog could not record it: "
@@ -872,7 +877,7 @@ def _record_run_end(catalog: Any, cfg: RunConfig, run_id: str, status: str, trac
                   file=sys.stderr, flush=True)
 
 
-def _write_run_end(catalog: Any, cfg: RunConfig, run_id: str, status: str, tracker: Any, bundle: Path | None,
+def _write_run_end(catalog: Any, cfg: RunConfig, run_id: str, *, status: str, tracker: Any, bundle: Path | None,
                    metrics: dict[str, Any] | None) -> None:
     from handlens.data.catalog import Run
 
@@ -929,7 +934,7 @@ def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path,
     return fit.best_epoch, fit.history, len(fit.history), fit.info
 
 
-def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, run_id: str, ckpt_path: Path | None,
+def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, *, run_id: str, ckpt_path: Path | None,
                    progress: bool | None, epoch_hook: Any = None) -> tuple[int | None, list[dict[str, Any]], int]:
     """Lightning's loop (a backbone that learns, patches, mixing, overfit_batches): checkpoints to resume from,
     the best one kept by the monitored metric with ties to the lower loss."""
@@ -1049,7 +1054,7 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
 
 
-def lr_find(cfg: RunConfig, workspace: Workspace | None = None, min_lr: float = 1e-6, max_lr: float = 1.0,
+def lr_find(cfg: RunConfig, workspace: Workspace | None = None, *, min_lr: float = 1e-6, max_lr: float = 1.0,
             steps: int = 100) -> dict[str, Any]:
     """Leslie Smith's LR range test (Smith, "Cyclical Learning Rates for Training Neural Networks", WACV 2017)
     through Lightning's tuner; returns the suggestion and the loss curve."""

@@ -146,7 +146,7 @@ def _decode_working_one(args: tuple[str, int, list[dict[str, Any]]]) -> np.ndarr
     return decode_working(path, max_side, morphology)
 
 
-def _fill(keys: Sequence[str | None], key: str, cache: DecodedCache | None, jobs: Sequence[Any],
+def _fill(keys: Sequence[str | None], key: str, cache: DecodedCache | None, jobs: Sequence[Any], *,
           decode: Callable[[Any], np.ndarray], workers: int | None, store: Callable[[int, np.ndarray], None]) -> None:
     """Read each item from the cache or decode it (on all cores), then hand it to ``store``."""
     missing = []
@@ -187,6 +187,7 @@ def _fill(keys: Sequence[str | None], key: str, cache: DecodedCache | None, jobs
 def decode_many(
     paths: Sequence[str],
     preprocess: Preprocess,
+    *,
     sha256s: Sequence[str] | None = None,
     cache_dir: Path | None = None,
     workers: int | None = None,
@@ -200,7 +201,8 @@ def decode_many(
         out[index] = array
 
     keys = list(sha256s) if sha256s else [None] * len(paths)
-    _fill(keys, decoded_key(preprocess), cache, [(p, preprocess) for p in paths], _decode_one, workers, store)
+    _fill(keys, decoded_key(preprocess), cache, [(p, preprocess) for p in paths], decode=_decode_one, workers=workers,
+          store=store)
     return out
 
 
@@ -216,7 +218,7 @@ def working_key(max_side: int, morphology: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def decode_working_many(paths: Sequence[str], max_side: int, morphology: list[dict[str, Any]] | None = None,
+def decode_working_many(paths: Sequence[str], max_side: int, morphology: list[dict[str, Any]] | None = None, *,
                         sha256s: Sequence[str] | None = None, cache_dir: Path | None = None,
                         workers: int | None = None) -> list[np.ndarray]:
     """Working images (longer side <= ``max_side``, variable sizes) for patch sampling, cached like decode_many."""
@@ -228,6 +230,6 @@ def decode_working_many(paths: Sequence[str], max_side: int, morphology: list[di
 
     keys = list(sha256s) if sha256s else [None] * len(paths)
     steps = list(morphology or [])
-    _fill(keys, working_key(max_side, steps), cache, [(p, max_side, steps) for p in paths], _decode_working_one,
-          workers, store)
+    _fill(keys, working_key(max_side, steps), cache, [(p, max_side, steps) for p in paths], decode=_decode_working_one,
+          workers=workers, store=store)
     return out

@@ -93,7 +93,7 @@ def _side(spec: PatchSpec, h: int, w: int, rng: random.Random | None) -> int:
     return max(1, min(h, w, round(spec.size * factor)))
 
 
-def sample_boxes(h: int, w: int, spec: PatchSpec, rng: random.Random, roi: RoiIntegral | None = None,
+def sample_boxes(h: int, w: int, spec: PatchSpec, rng: random.Random, *, roi: RoiIntegral | None = None,
                  count: int | None = None) -> list[Box]:
     """``count`` (default ``spec.per_image``) random boxes inside an h x w image, ROI-aware.
 

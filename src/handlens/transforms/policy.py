@@ -192,7 +192,7 @@ def _geometric(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return wrap
 
 
-def _affine(a: float = 1.0, b: float = 0.0, c: float = 0.0, d: float = 1.0, tx: float = 0.0,
+def _affine(*, a: float = 1.0, b: float = 0.0, c: float = 0.0, d: float = 1.0, tx: float = 0.0,
             ty: float = 0.0) -> Any:
     import numpy as np
 
@@ -223,7 +223,7 @@ def _rotate(rng: Any, h: int, w: int, degrees: float | str = 15.0) -> Any:
 
 
 @_geometric("resized_crop")
-def _resized_crop(rng: Any, h: int, w: int, scale: tuple[float, float] = (0.8, 1.0),
+def _resized_crop(rng: Any, h: int, w: int, *, scale: tuple[float, float] = (0.8, 1.0),
                   ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Any:
     """A random box of area share ``scale`` and aspect ``ratio``, stretched back to the full size."""
     area = h * w * rng.uniform(*scale)

@@ -93,7 +93,8 @@ class Preprocess:
     def normalize_batch(self, batch: Any, in_place: bool = False) -> Any:
         """(N, 3, H, W) uint8 -> the float tensor the model takes, as ``normalize`` says (``in_place``: see
         :func:`normalize_batch`)."""
-        return normalize_batch(batch, self.mean, self.std, self.normalize, self.clip_percentiles, in_place)
+        return normalize_batch(batch, self.mean, self.std, self.normalize, percentiles=self.clip_percentiles,
+                               in_place=in_place)
 
 
 def load_rgb(source: Any) -> Any:
@@ -228,7 +229,7 @@ def decode_working(source: Any, max_side: int, morphology: list[dict[str, Any]] 
     return array
 
 
-def normalize_batch(batch: Any, mean: tuple[float, ...], std: tuple[float, ...], mode: str = "backbone",
+def normalize_batch(batch: Any, mean: tuple[float, ...], std: tuple[float, ...], mode: str = "backbone", *,
                     percentiles: tuple[float, float] = (1.0, 99.0), in_place: bool = False) -> Any:
     """(N, 3, H, W) uint8 (or float 0..255) tensor -> float tensor; ``mode`` as in :data:`NORMALIZE_RANGES`.
 

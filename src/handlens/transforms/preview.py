@@ -88,7 +88,8 @@ def augment_preview(sources: Sequence[PreviewSource], *, policy: str = "basic", 
     if not sources:
         raise InputError("no images to preview: import some with `handlens import`")
     picks = random.Random(seed).sample(list(sources), min(n, len(sources)))
-    originals = decode_many([p.path for p in picks], Preprocess(size=size), [p.sha256 for p in picks], cache_dir)
+    originals = decode_many([p.path for p in picks], Preprocess(size=size), sha256s=[p.sha256 for p in picks],
+                            cache_dir=cache_dir)
     recommended = (chosen.preprocess if chosen is not None else {}).get("patches", {})
     if recommended.get("enabled"):  # the policy trains on patches: show the patches the network gets
         batch = _patches(picks, recommended, size=size, seed=seed, cache_dir=cache_dir)
@@ -110,7 +111,8 @@ def _patches(picks: list[PreviewSource], recommended: dict[str, Any], *, size: i
     from handlens.transforms.patches import PatchSpec, crop_resize, sample_boxes
 
     spec = PatchSpec.from_dict({k: v for k, v in recommended.items() if k != "enabled"})
-    working = decode_working_many([p.path for p in picks], spec.max_side, [], [p.sha256 for p in picks], cache_dir)
+    working = decode_working_many([p.path for p in picks], spec.max_side, [], sha256s=[p.sha256 for p in picks],
+                                  cache_dir=cache_dir)
     rng = random.Random(seed)
     return torch.stack([crop_resize(w, sample_boxes(w.shape[0], w.shape[1], spec, rng, count=1)[0], size)
                         for w in working])

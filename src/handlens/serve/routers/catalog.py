@@ -63,7 +63,7 @@ def labelsets(name: str, state: StateDep) -> list[LabelsetSummary]:
 
 
 @router.get("/images")
-def images(state: StateDep, dataset: str, labelset: str | None = None, label: str | None = None,
+def images(state: StateDep, dataset: str, *, labelset: str | None = None, label: str | None = None,
            split: str | None = None, subset: Annotated[str | None, Query(pattern="^(train|val|test)$")] = None,
            limit: Annotated[int, Query(ge=1, le=1000)] = 100,
            offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0) -> ImageList:
