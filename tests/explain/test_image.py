@@ -5,7 +5,7 @@ import pytest
 
 from handlens.core.errors import InputError
 from handlens.explain.api import load_bundle
-from handlens.explain.image import explain_image
+from handlens.explain.image import explain_image, trust_image
 from handlens.train.run import train
 from tests.conftest import tiny_config
 
@@ -41,3 +41,14 @@ def test_maps_are_placed_back_where_the_preprocessing_took_them():
     boxed = heat_on_image(padded, 40, 80, Preprocess(size=32, resize="letterbox"))
     assert boxed.shape == (40, 80) and boxed.min() > 0.99
 
+
+
+def test_one_images_trust_is_its_map_against_a_random_map(trained_workspace):
+    bundle = load_bundle(train(tiny_config(), trained_workspace).bundle)
+    picture = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    measured = trust_image(bundle, picture, method="gradcam", steps=6)
+    assert measured.verdict in ("faithful", "not better than random", "worse than random")
+    assert measured.sentence().startswith(f"{measured.verdict} · deletion {measured.deletion_auc:.2f} vs random")
+    patch_bundle = load_bundle(train(tiny_config(*PATCHES), trained_workspace).bundle)
+    with pytest.raises(InputError, match="grid patches"):
+        trust_image(patch_bundle, picture, method="gradcam")

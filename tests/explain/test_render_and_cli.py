@@ -114,9 +114,16 @@ def test_trust_command_reports_faithfulness_beside_random_and_sanity(trained_wor
     assert {"deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc"} <= set(
         report["faithfulness"])
     assert report["sanity"]["steps"][0]["randomised_down_to"] == "head"
+    # a verdict in words, the same in JSON and in the table: two images are too few for a paired test
+    words = ("faithful", "not better than random", "worse than random")
+    assert report["verdict"]["verdict"] in words and report["verdict"]["n"] == 2
+    assert "too few to tell" in report["verdict"]["sentence"]
+    assert all(row["verdict"] in words for row in report["faithfulness"]["images"])
+    assert report["sanity"]["verdict"] in ("passes", "fails") and report["sanity_verdict"].startswith("sanity check")
     human = runner.invoke(app, ["--workspace", str(trained_workspace.root), "trust", str(bundle_path),
                                 str(images[0]), "--sanity-steps", "1"])
     assert human.exit_code == 0 and "random map AUC" in human.output and "sanity check" in human.output
+    assert "verdict: " in human.output and any(w in human.output for w in words)
     on_roi = runner.invoke(app, ["--workspace", str(trained_workspace.root), "trust", str(bundle_path),
                                  str(images[0]), "--roi", "threshold", "--steps", "4", "--sanity-steps", "1", "--json"])
     assert on_roi.exit_code == 0, on_roi.output

@@ -43,7 +43,12 @@ def test_trust_report_measures_whole_images_of_a_folder(trained_workspace, bundl
     assert 0.0 <= f["deletion_auc"] <= 1.0 and 0.0 <= f["random_insertion_auc"] <= 1.0
     assert report.sanity["steps"][0]["randomised_down_to"] == "head"
     assert len(report.sanity["steps"]) == 2
-    assert list(report.to_dict()) == ["method", "layer", "images", "inputs", "n_inputs", "faithfulness", "sanity"]
+    assert list(report.to_dict()) == ["method", "layer", "images", "inputs", "n_inputs", "verdict", "sanity_verdict",
+                                      "faithfulness", "sanity"]
+    # 16 images: enough for the paired test to decide; the words are one of three, per image too
+    assert report.verdict.n == 16 and "too few" not in report.verdict.sentence()
+    assert report.verdict.verdict in ("faithful", "not better than random", "worse than random")
+    assert {row["verdict"] for row in f["images"]} <= {"faithful", "not better than random", "worse than random"}
 
 
 def test_a_threshold_roi_restricts_the_curves_to_the_specimen(trained_workspace, bundle_path, tmp_path):

@@ -106,6 +106,14 @@ def test_overfit_batches_sanity_run(trained_workspace):
     result = train(tiny_config("train.overfit_batches=1", "train.epochs=40", "train.lr=0.02",
                                "augment.policy=none", "train.schedule=none"), trained_workspace)
     assert result.history[-1]["train"]["accuracy"] == 1.0
+    assert result.verdict.startswith("learns: train loss fell from") and result.to_dict()["verdict"] == result.verdict
+    assert train(tiny_config("train.epochs=1"), trained_workspace).verdict == ""  # only a sanity run is judged so
+
+
+def test_a_model_that_cannot_learn_says_so(trained_workspace):
+    frozen_out = train(tiny_config("train.overfit_batches=1", "train.epochs=3", "train.lr=1e-9",
+                                   "augment.policy=none", "train.schedule=none"), trained_workspace)
+    assert frozen_out.verdict.startswith("does not learn")
 
 
 SLOW_CLI = """

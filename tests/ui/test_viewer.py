@@ -173,8 +173,8 @@ def test_upload_and_compare(page, tmp_path, shots):
 
 
 def test_the_viewer_runs_under_its_content_security_policy(page):
-    """With the CSP enforced (scripts, styles, connections from the service only), the viewer loads its models
-    and draws an overlay, and the browser reports no violation."""
+    """With the CSP enforced (scripts, styles, connections from the service only), the viewer loads its models,
+    draws an overlay, then the trust badge in words, and the browser reports no violation."""
     import time
 
     shared, (url, _), _ = page
@@ -191,6 +191,13 @@ def test_the_viewer_runs_under_its_content_security_policy(page):
             time.sleep(0.2)
         assert strict.evaluate("document.getElementById('model').options.length") > 0
         assert strict.evaluate(overlay), messages
+        # the trust badge comes after the overlay, in words
+        badge = "document.getElementById('trust-badge').textContent"
+        while time.time() < deadline and (not strict.evaluate(badge) or "checking" in strict.evaluate(badge)):
+            time.sleep(0.2)
+        assert strict.evaluate(badge).split(" · ")[0] in ("faithful", "not better than random",
+                                                          "worse than random"), strict.evaluate(badge)
+        assert " vs random " in strict.evaluate(badge)
         assert not [m for m in messages if "Content Security Policy" in m], messages
     finally:
         strict.close()

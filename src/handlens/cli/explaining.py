@@ -183,9 +183,9 @@ def _print_trust(report: Any) -> None:
     rows = [[step["randomised_down_to"], step["spearman"]] for step in sanity["steps"]]
     stdout.print(table("Sanity: rank correlation with the trained model's maps as blocks are randomised",
                        ["randomised down to", "Spearman"], rows))
-    verdict = "passes" if sanity["passed"] else "FAILS (its maps barely depend on the model's weights)"
-    stdout.print(f"sanity check {verdict}: final correlation {sanity['final_spearman']:.2f} "
-                 f"(threshold {sanity['threshold']})")
+    if report.verdict is not None:
+        stdout.print(f"verdict: {report.verdict.sentence()}")
+    stdout.print(report.sanity_verdict)
 
 
 @app.command("agreement")

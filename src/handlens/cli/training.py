@@ -108,6 +108,8 @@ def _print_run(result: Any) -> None:
                else f"tensorboard --logdir {result.tracking_uri}")
         stdout.print(f"tracking: {how}")
     stdout.print(f"run dir:  {result.run_dir}")
+    if result.verdict:
+        stdout.print(f"verdict:  {result.verdict}")
 
 
 @app.command("lr-find")

@@ -76,3 +76,47 @@ def heat_on_image(heat: np.ndarray, height: int, width: int, preprocess: Any) ->
     out = np.zeros((height, width), dtype=np.float32)
     out[top:top + h, left:left + w] = part[:height - top, :width - left]
     return out
+
+
+@dataclass
+class ImageTrust:
+    """Deletion and insertion AUCs of one image's map beside a random map's, and the words for them."""
+
+    verdict: str  # faithful, not better than random, worse than random (explain.verdicts)
+    deletion_auc: float
+    random_deletion_auc: float
+    insertion_auc: float
+    random_insertion_auc: float
+    steps: int
+    target: int
+    layer: str | None
+    seconds: float
+
+    def sentence(self) -> str:
+        """e.g. ``faithful · deletion 0.21 vs random 0.42``: what the viewer's badge reads."""
+        return f"{self.verdict} · deletion {self.deletion_auc:.2f} vs random {self.random_deletion_auc:.2f}"
+
+
+def trust_image(bundle: Any, picture: np.ndarray, *, method: str, layer: str | None = None, target: Any = "pred",
+                params: Any = None, steps: int = 20, baseline: str = "blur") -> ImageTrust:
+    """Is this image's map better than a random one? Its deletion and insertion curves on the model input
+    (Petsiuk et al., RISE, BMVC 2018) beside a random map's, judged per image (``image_verdict``). A model
+    trained on patches is measured by ``handlens trust`` on its grid patches, not here."""
+    import time
+
+    from handlens.explain.metrics import deletion_insertion
+    from handlens.explain.verdicts import image_verdict
+
+    if bundle.patch_trained:
+        raise InputError("a patch-trained model's maps are measured on its grid patches: use `handlens trust "
+                         "BUNDLE IMAGE`, which cuts them as the model sees them")
+    started = time.perf_counter()
+    explained = explain_image(bundle, picture, method=method, layer=layer, target=target, params=params)
+    inputs = bundle.transform_many([picture])
+    measured = deletion_insertion(bundle.module, inputs, explained.model_map[None].astype(np.float32),
+                                  [explained.target], baseline=baseline, steps=steps)
+    row = measured["images"][0]
+    return ImageTrust(verdict=image_verdict(row), deletion_auc=row["deletion_auc"],
+                      random_deletion_auc=row["random_deletion_auc"], insertion_auc=row["insertion_auc"],
+                      random_insertion_auc=row["random_insertion_auc"], steps=steps, target=explained.target,
+                      layer=explained.layer, seconds=time.perf_counter() - started)

@@ -17,6 +17,14 @@ import numpy as np
 
 from handlens.core.errors import InputError
 from handlens.core.workspace import Workspace
+from handlens.explain.verdicts import (
+    SANITY_FAILS,
+    SANITY_PASSES,
+    FaithfulnessVerdict,
+    faithfulness_verdict,
+    image_verdict,
+    sanity_verdict,
+)
 
 #: where ROI masks for the trust check come from
 ROI_SOURCES = ("none", "threshold", "annotations")
@@ -34,6 +42,8 @@ class TrustReport:
     n_inputs: int
     faithfulness: dict[str, Any]
     sanity: dict[str, Any]
+    verdict: FaithfulnessVerdict | None = None  # over the inputs, by a paired test against the random map
+    sanity_verdict: str = ""
 
     @property
     def inputs(self) -> str:
@@ -41,7 +51,8 @@ class TrustReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "layer": self.layer, "images": self.images, "inputs": self.inputs,
-                "n_inputs": self.n_inputs, "faithfulness": self.faithfulness, "sanity": self.sanity}
+                "n_inputs": self.n_inputs, "verdict": self.verdict.to_dict() if self.verdict else None,
+                "sanity_verdict": self.sanity_verdict, "faithfulness": self.faithfulness, "sanity": self.sanity}
 
 
 def trust_report(bundle_path: str | Path, images: Sequence[str | Path], *, workspace: Workspace,
@@ -69,8 +80,12 @@ def trust_report(bundle_path: str | Path, images: Sequence[str | Path], *, works
                                       rois=rois)
     sanity = parameter_randomisation(loaded.module, inputs, loaded.classes, method, layer=layer, max_steps=sanity_steps,
                                      mean=mean, std=std)
+    for row in faithfulness["images"]:
+        row["verdict"] = image_verdict(row)
+    sanity["verdict"] = SANITY_PASSES if sanity["passed"] else SANITY_FAILS
     return TrustReport(method=method, layer=result.layer, images=files, patch_trained=loaded.patch_trained,
-                       n_inputs=len(inputs), faithfulness=faithfulness, sanity=sanity)
+                       n_inputs=len(inputs), faithfulness=faithfulness, sanity=sanity,
+                       verdict=faithfulness_verdict(faithfulness["images"]), sanity_verdict=sanity_verdict(sanity))
 
 
 def input_rois(preprocess: Any, files: list[str], *, roi: str, workspace: Workspace) -> np.ndarray | None:

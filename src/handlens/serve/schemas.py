@@ -177,6 +177,26 @@ class Explanation(BaseModel):
     map: list[list[float]] | None = Field(None, description="the raw map (output array/both)")
 
 
+class TrustAnswer(BaseModel):
+    """One image's map judged against a random map: the words of the viewer's badge and the numbers behind."""
+
+    model: str
+    image_sha256: str
+    image_id: int | None
+    method: str
+    layer: str | None
+    target: str
+    verdict: str = Field(description="faithful, not better than random, or worse than random")
+    sentence: str = Field(description="e.g. 'faithful · deletion 0.21 vs random 0.42'")
+    deletion_auc: float
+    random_deletion_auc: float
+    insertion_auc: float
+    random_insertion_auc: float
+    steps: int
+    seconds: float
+    cached: bool
+
+
 OUTPUTS = Literal["png", "array", "both"]
 
 
@@ -199,3 +219,13 @@ IMAGE_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+MAX_TRUST_STEPS = 50
+#: the body of trust: predict/explain's, with the curves' steps
+TRUST_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    kind: {"schema": {**body["schema"], "properties": {
+        **{k: v for k, v in body["schema"]["properties"].items() if k != "output"},
+        "steps": {"type": "integer", "minimum": 2, "maximum": MAX_TRUST_STEPS,
+                  "description": "points on the deletion and insertion curves (default 20)"}}}}
+    for kind, body in IMAGE_BODY["requestBody"]["content"].items()}}}

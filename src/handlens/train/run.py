@@ -53,12 +53,13 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     tracking_uri: str = ""
     resumed: bool = False
+    verdict: str = ""  # an --overfit-batches run: "learns: ..." or "does not learn: ..."
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "bundle": str(self.bundle),
                 "epochs": self.epochs, "best_epoch": self.best_epoch, "metrics": self.metrics,
                 "seconds": round(self.seconds, 2), "timings": {k: round(v, 2) for k, v in self.timings.items()},
-                "tracking_uri": self.tracking_uri, "resumed": self.resumed}
+                "tracking_uri": self.tracking_uri, "resumed": self.resumed, "verdict": self.verdict}
 
 
 def new_run_id() -> str:
@@ -672,10 +673,12 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
                         bundle=bundle if status == "finished" else None,
                         metrics=metrics if status == "finished" else None)
         catalog.close()
+    from handlens.train.sanity import history_verdict
+
     return RunResult(run_id=run_id, run_dir=run_dir, bundle=bundle, epochs=epochs,
                      best_epoch=best_epoch, metrics=metrics, history=history,
                      seconds=time.perf_counter() - started, timings=prepared.timings, tracking_uri=tracker.uri,
-                     resumed=bool(resume))
+                     resumed=bool(resume), verdict=history_verdict(history) if cfg.train.overfit_batches else "")
 
 
 def _drop_previous_checkpoint(run_dir: Path) -> None:

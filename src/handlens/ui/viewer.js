@@ -131,6 +131,8 @@ async function explainCurrent() {
   const image = currentImage();
   if (!model || !image) return;
   status("explaining...");
+  $("trust-badge").className = "badge trust";
+  $("trust-badge").textContent = "";  // never the previous map's verdict
   const method = $("method").value;
   const usesLayer = !["saliency", "integrated_gradients", "smoothgrad", "gradient_shap", "occlusion"].includes(method);
   const asked = [model.id, image.id, method, usesLayer ? $("layer").value : null, $("target").value];
@@ -146,8 +148,30 @@ async function explainCurrent() {
     $("explain-info").textContent = `${result.method}${result.layer ? " on " + result.layer : ""} for ` +
       `${result.target}${result.cached ? " (cached)" : ""} · ${result.seconds}s`;
     status("ready");
+    trustCurrent(asked);  // after the overlay is shown: the overlay never waits for the badge
   } catch (error) {
     status(error.message);
+  }
+}
+
+async function trustCurrent(asked) {
+  const badge = $("trust-badge");
+  const [modelId, imageId, method, layer, target] = asked;
+  badge.className = "badge trust pending";
+  badge.textContent = "checking the map against a random one...";
+  const body = { image_id: imageId, method, target: target || "pred" };
+  if (layer) body.layer = layer;
+  try {
+    const result = await api(`/models/${encodeURIComponent(modelId)}/trust`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    if (state.asked !== asked.join("|")) return;  // moved on: this badge belongs to another map
+    badge.className = `badge trust ${result.verdict.replaceAll(" ", "-")}`;
+    badge.textContent = result.sentence;
+  } catch (error) {
+    if (state.asked !== asked.join("|")) return;
+    badge.className = "badge trust";
+    badge.textContent = `no trust verdict: ${error.message}`;
   }
 }
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from handlens.core.errors import InputError
 from handlens.serve.cache import ExplanationCache
 from handlens.serve.deps import LoadedModelDep, RequestImageDep, StateDep
-from handlens.serve.schemas import ERRORS, IMAGE_BODY, Explanation
+from handlens.serve.schemas import ERRORS, IMAGE_BODY, MAX_TRUST_STEPS, TRUST_BODY, Explanation, TrustAnswer
 
 router = APIRouter(prefix="/api/v1", tags=["models"], responses=ERRORS)
 
@@ -51,3 +51,52 @@ async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, 
     if output in ("array", "both"):
         body["map"] = np.round(result["map"].astype(np.float32), 5).tolist()
     return Explanation(**body, model=model_id, image_sha256=image.sha256, image_id=image.image_id, cached=cached)
+
+
+def _steps(value: object) -> int:
+    try:
+        steps = int(str(value))
+    except ValueError:
+        raise InputError(f"steps must be a whole number from 2 to {MAX_TRUST_STEPS}") from None
+    if not 2 <= steps <= MAX_TRUST_STEPS:
+        raise InputError(f"steps must be a whole number from 2 to {MAX_TRUST_STEPS}")
+    return steps
+
+
+@router.post("/models/{model_id}/trust", openapi_extra=TRUST_BODY)
+async def trust(model_id: str, image: RequestImageDep, model: LoadedModelDep, state: StateDep) -> TrustAnswer:
+    """Is this image's map better than a random one? Deletion and insertion AUCs beside a random map's, and the
+    verdict in words (faithful / not better than random / worse than random), cached like explanations."""
+    from handlens.explain.image import trust_image
+    from handlens.serve.explaining import budgeted_params, release_memory
+
+    fields = image.fields
+    method = str(fields.get("method") or "gradcam")
+    params = budgeted_params(state.settings, method, fields.get("params") or {}, model.bundle.preprocess.size)
+    layer = fields.get("layer") or None
+    target = str(fields.get("target") or "pred")
+    steps = _steps(fields.get("steps", 20))
+    key = ExplanationCache.key("trust", model.sha256, image.sha256, method, layer, target, params.model_dump(), steps)
+    measured = state.cache.get(key)
+    cached = measured is not None
+    if measured is None:
+        async with state.explain_slots():
+            loop = asyncio.get_running_loop()
+            copy = await loop.run_in_executor(state.io_pool, model.explainer)
+
+            def compute() -> object:
+                try:
+                    with copy.lock:
+                        return trust_image(copy.bundle, image.array, method=method, layer=layer, target=target,
+                                           params=params, steps=steps)
+                finally:
+                    release_memory()
+
+            measured = await loop.run_in_executor(state.explain_pool, compute)
+            state.cache.put(key, measured)
+    return TrustAnswer(model=model_id, image_sha256=image.sha256, image_id=image.image_id, method=method,
+                       layer=measured.layer, target=model.bundle.classes[measured.target], verdict=measured.verdict,
+                       sentence=measured.sentence(), deletion_auc=measured.deletion_auc,
+                       random_deletion_auc=measured.random_deletion_auc, insertion_auc=measured.insertion_auc,
+                       random_insertion_auc=measured.random_insertion_auc, steps=measured.steps,
+                       seconds=round(measured.seconds, 4), cached=cached)

@@ -1,0 +1,119 @@
+"""Verdicts in words on the checks that can fail a user's trust, the same words in the CLI, JSON, API and viewer.
+
+* **Faithfulness** (deletion and insertion curves, Petsiuk et al., "RISE", BMVC 2018), judged against a random
+  map on the same images by a paired one-sided Wilcoxon signed-rank test (Wilcoxon, 1945) on the per-image
+  AUC gaps: ``faithful`` when the map deletes the class faster *and* inserts it faster than random (both
+  p < alpha); ``worse than random`` when either is significantly slower and neither faster; otherwise
+  ``not better than random`` (which includes too few images to tell: with fewer than 5 images no one-sided
+  p can fall below 0.05).
+* **Sanity** (cascading model-parameter randomisation, Adebayo et al., NeurIPS 2018): ``passes`` when the
+  maps of the randomised model no longer resemble the trained model's, ``fails`` when they still do (the
+  map shows the image, not what the model learned).
+* **Learning** (``--overfit-batches``) is judged where training is: :mod:`handlens.train.sanity`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+FAITHFUL = "faithful"
+NOT_BETTER = "not better than random"
+WORSE = "worse than random"
+SANITY_PASSES = "passes"
+SANITY_FAILS = "fails"
+ALPHA = 0.05
+MIN_IMAGES = 5  # the fewest pairs for which a one-sided Wilcoxon p can fall below 0.05 (1/32)
+
+
+@dataclass(frozen=True)
+class FaithfulnessVerdict:
+    verdict: str  # FAITHFUL, NOT_BETTER or WORSE
+    n: int
+    deletion: float  # median deletion AUC of the maps (lower is better)
+    random_deletion: float
+    insertion: float  # median insertion AUC (higher is better)
+    random_insertion: float
+    deletion_gap: float  # median of (random - map) deletion AUC per image: > 0 means better than random
+    insertion_gap: float  # median of (map - random) insertion AUC per image: > 0 means better than random
+    p_deletion: float  # one-sided: the map deletes faster than random
+    p_insertion: float  # one-sided: the map inserts faster than random
+    alpha: float = ALPHA
+
+    def sentence(self) -> str:
+        """e.g. ``faithful · deletion 0.21 vs random 0.42 (p=0.002), insertion 0.71 vs 0.55 (p=0.01), 20 images``."""
+        text = (f"{self.verdict} · deletion {self.deletion:.2f} vs random {self.random_deletion:.2f} "
+                f"(p={_p(self.p_deletion)}), insertion {self.insertion:.2f} vs random {self.random_insertion:.2f} "
+                f"(p={_p(self.p_insertion)}), {self.n} image{'s' if self.n != 1 else ''}")
+        if self.n < MIN_IMAGES:
+            text += f": too few to tell (a paired test needs at least {MIN_IMAGES})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "sentence": self.sentence()}
+
+
+def _p(value: float) -> str:
+    return "n/a" if math.isnan(value) else (f"{value:.3f}" if value >= 0.001 else "<0.001")
+
+
+def _one_sided(gaps: np.ndarray, alternative: str) -> float:
+    """Wilcoxon signed-rank p that the gaps are above (``greater``) or below (``less``) zero; 1 when every gap is
+    zero (nothing to rank) and NaN for no images."""
+    if len(gaps) == 0:
+        return float("nan")
+    if not np.any(gaps != 0):
+        return 1.0
+    from scipy.stats import wilcoxon
+
+    return float(wilcoxon(gaps, alternative=alternative, zero_method="wilcox").pvalue)
+
+
+def image_verdict(row: dict[str, Any]) -> str:
+    """One image's words: both curves better than its random map's, both worse, or neither."""
+    deletion_better = row["deletion_auc"] < row["random_deletion_auc"]
+    insertion_better = row["insertion_auc"] > row["random_insertion_auc"]
+    if deletion_better and insertion_better:
+        return FAITHFUL
+    if not deletion_better and not insertion_better:
+        return WORSE
+    return NOT_BETTER
+
+
+def faithfulness_verdict(rows: list[dict[str, Any]], *, alpha: float = ALPHA) -> FaithfulnessVerdict:
+    """The verdict over images from per-image rows of ``deletion_auc``, ``insertion_auc`` and their random maps'."""
+    deletion = np.array([r["deletion_auc"] for r in rows], dtype=np.float64)
+    insertion = np.array([r["insertion_auc"] for r in rows], dtype=np.float64)
+    random_deletion = np.array([r["random_deletion_auc"] for r in rows], dtype=np.float64)
+    random_insertion = np.array([r["random_insertion_auc"] for r in rows], dtype=np.float64)
+    deletion_gaps, insertion_gaps = random_deletion - deletion, insertion - random_insertion
+    better = (_one_sided(deletion_gaps, "greater"), _one_sided(insertion_gaps, "greater"))
+    worse = (_one_sided(deletion_gaps, "less"), _one_sided(insertion_gaps, "less"))
+    if better[0] < alpha and better[1] < alpha:
+        verdict = FAITHFUL
+    elif (worse[0] < alpha or worse[1] < alpha) and not (better[0] < alpha or better[1] < alpha):
+        verdict = WORSE
+    else:
+        verdict = NOT_BETTER
+
+    def median(values: np.ndarray) -> float:
+        return float(np.median(values)) if len(values) else float("nan")
+
+    return FaithfulnessVerdict(verdict=verdict, n=len(rows), deletion=median(deletion),
+                               random_deletion=median(random_deletion), insertion=median(insertion),
+                               random_insertion=median(random_insertion), deletion_gap=median(deletion_gaps),
+                               insertion_gap=median(insertion_gaps), p_deletion=better[0], p_insertion=better[1],
+                               alpha=alpha)
+
+
+def sanity_verdict(sanity: dict[str, Any]) -> str:
+    """``passes`` or ``fails``, with the rank correlation that decided it."""
+    words = SANITY_PASSES if sanity.get("passed") else SANITY_FAILS
+    return (f"sanity check {words}: after randomising the model, its maps' rank correlation with the trained "
+            f"model's is {sanity.get('final_spearman', float('nan')):.2f} (threshold "
+            f"{sanity.get('threshold', 0.5):g}; above it, the map shows the image rather than what the model "
+            "learned)")
+
