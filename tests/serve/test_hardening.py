@@ -303,3 +303,92 @@ def test_the_service_answers_its_own_limits_in_the_schema(served):
     error = schema["components"]["schemas"]["ErrorBody"]["properties"]["detail"]
     assert {"type": "string"} in error["anyOf"]
 
+
+
+def test_only_application_json_is_read_as_json_and_within_the_json_limit(served):
+    """A text/plain or form body (what a cross-site page may send without asking) is never parsed as JSON."""
+    client, run_id, _ = served
+    region = json.dumps({"polygons": [[[1, 1], [20, 1], [20, 20]]]})
+    for kind in ("text/plain", "application/x-www-form-urlencoded", ""):
+        answer = client.post("/api/v1/images/1/regions", content=region, headers={"Content-Type": kind})
+        assert answer.status_code == 415 and "application/json" in answer.json()["detail"], kind
+    big = "{" + ",".join(f'"k{i}": {i}' for i in range(200_000)) + "}"
+    answer = client.post(f"/api/v1/models/{run_id}/predict", content=big, headers={"Content-Type": "text/plain"})
+    assert answer.status_code in (413, 415)
+
+
+def test_unknown_or_empty_request_fields_are_refused(served):
+    client, run_id, _ = served
+    image_id = client.get("/api/v1/images", params={"dataset": "colours", "limit": 1}).json()["items"][0]["id"]
+    typo = client.post(f"/api/v1/models/{run_id}/explain", json={"image_id": image_id, "mehtod": "saliency"})
+    assert typo.status_code == 422 and "did you mean 'method'" in typo.json()["detail"]
+    form = client.post(f"/api/v1/models/{run_id}/explain", files={"file": ("a.png", png_bytes())},
+                       data={"mehtod": "saliency"})
+    assert form.status_code == 422 and "did you mean 'method'" in form.json()["detail"]
+    for body in ({"method": ""}, {"target": 0}, {"output": "pdf"}, {"params": "steps=3"}):
+        answer = client.post(f"/api/v1/models/{run_id}/explain", json={"image_id": image_id, **body})
+        assert answer.status_code == 422, body
+    bad_params = client.post(f"/api/v1/models/{run_id}/explain", files={"file": ("a.png", png_bytes())},
+                             data={"params": "nope"})
+    assert bad_params.status_code == 422 and "'params' field must be a JSON object" in bad_params.json()["detail"]
+
+
+def test_regions_must_lie_inside_their_image_and_have_an_area(served):
+    client, _, _ = served
+    image = client.get("/api/v1/images", params={"dataset": "colours", "limit": 1}).json()["items"][0]
+    url = f"/api/v1/images/{image['id']}/regions"
+    for polygons, words in (([[[1, 1], [20, 1], [99999, 20]]], "leaves the"), ([[[1, 1], [20, 1], [-5, 20]]], "leaves"),
+                            ([[[1, 1], [1, 1], [1, 1]]], "no area"), ([[[True, 1], [20, 1], [20, 20]]], "number"),
+                            ([[[1, 1, 1], [20, 1], [20, 20]]], "at most 2")):
+        answer = client.post(url, json={"polygons": polygons})
+        assert answer.status_code == 422 and words in answer.json()["detail"], (polygons, answer.text)
+    assert client.post(url, json={"polygons": [[[0, 0], [image["width"], 0], [0, image["height"]]]]}).status_code == 201
+    many = client.post(url, json={f"k{i}": i for i in range(5000)})
+    assert many.status_code == 422 and len(many.text) < 2000 and "more" in many.json()["detail"]
+
+
+def test_an_origin_must_be_exactly_the_services_own(served):
+    client, _, _ = served
+    region = {"polygons": [[[1, 1], [20, 1], [20, 20]]]}
+    for origin in ("http://127.0.0.1:8000/evil", "HTTP://127.0.0.1:8000", "http://user@127.0.0.1:8000",
+                   "http://127.0.0.1:8000?x=1"):
+        answer = client.post("/api/v1/images/1/regions", json=region,
+                             headers={"Host": "127.0.0.1:8000", "Origin": origin})
+        assert answer.status_code == 403, origin
+
+
+def test_an_explanation_slot_is_held_until_its_work_ends_and_a_full_queue_is_503(served):
+    """A client that gives up (a 504, a closed connection) does not free its slot while its thread still runs:
+    abandoned work can never pile up past the limit; past the queue, 503."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from handlens.core.errors import BusyError
+    from handlens.serve.state import State
+
+    state = State.__new__(State)  # only what run_explanation uses
+    state.settings = served[0].app.state.handlens.settings.model_copy(update={"explain_concurrency": 1,
+                                                                              "explain_queue": 1})
+    state.explain_pool = ThreadPoolExecutor(max_workers=2)
+    state._slots, state._waiting = None, 0
+    finished = threading.Event()
+
+    def slow():
+        time.sleep(0.5)
+        finished.set()
+        return "done"
+
+    async def scenario():
+        first = asyncio.create_task(state.run_explanation(slow))
+        await asyncio.sleep(0.05)
+        first.cancel()  # the client went away
+        await asyncio.sleep(0.05)
+        assert state.explain_slots().locked() and not finished.is_set()  # still held: the thread runs on
+        waiting = asyncio.create_task(state.run_explanation(lambda: "second"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(BusyError):
+            await state.run_explanation(lambda: "third")  # one already waits: the queue is full
+        assert await waiting == "second" and finished.is_set()
+
+    asyncio.run(scenario())
+    state.explain_pool.shutdown()

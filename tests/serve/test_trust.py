@@ -26,7 +26,9 @@ def test_trust_judges_one_map_against_a_random_map_and_is_cached(served):
 def test_trust_refuses_bad_steps_and_parameters(served):
     client, run_id, _ = served
     image_id = client.get("/api/v1/images", params={"dataset": "colours", "limit": 1}).json()["items"][0]["id"]
-    for body, words in (({"steps": 500}, "steps must be"), ({"steps": "many"}, "steps must be"),
+    for body, words in (({"steps": 500}, "steps: Input should be less than or equal to 50"),
+                        ({"steps": "many"}, "steps: Input should be a valid integer"),
+                        ({"stpes": 5}, "did you mean 'steps'"), ({"method": ""}, "method:"),
                         ({"method": "integrated_gradients", "params": {"stpes": 3}}, "did you mean 'steps'")):
         answer = client.post(f"/api/v1/models/{run_id}/trust", content=json.dumps({"image_id": image_id, **body}),
                              headers={"Content-Type": "application/json"})

@@ -74,6 +74,20 @@ def check_polygons(polygons: Any) -> None:
             raise ValueError("each polygon needs at least 3 [x, y] points")
 
 
+def check_inside(polygons: list[Any], *, width: int, height: int) -> None:
+    """Each polygon's points finite and inside the image (0..width, 0..height), and its area above zero."""
+    for index, polygon in enumerate(polygons):
+        points = np.asarray(polygon, dtype=np.float64)
+        if not np.isfinite(points).all():
+            raise ValueError(f"polygon {index}: coordinates must be finite numbers")
+        if (points < 0).any() or (points[:, 0] > width).any() or (points[:, 1] > height).any():
+            raise ValueError(f"polygon {index} leaves the {width}x{height} image: x must be in 0..{width} and y "
+                             f"in 0..{height}")
+        x, y = points[:, 0], points[:, 1]
+        if abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2 == 0:
+            raise ValueError(f"polygon {index} has no area (its points are on one line)")
+
+
 def region_mask(annotations: list[Annotation], width: int, height: int) -> np.ndarray:
     """The union of an image's annotations as a (height, width) boolean mask in image coordinates."""
     from PIL import Image as PILImage
@@ -119,8 +133,10 @@ def add_polygon_region(session: Any, image_id: int, *, polygons: list[Any], labe
     from handlens.core.errors import NotFoundError
 
     check_polygons(polygons)
-    if session.get(Image, image_id) is None:
+    image = session.get(Image, image_id)
+    if image is None:
         raise NotFoundError(f"no image {image_id} in the catalog")
+    check_inside(polygons, width=image.width, height=image.height)
     row = Annotation(image_id=image_id, kind="polygon", polygons=polygons, label=label, source=source)
     session.add(row)
     session.flush()

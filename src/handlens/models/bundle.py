@@ -53,9 +53,10 @@ class DamagedBundleError(InputError):
     http_status = 409  # the stored bundle conflicts with what handlens can load
 
     def __init__(self, bundle: Path, reason: str, fix: str = "train the model again or restore the bundle "
-                                                              "from a backup") -> None:
+                                                              "from a backup", *, name: str | None = None) -> None:
         self.bundle, self.reason = Path(bundle), reason
-        super().__init__(f"model bundle {bundle} is damaged: {reason}; {fix}")
+        what = f"model {name}" if name else f"model bundle {bundle}"  # a service names models by id, not path
+        super().__init__(f"{what} is damaged: {reason}; {fix}")
 
 
 def package_versions() -> dict[str, str]:

@@ -20,6 +20,7 @@ from handlens.serve.settings import ServeSettings
 from handlens.serve.state import State
 
 SETTINGS_ENV = "HANDLENS_SERVE_SETTINGS"
+MAX_PROBLEMS = 20
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/:,;)]+/)*[^\s'\":,;)]+")
 
@@ -110,8 +111,11 @@ def _handlens_error(state: State) -> Any:
 
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     """422 naming each bad field; the offending input is not echoed (it may not even be valid JSON: NaN)."""
-    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
+    errors = list(exc.errors()) if isinstance(exc, RequestValidationError) else []
+    problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                for e in errors[:MAX_PROBLEMS]]  # an answer never much larger than a bad request
+    if len(errors) > MAX_PROBLEMS:
+        problems.append({"loc": [], "msg": f"and {len(errors) - MAX_PROBLEMS} more problems", "type": "more"})
     return JSONResponse({"detail": problems}, status_code=422)
 
 

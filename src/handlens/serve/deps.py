@@ -8,13 +8,22 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, Request
 from fastapi import Path as PathParam
+from pydantic import BaseModel, ConfigDict, Field
 
-from handlens.core.errors import ForbiddenError, InputError, NotFoundError, TooLargeError
+from handlens.core.errors import (
+    ForbiddenError,
+    HandlensError,
+    InputError,
+    NotFoundError,
+    TooLargeError,
+    UnsupportedMediaError,
+)
+from handlens.serve.schemas import MAX_TRUST_STEPS
 from handlens.serve.state import State
 
 MAX_ID = 2**53  # catalog ids: positive, and exact in JavaScript
@@ -72,9 +81,31 @@ def parse_json(data: bytes) -> Any:
     return value
 
 
+class ClientGoneError(HandlensError):
+    """The client closed the connection before its request was read: nothing to answer."""
+
+    http_status = 400
+
+
+async def read_body(request: Request) -> bytes:
+    from starlette.requests import ClientDisconnect
+
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise ClientGoneError("the client closed the connection before sending its whole body") from None
+
+
 async def json_body(request: Request, state: StateDep) -> Any:
-    """The request's JSON, parsed in a worker thread (the body's size is already bounded by the JSON limit)."""
-    data = await request.body()
+    """The request's JSON: only ``application/json`` (415 otherwise: a form or text body a cross-site page
+    can send without asking is never read as JSON), at most the JSON limit (413), parsed in a worker thread."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise UnsupportedMediaError(f"send the body as Content-Type: application/json (got {kind or 'none'!r})")
+    data = await read_body(request)
+    limit = state.settings.max_json_bytes
+    if len(data) > limit:
+        raise TooLargeError(f"the JSON body exceeds the JSON limit of {limit:,} bytes")
     return await asyncio.get_running_loop().run_in_executor(state.io_pool, parse_json, data)
 
 
@@ -140,25 +171,74 @@ class RawImage:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+class ImageFields(BaseModel):
+    """The fields a predict/explain/trust request may carry besides its image: a typo is a 422, never a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str | None = Field(None, min_length=1, max_length=64)
+    layer: str | None = Field(None, min_length=1, max_length=200)
+    target: str | None = Field(None, min_length=1, max_length=200)
+    output: Literal["png", "array", "both"] | None = None
+    params: dict[str, Any] | None = None
+    steps: int | None = Field(None, ge=2, le=MAX_TRUST_STEPS, description="trust: points on each curve")
+
+
+def check_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` fields validated by :class:`ImageFields` (unknown keys named, with the closest allowed one)."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    allowed = sorted(ImageFields.model_fields)
+    unknown = [k for k in raw if k not in ImageFields.model_fields]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, allowed, 1))
+                             else "") for k in unknown[:5]]
+        raise InputError(f"unknown field(s) {', '.join(hints)}; allowed: image_id, file, {', '.join(allowed)}")
+    try:
+        return ImageFields.model_validate(raw).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        raise InputError("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                   for e in exc.errors()[:5])) from None
+
+
 async def raw_image(request: Request, state: StateDep) -> RawImage:
     """A multipart upload (``file`` and string fields; ``params`` as a JSON object) or a JSON body with a catalog
     ``image_id``; the body is read first, so a request is never left half-read."""
+    from starlette.requests import ClientDisconnect
+
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=20)
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise InputError("send the image as a multipart field named 'file'")
-        data = await upload.read(state.settings.max_upload_bytes + 1)
+        try:
+            form = await request.form(max_files=1, max_fields=20)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InputError("send the image as a multipart field named 'file'")
+            data = await upload.read(state.settings.max_upload_bytes + 1)
+        except ClientDisconnect:
+            raise ClientGoneError("the client closed the connection before sending its whole body") from None
         fields: dict[str, Any] = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
         if "params" in fields:
-            fields["params"] = parse_json(fields["params"].encode()) if fields["params"].strip() else {}
-        return RawImage(data, None, fields)
+            fields["params"] = _params_field(fields["params"])
+        return RawImage(data, None, check_fields(fields))
     body = await json_body(request, state)
     image_id = body.get("image_id") if isinstance(body, dict) else None
     if not isinstance(image_id, int) or isinstance(image_id, bool) or not 1 <= image_id <= MAX_ID:
         raise InputError("send multipart/form-data with a 'file', or JSON with the integer image_id of a catalog "
                          "image, e.g. {\"image_id\": 12}")
-    return RawImage(None, image_id, body)
+    return RawImage(None, image_id, check_fields({k: v for k, v in body.items() if k != "image_id"}))
+
+
+def _params_field(text: str) -> dict[str, Any]:
+    if not text.strip():
+        return {}
+    try:
+        value = parse_json(text.encode())
+    except InputError:
+        raise InputError("the 'params' field must be a JSON object, e.g. {\"steps\": 32}") from None
+    if not isinstance(value, dict):
+        raise InputError("the 'params' field must be a JSON object, e.g. {\"steps\": 32}")
+    return value
 
 
 RawImageDep = Annotated[RawImage, Depends(raw_image)]

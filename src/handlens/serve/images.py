@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +56,13 @@ def open_checked(source: bytes | str | Path, *, max_pixels: int, what: str = "th
 
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        opened = Image.open(stream)
-    except Image.DecompressionBombError as exc:
-        raise TooLargeError(f"{what} is refused before decoding: {exc}") from None
+        with warnings.catch_warnings():  # the pixel count is checked below, against this service's own limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(stream)
+    except Image.DecompressionBombError:
+        raise TooLargeError(f"{what} has more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, over this "
+                            f"service's limit of {max_pixels:,} (a decompression bomb is refused before "
+                            "decoding); downscale it first") from None
     except UnidentifiedImageError:
         raise UnsupportedMediaError(f"{what} is not an image this service reads ({', '.join(CONTENT_TYPES)}); "
                                     "its content, not its name, was checked") from None

@@ -9,11 +9,12 @@ request's forward pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,14 @@ import numpy as np
 
 from handlens.core.errors import NotFoundError
 from handlens.core.workspace import resolve_inside
-from handlens.models.bundle import MANIFEST_FILE, BundleEntry, check_weights_file, read_manifest, scan_bundles
+from handlens.models.bundle import (
+    MANIFEST_FILE,
+    BundleEntry,
+    DamagedBundleError,
+    check_weights_file,
+    read_manifest,
+    scan_bundles,
+)
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -41,9 +49,20 @@ def read_model_manifest(runs_dir: Path, model_id: str) -> dict[str, Any]:
     """Model ``model_id``'s validated manifest (the dict in its ``bundle.json``); its weights file must be
     there. :class:`NotFoundError` for no such model, :class:`DamagedBundleError` for a damaged one."""
     path = bundle_dir(runs_dir, model_id)
-    manifest = read_manifest(path)
-    check_weights_file(path)
+    with named_model(model_id):
+        manifest = read_manifest(path)
+        check_weights_file(path)
     return manifest
+
+
+@contextlib.contextmanager
+def named_model(model_id: str) -> Iterator[None]:
+    """A damaged bundle's error names the model (its id), not the folder every bundle is called."""
+    try:
+        yield
+    except DamagedBundleError as exc:
+        raise DamagedBundleError(exc.bundle, exc.reason, fix="train it again or restore its bundle from a backup",
+                                 name=model_id) from None
 
 
 class MicroBatcher:
@@ -180,7 +199,8 @@ class ModelPool:
                 return found
             from handlens.explain.api import load_bundle
 
-            bundle = load_bundle(path)
+            with named_model(model_id):
+                bundle = load_bundle(path)
             nbytes = sum(p.numel() * p.element_size() for p in bundle.module.parameters())
             sha = bundle.manifest.get("weights_sha256") or hashlib.sha256(
                 (path / "weights.safetensors").read_bytes()).hexdigest()

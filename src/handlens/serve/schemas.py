@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 
 class ValidationProblem(BaseModel):
@@ -102,8 +102,9 @@ class RegionIn(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     label: str | None = Field(None, max_length=200)
-    polygons: list[list[list[float]]] = Field(..., min_length=1, max_length=100,
-                                              description="[[[x, y], ...], ...] in image pixels")
+    polygons: list[Annotated[list[Annotated[list[StrictFloat | StrictInt], Field(min_length=2, max_length=2)]],
+                             Field(min_length=3, max_length=10_000)]] = Field(
+        ..., min_length=1, max_length=100, description="[[[x, y], ...], ...] in image pixels, inside the image")
 
 
 class RegionCreated(BaseModel):

@@ -154,10 +154,13 @@ class HostGuard:
         await self.app(scope, receive, send)
 
     def _same_origin(self, origin: str, host_header: str) -> bool:
+        """Exactly ``scheme://host[:port]`` of this request's Host (no path, no other scheme), or a CORS origin."""
         if origin.rstrip("/").lower() in self.cors:
             return True
         parts = urlsplit(origin)
-        return parts.scheme in ("http", "https") and parts.netloc.lower() == host_header.strip().lower()
+        return (parts.scheme in ("http", "https") and origin.startswith(f"{parts.scheme}://") and not parts.path
+                and not parts.query and not parts.fragment and not parts.username
+                and parts.netloc.lower() == host_header.strip().lower())
 
 
 class SecurityHeaders:

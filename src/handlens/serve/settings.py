@@ -29,6 +29,7 @@ class ServeSettings(BaseModel):
     pool_memory_mb: float = Field(2048, gt=0, description="loaded models kept warm up to this many MB (LRU)")
     explain_cache_items: int = Field(256, ge=0, description="explanations kept (overlay PNG + float16 map each)")
     explain_concurrency: int = Field(2, ge=1, description="explanations computed at once; others queue")
+    explain_queue: int = Field(16, ge=0, description="explanations waiting for a slot; more get 503")
     max_forward_passes: int = Field(4096, ge=1, description="forward passes one image's explanation may take "
                                     "(occlusion windows, Score-CAM channels, IG steps...), from each method's cost")
     max_backward_passes: int = Field(128, ge=1, description="backward passes one image's explanation may take "

@@ -4,15 +4,19 @@ metrics, the pixel budget and the thread pools work runs in."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
+from handlens.core.errors import BusyError
 from handlens.core.workspace import Workspace
 from handlens.serve.cache import ExplanationCache
 from handlens.serve.images import WORKING_SIDE, PixelBudget
 from handlens.serve.metrics import Metrics
 from handlens.serve.pool import ModelPool
 from handlens.serve.settings import ServeSettings
+
+T = TypeVar("T")
 
 
 class State:
@@ -34,6 +38,7 @@ class State:
         self.pixels = PixelBudget(settings.max_pixels_in_flight)
         self._catalog: Any = None
         self._slots: asyncio.Semaphore | None = None
+        self._waiting = 0
         # each thread's malloc arena costs memory: a few threads each
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="handlens-io")
         self.predict_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="handlens-predict")
@@ -45,6 +50,27 @@ class State:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.settings.explain_concurrency)
         return self._slots
+
+    async def run_explanation(self, work: Callable[[], T]) -> T:
+        """Run ``work`` in the explanation threads, at most ``explain_concurrency`` at once. A slot is held until
+        the work itself ends, also when the client gave up (a 504, a closed connection): abandoned work can
+        never pile up behind the limit. With ``explain_queue`` requests already waiting, 503."""
+        slots = self.explain_slots()
+        if slots.locked() and self._waiting >= self.settings.explain_queue:
+            raise BusyError(f"{self._waiting} explanations are already waiting for the "
+                            f"{self.settings.explain_concurrency} that run at once; retry shortly")
+        self._waiting += 1
+        try:
+            await slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self.explain_pool, work)
+        except BaseException:
+            slots.release()
+            raise
+        future.add_done_callback(lambda _: slots.release())  # when the thread ends, not when the request does
+        return await asyncio.shield(future)
 
     def working_side(self, preprocess: Any = None) -> int:
         """The longer side decoded images are scaled down to: the service's working side, or a patch-trained

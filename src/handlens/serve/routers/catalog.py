@@ -128,10 +128,16 @@ def add_region(image_id: ImageId, body: JsonBody, state: StateDep) -> RegionCrea
         region = RegionIn.model_validate(body)
         check_polygons(region.polygons)
     except ValidationError as exc:
+        problems = exc.errors()
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise InputError("; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                                   for e in exc.errors())) from None
+                                   for e in problems[:5]) + more) from None
     except (ValueError, TypeError) as exc:
         raise InputError(f"polygons: {exc}") from None
-    with state.catalog.session() as session:
-        row_id = add_polygon_region(session, image_id, polygons=region.polygons, label=region.label, source="api")
+    try:
+        with state.catalog.session() as session:
+            row_id = add_polygon_region(session, image_id, polygons=region.polygons, label=region.label,
+                                        source="api")
+    except ValueError as exc:
+        raise InputError(f"polygons: {exc}") from None
     return RegionCreated(id=row_id, image_id=image_id, kind="polygon", label=region.label)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
@@ -33,17 +34,18 @@ async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, 
     cached = result is not None
     started = time.perf_counter()
     if result is None:
-        async with state.explain_slots():  # a burst of slow explanations cannot take every worker thread
-            result = state.cache.peek(key)  # an identical request may have finished while this one waited
-            if result is None:
-                loop = asyncio.get_running_loop()
-                copy = await loop.run_in_executor(state.io_pool, model.explainer)  # never the predict instance
-                result = await loop.run_in_executor(state.explain_pool, lambda: compute_explanation(
-                    copy, image.array, method=method, layer=layer, target=target, params=params,
-                    max_tiles=state.settings.max_explain_tiles))
-                state.cache.put(key, result)
-            else:
-                cached = True
+        copy = await asyncio.get_running_loop().run_in_executor(state.io_pool, model.explainer)  # not predict's
+
+        def work() -> tuple[dict[str, Any], bool]:
+            found = state.cache.peek(key)  # an identical request may have finished while this one waited
+            if found is not None:
+                return found, True
+            done = compute_explanation(copy, image.array, method=method, layer=layer, target=target, params=params,
+                                       max_tiles=state.settings.max_explain_tiles)
+            state.cache.put(key, done)
+            return done, False
+
+        result, cached = await state.run_explanation(work)
     state.metrics.observe("explain", method, time.perf_counter() - started)
     body = {k: v for k, v in result.items() if k not in ("map", "overlay_png")}
     if output in ("png", "both"):
@@ -80,20 +82,19 @@ async def trust(model_id: str, image: RequestImageDep, model: LoadedModelDep, st
     measured = state.cache.get(key)
     cached = measured is not None
     if measured is None:
-        async with state.explain_slots():
-            loop = asyncio.get_running_loop()
-            copy = await loop.run_in_executor(state.io_pool, model.explainer)
+        copy = await asyncio.get_running_loop().run_in_executor(state.io_pool, model.explainer)
 
-            def compute() -> object:
-                try:
-                    with copy.lock:
-                        return trust_image(copy.bundle, image.array, method=method, layer=layer, target=target,
-                                           params=params, steps=steps)
-                finally:
-                    release_memory()
+        def work() -> Any:
+            try:
+                with copy.lock:
+                    done = trust_image(copy.bundle, image.array, method=method, layer=layer, target=target,
+                                       params=params, steps=steps)
+            finally:
+                release_memory()
+            state.cache.put(key, done)
+            return done
 
-            measured = await loop.run_in_executor(state.explain_pool, compute)
-            state.cache.put(key, measured)
+        measured = await state.run_explanation(work)
     return TrustAnswer(model=model_id, image_sha256=image.sha256, image_id=image.image_id, method=method,
                        layer=measured.layer, target=model.bundle.classes[measured.target], verdict=measured.verdict,
                        sentence=measured.sentence(), deletion_auc=measured.deletion_auc,
