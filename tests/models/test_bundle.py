@@ -103,3 +103,10 @@ def test_bundles_are_readable_by_colleagues(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((path / "weights.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_explainable_layers_leave_out_the_classifier_head():
+    from handlens.models.bundle import explainable_layers
+
+    layers = {"stage1": "backbone.blocks.0", "conv_head": "backbone.bn2", "head": "head", "fc": "head.1"}
+    assert explainable_layers(layers) == ["stage1", "conv_head"]

@@ -181,3 +181,4 @@ def test_the_preprocess_manifest_knows_every_preprocess_setting():
     from handlens.transforms.preprocess import Preprocess
 
     assert set(PreprocessManifest.model_fields) == {f.name for f in fields(Preprocess)}
+

@@ -261,3 +261,11 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_it_is_not_the_best(traine
     result = train(tiny_config("train.epochs=4", "train.lr=0.5"), trained_workspace)  # noisy: best != last
     last = torch.load(result.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 3  # 0-based: the fourth epoch
+
+
+def test_the_run_id_is_said_when_the_run_starts(trained_workspace, capsys):
+    """Before any epoch: after a kill, the user knows which run to --resume."""
+    result = train(tiny_config("train.epochs=1"), trained_workspace)
+    err = capsys.readouterr().err
+    said = f"run {result.run_id} started: if it stops, `handlens train --resume {result.run_id}` continues it"
+    assert said in err and err.index(said) < err.index("epoch 1/1")

@@ -131,6 +131,30 @@ def test_inspect_changes_the_overlay_with_the_class_and_shows_probabilities(page
     assert all(r.startswith(url) or r.startswith("data:") for r in requests), "the viewer reached outside the service"
 
 
+def test_moving_on_never_shows_the_previous_images_overlay(page):
+    """Until the new image's answer arrives, its name never sits beside the previous image's overlay or bars."""
+    import time
+
+    page, _, _ = page
+    page.click("header nav button[data-page=inspect]")
+    page.wait_for_function("document.querySelector('#heat').src.startsWith('data:image/png')", timeout=30_000)
+    read = "[document.getElementById('image-name').textContent, document.getElementById('heat').src || '', " \
+           "document.getElementById('probs').textContent]"
+    old_name, old_src, old_bars = page.evaluate(read)
+    page.locator("#stage").focus()
+    page.keyboard.press("ArrowRight")
+    deadline, moved = time.time() + 30, False
+    while time.time() < deadline:
+        name, src, bars = page.evaluate(read)
+        if name != old_name:
+            moved = True
+            assert src != old_src and (bars != old_bars or not bars), "a stale overlay beside the new image"
+            if src:
+                break
+        time.sleep(0.01)
+    assert moved and src.startswith("data:image/png")
+
+
 def test_browse_grid_confusion_and_top_losses(page, shots):
     page, _, _ = page
     page.click("header nav button[data-page=browse]")

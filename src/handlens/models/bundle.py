@@ -59,6 +59,12 @@ class DamagedBundleError(InputError):
         super().__init__(f"{what} is damaged: {reason}; {fix}")
 
 
+def explainable_layers(layers: dict[str, str]) -> list[str]:
+    """The named layers a map can be drawn from: every layer except those on the classifier head, whose output
+    has no spatial extent (a CAM of ``head`` is refused). The one rule the API and the viewer's menu use."""
+    return [name for name, module in layers.items() if module != "head" and not str(module).startswith("head.")]
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in ("handlens", "torch", "torchvision", "timm", "safetensors", "numpy", "pillow"):

@@ -565,6 +565,39 @@ def quiet_lightning() -> None:
 SUBSETS_FILE = "subsets.json"
 
 
+def _reopen_run(ws: Workspace, run_id: str, subsets: dict[str, list[int]] | None) -> tuple[
+        str, Path, RunConfig, Path | None, dict[str, list[int]] | None]:
+    """A run to resume: its config, the checkpoint to continue from and its subsets; refused when finished."""
+    run_dir = ws.runs_dir / run_id
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise NotFoundError(f"no run {run_id!r} in {ws.runs_dir}; see the run ids printed by `handlens train`")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    if run_finished(run_dir):
+        reconcile_quietly(ws, [run_id])  # a final catalog write lost to a locked database: fix the row now
+        raise ConflictError(f"run {run_id} already finished; its bundle is {run_dir / 'bundle'}. "
+                            "Start a new run to train more")
+    ckpt_path = resume_checkpoint(run_dir, run_id)
+    if (run_dir / SUBSETS_FILE).is_file():
+        subsets = json.loads((run_dir / SUBSETS_FILE).read_text())
+    return run_id, run_dir, cfg, ckpt_path, subsets
+
+
+def _new_run(ws: Workspace, cfg: RunConfig, subsets: dict[str, list[int]] | None) -> str:
+    """A new run's folder with its config (and given subsets); its id."""
+    run_id = new_run_id()
+    run_dir = ws.runs_dir / run_id
+    try:
+        run_dir.mkdir(parents=True)
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+        if subsets is not None:
+            (run_dir / SUBSETS_FILE).write_text(json.dumps({k: [int(i) for i in v] for k, v in subsets.items()}))
+    except OSError as exc:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise_if_disk_full(exc, what="a new run's config", where=ws.runs_dir, then="start the run again")
+        raise
+    return run_id
+
+
 def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None = None,
           progress: bool | None = None, *, subsets: dict[str, list[int]] | None = None,
           epoch_hook: Any = None) -> RunResult:
@@ -584,32 +617,11 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
     started = time.perf_counter()
     quiet_tracking()
     ws = workspace or Workspace.open()
-    ckpt_path: Path | None = None
     if resume:
-        run_id = resume
-        run_dir = ws.runs_dir / run_id
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise NotFoundError(f"no run {run_id!r} in {ws.runs_dir}; see the run ids printed by `handlens train`")
-        cfg = load_config(run_dir / CONFIG_FILE)
-        if run_finished(run_dir):
-            reconcile_quietly(ws, [run_id])  # a final catalog write lost to a locked database: fix the row now
-            raise ConflictError(f"run {run_id} already finished; its bundle is {run_dir / 'bundle'}. "
-                                "Start a new run to train more")
-        ckpt_path = resume_checkpoint(run_dir, run_id)
-        if (run_dir / SUBSETS_FILE).is_file():
-            subsets = json.loads((run_dir / SUBSETS_FILE).read_text())
+        run_id, run_dir, cfg, ckpt_path, subsets = _reopen_run(ws, resume, subsets)
     else:
-        run_id = new_run_id()
+        run_id, ckpt_path = _new_run(ws, cfg, subsets), None
         run_dir = ws.runs_dir / run_id
-        try:
-            run_dir.mkdir(parents=True)
-            (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-            if subsets is not None:
-                (run_dir / SUBSETS_FILE).write_text(json.dumps({k: [int(i) for i in v] for k, v in subsets.items()}))
-        except OSError as exc:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise_if_disk_full(exc, what="a new run's config", where=ws.runs_dir, then="start the run again")
-            raise
 
     catalog = open_catalog_for(ws)
     try:
@@ -621,6 +633,9 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
             cfg.preprocess.size = prepared.preprocess.size
             (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
         _record_run_start(catalog, cfg, run_id, data)
+        if progress is not False:  # said now (a study's folds stay quiet): after a kill, the user knows the id
+            print(f"run {run_id} {'resumed' if resume else 'started'}: if it stops, `handlens train --resume "
+                  f"{run_id}` continues it", file=sys.stderr, flush=True)
     except BaseException as exc:
         catalog.close()
         if not resume:  # nothing was trained: leave no empty run behind

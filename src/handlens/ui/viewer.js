@@ -88,9 +88,21 @@ async function loadImages() {
 
 // ------------------------------------------------------------------ inspect
 
+function clearAnswer() {
+  // never the previous image's overlay, prediction and bars beside this image's name
+  $("heat").removeAttribute("src");
+  $("predicted").textContent = "-";
+  $("probs").innerHTML = "";
+  $("explain-info").textContent = "";
+  $("trust-badge").className = "badge trust";
+  $("trust-badge").textContent = "";
+}
+
 async function showImage() {
   const image = currentImage();
   if (!image) return;
+  state.asked = "";  // any answer still on its way is for another image now
+  clearAnswer();
   const detail = await api(`/images/${image.id}`);
   $("image-name").textContent = detail.name;
   $("truth").textContent = detail.labels[$("labelset").value] || "-";
@@ -150,6 +162,7 @@ async function explainCurrent() {
     status("ready");
     trustCurrent(asked);  // after the overlay is shown: the overlay never waits for the badge
   } catch (error) {
+    if (state.asked === asked.join("|")) clearAnswer();  // a failed answer leaves nothing stale
     status(error.message);
   }
 }

@@ -16,8 +16,10 @@ router = APIRouter(prefix="/api/v1", tags=["models"], responses=ERRORS)
 
 
 def model_summary(model_id: str, manifest: dict[str, Any]) -> ModelSummary:
+    from handlens.models.bundle import explainable_layers
+
     metrics = manifest.get("metrics") or {}
-    layers = manifest.get("layers") or {}
+    layers = explainable_layers(manifest.get("layers") or {})
     return ModelSummary(
         id=model_id, backbone=manifest.get("backbone"), freeze=manifest.get("freeze"),
         frozen=str(manifest.get("freeze", "")).startswith("frozen"), dataset=manifest.get("dataset"),
