@@ -323,3 +323,14 @@ def test_a_request_past_the_time_limit_gets_504(served, monkeypatch):
         answer = impatient.post(f"/api/v1/models/{run_id}/predict", files={"file": ("a.png", png_bytes())})
         assert answer.status_code == 504 and "longer than 0.3 s" in answer.json()["detail"]
         assert impatient.get("/livez").status_code == 200  # the service is still answering
+
+
+def test_overfit_sanity_runs_are_not_listed_as_models(served):
+    from handlens.core.workspace import Workspace
+    from handlens.train.run import train
+
+    client, _, root = served
+    sanity = train(tiny_config("train.overfit_batches=1", "train.epochs=2"), Workspace.open(root / "ws"))
+    assert sanity.verdict  # it said whether the model learns
+    assert sanity.run_id not in {m["id"] for m in client.get("/api/v1/models").json()}
+    assert client.get(f"/api/v1/models/{sanity.run_id}").status_code == 200  # still reachable by id

@@ -41,9 +41,16 @@ def models(state: StateDep) -> list[ModelSummary]:
     for entry in state.pool.manifests():
         if entry.damaged or entry.manifest is None:
             out.append(ModelSummary(id=entry.model_id, damaged=entry.damaged or "unreadable"))
-        else:
-            out.append(model_summary(entry.model_id, as_dict(entry.manifest)))
+            continue
+        manifest = as_dict(entry.manifest)
+        if is_sanity_run(manifest):
+            continue  # an --overfit-batches run checks that the model can learn: it is not a model to use
+        out.append(model_summary(entry.model_id, manifest))
     return out
+
+
+def is_sanity_run(manifest: dict[str, Any]) -> bool:
+    return bool(((manifest.get("config") or {}).get("train") or {}).get("overfit_batches"))
 
 
 @router.get("/models/{model_id}")
