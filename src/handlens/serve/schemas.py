@@ -162,13 +162,18 @@ class Prediction(BaseModel):
     probabilities: dict[str, float]
 
 
-class Explanation(BaseModel):
+class MapAnswer(BaseModel):
+    """What every answer about one image's map says first: which model, image, method, layer and class."""
+
     model: str
     image_sha256: str
     image_id: int | None
     method: str
     layer: str | None
     target: str
+
+
+class Explanation(MapAnswer):
     signed: bool
     probabilities: dict[str, float]
     map_shape: list[int]
@@ -178,15 +183,9 @@ class Explanation(BaseModel):
     map: list[list[float]] | None = Field(None, description="the raw map (output array/both)")
 
 
-class TrustAnswer(BaseModel):
+class TrustAnswer(MapAnswer):
     """One image's map judged against a random map: the words of the viewer's badge and the numbers behind."""
 
-    model: str
-    image_sha256: str
-    image_id: int | None
-    method: str
-    layer: str | None
-    target: str
     verdict: str = Field(description="faithful, not better than random, or worse than random")
     sentence: str = Field(description="e.g. 'faithful · deletion 0.21 vs random 0.42'")
     deletion_auc: float
