@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter
 
-from handlens.core.errors import InputError
 from handlens.serve.cache import ExplanationCache
 from handlens.serve.deps import LoadedModelDep, RequestImageDep, StateDep
-from handlens.serve.schemas import ERRORS, IMAGE_BODY, MAX_TRUST_STEPS, TRUST_BODY, Explanation, TrustAnswer
+from handlens.serve.schemas import ERRORS, IMAGE_BODY, TRUST_BODY, Explanation, TrustAnswer
 
 router = APIRouter(prefix="/api/v1", tags=["models"], responses=ERRORS)
 
@@ -26,9 +25,7 @@ async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, 
     params = budgeted_params(state.settings, method, fields.get("params") or {}, model.bundle.preprocess.size)
     layer = fields.get("layer") or None
     target = str(fields.get("target") or "pred")
-    output = str(fields.get("output") or "png")
-    if output not in ("png", "array", "both"):
-        raise InputError("output: choose png, array or both")
+    output = str(fields.get("output") or "png")  # png, array or both: checked by deps.ImageFields
     key = ExplanationCache.key(model.sha256, image.sha256, method, layer, target, params.model_dump())
     result = state.cache.get(key)
     cached = result is not None
@@ -55,16 +52,6 @@ async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, 
     return Explanation(**body, model=model_id, image_sha256=image.sha256, image_id=image.image_id, cached=cached)
 
 
-def _steps(value: object) -> int:
-    try:
-        steps = int(str(value))
-    except ValueError:
-        raise InputError(f"steps must be a whole number from 2 to {MAX_TRUST_STEPS}") from None
-    if not 2 <= steps <= MAX_TRUST_STEPS:
-        raise InputError(f"steps must be a whole number from 2 to {MAX_TRUST_STEPS}")
-    return steps
-
-
 @router.post("/models/{model_id}/trust", openapi_extra=TRUST_BODY)
 async def trust(model_id: str, image: RequestImageDep, model: LoadedModelDep, state: StateDep) -> TrustAnswer:
     """Is this image's map better than a random one? Deletion and insertion AUCs beside a random map's, and the
@@ -77,7 +64,7 @@ async def trust(model_id: str, image: RequestImageDep, model: LoadedModelDep, st
     params = budgeted_params(state.settings, method, fields.get("params") or {}, model.bundle.preprocess.size)
     layer = fields.get("layer") or None
     target = str(fields.get("target") or "pred")
-    steps = _steps(fields.get("steps", 20))
+    steps = int(fields.get("steps", 20))  # bounded by deps.ImageFields
     key = ExplanationCache.key("trust", model.sha256, image.sha256, method, layer, target, params.model_dump(), steps)
     measured = state.cache.get(key)
     cached = measured is not None
