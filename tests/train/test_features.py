@@ -67,3 +67,13 @@ def test_views_are_seeded_per_image_so_grouping_never_changes_them(setup):
     assert not torch.allclose(together[:, 0], together[:, 1])  # two different views
     plain = rows(range(6), cache=None)
     assert not torch.allclose(together[:, 0], plain)  # augmented, not the plain image
+
+
+def test_a_long_feature_pass_says_how_far_it_is(capsys):
+    model = create_classifier("tiny_cnn", 2, weights="none", freeze="frozen")
+    images = torch.zeros((300, 3, 16, 16), dtype=torch.uint8)
+    features.compute_features(model, images, lambda batch: batch.float() / 255)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("backbone features:")]
+    assert len(lines) == 4 and lines[-1].startswith("backbone features: 300/300 images")
+    features.compute_features(model, images[:20], lambda batch: batch.float() / 255)
+    assert "backbone features" not in capsys.readouterr().err  # a short pass stays quiet

@@ -44,6 +44,7 @@ def compute_features(model: Any, images: torch.Tensor, normalize: Any, *, batch_
     in channels-last layout (oneDNN's convolutions are much faster on it on a CPU, see FEATURE_BATCH)."""
     was_training = model.training
     model.eval()
+    progress = _FeatureProgress(len(images))
     try:
         out = []
         for start in range(0, len(images), batch_size):
@@ -52,9 +53,37 @@ def compute_features(model: Any, images: torch.Tensor, normalize: Any, *, batch_
                 batch = augment(batch, generator)
             out.append(model.features(normalize(batch).contiguous(memory_format=torch.channels_last)).float())
             _count(len(batch))
+            progress.advance(len(batch))
         return torch.cat(out) if out else torch.zeros((0, 0))
     finally:
         model.train(was_training)
+
+
+class _FeatureProgress:
+    """A line on stderr at each quarter of a feature pass of at least ``PROGRESS_MIN`` images: the minutes a
+    frozen run spends here are never silent."""
+
+    PROGRESS_MIN = 256
+
+    def __init__(self, total: int) -> None:
+        import time
+
+        self.total, self.done, self.quarter = total, 0, 0
+        self.started = time.perf_counter()
+
+    def advance(self, images: int) -> None:
+        import sys
+        import time
+
+        self.done += images
+        if self.total < self.PROGRESS_MIN:
+            return
+        quarter = 4 * self.done // self.total
+        if quarter > self.quarter:
+            self.quarter = quarter
+            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+            print(f"backbone features: {self.done}/{self.total} images ({rate:.0f} images/s)", file=sys.stderr,
+                  flush=True)
 
 
 def _count(images: int) -> None:
