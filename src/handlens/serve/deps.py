@@ -251,16 +251,17 @@ async def request_image(raw: RawImageDep, model: LoadedModelDep, state: StateDep
         assert raw.image_id is not None
         image = catalog_image(state, raw.image_id)
         return RequestImage(await decode_catalog_image(state, image, side), image.sha256, raw.image_id, raw.fields)
-    from handlens.serve.uploads import open_upload, read_upload
+    import hashlib
+
+    from handlens.serve.images import decode_bounded
+    from handlens.serve.uploads import open_upload
 
     settings, data = state.settings, raw.data
     opened, header = open_upload(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
-    opened.close()  # the header said how many pixels: wait for them in the budget, then decode
-    async with state.pixels.hold(header.pixels):
-        upload = await asyncio.get_running_loop().run_in_executor(
-            state.io_pool, lambda: read_upload(data, max_bytes=settings.max_upload_bytes,
-                                               max_pixels=settings.max_pixels, max_side=side))
-    return RequestImage(upload.array, upload.sha256, None, raw.fields)
+    async with state.pixels.hold(header.pixels):  # the header said how many pixels: wait for them, then decode
+        array = await asyncio.get_running_loop().run_in_executor(
+            state.io_pool, lambda: decode_bounded(opened, header, max_side=side))
+    return RequestImage(array, hashlib.sha256(data).hexdigest(), None, raw.fields)
 
 
 def verified_file(state: State, image: CatalogImage) -> Path:
