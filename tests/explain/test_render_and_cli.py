@@ -75,6 +75,9 @@ def test_cli_explain_writes_overlays_maps_and_an_index(trained_workspace, bundle
                                       str(images[0]), "--method", "occlusion", "--param", "window=8",
                                       "--param", "stride=8", "--out", str(out)])
     assert with_params.exit_code == 0, with_params.output
+    assert first["shortcuts"]["verdict"] in ("shortcut warning", "no shortcut sign", "empty map")
+    # each image's line is followed by where its map's energy sits, in the same words
+    assert any(word in with_params.output for word in ("shortcut warning ·", "no shortcut sign ·", "empty map ·"))
     bad = runner.invoke(app, ["--workspace", str(trained_workspace.root), "explain", str(bundle_path),
                               str(images[0]), "--method", "magic"])
     assert bad.exit_code == 2 and "choose one of" in bad.output

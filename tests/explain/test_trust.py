@@ -44,7 +44,10 @@ def test_trust_report_measures_whole_images_of_a_folder(trained_workspace, bundl
     assert report.sanity["steps"][0]["randomised_down_to"] == "head"
     assert len(report.sanity["steps"]) == 2
     assert list(report.to_dict()) == ["method", "layer", "images", "inputs", "n_inputs", "verdict", "sanity_verdict",
-                                      "faithfulness", "sanity"]
+                                      "shortcuts", "faithfulness", "sanity"]
+    # where each map's energy sits, per image and over the images
+    assert report.shortcuts["maps"] == 16 and "shortcut" in report.shortcuts["verdict"]
+    assert all("border" in row["shortcuts"] for row in f["images"])
     # 16 images: enough for the paired test to decide; the words are one of three, per image too
     assert report.verdict.n == 16 and "too few" not in report.verdict.sentence()
     assert report.verdict.verdict in ("faithful", "not better than random", "worse than random")

@@ -222,6 +222,9 @@ def test_the_viewer_runs_under_its_content_security_policy(page):
         assert strict.evaluate(badge).split(" · ")[0] in ("faithful", "not better than random",
                                                           "worse than random"), strict.evaluate(badge)
         assert " vs random " in strict.evaluate(badge)
+        # beside it, where the map's energy sits, in the API's words
+        shortcuts = strict.evaluate("document.getElementById('shortcuts').textContent")
+        assert shortcuts.split(" · ")[0] in ("shortcut warning", "no shortcut sign", "empty map"), shortcuts
         assert not [m for m in messages if "Content Security Policy" in m], messages
     finally:
         strict.close()

@@ -94,11 +94,13 @@ def _explain_tiled(loaded: Any, images: list[Path], *, out: Path, method: str, l
     for item in index["images"]:
         stdout.print(f"{Path(item['image']).name}: {item['label']} ({item['probability']:.2f}) from "
                      f"{item['tiles']} tiles -> {item['overlay']}")
+        stdout.print(f"  {item['shortcuts']['sentence']}", markup=False)
 
 
 def _explain_subset(ctx: typer.Context, loaded: Any, subset: str, *, out: Path, method: str, layer: str | None,
                     target: str, dataset: str | None, opacity: float, params: dict[str, Any], as_json: bool) -> None:
     from handlens.explain.output import explain_subset
+    from handlens.explain.shortcuts import SHORTCUT_WARNING
 
     _, catalog = workspace_and_catalog(ctx)
     try:
@@ -111,6 +113,11 @@ def _explain_subset(ctx: typer.Context, loaded: Any, subset: str, *, out: Path, 
         emit_json(index)
         return
     stdout.print(f"{len(index['images'])} images explained with {index['method']} -> {out}")
+    flagged = [item for item in index["images"] if item.get("shortcuts", {}).get("verdict") == SHORTCUT_WARNING]
+    for item in flagged[:10]:
+        stdout.print(f"  {Path(item['image']).name}: {item['shortcuts']['sentence']}", markup=False)
+    if flagged:
+        stdout.print(f"{len(flagged)} of {len(index['images'])} maps carry a shortcut warning (index: shortcuts)")
     if index.get("gallery"):
         stdout.print(f"top losses with their maps: {index['gallery']}")
     stdout.print(f"index: {index['index']}")
@@ -132,6 +139,7 @@ def _explain_files(loaded: Any, images: list[Path], *, out: Path, method: str, l
         return
     for item in index["images"]:
         stdout.print(f"{Path(item['image']).name}: {item['target']} ({item['probability']:.2f}) -> {item['overlay']}")
+        stdout.print(f"  {item['shortcuts']['sentence']}", markup=False)
     stdout.print(f"{index['method']} on {index['layer'] or 'pixels'}; index: {index['index']}")
 
 
@@ -186,6 +194,11 @@ def _print_trust(report: Any) -> None:
     if report.verdict is not None:
         stdout.print(f"verdict: {report.verdict.sentence()}")
     stdout.print(report.sanity_verdict)
+    if report.shortcuts is not None:
+        stdout.print(f"shortcuts: {report.shortcuts['verdict']}", markup=False)
+        for row, name in zip(f["images"], report.images, strict=False):
+            if row.get("shortcuts", {}).get("warnings"):
+                stdout.print(f"  {Path(name).name}: {row['shortcuts']['sentence']}", markup=False)
 
 
 @app.command("agreement")

@@ -26,6 +26,7 @@ class ImageExplanation:
     layer: str | None
     seconds: float
     seen_as: str  # "whole image" or "patches"
+    shortcuts: Any = None  # explain.shortcuts.ShortcutShares: where the map's energy sits
 
 
 def check_request(bundle: Any, *, layer: str | None, target: Any) -> None:
@@ -37,24 +38,37 @@ def check_request(bundle: Any, *, layer: str | None, target: Any) -> None:
 
 
 def explain_image(bundle: Any, picture: np.ndarray, *, method: str, layer: str | None = None, target: Any = "pred",
-                  params: Any = None, max_tiles: int | None = None) -> ImageExplanation:
+                  params: Any = None, max_tiles: int | None = None, roi: np.ndarray | None = None) -> ImageExplanation:
     """Explain one (H, W, 3) uint8 image with ``bundle`` (an ``ExplainableBundle``) as it sees images; the
-    caller holds whatever lock the bundle needs. ``max_tiles`` bounds a patch-trained model's work."""
+    caller holds whatever lock the bundle needs. ``max_tiles`` bounds a patch-trained model's work. ``roi``
+    (a boolean mask over the image: the specimen or the expert regions) is where the answer's shortcut
+    shares count energy as on the specimen (:mod:`handlens.explain.shortcuts`)."""
+    from handlens.explain.shortcuts import energy_shares, model_input_shares
+    from handlens.transforms.roi import mask_for_input, resize_mask
+
     check_request(bundle, layer=layer, target=target)
+    height, width = picture.shape[:2]
     if bundle.patch_trained:
         from handlens.explain.tiles import tiled_explain
 
         tiled = tiled_explain(bundle, picture, method=method, layer=layer, target=target, max_tiles=max_tiles,
                               with_probability_map=False, params=params)  # C full-size planes nobody reads
-        return ImageExplanation(tiled.heatmap, tiled.heatmap, np.asarray(tiled.probabilities), int(tiled.target),
-                                bool(tiled.signed), tiled.layer, float(sum(tiled.timings.values())), "patches")
+        heat = np.asarray(tiled.heatmap)
+        on_map = None if roi is None else resize_mask(np.asarray(roi, dtype=bool), *heat.shape[:2])
+        return ImageExplanation(heat, heat, np.asarray(tiled.probabilities), int(tiled.target),
+                                bool(tiled.signed), tiled.layer, float(sum(tiled.timings.values())), "patches",
+                                energy_shares(heat, roi=on_map))
     result = bundle.explain([picture], method=method, layer=layer, target=target, params=params)
     heat = result.map_for(0)
     probabilities = np.asarray(result.probabilities[0])
     target_index = int(result.targets[0]) if result.targets else int(np.argmax(probabilities))
-    return ImageExplanation(heat_on_image(heat, picture.shape[0], picture.shape[1], bundle.preprocess), heat,
+    preprocess = bundle.preprocess
+    on_input = None if roi is None else mask_for_input(resize_mask(np.asarray(roi, dtype=bool), height, width),
+                                                      preprocess.size, preprocess.resize)
+    return ImageExplanation(heat_on_image(heat, height, width, preprocess), heat,
                             probabilities, target_index, bool(result.signed), result.layer,
-                            float(result.timings.get("total", 0.0)), "whole image")
+                            float(result.timings.get("total", 0.0)), "whole image",
+                            model_input_shares(heat, width=width, height=height, preprocess=preprocess, roi=on_input))
 
 
 def heat_on_image(heat: np.ndarray, height: int, width: int, preprocess: Any) -> np.ndarray:

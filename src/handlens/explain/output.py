@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from handlens.explain.render import grid, overlay
-from handlens.transforms.preprocess import preprocess_image
+from handlens.transforms.preprocess import load_rgb, preprocess_image
 
 #: panels in an all-class overlay grid: the most probable classes (a 1,000-class grid helps nobody)
 ALL_CLASS_PANELS = 12
@@ -27,6 +27,7 @@ def write_explanations(bundle: Any, files: list[str], out: Path, method: str, *,
     from PIL import Image
 
     from handlens.explain.api import method_params
+    from handlens.explain.shortcuts import model_input_shares
 
     checked = method_params(method, params)  # a typo fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -49,16 +50,20 @@ def write_explanations(bundle: Any, files: list[str], out: Path, method: str, *,
         timings.append(result.timings)
         for i, path in enumerate(chunk):
             stem = f"{Path(path).stem}.{method}"
-            picture = preprocess_image(path, bundle.preprocess)
+            decoded = load_rgb(path)
+            picture = preprocess_image(decoded, bundle.preprocess)
             predicted = int(result.probabilities[i].argmax())
             chosen = result.targets[i] if result.targets is not None else predicted
             np.save(out / f"{stem}.npy", result.maps[i].astype(np.float32))
             Image.fromarray(overlay(picture, result.map_for(i, chosen), opacity, result.signed)).save(
                 out / f"{stem}.png")
+            shares = model_input_shares(result.map_for(i, chosen), width=decoded.width, height=decoded.height,
+                                        preprocess=bundle.preprocess)
             entry = {"image": str(path), "overlay": str(out / f"{stem}.png"), "map": str(out / f"{stem}.npy"),
                      "target": bundle.classes[chosen], "predicted": bundle.classes[predicted],
                      "probability": float(result.probabilities[i, chosen]),
-                     "probabilities": dict(zip(bundle.classes, map(float, result.probabilities[i]), strict=True))}
+                     "probabilities": dict(zip(bundle.classes, map(float, result.probabilities[i]), strict=True)),
+                     "shortcuts": shares.to_dict()}
             if result.maps.ndim == 4:  # all classes: the most probable ones side by side (.npy holds all)
                 shown = np.argsort(-result.probabilities[i])[:ALL_CLASS_PANELS]
                 panels = [overlay(picture, result.maps[i, c], opacity, result.signed) for c in shown]
@@ -156,8 +161,8 @@ def write_tiled(bundle: Any, files: list[str], out: Path, method: str, *, layer:
     overlay PNG (downscaled to ``preview`` pixels on its long side, for viewing)."""
     from PIL import Image
 
+    from handlens.explain.shortcuts import energy_shares
     from handlens.explain.tiles import tiled_explain
-    from handlens.transforms.preprocess import load_rgb
 
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -175,7 +180,8 @@ def write_tiled(bundle: Any, files: list[str], out: Path, method: str, *, layer:
         entries.append({"image": str(path), "overlay": str(out / f"{stem}.png"), "map": str(out / f"{stem}.npy"),
                         "probability_map": str(out / f"{stem}.probabilities.npy"),
                         "label": bundle.classes[result.target],
-                        "probability": float(result.probabilities[result.target]), **result.summary()})
+                        "probability": float(result.probabilities[result.target]), **result.summary(),
+                        "shortcuts": energy_shares(result.heatmap).to_dict()})
     index = {"bundle": str(bundle.path), "method": method, "tile": tile, "overlap": overlap, "images": entries,
              "index": str(out / "index.json")}
     return _save_index(out, index)

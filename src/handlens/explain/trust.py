@@ -17,6 +17,7 @@ import numpy as np
 
 from handlens.core.errors import InputError
 from handlens.core.workspace import Workspace
+from handlens.explain.shortcuts import shares_summary
 from handlens.explain.verdicts import (
     SANITY_FAILS,
     SANITY_PASSES,
@@ -44,6 +45,7 @@ class TrustReport:
     sanity: dict[str, Any]
     verdict: FaithfulnessVerdict | None = None  # over the inputs, by a paired test against the random map
     sanity_verdict: str = ""
+    shortcuts: dict[str, Any] | None = None  # explain.shortcuts.shares_summary over the maps (whole images)
 
     @property
     def inputs(self) -> str:
@@ -52,7 +54,8 @@ class TrustReport:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "layer": self.layer, "images": self.images, "inputs": self.inputs,
                 "n_inputs": self.n_inputs, "verdict": self.verdict.to_dict() if self.verdict else None,
-                "sanity_verdict": self.sanity_verdict, "faithfulness": self.faithfulness, "sanity": self.sanity}
+                "sanity_verdict": self.sanity_verdict, "shortcuts": self.shortcuts,
+                "faithfulness": self.faithfulness, "sanity": self.sanity}
 
 
 def trust_report(bundle_path: str | Path, images: Sequence[str | Path], *, workspace: Workspace,
@@ -80,12 +83,33 @@ def trust_report(bundle_path: str | Path, images: Sequence[str | Path], *, works
                                       rois=rois)
     sanity = parameter_randomisation(loaded.module, inputs, loaded.classes, method, layer=layer, max_steps=sanity_steps,
                                      mean=mean, std=std)
-    for row in faithfulness["images"]:
+    shares = map_shares(loaded, files, maps, rois)
+    for row, share in zip(faithfulness["images"], shares or [None] * len(maps), strict=True):
         row["verdict"] = image_verdict(row)
+        if share is not None:
+            row["shortcuts"] = share.to_dict()
     sanity["verdict"] = SANITY_PASSES if sanity["passed"] else SANITY_FAILS
     return TrustReport(method=method, layer=result.layer, images=files, patch_trained=loaded.patch_trained,
                        n_inputs=len(inputs), faithfulness=faithfulness, sanity=sanity,
-                       verdict=faithfulness_verdict(faithfulness["images"]), sanity_verdict=sanity_verdict(sanity))
+                       verdict=faithfulness_verdict(faithfulness["images"]), sanity_verdict=sanity_verdict(sanity),
+                       shortcuts=shares_summary(shares) if shares else None)
+
+
+def map_shares(bundle: Any, files: list[str], maps: np.ndarray, rois: np.ndarray | None) -> list[Any] | None:
+    """Where each whole-image map's energy sits (:mod:`handlens.explain.shortcuts`), on the model input with its
+    ROI; None for a patch-trained model, whose grid patches have no image border of their own (``explain``
+    and the viewer measure its stitched map over the whole image)."""
+    from handlens.explain.shortcuts import model_input_shares
+    from handlens.transforms.preprocess import load_rgb
+
+    if bundle.patch_trained:
+        return None
+    out = []
+    for i, f in enumerate(files):
+        width, height = load_rgb(f).size
+        out.append(model_input_shares(maps[i], width=width, height=height, preprocess=bundle.preprocess,
+                                      roi=None if rois is None else rois[i]))
+    return out
 
 
 def input_rois(preprocess: Any, files: list[str], *, roi: str, workspace: Workspace) -> np.ndarray | None:

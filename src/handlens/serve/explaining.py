@@ -23,10 +23,10 @@ def budgeted_params(settings: ServeSettings, method: str, params: Any, input_siz
 
 
 def compute_explanation(copy: Any, picture: np.ndarray, *, method: str, layer: str | None, target: str,
-                        params: Any, max_tiles: int) -> dict[str, Any]:
+                        params: Any, max_tiles: int, roi: np.ndarray | None = None) -> dict[str, Any]:
     """Explain one image under the model copy's lock (:func:`~handlens.explain.image.explain_image` decides
     whole image or patches), then draw the overlay (at most 1024 px long): the overlay PNG (base64) and the
-    raw map, as float16."""
+    raw map, as float16. ``roi``: the image's expert regions, where the shortcut shares count the specimen."""
     from PIL import Image
 
     from handlens.explain.image import explain_image
@@ -36,7 +36,7 @@ def compute_explanation(copy: Any, picture: np.ndarray, *, method: str, layer: s
     try:
         with copy.lock:
             explained = explain_image(bundle, picture, method=method, layer=layer, target=target, params=params,
-                                      max_tiles=max_tiles)
+                                      max_tiles=max_tiles, roi=roi)
     finally:
         release_memory()
     shown, shown_heat = picture, explained.heatmap
@@ -52,7 +52,7 @@ def compute_explanation(copy: Any, picture: np.ndarray, *, method: str, layer: s
     buffer = io.BytesIO()
     Image.fromarray(overlay(shown, shown_heat, 0.5, signed=explained.signed)).save(buffer, "PNG")
     return {"method": method, "layer": explained.layer, "target": bundle.classes[explained.target],
-            "signed": explained.signed,
+            "signed": explained.signed, "shortcuts": explained.shortcuts.to_dict(),
             "probabilities": {c: float(p) for c, p in zip(bundle.classes, explained.probabilities, strict=True)},
             "overlay_png": base64.b64encode(buffer.getvalue()).decode(), "map": raw.astype(np.float16),
             "map_shape": list(raw.shape), "seconds": round(explained.seconds, 4)}
@@ -68,3 +68,19 @@ def release_memory() -> None:
     with contextlib.suppress(OSError, AttributeError, TypeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)
+
+
+def expert_regions(state: Any, image_id: int | None) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """A catalog image's expert regions as a mask over the image (None: an upload, or no region), and the
+    region ids (part of the cache key: a region added later is a new answer)."""
+    if image_id is None:
+        return (), None
+    from handlens.data.annotations import annotated_images_by_id, region_mask
+    from handlens.data.catalog import Image
+
+    with state.catalog.session() as session:
+        found = annotated_images_by_id(session, [image_id]).get(image_id)
+        row = session.get(Image, image_id)
+        if not found or row is None:
+            return (), None
+        return tuple(sorted(a.id for a in found)), region_mask(found, int(row.width), int(row.height))

@@ -173,8 +173,28 @@ class MapAnswer(BaseModel):
     target: str
 
 
+class RegionShare(BaseModel):
+    energy: float = Field(description="share of the map's positive energy in the region")
+    area: float = Field(description="share of the image's pixels the region covers")
+    flagged: bool
+
+
+class Shortcuts(BaseModel):
+    """Where the map's energy sits (handlens.explain.shortcuts): outside the specimen/ROI, on letterbox padding,
+    in the border band, each beside the share of pixels it covers."""
+
+    verdict: str = Field(description="shortcut warning, no shortcut sign, or empty map")
+    sentence: str
+    unseen: float = Field(description="share of the image the model never saw (outside a centre crop)")
+    warnings: list[str]
+    border: RegionShare | None = None
+    outside_roi: RegionShare | None = Field(None, description="null: no expert region or ROI for this image")
+    padding: RegionShare | None = None
+
+
 class Explanation(MapAnswer):
     signed: bool
+    shortcuts: Shortcuts | None = None
     probabilities: dict[str, float]
     map_shape: list[int]
     seconds: float

@@ -96,6 +96,15 @@ function clearAnswer() {
   $("explain-info").textContent = "";
   $("trust-badge").className = "badge trust";
   $("trust-badge").textContent = "";
+  $("shortcuts").className = "shortcuts small";
+  $("shortcuts").textContent = "";
+}
+
+function showShortcuts(shortcuts) {
+  // where the map's energy sits (outside the specimen, on padding, in the border band): the words of the API
+  const line = $("shortcuts");
+  line.className = `shortcuts small ${shortcuts ? shortcuts.verdict.replaceAll(" ", "-") : ""}`;
+  line.textContent = shortcuts ? shortcuts.sentence : "";
 }
 
 async function showImage() {
@@ -155,6 +164,7 @@ async function explainCurrent() {
     $("heat").src = `data:image/png;base64,${result.overlay_png}`;
     $("heat").dataset.target = result.target;
     renderBars($("probs"), result.probabilities);
+    showShortcuts(result.shortcuts);
     const top = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1])[0];
     $("predicted").textContent = `${top[0]} (${(top[1] * 100).toFixed(1)}%)`;
     $("explain-info").textContent = `${result.method}${result.layer ? " on " + result.layer : ""} for ` +

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/v1", tags=["models"], responses=ERRORS)
 
 @router.post("/models/{model_id}/explain", openapi_extra=IMAGE_BODY, response_model_exclude_unset=True)
 async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, state: StateDep) -> Explanation:
-    from handlens.serve.explaining import budgeted_params, compute_explanation
+    from handlens.serve.explaining import budgeted_params, compute_explanation, expert_regions
 
     fields = image.fields
     method = str(fields.get("method") or "gradcam")
@@ -26,7 +26,9 @@ async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, 
     layer = fields.get("layer") or None
     target = str(fields.get("target") or "pred")
     output = str(fields.get("output") or "png")  # png, array or both: checked by deps.ImageFields
-    key = ExplanationCache.key(model.sha256, image.sha256, method, layer, target, params.model_dump())
+    region_ids, roi = await asyncio.get_running_loop().run_in_executor(state.io_pool, expert_regions, state,
+                                                                        image.image_id)
+    key = ExplanationCache.key(model.sha256, image.sha256, method, layer, target, params.model_dump(), region_ids)
     result = state.cache.get(key)
     cached = result is not None
     started = time.perf_counter()
@@ -38,7 +40,7 @@ async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, 
             if found is not None:
                 return found, True
             done = compute_explanation(copy, image.array, method=method, layer=layer, target=target, params=params,
-                                       max_tiles=state.settings.max_explain_tiles)
+                                       max_tiles=state.settings.max_explain_tiles, roi=roi)
             state.cache.put(key, done)
             return done, False
 
