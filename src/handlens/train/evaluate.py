@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,95 @@ def top_losses(probs: np.ndarray, targets: np.ndarray, paths: list[str], classes
              "confidence": round(float(probs[i, pred[i]]), 4), "loss": round(float(losses[i]), 4)} for i in order]
 
 
+@dataclass
+class Judged:
+    """The images a bundle is judged on, as it sees them, and its probabilities for them."""
+
+    bundle: Any
+    path: Path  # the bundle's folder
+    paths: list[str]
+    labels: list[str]
+    targets: np.ndarray  # (N,) class indices of the bundle
+    probs: np.ndarray  # (N, classes)
+    decoded: Any  # model-input arrays, or working images for a patch-trained model
+    sha256s: list[str] | None
+    source: str  # dataset/split/subset, or the folder
+    image_ids: list[int] | None = None  # catalog ids (a catalog subset)
+
+
+def judge(bundle_ref: str | Path, ws: Workspace, *, dataset: str | None = None, subset: str = "test",
+          split: str | None = None, images: Path | None = None, tta: bool = False) -> Judged:
+    """Load a bundle and predict ``subset`` of a catalog split (default: the one it trained on) or the
+    folder-per-class tree ``images``: what :func:`evaluate` and ``handlens audit`` judge."""
+    from handlens.models.bundle import load_bundle
+    from handlens.transforms.cache import decode_many, decode_working_many
+
+    path = resolve_bundle(ws, bundle_ref)
+    bundle = load_bundle(path)
+    index = {c: i for i, c in enumerate(bundle.classes)}
+    ids: list[int] | None = None
+    if images is not None:
+        paths, labels, source = _folder_images(Path(images), bundle.classes)
+        sha256s: list[str] | None = None
+    else:
+        paths, labels, sha256s, ids, source = _subset_images(ws, bundle, dataset=dataset, subset=subset, split=split)
+    targets = np.array([index[label] for label in labels], dtype=np.int64)
+    if bundle.patch_trained:  # image-level: mean probability over each image's grid patches
+        decoded: Any = decode_working_many(paths, bundle.preprocess.working_side, bundle.preprocess.morphology,
+                                           sha256s=sha256s, cache_dir=ws.cache_dir if sha256s else None)
+        probs = bundle.predict_working(decoded, tta=tta)
+    else:
+        decoded = decode_many(paths, bundle.preprocess, sha256s=sha256s, cache_dir=ws.cache_dir if sha256s else None)
+        stored = None if tta or not sha256s else _frozen_probs(ws, bundle, decoded, sha256s)
+        probs = stored if stored is not None else bundle.predict_arrays(decoded, tta=tta)
+    return Judged(bundle=bundle, path=path, paths=paths, labels=labels, targets=targets, probs=probs,
+                  decoded=decoded, sha256s=sha256s, source=source, image_ids=ids)
+
+
+def _folder_images(images: Path, classes: list[str]) -> tuple[list[str], list[str], str]:
+    from handlens.data.importer import scan_folder
+
+    if not images.is_dir():
+        raise InputError(f"--images {images}: give a folder with one sub-folder per class")
+    entries, loose, _ = scan_folder(images)
+    if not entries and loose:
+        raise InputError(f"the images in {images} are not in class folders; put each image in a sub-folder "
+                         "named after its class (to predict without labels, use `handlens predict`)")
+    labels = [e.labels["default"] for e in entries]
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise InputError(f"class folder(s) {', '.join(unknown)} in {images} are not classes of this model "
+                         f"({', '.join(classes)}); rename or remove them")
+    if not entries:
+        raise InputError(f"no images found under {images}")
+    return [e.path for e in entries], labels, str(images.resolve())
+
+
+def _subset_images(ws: Workspace, bundle: Any, *, dataset: str | None, subset: str,
+                   split: str | None) -> tuple[list[str], list[str], list[str], list[int], str]:
+    from handlens.data.catalog import open_catalog
+    from handlens.train.data import load_split_data
+
+    manifest = bundle.manifest
+    catalog = open_catalog(ws.db_url)
+    try:
+        data = load_split_data(catalog, dataset or manifest["dataset"], manifest.get("labelset"),
+                               split_name=split or manifest.get("split"), fold=int(manifest.get("fold", 0)))
+    finally:
+        catalog.close()
+    if subset not in data.subsets:
+        raise InputError(f"--split {subset!r}: choose train, val or test")
+    chosen = data.subsets[subset]
+    if len(chosen) == 0:
+        raise InputError(f"the {subset} subset of split {data.split!r} is empty; evaluate another subset")
+    unknown = sorted({data.classes[t] for t in chosen.targets} - set(bundle.classes))
+    if unknown:
+        raise InputError(f"classes {', '.join(unknown)} of {data.dataset!r} are unknown to this model")
+    labels = [data.classes[t] for t in chosen.targets]
+    return (chosen.paths, labels, chosen.sha256s, [int(i) for i in chosen.ids],
+            f"{data.dataset}/{data.split}/{subset}")
+
+
 def evaluate(
     bundle_ref: str | Path,
     workspace: Workspace | None = None,
@@ -56,82 +146,30 @@ def evaluate(
     """
     import torch
 
-    from handlens.data.catalog import open_catalog
-    from handlens.models.bundle import load_bundle
     from handlens.models.tta import tta_plan
     from handlens.train.metrics import classification_metrics, confusion_png
-    from handlens.transforms.cache import decode_many, decode_working_many
 
     ws = workspace or Workspace.open()
-    path = resolve_bundle(ws, bundle_ref)
-    bundle = load_bundle(path)
-    manifest = bundle.manifest
-    index = {c: i for i, c in enumerate(bundle.classes)}
-    sha256s: list[str] | None = None
-    if images is not None:
-        from handlens.data.importer import scan_folder
-
-        if not Path(images).is_dir():
-            raise InputError(f"--images {images}: give a folder with one sub-folder per class")
-        entries, loose, _ = scan_folder(Path(images))
-        if not entries and loose:
-            raise InputError(f"the images in {images} are not in class folders; put each image in a sub-folder "
-                             "named after its class (to predict without labels, use `handlens predict`)")
-        labels = [e.labels["default"] for e in entries]
-        unknown = sorted(set(labels) - set(index))
-        if unknown:
-            raise InputError(f"class folder(s) {', '.join(unknown)} in {images} are not classes of this model "
-                             f"({', '.join(bundle.classes)}); rename or remove them")
-        if not entries:
-            raise InputError(f"no images found under {images}")
-        paths, source = [e.path for e in entries], str(Path(images).resolve())
-    else:
-        from handlens.train.data import load_split_data
-
-        catalog = open_catalog(ws.db_url)
-        try:
-            data = load_split_data(catalog, dataset or manifest["dataset"], manifest.get("labelset"),
-                                   split_name=split or manifest.get("split"), fold=int(manifest.get("fold", 0)))
-        finally:
-            catalog.close()
-        if subset not in data.subsets:
-            raise InputError(f"--split {subset!r}: choose train, val or test")
-        chosen = data.subsets[subset]
-        if len(chosen) == 0:
-            raise InputError(f"the {subset} subset of split {data.split!r} is empty; evaluate another subset")
-        unknown = sorted({data.classes[t] for t in chosen.targets} - set(index))
-        if unknown:
-            raise InputError(f"classes {', '.join(unknown)} of {data.dataset!r} are unknown to this model")
-        paths, sha256s = chosen.paths, chosen.sha256s
-        labels = [data.classes[t] for t in chosen.targets]
-        source = f"{data.dataset}/{data.split}/{subset}"
-    targets = np.array([index[label] for label in labels], dtype=np.int64)
-    if bundle.patch_trained:  # image-level: mean probability over each image's grid patches
-        decoded: Any = decode_working_many(paths, bundle.preprocess.working_side, bundle.preprocess.morphology,
-                                           sha256s=sha256s, cache_dir=ws.cache_dir if sha256s else None)
-        probs = bundle.predict_working(decoded, tta=tta)
-    else:
-        decoded = decode_many(paths, bundle.preprocess, sha256s=sha256s, cache_dir=ws.cache_dir if sha256s else None)
-        stored = None if tta or not sha256s else _frozen_probs(ws, bundle, decoded, sha256s)
-        probs = stored if stored is not None else bundle.predict_arrays(decoded, tta=tta)
+    judged = judge(bundle_ref, ws, dataset=dataset, subset=subset, split=split, images=images, tta=tta)
+    bundle, path, paths, probs, targets = judged.bundle, judged.path, judged.paths, judged.probs, judged.targets
     metrics = classification_metrics(torch.from_numpy(probs), torch.from_numpy(targets), bundle.classes)
     if images is None and subset != "test":
         leakage: dict[str, Any] = {"verdict": f"not checked: the model trained on (or was selected on) the {subset} "
                                    "subset; the leak check is for test subsets and --images", "pairs": []}
     else:
-        leakage = leak_check(ws, bundle, paths, decoded, sha256s=sha256s).to_dict()
+        leakage = leak_check(ws, bundle, paths, judged.decoded, sha256s=judged.sha256s).to_dict()
         pred = probs.argmax(1)
         leaked = {p["test"] for p in leakage["pairs"]}
         clean = [i for i, p in enumerate(paths) if p not in leaked]
         leakage["accuracy_without_copies"] = round(float((pred[clean] == targets[clean]).mean()), 4) if clean else None
-    plan = tta_plan(manifest)
+    plan = tta_plan(bundle.manifest)
     tta_report = {**plan.to_dict(), "requested": tta} if tta else {"requested": False, "tta_views": 1}
     out_dir = Path(out_dir) if out_dir else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"eval_confusion_{subset if images is None else 'images'}.png"
     confusion_png(metrics["confusion"], bundle.classes, png,
-                  f"{source}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
-    report = {"bundle": str(path), "source": source, "classes": bundle.classes, **metrics,
+                  f"{judged.source}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+    report = {"bundle": str(path), "source": judged.source, "classes": bundle.classes, **metrics,
               "confusion_png": str(png), "top_losses": top_losses(probs, targets, paths, bundle.classes, count=top),
               "leakage": leakage, "tta": tta_report}
     report_file = png.with_name(png.stem.replace("eval_confusion_", "eval_report_") + ".json")
