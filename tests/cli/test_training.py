@@ -1,6 +1,7 @@
 """CLI contract for training and inference (cli/training.py): last stdout line is the bundle, clear errors, JSON."""
 
 import json
+from pathlib import Path
 import shutil
 
 from typer.testing import CliRunner
@@ -45,10 +46,12 @@ def test_train_prints_the_bundle_path_last_then_evaluate_and_predict(trained_wor
 
 
 def test_train_json_is_one_document(trained_workspace):
-    result = cli(trained_workspace, "train", "--dataset", "colours", *TINY, "--json")
+    result = cli(trained_workspace, "train", "--dataset", "colours", *TINY, "--json", "--name", "colour baseline")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["epochs"] == 2 and document["bundle"].endswith("bundle")
+    manifest = json.loads((Path(document["bundle"]) / "bundle.json").read_text())
+    assert manifest["config"]["tracking"]["name"] == "colour baseline"  # the viewer and the API show it
 
 
 def test_evaluate_images_folder_with_an_unknown_class_names_it(trained_workspace, tmp_path):

@@ -34,6 +34,7 @@ def test_models_and_catalog_resources(served):
     models = client.get("/api/v1/models").json()
     assert models[0]["id"] == run_id and models[0]["classes"] == ["blue", "green", "red"]
     assert models[0]["backbone"] == "tiny_cnn" and models[0]["layers"][0]
+    assert models[0]["name"] == run_id  # one model: nothing differs, no --name
     assert "head" not in models[0]["layers"]  # the menu offers only layers a map can be drawn from
     detail = client.get(f"/api/v1/models/{run_id}").json()
     assert set(detail["split_membership"]) == {"train", "val", "test"} and "confusion" in detail["metrics"]["test"]

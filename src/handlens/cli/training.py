@@ -31,7 +31,7 @@ app = typer.Typer()
 #: which run-config section each flag of ``train``/``lr-find`` sets (``--tracking`` is tracking.backend)
 FLAG_SECTIONS = {"dataset": "data", "labelset": "data", "split": "data", "backbone": "model", "weights": "model",
                  "freeze": "model", "epochs": "train", "overfit_batches": "train", "tracking": "tracking",
-                 "policy": "augment", "balance": "data"}
+                 "policy": "augment", "balance": "data", "name": "tracking"}
 
 
 def run_config(config: Path | None, overrides: list[str] | None, **flags: Any) -> Any:
@@ -71,6 +71,9 @@ def train_cmd(
     balance: Annotated[str | None, typer.Option(
         "--balance", help="Class balance: none (default), oversample, sampler or downsample (with "
         "data.per_class=N).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="A name that tells this run apart in the viewer and "
+                                             "the tracker (tracking.name; default: what differs from other "
+                                             "runs).")] = None,
     config: ConfigOption = None,
     resume: Annotated[str | None, typer.Option("--resume", help="Continue run RUN from its last "
                                                "checkpoint.")] = None,
@@ -85,7 +88,7 @@ def train_cmd(
     cfg = None if resume else run_config(config, overrides, dataset=dataset, labelset=labelset, split=split,
                                          backbone=backbone, weights=weights, freeze=freeze, epochs=epochs,
                                          overfit_batches=overfit_batches, tracking=tracking, policy=policy,
-                                         balance=balance)
+                                         balance=balance, name=name)
     result = train(cfg, ws, resume=resume)  # type: ignore[arg-type]
     if as_json:
         emit_json(result.to_dict())

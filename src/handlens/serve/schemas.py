@@ -116,6 +116,8 @@ class RegionCreated(BaseModel):
 
 class ModelSummary(BaseModel):
     id: str
+    name: str = Field("", description="the run's --name, else what differs from the other models of its dataset "
+                      "and labelset (e.g. 'pool=gem · size=320'), else its id")
     damaged: str | None = Field(None, description="why the bundle cannot be loaded; null for a usable model")
     backbone: str | None = None
     freeze: str | None = None

@@ -62,7 +62,9 @@ class MlflowTracker:
         found = self._client.get_experiment_by_name(self.experiment)
         experiment_id = found.experiment_id if found else self._client.create_experiment(
             self.experiment, artifact_location=(self.root / "artifacts").resolve().as_uri())
-        self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+        label = str(params.get("tracking.name") or "")  # the user's --name, beside the run id
+        self.run_id = self._client.create_run(experiment_id, run_name=f"{label} ({run_name})" if label
+                                              else run_name).info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[start:start + 100])

@@ -162,6 +162,8 @@ class TrainConfig(_Section):
 class TrackingConfig(_Section):
     backend: Literal["mlflow", "tensorboard", "none"] = "mlflow"
     experiment: str = "handlens"
+    name: str = Field("", max_length=80, description="a name that tells this run apart in the viewer and the "
+                      "tracker (default: what differs from the other runs)")
 
 
 class RunConfig(_Section):

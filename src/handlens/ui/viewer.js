@@ -54,8 +54,9 @@ async function loadLabelsets() {
 
 function fillModels() {
   const models = state.models.filter((m) => m.dataset === $("dataset").value && m.labelset === $("labelset").value);
-  const label = (m) => `${m.backbone} · ${m.frozen ? "frozen" : "fine-tuned"} (${m.freeze}) · ${m.id}` +
-    (m.metrics.test ? ` · F1 ${m.metrics.test.macro_f1.toFixed(2)}` : "");
+  // the run's name (its --name, else what differs from the others), then what it is
+  const label = (m) => `${m.name || m.id} · ${m.backbone} ${m.frozen ? "frozen" : "fine-tuned"}` +
+    (m.metrics.test ? ` · F1 ${m.metrics.test.macro_f1.toFixed(2)}` : "") + (m.name && m.name !== m.id ? ` · ${m.id}` : "");
   for (const select of [$("model"), $("cmp-a"), $("cmp-b")]) fill(select, models.map((m) => m.id), models.map(label));
   fill($("cmp-ma"), [...$("method").options].map((o) => o.value));
   fill($("cmp-mb"), [...$("method").options].map((o) => o.value));
@@ -389,7 +390,7 @@ async function compare() {
     try {
       const result = await explainImage(model.id, image.id, $(methodSelect).value, null, "pred");
       $(target).src = `data:image/png;base64,${result.overlay_png}`;
-      $(`${target}-cap`).textContent = `${model.backbone} (${model.freeze}) · ${result.method} · ${result.target}`;
+      $(`${target}-cap`).textContent = `${model.name || model.id} · ${result.method} · ${result.target}`;
     } catch (error) {
       $(`${target}-cap`).textContent = error.message;
     }

@@ -37,7 +37,7 @@ def as_dict(manifest: Any) -> dict[str, Any]:
 @router.get("/models")
 def models(state: StateDep) -> list[ModelSummary]:
     """Every bundle of the workspace; a damaged one is listed with ``damaged`` saying why, and hides no other."""
-    out = []
+    out, usable = [], {}
     for entry in state.pool.manifests():
         if entry.damaged or entry.manifest is None:
             out.append(ModelSummary(id=entry.model_id, damaged=entry.damaged or "unreadable"))
@@ -45,8 +45,24 @@ def models(state: StateDep) -> list[ModelSummary]:
         manifest = as_dict(entry.manifest)
         if is_sanity_run(manifest):
             continue  # an --overfit-batches run checks that the model can learn: it is not a model to use
+        usable[entry.model_id] = manifest
         out.append(model_summary(entry.model_id, manifest))
-    return out
+    names = model_names(usable)
+    return [m.model_copy(update={"name": names.get(m.id, m.id)}) for m in out]
+
+
+def model_names(manifests: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Names that tell models apart (``track.names``), among the models of the same dataset and labelset."""
+    from handlens.track.names import run_names
+
+    groups: dict[tuple[Any, Any], dict[str, dict[str, Any]]] = {}
+    for model_id, manifest in manifests.items():
+        groups.setdefault((manifest.get("dataset"), manifest.get("labelset")), {})[model_id] = manifest
+    names: dict[str, str] = {}
+    for group in groups.values():
+        names.update(run_names({i: m.get("config") or {} for i, m in group.items()},
+                               {i: m["study"] for i, m in group.items() if isinstance(m.get("study"), dict)}))
+    return names
 
 
 def is_sanity_run(manifest: dict[str, Any]) -> bool:
@@ -56,7 +72,8 @@ def is_sanity_run(manifest: dict[str, Any]) -> bool:
 @router.get("/models/{model_id}")
 def model(model_id: str, state: StateDep) -> ModelDetail:
     manifest = state.pool.manifest(model_id)
-    return ModelDetail(**{**model_summary(model_id, manifest).model_dump(), "metrics": manifest.get("metrics") or {},
+    given = str(((manifest.get("config") or {}).get("tracking") or {}).get("name") or "")
+    return ModelDetail(**{**model_summary(model_id, manifest).model_dump(), "name": given or model_id, "metrics": manifest.get("metrics") or {},
                           "split_membership": manifest.get("split_membership") or {},
                           "preprocess": manifest.get("preprocess"), "config": manifest.get("config") or {}})
 
