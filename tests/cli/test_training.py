@@ -1,8 +1,8 @@
 """CLI contract for training and inference (cli/training.py): last stdout line is the bundle, clear errors, JSON."""
 
 import json
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 from typer.testing import CliRunner
 

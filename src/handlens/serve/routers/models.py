@@ -73,7 +73,8 @@ def is_sanity_run(manifest: dict[str, Any]) -> bool:
 def model(model_id: str, state: StateDep) -> ModelDetail:
     manifest = state.pool.manifest(model_id)
     given = str(((manifest.get("config") or {}).get("tracking") or {}).get("name") or "")
-    return ModelDetail(**{**model_summary(model_id, manifest).model_dump(), "name": given or model_id, "metrics": manifest.get("metrics") or {},
+    return ModelDetail(**{**model_summary(model_id, manifest).model_dump(), "name": given or model_id,
+                          "metrics": manifest.get("metrics") or {},
                           "split_membership": manifest.get("split_membership") or {},
                           "preprocess": manifest.get("preprocess"), "config": manifest.get("config") or {}})
 
