@@ -184,6 +184,16 @@ def test_mlflow_tracking_records_params_metrics_and_artifacts(trained_workspace)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bundle", "confusion_test.png"} <= artifacts
     assert str(trained_workspace.runs_dir.resolve()) in run.info.artifact_uri
+    # the run's duration counts feature extraction and decoding, which come before the tracker opens
+    timings = run.data.metrics
+    assert timings["seconds_total"] >= timings["seconds_decode"] > 0
+    assert (run.info.end_time - run.info.start_time) / 1000 >= timings["seconds_total"] - 0.5
+    # evaluate adds its metrics to the same run
+    from handlens.track import log_evaluation
+
+    assert log_evaluation(trained_workspace.runs_dir, result.bundle, {"accuracy": 0.75, "macro_f1": 0.7},
+                          subset="test") == run.info.run_id
+    assert client.get_run(run.info.run_id).data.metrics["eval_test_macro_f1"] == 0.7
 
 
 def test_tensorboard_tracking_writes_event_files(trained_workspace):

@@ -173,10 +173,15 @@ def evaluate_cmd(
 ) -> None:
     """Accuracy, macro-F1, per-class precision/recall/F1, ROC-AUC, confusion matrix, top losses, and
     test images that are copies of training images (leak check)."""
+    from handlens.track import log_evaluation
     from handlens.train.evaluate import evaluate
 
-    report = evaluate(bundle, workspace(ctx), dataset=dataset, subset=subset, split=split_name, images=images,
+    ws = workspace(ctx)
+    report = evaluate(bundle, ws, dataset=dataset, subset=subset, split=split_name, images=images,
                       out_dir=out, top=top, tta=tta)
+    # beside the training curves in MLflow (a run tracked elsewhere, or not at all, is left alone)
+    report["tracked_in"] = log_evaluation(ws.runs_dir, report["bundle"], report,
+                                          subset=("images" if images else subset) + ("_tta" if tta else ""))
     if as_json:
         emit_json(report)
         return

@@ -17,7 +17,7 @@ from handlens.core.registry import Registry
 class Tracker(Protocol):
     uri: str
 
-    def start(self, run_name: str, params: dict[str, Any]) -> None: ...
+    def start(self, run_name: str, params: dict[str, Any], *, started_at: float | None = None) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
     def finish(self, status: str) -> None: ...
@@ -26,7 +26,7 @@ class Tracker(Protocol):
 class NoTracker:
     uri = ""
 
-    def start(self, run_name: str, params: dict[str, Any]) -> None:
+    def start(self, run_name: str, params: dict[str, Any], *, started_at: float | None = None) -> None:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -49,7 +49,9 @@ class MlflowTracker:
         self.run_id: str | None = None
         self._client: Any = None
 
-    def start(self, run_name: str, params: dict[str, Any]) -> None:
+    def start(self, run_name: str, params: dict[str, Any], *, started_at: float | None = None) -> None:
+        """Open the run; ``started_at`` (epoch seconds) is when the work began, so that the run's duration
+        includes what came before the tracker opened (decoding, feature extraction)."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline tool: no telemetry lookups
         import logging
 
@@ -63,8 +65,9 @@ class MlflowTracker:
         experiment_id = found.experiment_id if found else self._client.create_experiment(
             self.experiment, artifact_location=(self.root / "artifacts").resolve().as_uri())
         label = str(params.get("tracking.name") or "")  # the user's --name, beside the run id
-        self.run_id = self._client.create_run(experiment_id, run_name=f"{label} ({run_name})" if label
-                                              else run_name).info.run_id
+        self.run_id = self._client.create_run(
+            experiment_id, run_name=f"{label} ({run_name})" if label else run_name,
+            start_time=int(started_at * 1000) if started_at else None).info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[start:start + 100])
@@ -96,7 +99,7 @@ class TensorboardTracker:
         self._writer: Any = None
         self._dir: Path | None = None
 
-    def start(self, run_name: str, params: dict[str, Any]) -> None:
+    def start(self, run_name: str, params: dict[str, Any], *, started_at: float | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self._dir = self.root / run_name
@@ -139,3 +142,26 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def log_evaluation(runs_dir: Path, bundle: Path | str, report: dict[str, Any], *, subset: str) -> str | None:
+    """Add an evaluation's metrics (``eval_<subset>_accuracy``, ``..._macro_f1``, ``..._roc_auc``) to the MLflow
+    run that trained ``bundle``, when it was tracked with MLflow in this workspace; that run's id, or None."""
+    import json
+
+    try:
+        manifest = json.loads((Path(bundle) / "bundle.json").read_text())
+    except (OSError, ValueError):
+        return None
+    tracking = manifest.get("tracking") or {}
+    if tracking.get("backend") != "mlflow" or not tracking.get("run_id") or not (runs_dir / "mlflow.db").is_file():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    tracker = MlflowTracker(runs_dir, "")
+    tracker._client = MlflowClient(tracking_uri=tracker.uri)
+    tracker.run_id = str(tracking["run_id"])
+    values = {f"eval_{subset}_{key}": report[key] for key in ("accuracy", "macro_f1", "roc_auc")
+              if isinstance(report.get(key), (int, float))}
+    tracker.log_metrics(values, step=0)
+    return tracker.run_id

@@ -649,7 +649,8 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
 
     tracker = create_tracker(cfg.tracking.backend, ws.runs_dir, cfg.tracking.experiment)
     tracker.start(run_id, {**flatten(cfg.model_dump(mode="json")), "data.split_resolved": data.split,
-                           "data.classes": ",".join(data.classes)})
+                           "data.classes": ",".join(data.classes)},
+                  started_at=time.time() - (time.perf_counter() - started))  # its duration counts the features
     status = "failed"
     try:
         fit_started = time.perf_counter()
@@ -668,8 +669,14 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
             metrics["head_fit"] = head_fit
         (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
         # the bundle's rename is the moment the run finishes: nothing after it can make the run fail
-        bundle = save_bundle(run_dir / "bundle", prepared.model, _manifest(cfg, prepared, metrics, run_id))
+        manifest = {**_manifest(cfg, prepared, metrics, run_id),
+                    # where this run's curves are: evaluate adds its test metrics to the same tracker run
+                    "tracking": {"backend": cfg.tracking.backend, "run_id": getattr(tracker, "run_id", None)}}
+        bundle = save_bundle(run_dir / "bundle", prepared.model, manifest)
         status = "finished"
+        timings = {f"seconds_{k}": v for k, v in prepared.timings.items()}  # decode and features included
+        _best_effort(lambda: tracker.log_metrics({**timings, "seconds_total": time.perf_counter() - started},
+                                                 step=epochs), f"run {run_id} finished, but logging its timings")
         _best_effort(lambda: _log_outputs(tracker, run_dir, bundle), f"run {run_id} finished, but logging its "
                      f"bundle and confusion matrices to the {cfg.tracking.backend} tracker")
         _best_effort(lambda: _drop_previous_checkpoint(run_dir), f"run {run_id} finished, but removing its "
