@@ -52,8 +52,8 @@ def models(state: StateDep) -> list[ModelSummary]:
 
 
 def model_names(manifests: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Names that tell models apart (``track.names``), among the models of the same dataset and labelset."""
-    from handlens.track.names import run_names
+    """Names that tell models apart (``core.names``), among the models of the same dataset and labelset."""
+    from handlens.core.names import run_names
 
     groups: dict[tuple[Any, Any], dict[str, dict[str, Any]]] = {}
     for model_id, manifest in manifests.items():

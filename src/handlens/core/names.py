@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlens.track import flatten
-
 #: settings never worth naming a run by (they differ between every run, or say nothing about the model)
 IGNORED = ("tracking.", "train.progress", "train.workers", "train.loader_workers", "data.split_resolved")
 #: at most this many differing settings in a description
@@ -18,6 +16,17 @@ MOST = 3
 #: settings named first when several differ (what users compare), in this order
 FIRST = ("model.backbone", "model.freeze", "model.pool", "preprocess.size", "preprocess.resize", "train.epochs",
          "train.lr", "augment.policy")
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"pool": "gem"}}`` -> ``{"model.pool": "gem"}``."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _short(key: str) -> str:

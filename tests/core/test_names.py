@@ -1,6 +1,6 @@
 """Run names: the user's --name, else a study's trial, else the settings that differ among the runs."""
 
-from handlens.track.names import run_names
+from handlens.core.names import run_names
 
 
 def cfg(**sections):
