@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from handlens.core.names import flatten  # noqa: F401  (re-exported: train and search use it)
 from handlens.core.registry import Registry
 
 
@@ -131,17 +132,6 @@ TRACKERS.register("none", lambda root, experiment: NoTracker())
 
 def create_tracker(backend: str, runs_dir: Path, experiment: str) -> Tracker:
     return TRACKERS.get(backend)(runs_dir, experiment)
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def log_evaluation(runs_dir: Path, bundle: Path | str, report: dict[str, Any], *, subset: str) -> str | None:
