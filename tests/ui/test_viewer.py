@@ -159,17 +159,20 @@ def test_browse_grid_confusion_and_top_losses(page, shots):
     page, _, _ = page
     page.click("header nav button[data-page=browse]")
     page.wait_for_selector("#grid figure")
-    page.click("#score")
+    # predictions are computed once on the server (no "predict shown"), then every filter covers all images
     page.wait_for_selector("#grid figure.right, #grid figure.wrong", timeout=30_000)
-    assert page.locator("#confusion td").count() == 9
-    assert page.locator("#losses li").count() > 0
+    page.wait_for_function("document.querySelectorAll('#confusion td').length === 9", timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('#losses li').length > 0", timeout=30_000)
+    assert page.locator("#pred-state").text_content().startswith("predictions: stored for ")
     page.select_option("#f-split", "test")
-    shown = page.locator("#grid figure").count()
-    assert 0 < shown <= 12
-    page.locator("#confusion tr").nth(1).locator("td").first.click()  # truth blue, predicted blue
-    page.wait_for_function("[...document.querySelectorAll('#grid figcaption')].length > 0 && "
-                           "[...document.querySelectorAll('#grid figcaption')].every(f => "
-                           "f.textContent === 'blue → blue')", timeout=30_000)
+    page.wait_for_function("document.getElementById('covers').textContent.endsWith(' of 12 images')")
+    assert page.locator("#grid figure").count() == 12
+    cell = page.locator("#confusion tr").nth(1).locator("td").first  # truth blue, predicted blue
+    count = int(cell.text_content())
+    cell.click()
+    page.wait_for_function(f"document.getElementById('covers').textContent.endsWith(' of {count} images')")
+    captions = page.locator("#grid figcaption").all_text_contents()
+    assert len(captions) == count and all(c == "blue → blue ✓" for c in captions), captions
     page.screenshot(path=str(shots / "viewer-browse.png"))
 
 
@@ -228,3 +231,44 @@ def test_the_viewer_runs_under_its_content_security_policy(page):
         assert not [m for m in messages if "Content Security Policy" in m], messages
     finally:
         strict.close()
+
+
+def test_browse_pages_past_a_thousand_images_with_exact_counts(page, tmp_path):
+    """The last test of the module: it adds 1,100 images to the service's catalog."""
+    import numpy as np
+    from PIL import Image
+
+    from handlens.data.catalog import open_catalog
+    from handlens.data.importer import import_path
+
+    page, (_, root), _ = page
+    tree = tmp_path / "many"
+    rng = np.random.default_rng(0)
+    for i in range(1100):
+        label = ("red", "green", "blue")[i % 3]
+        (tree / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tree / label / f"many_{i:04d}.png")
+    catalog = open_catalog(f"sqlite:///{root / 'ws' / 'handlens.db'}")
+    try:
+        imported = import_path(catalog, tree, "colours", workers=1)
+    finally:
+        catalog.close()
+    assert imported.added == 1100, imported
+    page.click("header nav button[data-page=browse]")
+    page.select_option("#f-split", "")
+    page.select_option("#f-class", "")
+    page.select_option("#f-pred", "")
+    try:
+        page.wait_for_function("document.getElementById('covers').textContent === '1-100 of 1148 images'",
+                               timeout=30_000)
+    except Exception:
+        raise AssertionError(f"covers: {page.locator('#covers').text_content()!r}; {page.problems}") from None
+    for _ in range(11):
+        before = page.locator("#covers").text_content()
+        page.click("#page-next")
+        page.wait_for_function(f"document.getElementById('covers').textContent !== {before!r}")
+    assert page.locator("#covers").text_content() == "1101-1148 of 1148 images"
+    assert page.locator("#grid figure").count() == 48 and page.locator("#page-next").is_disabled()
+    page.fill("#f-name", "many_1099")
+    page.dispatch_event("#f-name", "change")
+    page.wait_for_function("document.getElementById('covers').textContent === '1-1 of 1 images'")

@@ -30,7 +30,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     from fastapi.staticfiles import StaticFiles
     from swagger_ui_bundle import swagger_ui_path
 
-    from handlens.serve.routers import catalog, explain, health, models
+    from handlens.serve.routers import browse, catalog, explain, health, models
     from handlens.serve.security import BodyLimit, HostGuard, SecurityHeaders
 
     settings = settings or ServeSettings()
@@ -53,7 +53,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     from sqlalchemy.exc import OperationalError
 
     app.add_exception_handler(OperationalError, _catalog_error)
-    for router in (health.router, catalog.router, models.router, explain.router):
+    for router in (health.router, catalog.router, models.router, browse.router, explain.router):
         app.include_router(router)
     app.mount(health.DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
     app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")

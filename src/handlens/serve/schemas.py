@@ -251,3 +251,38 @@ TRUST_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "steps": {"type": "integer", "minimum": 2, "maximum": MAX_TRUST_STEPS,
                   "description": "points on the deletion and insertion curves (default 20)"}}}}
     for kind, body in IMAGE_BODY["requestBody"]["content"].items()}}}
+
+
+class PredictionsState(BaseModel):
+    state: Literal["none", "computing", "ready", "failed"]
+    done: int
+    of: int
+    error: str = ""
+
+
+class BrowseItem(BaseModel):
+    id: int
+    name: str
+    label: str
+    subset: str | None
+    predicted: str | None = Field(None, description="the stored prediction (null until predictions are ready)")
+    confidence: float | None = None
+    correct: bool | None = None
+    loss: float | None = Field(None, description="-log of the true class's probability")
+
+
+class BrowsePage(BaseModel):
+    """A page of a model's dataset, filtered on the server over every image, with what the counts cover."""
+
+    model: str
+    labelset: str
+    split: str | None
+    total: int = Field(description="images matching every filter (exact, over the whole dataset)")
+    offset: int
+    covers: str = Field(description="e.g. '1-100 of 568 images', or why the page waits")
+    complete: bool = Field(description="false while a filter needs predictions that are still being computed")
+    items: list[BrowseItem]
+    predictions: PredictionsState
+    confusion: list[list[int]] | None = Field(None, description="truth x predicted over the subset filter, from "
+                                              "the stored predictions")
+    classes: list[str]

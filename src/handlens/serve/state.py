@@ -34,6 +34,9 @@ class State:
         self.pool = ModelPool(self.workspace.runs_dir, settings.pool_memory_mb, settings.batch_size,
                               settings.max_wait_ms)
         self.cache = ExplanationCache(settings.explain_cache_items)
+        from handlens.serve.predictions import PredictionStore
+
+        self.predictions = PredictionStore(self.workspace.cache_dir)
         self.metrics = Metrics()
         self.pixels = PixelBudget(settings.max_pixels_in_flight)
         self._catalog: Any = None

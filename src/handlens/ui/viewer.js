@@ -3,7 +3,7 @@
 
 const API = "/api/v1";
 const $ = (id) => document.getElementById(id);
-const state = { images: [], index: 0, models: [], predictions: {}, zoom: 1, panX: 0, panY: 0, filter: null };
+const state = { images: [], index: 0, models: [], zoom: 1, panX: 0, panY: 0, offset: 0, page: [], predicting: false };
 
 async function api(path, options) {
   const response = await fetch(API + path, options);
@@ -71,8 +71,10 @@ function fillModelDetails() {
   fill($("layer"), model.layers.filter(Boolean));
   fill($("target"), ["pred", ...model.classes], ["predicted class", ...model.classes]);
   fill($("f-class"), ["", ...model.classes], ["all", ...model.classes]);
-  state.predictions = {};
-  loadConfusion();
+  fill($("f-pred"), ["", ...model.classes], ["any", ...model.classes]);
+  state.offset = 0;
+  loadConfusion().catch((error) => status(error.message));
+  renderLosses().catch(() => {});
 }
 
 async function loadImages() {
@@ -84,7 +86,8 @@ async function loadImages() {
   state.index = 0;
   status(`${listing.total} images${listing.split ? " in split " + listing.split : ""}`);
   await showImage();
-  renderGrid();
+  state.offset = 0;
+  await browse();
 }
 
 // ------------------------------------------------------------------ inspect
@@ -261,55 +264,79 @@ function setupStage() {
 
 // ------------------------------------------------------------------ browse
 
-async function scoreShown() {
+function browseParams(extra) {
+  // every filter is applied on the server, over all the images: counts are never of a sample
+  const params = new URLSearchParams({ labelset: $("labelset").value, limit: 100, offset: state.offset });
+  const set = (key, value) => { if (value) params.set(key, value); };
+  set("label", $("f-class").value);
+  set("subset", $("f-split").value);
+  set("result", $("f-result").value);
+  set("predicted", $("f-pred").value);
+  set("q", $("f-name").value.trim());
+  const confidence = parseFloat($("f-conf").value) || 0;
+  if (confidence > 0) params.set("min_confidence", confidence);
+  for (const [key, value] of Object.entries(extra || {})) params.set(key, value);
+  return params;
+}
+
+async function browse() {
   const model = currentModel();
   if (!model) return;
-  status("predicting...");
-  const shown = filteredImages(true).slice(0, 200);  // a confusion cell needs predictions before it can filter
-  await Promise.all(shown.map(async (image) => {
-    if (state.predictions[image.id]) return;
-    const answer = await api(`/models/${encodeURIComponent(model.id)}/predict`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ image_id: image.id }),
-    });
-    state.predictions[image.id] = answer;
-  }));
-  status("ready");
-  renderGrid();
-  renderLosses();
+  const page = await api(`/models/${encodeURIComponent(model.id)}/browse?${browseParams()}`);
+  state.page = page.items;
+  $("covers").textContent = page.covers;
+  $("page-prev").disabled = state.offset === 0;
+  $("page-next").disabled = state.offset + page.items.length >= page.total;
+  showPredictionState(page.predictions);
+  renderGrid(page.items);
+  if (page.predictions.state === "none") startPredictions();
 }
 
-function filteredImages(ignoreCell) {
-  const cls = $("f-class").value, split = $("f-split").value, result = $("f-result").value;
-  const confidence = parseFloat($("f-conf").value) || 0;
-  return state.images.filter((image) => {
-    const p = state.predictions[image.id];
-    if (cls && image.label !== cls) return false;
-    if (split && image.subset !== split) return false;
-    if (state.filter && !ignoreCell &&
-        !(image.label === state.filter.truth && p && p.label === state.filter.predicted)) return false;
-    if (result && (!p || (result === "right") !== (p.label === image.label))) return false;
-    if (confidence > 0 && (!p || p.confidence < confidence)) return false;
-    return true;
-  });
+function showPredictionState(p) {
+  const words = { none: "predictions: not computed yet", ready: `predictions: stored for ${p.of} images`,
+    computing: `predictions: computing (${p.done} of ${p.of} images)`, failed: `predictions failed: ${p.error}` };
+  $("pred-state").textContent = words[p.state];
 }
 
-function renderGrid() {
+async function startPredictions() {
+  const model = currentModel();
+  if (!model || state.predicting) return;
+  state.predicting = true;
+  try {
+    let answer = await api(`/models/${encodeURIComponent(model.id)}/predictions`, { method: "POST" });
+    while (answer.state === "computing" && currentModel() === model) {
+      showPredictionState(answer);
+      await new Promise((resolve) => setTimeout(resolve, 700));
+      answer = await api(`/models/${encodeURIComponent(model.id)}/predictions`, { method: "POST" });
+    }
+    showPredictionState(answer);
+  } finally {
+    state.predicting = false;
+  }
+  await Promise.all([browse(), loadConfusion(), renderLosses()]);
+}
+
+function openImage(items, index) {
+  state.images = items;
+  state.index = index;
+  switchPage("inspect");
+  showImage();
+}
+
+function renderGrid(items) {
   const grid = $("grid");
   grid.innerHTML = "";
-  for (const image of filteredImages().slice(0, 300)) {
-    const p = state.predictions[image.id];
+  items.forEach((image, index) => {
     const figure = document.createElement("figure");
-    if (p) figure.className = p.label === image.label ? "right" : "wrong";
+    if (image.correct !== null) figure.className = image.correct ? "right" : "wrong";
     figure.innerHTML = `<img loading="lazy" alt=""><figcaption></figcaption>`;
     figure.firstChild.src = `${API}/images/${image.id}/thumbnail?size=128`;
-    figure.lastChild.textContent = `${image.label}${p ? " → " + p.label : ""}`;
-    figure.onclick = () => {
-      state.index = state.images.indexOf(image);
-      switchPage("inspect");
-      showImage();
-    };
+    const mark = image.correct === null ? "" : (image.correct ? " ✓" : " ✗");
+    figure.lastChild.textContent = `${image.label}${image.predicted ? " → " + image.predicted : ""}${mark}`;
+    figure.title = image.name;
+    figure.onclick = () => openImage(items, index);
     grid.appendChild(figure);
-  }
+  });
 }
 
 async function loadConfusion() {
@@ -317,30 +344,36 @@ async function loadConfusion() {
   const table = $("confusion");
   table.innerHTML = "";
   if (!model) return;
-  const detail = await api(`/models/${encodeURIComponent(model.id)}`);
-  const test = detail.metrics.test;
-  if (!test || !test.confusion) return;
+  // counted from the stored predictions of every test image: a cell shows exactly the images it counts
+  const page = await api(`/models/${encodeURIComponent(model.id)}/browse?` +
+    new URLSearchParams({ labelset: $("labelset").value, subset: "test", limit: 1 }));
+  const matrix = page.confusion;
+  $("confusion-note").textContent = matrix ? `${page.total} test images` : "waiting for predictions";
+  if (!matrix) return;
   const header = document.createElement("tr");
-  for (const text of ["truth \\ predicted", ...model.classes]) {
+  for (const text of ["truth \\ predicted", ...page.classes]) {
     const th = document.createElement("th");
     th.textContent = text;
     header.appendChild(th);
   }
   table.appendChild(header);
-  const max = Math.max(1, ...test.confusion.flat());
-  test.confusion.forEach((row, i) => {
+  const max = Math.max(1, ...matrix.flat());
+  matrix.forEach((row, i) => {
     const tr = document.createElement("tr");
     const th = document.createElement("th");
-    th.textContent = model.classes[i];
+    th.textContent = page.classes[i];
     tr.appendChild(th);
     row.forEach((count, j) => {
       const td = document.createElement("td");
       td.textContent = count;
       td.style.background = `rgba(214, 102, 51, ${count / max})`;
       td.onclick = () => {
-        state.filter = { truth: model.classes[i], predicted: model.classes[j] };
+        $("f-class").value = page.classes[i];
+        $("f-pred").value = page.classes[j];
         $("f-split").value = "test";
-        scoreShown();
+        $("f-result").value = "";
+        state.offset = 0;
+        browse();
       };
       tr.appendChild(td);
     });
@@ -348,19 +381,19 @@ async function loadConfusion() {
   });
 }
 
-function renderLosses() {
+async function renderLosses() {
+  const model = currentModel();
   const list = $("losses");
   list.innerHTML = "";
-  const scored = state.images.filter((i) => state.predictions[i.id]).map((image) => {
-    const p = state.predictions[image.id].probabilities[image.label] || 1e-9;
-    return { image, loss: -Math.log(Math.max(p, 1e-9)) };
-  }).sort((a, b) => b.loss - a.loss).slice(0, 10);
-  for (const { image, loss } of scored) {
+  if (!model) return;
+  const page = await api(`/models/${encodeURIComponent(model.id)}/browse?` +
+    new URLSearchParams({ labelset: $("labelset").value, subset: "test", sort: "loss", limit: 10 }));
+  page.items.forEach((image, index) => {
     const item = document.createElement("li");
-    item.textContent = `${image.name} (${image.label}, loss ${loss.toFixed(2)})`;
-    item.onclick = () => { state.index = state.images.indexOf(image); switchPage("inspect"); showImage(); };
+    item.textContent = `${image.name} (${image.label} → ${image.predicted}, loss ${image.loss.toFixed(2)})`;
+    item.onclick = () => openImage(page.items, index);
     list.appendChild(item);
-  }
+  });
 }
 
 // ------------------------------------------------------------------ upload and compare
@@ -408,10 +441,11 @@ function setup() {
   $("labelset").onchange = () => { fillModels(); loadImages(); };
   $("model").onchange = () => { fillModelDetails(); loadImages(); };
   for (const id of ["method", "layer", "target"]) $(id).onchange = explainCurrent;
-  for (const id of ["f-class", "f-split", "f-result", "f-conf"]) {
-    $(id).onchange = () => { state.filter = null; renderGrid(); };
+  for (const id of ["f-class", "f-split", "f-result", "f-pred", "f-conf", "f-name"]) {
+    $(id).onchange = () => { state.offset = 0; browse(); };
   }
-  $("score").onclick = scoreShown;
+  $("page-prev").onclick = () => { state.offset = Math.max(0, state.offset - 100); browse(); };
+  $("page-next").onclick = () => { state.offset += 100; browse(); };
   $("cmp-go").onclick = compare;
   $("file").onchange = (e) => uploadFile(e.target.files[0]);
   const drop = $("drop");

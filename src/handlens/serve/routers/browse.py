@@ -1,0 +1,64 @@
+"""Browsing a model's dataset: every image, paged and filtered on the server with stored predictions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+
+from handlens.serve.deps import LoadedModelDep, StateDep
+from handlens.serve.schemas import ERRORS, BrowsePage, PredictionsState
+
+router = APIRouter(prefix="/api/v1", tags=["models"], responses=ERRORS)
+
+
+def _rows(state: Any, model: Any, labelset: str | None, subset: str | None) -> tuple[str, str | None, list[Any]]:
+    from handlens.data.queries import browse_rows
+
+    manifest = model.bundle.manifest
+    with state.catalog.session() as session:
+        return browse_rows(session, dataset=manifest["dataset"], labelset=labelset or manifest.get("labelset"),
+                           split=manifest.get("split"), subset=subset)
+
+
+@router.get("/models/{model_id}/browse")
+async def browse(model_id: str, model: LoadedModelDep, state: StateDep, *, labelset: str | None = None,
+                 label: str | None = None, subset: Annotated[str | None, Query(pattern="^(train|val|test)$")] = None,
+                 result: Literal["right", "wrong"] | None = None, predicted: str | None = None,
+                 min_confidence: Annotated[float, Query(ge=0, le=1)] = 0.0,
+                 q: Annotated[str | None, Query(max_length=200)] = None,
+                 offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+                 limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                 sort: Literal["id", "loss"] = "id") -> BrowsePage:
+    """A page of the images of the model's dataset under a labelset, filtered by class, subset of the model's
+    split, name (``q``) and, once the model's predictions are stored (``POST .../predictions``), by result,
+    predicted class and confidence (``sort=loss``: the highest losses first). ``total`` and ``covers`` count every
+    image that matches, never a sample."""
+    from handlens.serve.predictions import browse_page, confusion
+
+    loop = asyncio.get_running_loop()
+    name, split, rows = await loop.run_in_executor(state.io_pool, _rows, state, model, labelset, subset)
+    scored = state.predictions.get(model, name)
+    matrix = confusion(rows, scored, list(model.bundle.classes))
+    shown = [r for r in rows if not label or r["label"] == label]
+    page = browse_page([{k: r[k] for k in ("id", "name", "label", "subset")} for r in shown], scored, result=result,
+                       predicted=predicted, min_confidence=min_confidence, q=q, offset=offset, limit=limit,
+                       sort=sort)
+    return BrowsePage(model=model_id, labelset=name, split=split, **page, confusion=matrix,
+                      classes=list(model.bundle.classes),
+                      predictions=PredictionsState(state=scored.state, done=scored.done, of=scored.of,
+                                                   error=scored.error))
+
+
+@router.post("/models/{model_id}/predictions")
+async def predictions(model_id: str, model: LoadedModelDep, state: StateDep,
+                      labelset: str | None = None) -> PredictionsState:
+    """Score every labelled image of the model's dataset once, in the background (stored in the workspace cache
+    by the model's weights); the state says how far it is. Browsing filters by result once it is ready."""
+    loop = asyncio.get_running_loop()
+    name, _, rows = await loop.run_in_executor(state.io_pool, _rows, state, model, labelset, None)
+    scored = state.predictions.get(model, name)
+    if scored.state != "ready":
+        scored = state.predictions.start(model, name, [(r["id"], r["path"], r["sha256"], r["label"]) for r in rows])
+    return PredictionsState(state=scored.state, done=scored.done, of=scored.of, error=scored.error)

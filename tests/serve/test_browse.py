@@ -1,0 +1,62 @@
+"""Browsing on the server: every image paged with exact counts, predictions stored once and filtered by result."""
+
+import time
+
+
+def wait_ready(client, run_id, timeout=60):
+    deadline = time.time() + timeout
+    state = client.post(f"/api/v1/models/{run_id}/predictions").json()
+    while state["state"] == "computing" and time.time() < deadline:
+        time.sleep(0.2)
+        state = client.post(f"/api/v1/models/{run_id}/predictions").json()
+    return state
+
+
+def test_pages_cover_every_image_with_exact_counts(served):
+    client, run_id, _ = served
+    first = client.get(f"/api/v1/models/{run_id}/browse", params={"limit": 10}).json()
+    everything = client.get("/api/v1/images", params={"dataset": "colours", "limit": 1000}).json()["total"]
+    assert first["total"] == everything and len(first["items"]) == 10 and first["covers"] == f"1-10 of {everything} images"
+    ids = [i["id"] for page in range(0, everything, 10) for i in client.get(
+        f"/api/v1/models/{run_id}/browse", params={"limit": 10, "offset": page}).json()["items"]]
+    assert len(ids) == len(set(ids)) == everything  # every image once, in pages
+    red = client.get(f"/api/v1/models/{run_id}/browse", params={"label": "red", "subset": "test"}).json()
+    assert red["items"] and all(i["label"] == "red" and i["subset"] == "test" for i in red["items"])
+    named = client.get(f"/api/v1/models/{run_id}/browse", params={"q": "GREEN_0"}).json()
+    assert named["items"] and all("green_0" in i["name"] for i in named["items"])
+
+
+def test_result_filters_wait_for_stored_predictions_then_cover_all_images(served):
+    client, run_id, _ = served
+    state = wait_ready(client, run_id)
+    assert state["state"] == "ready" and state["done"] == state["of"] > 0, state
+    test = client.get(f"/api/v1/models/{run_id}/browse", params={"subset": "test", "limit": 500}).json()
+    assert all(i["predicted"] in test["classes"] for i in test["items"])
+    wrong = client.get(f"/api/v1/models/{run_id}/browse", params={"subset": "test", "result": "wrong"}).json()
+    right = client.get(f"/api/v1/models/{run_id}/browse", params={"subset": "test", "result": "right"}).json()
+    assert wrong["total"] + right["total"] == test["total"] and wrong["complete"]
+    assert all(not i["correct"] for i in wrong["items"])
+    # a confusion cell's count is exactly the images its filter shows
+    matrix = test["confusion"]
+    assert sum(map(sum, matrix)) == test["total"]
+    classes = test["classes"]
+    for i, truth in enumerate(classes):
+        for j, guess in enumerate(classes):
+            cell = client.get(f"/api/v1/models/{run_id}/browse",
+                              params={"subset": "test", "label": truth, "predicted": guess}).json()
+            assert cell["total"] == matrix[i][j]
+    sure = client.get(f"/api/v1/models/{run_id}/browse", params={"min_confidence": 0.99}).json()
+    assert all(i["confidence"] >= 0.99 for i in sure["items"])
+
+
+def test_predictions_are_read_back_after_a_restart(served, tmp_path):
+    from handlens.serve.predictions import PredictionStore
+
+    client, run_id, _ = served
+    state = client.app.state.handlens
+    assert wait_ready(client, run_id)["state"] == "ready"
+    model = state.pool.get(run_id)
+    labelset = model.bundle.manifest.get("labelset")
+    fresh = PredictionStore(state.workspace.cache_dir)  # a new service process on the same workspace
+    assert fresh.get(model, labelset).state == "ready"
+    assert PredictionStore(tmp_path).get(model, labelset).state == "none"
