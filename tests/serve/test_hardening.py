@@ -219,6 +219,7 @@ def test_docs_are_served_offline_from_the_package(served):
     assert "cdn" not in page.text.lower()
     assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
     assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+    assert client.get("/docs-assets/redoc.standalone.js").status_code == 200
 
 
 def test_a_multipart_explain_passes_params_and_ppm_is_accepted(served):

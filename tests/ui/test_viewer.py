@@ -272,3 +272,34 @@ def test_browse_pages_past_a_thousand_images_with_exact_counts(page, tmp_path):
     page.fill("#f-name", "many_1099")
     page.dispatch_event("#f-name", "change")
     page.wait_for_function("document.getElementById('covers').textContent === '1-1 of 1 images'")
+
+
+@pytest.mark.parametrize(("path", "rendered"), [("/docs", ".swagger-ui .opblock"),
+                                                ("/redoc", "[data-section-id]")])
+def test_the_api_docs_render_with_the_network_off(page, path, rendered):
+    """Swagger UI and ReDoc come from installed packages: with every request to another host refused, they
+    render the API, under their pages' CSP, with no violation."""
+    shared, (url, _), _ = page
+    context = shared.context.browser.new_context()
+    outside = []
+
+    def only_the_service(route):
+        if route.request.url.startswith(url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_service)
+    docs = context.new_page()
+    messages = []
+    docs.on("console", lambda m: messages.append(m.text))
+    try:
+        docs.goto(url + path)
+        docs.wait_for_selector(rendered, timeout=30_000)
+        assert "predict" in docs.content()
+        # ReDoc's footer logo points at cdn.redoc.ly: the page's CSP blocks it before any request is made
+        blocked = [m for m in messages if "Content Security Policy" in m and "cdn.redoc.ly/redoc/logo" not in m]
+        assert outside == [] and not blocked, (outside, messages)
+    finally:
+        context.close()

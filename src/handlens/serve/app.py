@@ -28,7 +28,6 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/:,;)]+/)*[^\s'\":,;)]+")
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
     """The service for one workspace; see ``ServeSettings`` for limits, batching and the names it answers to."""
     from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
 
     from handlens.serve.routers import browse, catalog, explain, health, models
     from handlens.serve.security import BodyLimit, HostGuard, SecurityHeaders
@@ -55,7 +54,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.add_exception_handler(OperationalError, _catalog_error)
     for router in (health.router, catalog.router, models.router, browse.router, explain.router):
         app.include_router(router)
-    app.mount(health.DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    app.mount(health.DOCS_ASSETS, StaticFiles(directory=health.docs_assets()), name="docs-assets")
     app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
     app.add_api_route("/", _viewer, include_in_schema=False)
     app.router.add_event_handler("shutdown", state.close)

@@ -1,4 +1,5 @@
-"""Health, metrics and the API documentation (Swagger UI from the installed package: it works offline)."""
+"""Health, metrics and the API documentation (Swagger UI and ReDoc from the installed fastapi-offline package:
+they work offline)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,32 @@ def docs() -> HTMLResponse:
     page = get_swagger_ui_html(openapi_url="/openapi.json", title="handlens API",
                                swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
                                swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-                               swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+                               swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
     page.headers["Content-Security-Policy"] = DOCS_CSP
     return page
+
+
+#: ReDoc renders in a web worker made from a blob and inlines its styles; it fetches nothing else
+REDOC_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+             "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; font-src 'self' data:; "
+             "frame-ancestors 'none'")
+
+
+@router.get("/redoc", include_in_schema=False)
+def redoc() -> HTMLResponse:
+    """ReDoc from the fastapi-offline package's copy (no CDN, no Google fonts; its footer's "Redocly" logo points
+    at their CDN, which this page's CSP blocks: nothing leaves the machine)."""
+    from fastapi.openapi.docs import get_redoc_html
+
+    page = get_redoc_html(openapi_url="/openapi.json", title="handlens API",
+                          redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+                          redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
+    page.headers["Content-Security-Policy"] = REDOC_CSP
+    return page
+
+
+def docs_assets() -> str:
+    """The folder of the installed Swagger UI (OpenAPI 3.1, as FastAPI writes) and ReDoc scripts."""
+    from importlib.resources import files
+
+    return str(files("fastapi_offline") / "static")
