@@ -46,3 +46,34 @@ def test_find_copies_lists_each_test_image_once_exact_first():
     assert find_copies(test[2:], train).verdict == "no leak: none of the 2 test images matches a training image"
     assert find_copies(test[2:], train, near=False).verdict.startswith("no exact copy:")
     assert find_copies(test, []).verdict.startswith("not checked:")
+
+
+def test_a_squashed_copy_is_found_by_its_whole_frame_when_its_centre_crop_differs(tmp_path):
+    """As on real thin sections: a 500x380 image saved again at 224x224 is close to its original as a whole
+    frame, far from it as the model's centre crop."""
+    import numpy as np
+    from PIL import Image
+
+    from handlens.data.leaks import ImageRef, dhash, find_copies, frame_dhash, hamming
+
+    rng = np.random.default_rng(5)
+    small = rng.uniform(0, 255, (6, 8))  # large structures: what a hash keeps
+    original = np.asarray(Image.fromarray(small.astype(np.uint8)).resize((500, 380), Image.BICUBIC))
+    squashed = np.asarray(Image.fromarray(original).resize((224, 224), Image.BICUBIC))
+    Image.fromarray(original).save(tmp_path / "original.png")
+    Image.fromarray(squashed).save(tmp_path / "squashed.png")
+
+    def centre_crop(array):  # shorter side to 224, then the centre 224x224, as the model sees it
+        h, w = array.shape
+        scaled = np.asarray(Image.fromarray(array).resize((round(w * 224 / h), 224), Image.BICUBIC))
+        left = (scaled.shape[1] - 224) // 2
+        return scaled[:, left:left + 224]
+
+    crops = dhash(centre_crop(original)), dhash(centre_crop(squashed))
+    frames = frame_dhash(str(tmp_path / "original.png")), frame_dhash(str(tmp_path / "squashed.png"))
+    assert hamming([crops[0]], [crops[1]])[0, 0] > 8 >= hamming([frames[0]], [frames[1]])[0, 0]
+    report = find_copies([ImageRef(str(tmp_path / "squashed.png"), "b", crops[1], frames[1])],
+                         [ImageRef(str(tmp_path / "original.png"), "a", crops[0], frames[0])])
+    assert [p.kind for p in report.pairs] == ["near"] and report.verdict.startswith("leaks:")
+    alone = find_copies([ImageRef("t", "b", crops[1])], [ImageRef("o", "a", crops[0])])
+    assert alone.pairs == []  # the crop hashes alone miss it

@@ -12,7 +12,10 @@ than the model is. Two kinds are found:
   :data:`NEAR_DUPLICATE_MAX_DISTANCE` bits.
 
 Hashes are computed from decoded pixels (the caller passes the arrays it already has, e.g. from the
-decode cache), so the near check costs a 9x8 reduction per image and one XOR/popcount per pair. A
+decode cache), so the near check costs a 9x8 reduction per image and one XOR/popcount per pair. Each image
+is hashed twice, as the model sees it (resized and cropped) and as a whole frame (:func:`frame_dhash`): a
+copy squashed from 500x380 to 224x224 is 2-4 bits from its original frame but 14-27 bits from its centre
+crop (measured on real thin sections), so two images are near when either pair of hashes is. A
 flat image (the 9x8 reduction spans fewer than :data:`FLAT_RANGE` grey levels) has no structure to
 hash: its bits are noise or all zero, so it is left out of the near check and counted. Mirrored or
 rotated copies are not found (their hash differs).
@@ -68,7 +71,8 @@ class ImageRef:
 
     path: str
     sha256: str
-    dhash: int | None = None
+    dhash: int | None = None  # of the image as the model sees it (resized, cropped)
+    frame: int | None = None  # of the whole file's frame (a squashed or re-framed copy matches here)
 
 
 @dataclass(frozen=True)
@@ -140,16 +144,16 @@ def find_copies(test: Sequence[ImageRef], train: Sequence[ImageRef], *, near: bo
         same = by_sha.get(ref.sha256)
         if same:
             pairs[index] = LeakPair(ref.path, same[0], "exact", 0, len(same) - 1)
-    flat = sum(ref.dhash is None for ref in test) if near else 0
+    flat = sum(ref.dhash is None and ref.frame is None for ref in test) if near else 0
     if near:
-        todo = [i for i, ref in enumerate(test) if i not in pairs and ref.dhash is not None]
-        hashed = [ref for ref in train if ref.dhash is not None]
-        train_hashes = [ref.dhash for ref in hashed]
+        todo = [i for i, ref in enumerate(test) if i not in pairs and (ref.dhash, ref.frame) != (None, None)]
+        hashed = [ref for ref in train if (ref.dhash, ref.frame) != (None, None)]
         for start in range(0, len(todo), 256):  # bounded memory: 256 x M distances at a time
             chunk = todo[start:start + 256]
             if not hashed:
                 break
-            distances = hamming([test[i].dhash for i in chunk], train_hashes)  # type: ignore[misc]
+            distances = np.minimum(_distances([test[i].dhash for i in chunk], [r.dhash for r in hashed]),
+                                   _distances([test[i].frame for i in chunk], [r.frame for r in hashed]))
             for row, index in zip(distances, chunk, strict=True):
                 close = np.flatnonzero(row <= max_distance)
                 if close.size:
@@ -158,6 +162,30 @@ def find_copies(test: Sequence[ImageRef], train: Sequence[ImageRef], *, near: bo
                                             int(close.size) - 1)
     return LeakReport(images=len(test), reference=len(train), pairs=[pairs[i] for i in sorted(pairs)],
                       near_checked=near, max_distance=max_distance, flat=flat, subject=subject)
+
+
+def _distances(a: Sequence[int | None], b: Sequence[int | None]) -> np.ndarray:
+    """:func:`hamming` where both hashes exist; 65 (farther than any two hashes) where either is missing."""
+    known_a = np.array([h is not None for h in a])
+    known_b = np.array([h is not None for h in b])
+    out = hamming([h or 0 for h in a], [h or 0 for h in b])
+    out[~known_a] = 65
+    out[:, ~known_b] = 65
+    return out
+
+
+def frame_dhash(path: str) -> int | None:
+    """The dHash of a file's whole frame (decoded small: JPEG at a reduced scale), or None when it cannot be
+    read or is flat. A copy that was squashed to another aspect ratio or re-framed matches here even when
+    the model's centre crop of it does not."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            opened.draft("L", (72, 64))
+            return dhash(np.asarray(ImageOps.exif_transpose(opened).convert("L")))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def hash_many(images: Iterable[np.ndarray]) -> list[int | None]:

@@ -258,13 +258,13 @@ def leak_check(ws: Workspace, bundle: Any, paths: list[str], decoded: Any, *, sh
     Exact copies by SHA-256; near-duplicates by dHash (``data.leaks``) of the decoded pixels, the training
     images read through the decode cache (warm after training in this workspace), ``chunk`` at a time.
     """
-    from handlens.data.leaks import ImageRef, find_copies, hash_many
+    from handlens.data.leaks import ImageRef, find_copies, frame_dhash, hash_many
     from handlens.transforms.cache import decode_many, decode_working_many
 
     started = time.perf_counter()
     train, notes = training_images(ws, bundle.manifest)
     test_sha = list(sha256s) if sha256s else [_file_sha256(p) for p in paths]
-    test = [ImageRef(p, s, h) for p, s, h in zip(paths, test_sha, hash_many(decoded), strict=True)]
+    test = [ImageRef(p, s, h, frame_dhash(p)) for p, s, h in zip(paths, test_sha, hash_many(decoded), strict=True)]
     timings = {"training_images": time.perf_counter() - started}
     started = time.perf_counter()
     on_disk = [(p, s) for p, s in train if p and Path(p).is_file()]
@@ -281,7 +281,7 @@ def leak_check(ws: Workspace, bundle: Any, paths: list[str], decoded: Any, *, sh
         else:
             arrays = decode_many(part_paths, bundle.preprocess, sha256s=part_sha, cache_dir=ws.cache_dir)
         hashes += hash_many(arrays)
-    refs = [ImageRef(p, s, h) for (p, s), h in zip(on_disk, hashes, strict=True)]
+    refs = [ImageRef(p, s, h, frame_dhash(p)) for (p, s), h in zip(on_disk, hashes, strict=True)]
     refs += [ImageRef(p, s) for p, s in train if not (p and Path(p).is_file())]
     timings["training_hashes"] = time.perf_counter() - started
     started = time.perf_counter()
