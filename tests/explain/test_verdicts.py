@@ -28,7 +28,8 @@ def test_a_map_better_than_random_on_both_curves_is_faithful():
     assert verdict.verdict == FAITHFUL and verdict.p_deletion < 0.001 and verdict.p_insertion < 0.001
     assert verdict.deletion_gap == pytest.approx(0.25, abs=0.03)
     assert verdict.insertion_gap == pytest.approx(0.3, abs=0.03)
-    assert verdict.sentence().startswith("faithful · deletion 0.20 vs random 0.45")
+    assert verdict.sentence().startswith("faithful · deletion beats random on 20 of 20 images (median paired gap "
+                                         "+0.25, p=<0.001), insertion on 20 of 20 (+0.30")
 
 
 def test_a_map_as_good_as_random_is_not_better_than_random():
@@ -67,3 +68,13 @@ def test_sanity_and_learning_verdicts():
     assert learning_verdict(float("nan"), 0.1).startswith(DOES_NOT_LEARN)
     assert history_verdict([{"train_loss": 1.0}, {"train_loss": 0.2}]).startswith(LEARNS)
     assert history_verdict([]).startswith(DOES_NOT_LEARN)
+
+
+def test_the_sentence_tells_the_paired_comparison_not_column_medians():
+    """As on lithology: the maps beat the random ones on half the images, by as much as they lost on the other
+    half: the words count the pairs and give the median paired gap, which the verdict is decided on."""
+    random_deletion = np.linspace(0.2, 0.9, 24)
+    deletion = random_deletion + np.tile([-0.05, 0.05], 12)  # 12 wins, 12 losses of the same size
+    verdict = faithfulness_verdict(rows(deletion, noisy(0.6, n=24), random_deletion, noisy(0.6, n=24, seed=2)))
+    assert verdict.verdict == NOT_BETTER and verdict.deletion_wins == 12
+    assert "deletion beats random on 12 of 24 images (median paired gap +0.00" in verdict.sentence()

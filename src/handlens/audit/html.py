@@ -14,7 +14,8 @@ th { background: #f3f3f0; text-align: left; } td.num { text-align: right; font-v
 .verdict { padding: 4px 8px; border-radius: 4px; margin: 3px 0; }
 .bad { background: #fbe0e0; color: #8a1111; } .good { background: #dff3e4; color: #0b5d1e; }
 .unsure { background: #fff4d6; color: #6b4d00; }
-.cases { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; width: 260px; font-size: 12px; }
+.cases { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; width: 262px; font-size: 12px; overflow-wrap: anywhere; }
 figure img { width: 256px; display: block; border: 3px solid #d33; } figure img.right { border-color: #3a8; }
 .small { color: #666; font-size: 12px; }
 """

@@ -14,10 +14,10 @@ fixed position**:
 2. per class, the share of its images contrasted at each pixel;
 3. a cell of the border band (the outer :data:`BAND` of each side: where marks are put) is hot for a class
    when its share is at least :data:`MIN_SHARE` and stands :data:`SIGMAS` binomial standard deviations (and
-   at least MIN_SHARE) above the class's median share (a scale bar on 12% of 429 thin sections stands out of texture that is
-   contrasted at 3% of them anywhere; chance alone, over the grid's 9,216 cells, almost never does);
-4. each group of at least :data:`MIN_PIXELS` hot cells (cells up to two apart joined) is a mark, placed by its own box (two
-   marks in two corners are two marks, not one "in the middle").
+   at least MIN_SHARE) above the class's median share: a scale bar on 12% of 429 thin sections stands out
+   of texture that is contrasted at 3% of them anywhere; chance alone, over 9,216 cells, almost never does;
+4. each group of at least :data:`MIN_PIXELS` hot cells (cells up to two apart joined) is a mark, placed by
+   its cells (two marks in two corners are two marks, not one "in the middle"; a frame is said so).
 
 A mark found for one class is told with the share of that class's images that carry it and the share of
 the other classes' images that do: a mark on one class alone is a shortcut, one on every class is a
