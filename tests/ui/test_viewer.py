@@ -233,6 +233,33 @@ def test_the_viewer_runs_under_its_content_security_policy(page):
         strict.close()
 
 
+def test_the_runs_page_lists_runs_sorts_them_and_compares_two_runs_maps(page, shots):
+    page, _, _ = page
+    page.click("header nav button[data-page=inspect]")
+    page.wait_for_function("document.querySelector('#heat').src.startsWith('data:image/png')", timeout=30_000)
+    page.click("header nav button[data-page=runs]")
+    page.wait_for_selector("#runs-table tr[data-id]")
+    assert page.locator("#runs-table tr[data-id]").count() == 2
+    names = page.locator("#runs-table tr[data-id] td:nth-child(2)").all_text_contents()
+    assert len(set(names)) == 2, names  # told apart by what differs (epochs, seed), not one label twice
+    page.click("#runs-table th[data-key=epochs]")  # sorted by epochs, descending
+    epochs = page.locator("#runs-table tr[data-id] td:nth-child(7)").all_text_contents()
+    assert epochs == sorted(epochs, reverse=True)
+    assert page.locator("#runs-go").is_disabled()
+    for box in page.locator("#runs-table input[type=checkbox]").all():
+        box.check()
+    page.click("#runs-go")
+    page.wait_for_function("[...document.querySelectorAll('#runs-compare figure img')].length === 2 && "
+                           "[...document.querySelectorAll('#runs-compare figure img')].every(i => "
+                           "i.src.startsWith('data:image/png'))", timeout=60_000)
+    page.wait_for_function("[...document.querySelectorAll('#runs-compare .badge')].every(b => "
+                           "!b.textContent.startsWith('checking'))", timeout=60_000)
+    badges = page.locator("#runs-compare .badge").all_text_contents()
+    assert all(b.split(" · ")[0] in ("faithful", "not better than random", "worse than random") for b in badges)
+    assert all("predicts " in t for t in page.locator("#runs-compare .pred").all_text_contents())
+    page.screenshot(path=str(shots / "viewer-runs.png"))
+
+
 def test_browse_pages_past_a_thousand_images_with_exact_counts(page, tmp_path):
     """The last test of the module: it adds 1,100 images to the service's catalog."""
     import numpy as np

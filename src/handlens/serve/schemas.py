@@ -286,3 +286,54 @@ class BrowsePage(BaseModel):
     confusion: list[list[int]] | None = Field(None, description="truth x predicted over the subset filter, from "
                                               "the stored predictions")
     classes: list[str]
+
+
+class RunRow(BaseModel):
+    """One model on the runs page."""
+
+    id: str
+    name: str
+    dataset: str | None
+    labelset: str | None
+    backbone: str | None
+    freeze: str | None
+    pool: str | None
+    size: int | None
+    epochs: int | None
+    cv_mean: float | None = Field(None, description="the study's cross-validated macro-F1 of the trial refitted")
+    cv_std: float | None = None
+    study: str | None = None
+    trial: int | None = None
+    val_macro_f1: float | None = None
+    test_macro_f1: float | None = None
+    seconds: float | None = Field(None, description="training time, feature extraction included")
+    started_at: str | None = None
+
+
+class StudySummary(BaseModel):
+    name: str
+    dataset: str | None
+    space: str | None = None
+    sampler: str | None = None
+    trials: dict[str, int]
+    best_cv_mean: float | None
+    bundle: str | None = None
+    created_at: str | None = None
+
+
+class TrialOut(BaseModel):
+    number: int
+    status: str
+    params: dict[str, Any]
+    cv_mean: float | None
+    cv_std: float | None
+    run_id: str | None
+
+
+class StudyDetail(BaseModel):
+    name: str
+    verdict: str
+    winner: int | None
+    bundle: str | None
+    importances: dict[str, float]
+    trials: list[TrialOut]

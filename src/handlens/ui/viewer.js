@@ -436,6 +436,8 @@ function switchPage(name) {
 }
 
 function setup() {
+  // runs.js is loaded after this file: wait for it before wiring the runs page
+  if (typeof setupRuns !== "function") { window.addEventListener("DOMContentLoaded", setup, { once: true }); return; }
   document.querySelectorAll("header nav button").forEach((b) => { b.onclick = () => switchPage(b.dataset.page); });
   $("dataset").onchange = loadLabelsets;
   $("labelset").onchange = () => { fillModels(); loadImages(); };
@@ -454,6 +456,7 @@ function setup() {
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); uploadFile(e.dataTransfer.files[0]); });
   setupStage();
   applyView();
+  setupRuns();  // runs.js
   loadSelectors().catch((error) => status(error.message));
 }
 
