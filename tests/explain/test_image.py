@@ -52,3 +52,22 @@ def test_one_images_trust_is_its_map_against_a_random_map(trained_workspace):
     patch_bundle = load_bundle(train(tiny_config(*PATCHES), trained_workspace).bundle)
     with pytest.raises(InputError, match="grid patches"):
         trust_image(patch_bundle, picture, method="gradcam")
+
+
+def test_the_part_of_the_image_outside_a_centre_crop_is_marked_unseen_and_hatched():
+    import numpy as np
+
+    from handlens.explain.image import unseen_on_image
+    from handlens.explain.render import overlay
+    from handlens.transforms.preprocess import Preprocess
+
+    crop = Preprocess(size=32, resize="shorter-crop")
+    unseen = unseen_on_image(40, 80, crop)  # a 2:1 image: a quarter on each side is cut
+    assert unseen is not None and unseen[:, :18].all() and unseen[:, 62:].all() and not unseen[:, 22:58].any()
+    assert unseen_on_image(40, 80, Preprocess(size=32, resize="letterbox")) is None
+    assert unseen_on_image(40, 40, crop) is None
+    picture = np.full((40, 80, 3), 200, dtype=np.uint8)
+    drawn = overlay(picture, np.zeros((32, 32)), 0.5, unseen=unseen)
+    cold = overlay(picture, np.zeros((32, 32)), 0.5)
+    assert (drawn[:, 30:50] == cold[:, 30:50]).all()  # inside the crop: the map as it is
+    assert (drawn[:, :10, 2] != cold[:, :10, 2]).any() and drawn[:, :10].std(axis=2).max() < 1  # grey, not blue

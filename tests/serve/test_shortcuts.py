@@ -32,3 +32,35 @@ def test_expert_regions_become_the_roi_and_a_new_region_is_a_new_answer(served):
     if after["shortcuts"]["verdict"] != "empty map":
         outside = after["shortcuts"]["outside_roi"]
         assert 0 <= outside["energy"] <= 1 and abs(outside["area"] - 0.5) < 0.1
+
+
+def test_a_mask_region_is_served_as_a_tinted_picture(served, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from handlens.data.annotations import import_annotations
+    from handlens.data.catalog import open_catalog
+
+    client, _, root = served
+    items = client.get("/api/v1/images", params={"dataset": "colours", "label": "blue", "limit": 1}).json()["items"]
+    image = items[0]
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    half = np.zeros((image["height"], image["width"]), dtype=np.uint8)
+    half[:, : image["width"] // 2] = 255
+    Image.fromarray(half).save(folder / f"{image['name'].rsplit('.', 1)[0]}.png")
+    catalog = open_catalog(f"sqlite:///{root / 'ws' / 'handlens.db'}")
+    try:
+        assert import_annotations(catalog, "colours", folder, replace=False)["added"] == 1
+    finally:
+        catalog.close()
+    region = next(r for r in client.get(f"/api/v1/images/{image['id']}").json()["regions"] if r["has_mask"])
+    answer = client.get(f"/api/v1/regions/{region['id']}/mask.png")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    drawn = np.asarray(Image.open(io.BytesIO(answer.content)))
+    assert drawn.shape == (image["height"], image["width"], 4)
+    assert (drawn[:, 0] == (0, 255, 255, 110)).all() and (drawn[:, -1, 3] == 0).all()
+    assert client.get("/api/v1/regions/999999/mask.png").status_code == 404

@@ -99,6 +99,10 @@ def test_inspect_changes_the_overlay_with_the_class_and_shows_probabilities(page
         raise AssertionError(f"no overlay; status {status!r}; page errors {page.problems}") from None
     assert page.locator("#probs .bar").count() == 3
     assert page.locator("#split-badge").inner_text() in ("train", "val", "test")
+    # readable: right or wrong beside the prediction, and what the colours mean
+    assert page.locator("#right-wrong").inner_text() in ("✓ right", "✗ wrong")
+    assert "evidence for" in page.locator("#legend").inner_text()
+    assert not page.locator("#layer").is_disabled()
     first = page.locator("#heat").get_attribute("src")
     model_options = page.locator("#model option").count()
     assert model_options == 2
@@ -231,6 +235,21 @@ def test_the_viewer_runs_under_its_content_security_policy(page):
         assert not [m for m in messages if "Content Security Policy" in m], messages
     finally:
         strict.close()
+
+
+def test_a_pixel_method_greys_out_the_layer_and_a_signed_map_says_which_colour_is_for(page):
+    page, _, _ = page
+    page.click("header nav button[data-page=inspect]")
+    methods = page.locator("#method option").all_text_contents()
+    assert "saliency" in methods
+    page.select_option("#method", "saliency")
+    page.wait_for_function("document.getElementById('layer').disabled", timeout=10_000)
+    if "integrated_gradients" in methods:  # a signed method: its legend names both colours
+        page.select_option("#method", "integrated_gradients")
+        page.wait_for_function("document.getElementById('legend').textContent.includes('against')",
+                               timeout=60_000)
+    page.select_option("#method", "gradcam")
+    page.wait_for_function("!document.getElementById('layer').disabled", timeout=10_000)
 
 
 def test_the_runs_page_lists_runs_sorts_them_and_compares_two_runs_maps(page, shots):

@@ -163,7 +163,7 @@ def image_detail(session: Session, image_id: int) -> dict[str, Any] | None:
         select(Split.name, SplitAssignment.fold, SplitAssignment.subset)
         .join(Split, SplitAssignment.split_id == Split.id).where(SplitAssignment.image_id == image_id)
         .order_by(Split.id, SplitAssignment.fold))]
-    regions = [{"kind": a.kind, "label": a.label, "polygons": a.polygons, "has_mask": bool(a.mask_path)}
+    regions = [{"id": a.id, "kind": a.kind, "label": a.label, "polygons": a.polygons, "has_mask": bool(a.mask_path)}
                for a in session.scalars(select(Annotation).where(Annotation.image_id == image_id))]
     return {"id": row.id, "name": Path(row.path).name, "dataset_id": row.dataset_id, "width": row.width,
             "height": row.height, "format": row.format, "sha256": row.sha256, "group": row.group,

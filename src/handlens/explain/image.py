@@ -71,6 +71,23 @@ def explain_image(bundle: Any, picture: np.ndarray, *, method: str, layer: str |
                             model_input_shares(heat, width=width, height=height, preprocess=preprocess, roi=on_input))
 
 
+def unseen_on_image(height: int, width: int, preprocess: Any) -> np.ndarray | None:
+    """The (height, width) mask of the image's pixels outside the model's input (a centre crop cuts them), or
+    None when the model sees all of it."""
+    from handlens.transforms.preprocess import input_placement
+
+    placement = input_placement(width, height, preprocess)
+    (rw, rh), (ox, oy) = placement.resized, placement.offset
+    if ox >= 0 and oy >= 0:
+        return None
+    size = preprocess.size
+    sx, sy = width / rw, height / rh
+    seen = np.zeros((height, width), dtype=bool)
+    top, left = round(-oy * sy) if oy < 0 else 0, round(-ox * sx) if ox < 0 else 0
+    seen[top:top + round(min(size, rh) * sy), left:left + round(min(size, rw) * sx)] = True
+    return ~seen
+
+
 def heat_on_image(heat: np.ndarray, height: int, width: int, preprocess: Any) -> np.ndarray:
     """A map on the model input placed back on the original image, undoing ``preprocess.resize``
     (``input_placement``): outside a centre crop the map is 0, letterbox padding is dropped."""

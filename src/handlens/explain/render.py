@@ -38,9 +38,12 @@ def _resize(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5, signed: bool = False) -> np.ndarray:
+def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5, signed: bool = False,
+            unseen: np.ndarray | None = None) -> np.ndarray:
     """Blend a map over an (H, W, 3) uint8 image. Signed maps: green for positive, red for negative evidence,
-    each as strong as its magnitude; unsigned maps use the colour ramp."""
+    each as strong as its magnitude; unsigned maps use the colour ramp. ``unseen`` (an (H, W) boolean mask:
+    the part of the image the model never saw, e.g. outside its centre crop) is hatched grey rather than
+    tinted as if the map were cold there."""
     h, w = image.shape[:2]
     values = normalise(_resize(heatmap, (w, h)), signed)
     base = image.astype(np.float32)
@@ -49,8 +52,16 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5, signed
         colour[..., 1] = 255.0 * (values > 0)
         colour[..., 0] = 255.0 * (values < 0)
         alpha = opacity * np.abs(values)[..., None]
-        return (base * (1 - alpha) + colour * alpha).round().clip(0, 255).astype(np.uint8)
-    return (base * (1 - opacity) + colormap(values).astype(np.float32) * opacity).round().clip(0, 255).astype(np.uint8)
+        out = base * (1 - alpha) + colour * alpha
+    else:
+        out = base * (1 - opacity) + colormap(values).astype(np.float32) * opacity
+    if unseen is not None and unseen.any():
+        rows, cols = np.indices((h, w))
+        stripes = ((rows + cols) // 6) % 2 == 0
+        grey = base.mean(axis=2, keepdims=True) * 0.5 + 64.0
+        hatched = np.where(stripes[..., None], grey * 0.6, grey)
+        out = np.where(unseen[..., None], hatched, out)
+    return out.round().clip(0, 255).astype(np.uint8)
 
 
 def grid(panels: list[np.ndarray], titles: list[str] | None = None, columns: int = 4, pad: int = 4) -> Any:

@@ -49,8 +49,13 @@ def compute_explanation(copy: Any, picture: np.ndarray, *, method: str, layer: s
             size, Image.BILINEAR))
     # a stitched map is over the image: kept at the overlay's size; a model-input map is returned as computed
     raw = shown_heat if explained.seen_as == "patches" else explained.model_map
+    unseen = None
+    if explained.seen_as == "whole image":
+        from handlens.explain.image import unseen_on_image
+
+        unseen = unseen_on_image(shown.shape[0], shown.shape[1], bundle.preprocess)
     buffer = io.BytesIO()
-    Image.fromarray(overlay(shown, shown_heat, 0.5, signed=explained.signed)).save(buffer, "PNG")
+    Image.fromarray(overlay(shown, shown_heat, 0.5, signed=explained.signed, unseen=unseen)).save(buffer, "PNG")
     return {"method": method, "layer": explained.layer, "target": bundle.classes[explained.target],
             "signed": explained.signed, "shortcuts": explained.shortcuts.to_dict(),
             "probabilities": {c: float(p) for c, p in zip(bundle.classes, explained.probabilities, strict=True)},

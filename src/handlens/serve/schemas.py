@@ -78,10 +78,11 @@ class SplitMembership(BaseModel):
 
 
 class RegionSummary(BaseModel):
+    id: int
     kind: str
     label: str | None
     polygons: Any = None
-    has_mask: bool
+    has_mask: bool = Field(description="a mask region: its picture is GET /api/v1/regions/{id}/mask.png")
 
 
 class ImageDetail(BaseModel):

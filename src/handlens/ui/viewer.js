@@ -37,6 +37,7 @@ function currentImage() { return state.images[state.index]; }
 async function loadSelectors() {
   const [datasets, models, explainers] = await Promise.all([api("/datasets"), api("/models"), api("/explainers")]);
   state.models = models;
+  state.explainers = explainers;
   fill($("dataset"), datasets.map((d) => d.name));
   fill($("method"), explainers.map((e) => e.name));
   if (explainers.some((e) => e.name === "gradcam")) $("method").value = "gradcam";
@@ -102,6 +103,33 @@ function clearAnswer() {
   $("trust-badge").textContent = "";
   $("shortcuts").className = "shortcuts small";
   $("shortcuts").textContent = "";
+  $("right-wrong").textContent = "";
+  $("legend").innerHTML = "";
+  $("unseen-note").textContent = "";
+}
+
+function showVerdictMark(predicted, truth) {
+  // right or wrong, beside the prediction (no mark when the truth is unknown)
+  const mark = $("right-wrong");
+  const known = truth && truth !== "-";
+  mark.className = `mark ${known ? (predicted === truth ? "right" : "wrong") : ""}`;
+  mark.textContent = known ? (predicted === truth ? "✓ right" : "✗ wrong") : "";
+}
+
+function showLegend(result) {
+  // what the colours mean: for a signed map, which colour is for the class and which against
+  const legend = $("legend");
+  if (result.signed) {
+    legend.className = "legend signed";
+    legend.innerHTML = "<span class='for'></span> for <b></b> · <span class='against'></span> against";
+  } else {
+    legend.className = "legend ramp";
+    legend.innerHTML = "<span class='scale'></span> low → high evidence for <b></b>";
+  }
+  legend.querySelector("b").textContent = result.target;
+  const unseen = result.shortcuts && result.shortcuts.unseen > 0;
+  $("unseen-note").textContent = unseen ? `hatched: ${(result.shortcuts.unseen * 100).toFixed(0)}% of the ` +
+    "image the model never saw (outside its centre crop), not a cold map" : "";
 }
 
 function showShortcuts(shortcuts) {
@@ -135,12 +163,25 @@ function drawRegions(detail) {
   svg.setAttribute("viewBox", `0 0 ${detail.width} ${detail.height}`);
   svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
   for (const region of detail.regions) {
+    if (region.has_mask) {  // a mask region: drawn from its picture, tinted on the server
+      const picture = document.createElementNS("http://www.w3.org/2000/svg", "image");
+      picture.setAttribute("href", `${API}/regions/${region.id}/mask.png`);
+      picture.setAttribute("width", detail.width);
+      picture.setAttribute("height", detail.height);
+      picture.setAttribute("preserveAspectRatio", "none");
+      svg.appendChild(picture);
+    }
     for (const polygon of region.polygons || []) {
       const shape = document.createElementNS("http://www.w3.org/2000/svg", "polygon");
       shape.setAttribute("points", polygon.map((p) => p.join(",")).join(" "));
       svg.appendChild(shape);
     }
   }
+}
+
+function methodUsesLayer(method) {
+  const spec = (state.explainers || []).find((e) => e.name === method);
+  return spec ? spec.uses_layer : true;
 }
 
 async function explainImage(modelId, imageId, method, layer, target) {
@@ -159,7 +200,9 @@ async function explainCurrent() {
   $("trust-badge").className = "badge trust";
   $("trust-badge").textContent = "";  // never the previous map's verdict
   const method = $("method").value;
-  const usesLayer = !["saliency", "integrated_gradients", "smoothgrad", "gradient_shap", "occlusion"].includes(method);
+  const usesLayer = methodUsesLayer(method);
+  $("layer").disabled = !usesLayer;  // a pixel method has no layer: greyed out, never silently ignored
+  $("layer").title = usesLayer ? "" : `${method} attributes pixels: it uses no layer`;
   const asked = [model.id, image.id, method, usesLayer ? $("layer").value : null, $("target").value];
   state.asked = asked.join("|");
   try {
@@ -171,6 +214,8 @@ async function explainCurrent() {
     showShortcuts(result.shortcuts);
     const top = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1])[0];
     $("predicted").textContent = `${top[0]} (${(top[1] * 100).toFixed(1)}%)`;
+    showVerdictMark(top[0], $("truth").textContent);
+    showLegend(result);
     $("explain-info").textContent = `${result.method}${result.layer ? " on " + result.layer : ""} for ` +
       `${result.target}${result.cached ? " (cached)" : ""} · ${result.seconds}s`;
     status("ready");
@@ -402,6 +447,11 @@ async function uploadFile(file) {
   const model = currentModel();
   if (!model || !file) return;
   $("upload-error").textContent = "";
+  // never the previous upload's answer beside this file's name
+  $("upload-overlay").removeAttribute("src");
+  $("upload-probs").innerHTML = "";
+  $("upload-pred").textContent = "-";
+  $("upload-name").textContent = file.name;
   const form = new FormData();
   form.append("file", file);
   form.append("method", $("method").value);
@@ -409,6 +459,8 @@ async function uploadFile(file) {
     const result = await api(`/models/${encodeURIComponent(model.id)}/explain`, { method: "POST", body: form });
     $("upload-overlay").src = `data:image/png;base64,${result.overlay_png}`;
     renderBars($("upload-probs"), result.probabilities);
+    const top = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1])[0];
+    $("upload-pred").textContent = `${top[0]} (${(top[1] * 100).toFixed(1)}%) · ${result.method} for ${result.target}`;
   } catch (error) {
     $("upload-error").textContent = error.message;
   }
@@ -421,9 +473,13 @@ async function compare() {
   await Promise.all(sides.map(async ([modelSelect, methodSelect, target]) => {
     const model = state.models.find((m) => m.id === $(modelSelect).value);
     try {
+      $(target).removeAttribute("src");
       const result = await explainImage(model.id, image.id, $(methodSelect).value, null, "pred");
       $(target).src = `data:image/png;base64,${result.overlay_png}`;
-      $(`${target}-cap`).textContent = `${model.name || model.id} · ${result.method} · ${result.target}`;
+      const top = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1])[0];
+      const truth = image.label || "-";
+      $(`${target}-cap`).textContent = `${model.name || model.id} · ${result.method} · ${image.name || ""} · ` +
+        `predicts ${top[0]} (${(top[1] * 100).toFixed(1)}%) · truth ${truth}${top[0] === truth ? " ✓" : truth === "-" ? "" : " ✗"}`;
     } catch (error) {
       $(`${target}-cap`).textContent = error.message;
     }

@@ -141,3 +141,37 @@ def add_region(image_id: ImageId, body: JsonBody, state: StateDep) -> RegionCrea
     except ValueError as exc:
         raise InputError(f"polygons: {exc}") from None
     return RegionCreated(id=row_id, image_id=image_id, kind="polygon", label=region.label)
+
+
+@router.get("/regions/{region_id}/mask.png", responses={200: {"content": {"image/png": {}}}})
+async def region_mask_png(region_id: ImageId, state: StateDep) -> Response:
+    """An expert region stored as a mask, drawn for the viewer: the mask's pixels cyan and half transparent,
+    the rest transparent, as PNG (decoded under the service's pixel limit)."""
+    from handlens.data.catalog import Annotation
+
+    with state.catalog.session() as session:
+        row = session.get(Annotation, region_id)
+        path = row.mask_path if row is not None and row.kind == "mask" else None
+    if not path or not Path(path).is_file():
+        raise NotFoundError(f"no mask region {region_id} (or its file is gone)")
+    return Response(await asyncio.get_running_loop().run_in_executor(
+        state.io_pool, _tinted_mask, path, state.settings.max_pixels), media_type="image/png",
+        headers={"Cache-Control": "max-age=60"})
+
+
+def _tinted_mask(path: str, max_pixels: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    from handlens.core.errors import TooLargeError
+
+    with Image.open(path) as mask:
+        if mask.width * mask.height > max_pixels:
+            raise TooLargeError(f"the mask has {mask.width * mask.height} pixels; the service decodes at most "
+                                f"{max_pixels}")
+        on = np.asarray(mask.convert("L")) > 0
+    rgba = np.zeros((*on.shape, 4), dtype=np.uint8)
+    rgba[on] = (0, 255, 255, 110)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    return buffer.getvalue()
