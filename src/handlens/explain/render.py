@@ -38,7 +38,7 @@ def _resize(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5, signed: bool = False,
+def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5, signed: bool = False, *,
             unseen: np.ndarray | None = None) -> np.ndarray:
     """Blend a map over an (H, W, 3) uint8 image. Signed maps: green for positive, red for negative evidence,
     each as strong as its magnitude; unsigned maps use the colour ramp. ``unseen`` (an (H, W) boolean mask:
