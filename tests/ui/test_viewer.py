@@ -13,9 +13,6 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DOCS = Path(__file__).resolve().parents[2] / "docs"
-#: the README's screenshots are rewritten only when asked (HANDLENS_SCREENSHOTS=1): a test run leaves the tree clean
-SHOTS = DOCS if os.environ.get("HANDLENS_SCREENSHOTS") else None
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); "
                                                          ".ci/run installs it")
 
@@ -28,7 +25,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    return SHOTS or tmp_path_factory.mktemp("screenshots")
+    """Where the tests photograph the pages (the README's screenshots come from docs/screenshots.py)."""
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +128,6 @@ def test_inspect_changes_the_overlay_with_the_class_and_shows_probabilities(page
     page.mouse.wheel(0, -300)  # zoom in on the image
     assert "scale(1.2" in page.locator("#layers").evaluate("e => e.style.transform") or \
         "scale(1.44" in page.locator("#layers").evaluate("e => e.style.transform")
-    DOCS.mkdir(exist_ok=True)
     page.screenshot(path=str(shots / "viewer-inspect.png"))
     assert all(r.startswith(url) or r.startswith("data:") for r in requests), "the viewer reached outside the service"
 
