@@ -78,3 +78,19 @@ def test_the_sentence_tells_the_paired_comparison_not_column_medians():
     verdict = faithfulness_verdict(rows(deletion, noisy(0.6, n=24), random_deletion, noisy(0.6, n=24, seed=2)))
     assert verdict.verdict == NOT_BETTER and verdict.deletion_wins == 12
     assert "deletion beats random on 12 of 24 images (median paired gap +0.00" in verdict.sentence()
+
+
+def test_agreement_is_judged_against_the_regions_share_by_chance():
+    from handlens.explain.verdicts import AGREES, AWAY, CHANCE, agreement_verdict
+
+    def images(inside, share=0.3, n=20):
+        rng = np.random.default_rng(1)
+        return [{"energy_inside": float(inside + rng.normal(0, 0.02)), "region_share": share, "pointing_hit": True}
+                for _ in range(n)]
+
+    assert agreement_verdict(images(0.7))["verdict"] == AGREES
+    assert agreement_verdict(images(0.1))["verdict"] == AWAY
+    assert agreement_verdict(images(0.3))["verdict"] == CHANCE
+    few = agreement_verdict(images(0.9, n=3))
+    assert few["verdict"] == CHANCE and "too few to tell" in few["sentence"]
+    assert agreement_verdict(images(0.7))["sentence"].startswith("agrees with the experts · energy inside the regions")

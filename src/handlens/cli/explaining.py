@@ -237,6 +237,9 @@ def agreement_cmd(
     stdout.print(table(f"Agreement of {report['method']} ({report['layer']}) with expert regions",
                        ["class", "images", "pointing hit rate", "energy inside", f"top-{fraction:.0%} IoU",
                         "region share (chance)"], rows))
+    stdout.print(f"verdict: {report['verdict']['sentence']}", markup=False)
+    for name, words in report["per_class_verdicts"].items():
+        stdout.print(f"  {name}: {words}", markup=False)
 
 
 # --------------------------------------------------------------------------- augment-preview

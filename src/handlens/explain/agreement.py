@@ -47,9 +47,15 @@ def agreement_report(bundle: Any, catalog: Catalog, *, dataset_name: str | None 
     score = _scores_on_tiles if bundle.patch_trained else _scores_on_inputs
     images = score(bundle, rows, labels, masks, method=method, layer=layer, fraction=fraction, tolerance=tolerance,
                    batch_size=batch_size, params=params)
+    from handlens.explain.verdicts import agreement_verdict
+
+    by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for item in images:
+        by_class[str(item["label"])].append(item)
     return {"bundle": str(bundle.path), "method": method, "layer": layer or bundle.layer_names[0],
-            "dataset": dataset_name, "top_fraction": fraction, "images": images,
-            "per_class": _summarise(images, key="label"), "overall": _summarise(images)["all"]}
+            "dataset": dataset_name, "top_fraction": fraction, "verdict": agreement_verdict(images),
+            "per_class_verdicts": {c: agreement_verdict(items)["verdict"] for c, items in sorted(by_class.items())},
+            "images": images, "per_class": _summarise(images, key="label"), "overall": _summarise(images)["all"]}
 
 
 def _explained_for(bundle: Any, label: str | None) -> str:

@@ -9,6 +9,10 @@
 * **Sanity** (cascading model-parameter randomisation, Adebayo et al., NeurIPS 2018): ``passes`` when the
   maps of the randomised model no longer resemble the trained model's, ``fails`` when they still do (the
   map shows the image, not what the model learned).
+* **Agreement with experts**: the share of each map's energy inside the expert region against the region's
+  share of the image (what a uniform map would put there), by the same paired one-sided test: ``agrees with
+  the experts`` when the maps put significantly more energy inside, ``looks away from the experts``
+  when significantly less, else ``no better than chance``.
 * **Learning** (``--overfit-batches``) is judged where training is: :mod:`handlens.train.sanity`.
 """
 
@@ -23,6 +27,9 @@ import numpy as np
 FAITHFUL = "faithful"
 NOT_BETTER = "not better than random"
 WORSE = "worse than random"
+AGREES = "agrees with the experts"
+CHANCE = "no better than chance"
+AWAY = "looks away from the experts"
 SANITY_PASSES = "passes"
 SANITY_FAILS = "fails"
 ALPHA = 0.05
@@ -123,3 +130,22 @@ def sanity_verdict(sanity: dict[str, Any]) -> str:
             f"{sanity.get('threshold', 0.5):g}; above it, the map shows the image rather than what the model "
             "learned)")
 
+
+
+def agreement_verdict(images: list[dict[str, Any]], *, alpha: float = ALPHA) -> dict[str, Any]:
+    """The words for maps against expert regions, from per-image ``energy_inside``, ``region_share`` and
+    ``pointing_hit``: the verdict, the median paired gap, its p-value and a sentence."""
+    inside = np.array([i["energy_inside"] for i in images], dtype=np.float64)
+    chance = np.array([i["region_share"] for i in images], dtype=np.float64)
+    gaps = inside - chance
+    more, less = _one_sided(gaps, "greater"), _one_sided(gaps, "less")
+    words = AGREES if more < alpha else (AWAY if less < alpha else CHANCE)
+    n = len(images)
+    median = float(np.median(gaps)) if n else float("nan")
+    hits = float(np.mean([i["pointing_hit"] for i in images])) if n else float("nan")
+    sentence = (f"{words} · energy inside the regions {float(np.mean(inside)) if n else float('nan'):.2f} vs "
+                f"{float(np.mean(chance)) if n else float('nan'):.2f} by chance (median paired gap {median:+.2f}, "
+                f"p={_p(more)}), pointing game {hits:.2f}, {n} image{'s' if n != 1 else ''}")
+    if n < MIN_IMAGES:
+        sentence += f": too few to tell (a paired test needs at least {MIN_IMAGES})"
+    return {"verdict": words, "gap": median, "p": more, "sentence": sentence}
