@@ -83,7 +83,8 @@ def test_agreement_cli_reports_per_class_and_overall(annotated):
     assert first["explained_class"] == first["label"]  # explained for the true class
     assert 0.0 <= first["energy_inside"] <= 1.0 and isinstance(first["pointing_hit"], bool)
     words = ("agrees with the experts", "no better than chance", "looks away from the experts")
-    assert report["verdict"]["verdict"] in words and report["verdict"]["sentence"].startswith(report["verdict"]["verdict"])
+    verdict = report["verdict"]
+    assert verdict["verdict"] in words and verdict["sentence"].startswith(verdict["verdict"])
     assert set(report["per_class_verdicts"]) == {"green", "red"}
     human = runner.invoke(app, ["--workspace", str(annotated.root), "agreement", str(bundle), "--split", "test"])
     assert human.exit_code == 0 and "pointing hit rate" in human.output
