@@ -22,9 +22,11 @@ async function loadRuns() {
 
 function cellText(row, key) {
   const value = row[key];
-  if (key === "cv_mean") return value === null ? "-" : `${value.toFixed(3)} ± ${(row.cv_std || 0).toFixed(3)}`;
-  if (typeof value === "number" && !Number.isInteger(value)) return value.toFixed(3);
-  return value === null || value === undefined ? "-" : String(value);
+  if (value === null || value === undefined) return "-";
+  if (key === "cv_mean") return `${value.toFixed(3)} ± ${(row.cv_std || 0).toFixed(3)}`;
+  if (key.endsWith("macro_f1")) return value.toFixed(3);  // JSON's 1.0 arrives as 1: scores keep 3 decimals
+  if (key === "seconds") return value.toFixed(1);
+  return String(value);
 }
 
 function renderRuns() {
