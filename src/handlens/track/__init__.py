@@ -21,6 +21,9 @@ class Tracker(Protocol):
     def start(self, run_name: str, params: dict[str, Any], *, started_at: float | None = None) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
+    def log_image(self, name: str, image: Any, step: int) -> None: ...
+    def log_histogram(self, name: str, values: Any, step: int) -> None: ...
+    def log_graph(self, model: Any, example: Any) -> None: ...
     def finish(self, status: str) -> None: ...
 
 
@@ -34,6 +37,15 @@ class NoTracker:
         pass
 
     def log_artifact(self, path: Path) -> None:
+        pass
+
+    def log_image(self, name: str, image: Any, step: int) -> None:
+        pass
+
+    def log_histogram(self, name: str, values: Any, step: int) -> None:
+        pass
+
+    def log_graph(self, model: Any, example: Any) -> None:
         pass
 
     def finish(self, status: str) -> None:
@@ -85,6 +97,17 @@ class MlflowTracker:
         else:
             self._client.log_artifact(self.run_id, str(path))
 
+    def log_image(self, name: str, image: Any, step: int) -> None:
+        """An (H, W, 3) uint8 image as a time-stepped MLflow image (artifacts under ``images/``, a step slider
+        in the run's page)."""
+        self._client.log_image(self.run_id, image, key=name, step=step)
+
+    def log_histogram(self, name: str, values: Any, step: int) -> None:
+        """MLflow has no histograms: nothing is logged (``tracking.histograms`` asks for TensorBoard)."""
+
+    def log_graph(self, model: Any, example: Any) -> None:
+        """MLflow has no graph view: nothing is logged."""
+
     def finish(self, status: str) -> None:
         if self._client is not None and self.run_id is not None:
             self._client.set_terminated(self.run_id, status={"finished": "FINISHED", "failed": "FAILED"}.get(
@@ -118,6 +141,19 @@ class TensorboardTracker:
             from PIL import Image
 
             self._writer.add_image(path.stem, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+
+    def log_image(self, name: str, image: Any, step: int) -> None:
+        self._writer.add_image(name, image, step, dataformats="HWC")
+
+    def log_histogram(self, name: str, values: Any, step: int) -> None:
+        self._writer.add_histogram(name, values, step)
+
+    def log_graph(self, model: Any, example: Any) -> None:
+        """The traced graph; a model the tracer cannot follow gets a text note instead (the run goes on)."""
+        try:
+            self._writer.add_graph(model, example)
+        except Exception as exc:  # data-dependent control flow, unsupported ops: tracing is best effort
+            self._writer.add_text("graph", f"the model graph could not be traced: {type(exc).__name__}: {exc}")
 
     def finish(self, status: str) -> None:
         if self._writer is not None:

@@ -164,6 +164,21 @@ class TrackingConfig(_Section):
     experiment: str = "handlens"
     name: str = Field("", max_length=80, description="a name that tells this run apart in the viewer and the "
                       "tracker (default: what differs from the other runs)")
+    probes: int = Field(0, ge=0, le=64, description="validation images whose Grad-CAM overlays and map drift "
+                        "(Spearman of each map with the previous epoch's) are logged each epoch of a run whose "
+                        "backbone learns; 0 is off")
+    histograms: bool = Field(False, description="also log weight and gradient histograms each epoch "
+                             "(tracking.backend=tensorboard)")
+
+    @model_validator(mode="after")
+    def _logged_somewhere(self) -> TrackingConfig:
+        if self.probes and self.backend == "none":
+            raise ValueError(f"tracking.probes={self.probes} logs to a tracker: set tracking.backend=tensorboard "
+                             "or mlflow, or tracking.probes=0")
+        if self.histograms and self.backend != "tensorboard":
+            raise ValueError(f"tracking.histograms has no effect with tracking.backend={self.backend}: "
+                             "histograms are drawn by TensorBoard; set tracking.backend=tensorboard")
+        return self
 
 
 class RunConfig(_Section):
@@ -181,6 +196,21 @@ class RunConfig(_Section):
 
         FreezeSpec.parse(value.freeze)
         return value
+
+    @model_validator(mode="after")
+    def _probes_need_images(self) -> RunConfig:
+        """Probes and histograms live in Lightning's loop over images: a frozen backbone's head trained on
+        cached features has neither (an InputError, not a ValueError: it names two sections)."""
+        if self.tracking.probes or self.tracking.histograms:
+            from handlens.train.run import on_cached_features
+            from handlens.transforms.augment import policy_for
+
+            if on_cached_features(self, policy_for(self.augment)):
+                asked = f"tracking.probes={self.tracking.probes}" if self.tracking.probes else "tracking.histograms"
+                raise InputError(f"{asked} has no effect with model.freeze={self.model.freeze}: the head trains on "
+                                 "cached features, no image goes through the model; use model.freeze=partial:2 "
+                                 "(or full) or train.feature_cache=off, or drop it")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -991,6 +991,12 @@ def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, *, run_id: s
     if show_bar:
         rich.reconfigure(stderr=True)  # Lightning prints through rich's console: keep stdout for results
         callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))
+    if cfg.tracking.probes or cfg.tracking.histograms:  # Grad-CAM probes, map drift, graph, histograms
+        from handlens.train.probes import probe_callback
+
+        probe = probe_callback(cfg.tracking, tracker, prepared.val_loader, classes=prepared.data.classes)
+        if probe is not None:
+            callbacks.append(probe)
     trainer = pl.Trainer(
         max_epochs=cfg.train.epochs, accelerator="auto", devices=1, logger=False, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],  # a full disk or a kill never leaves a truncated checkpoint
