@@ -37,14 +37,16 @@ async def browse(model_id: str, model: LoadedModelDep, state: StateDep, *, label
     image that matches, never a sample."""
     from handlens.serve.predictions import browse_page, confusion
 
-    loop = asyncio.get_running_loop()
-    name, split, rows = await loop.run_in_executor(state.io_pool, _rows, state, model, labelset, subset)
-    scored = state.predictions.get(model, name)
-    matrix = confusion(rows, scored, list(model.bundle.classes))
-    shown = [r for r in rows if not label or r["label"] == label]
-    page = browse_page([{k: r[k] for k in ("id", "name", "label", "subset")} for r in shown], scored, result=result,
-                       predicted=predicted, min_confidence=min_confidence, q=q, offset=offset, limit=limit,
-                       sort=sort)
+    def work() -> tuple[str, str | None, Any, Any, dict[str, Any]]:  # off the event loop: it walks every row
+        name, split, rows = _rows(state, model, labelset, subset)
+        scored = state.predictions.get(model, name)
+        matrix = confusion(rows, scored, list(model.bundle.classes))
+        shown = [{k: r[k] for k in ("id", "name", "label", "subset")} for r in rows if not label or r["label"] == label]
+        page = browse_page(shown, scored, result=result, predicted=predicted, min_confidence=min_confidence, q=q,
+                           offset=offset, limit=limit, sort=sort)
+        return name, split, scored, matrix, page
+
+    name, split, scored, matrix, page = await asyncio.get_running_loop().run_in_executor(state.io_pool, work)
     return BrowsePage(model=model_id, labelset=name, split=split, **page, confusion=matrix,
                       classes=list(model.bundle.classes),
                       predictions=PredictionsState(state=scored.state, done=scored.done, of=scored.of,
@@ -56,9 +58,10 @@ async def predictions(model_id: str, model: LoadedModelDep, state: StateDep,
                       labelset: str | None = None) -> PredictionsState:
     """Score every labelled image of the model's dataset once, in the background (stored in the workspace cache
     by the model's weights); the state says how far it is. Browsing filters by result once it is ready."""
-    loop = asyncio.get_running_loop()
-    name, _, rows = await loop.run_in_executor(state.io_pool, _rows, state, model, labelset, None)
+    name = labelset or model.bundle.manifest.get("labelset") or "default"
     scored = state.predictions.get(model, name)
-    if scored.state != "ready":
+    if scored.state not in ("ready", "computing"):  # a poll while it runs reads no rows
+        _, _, rows = await asyncio.get_running_loop().run_in_executor(state.io_pool, _rows, state, model, labelset,
+                                                                      None)
         scored = state.predictions.start(model, name, [(r["id"], r["path"], r["sha256"], r["label"]) for r in rows])
     return PredictionsState(state=scored.state, done=scored.done, of=scored.of, error=scored.error)
