@@ -155,7 +155,7 @@ def main() -> None:
                 files = sorted(folder.iterdir())
                 for f in files[: args.limit // len(classes)] if args.limit else files:
                     if not args.upscale:
-                        (source / folder.name / f.name).symlink_to(f.resolve())
+                        shutil.copyfile(f, source / folder.name / f.name)  # links out of the tree are refused
                         continue
                     with Image.open(f) as img:
                         k = args.upscale / max(img.size)
