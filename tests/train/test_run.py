@@ -31,6 +31,8 @@ def run_statuses(ws) -> list[str]:
 def test_train_writes_a_bundle_config_history_and_a_run_record(trained_workspace):
     result = train(tiny_config(), trained_workspace)
     assert result.epochs == 2 and len(result.history) == 2
+    # an epoch's training time stops where its validation starts
+    assert all(0 < h["train_seconds"] < h["epoch_seconds"] for h in result.history)
     assert {"val", "test"} <= set(result.metrics)
     assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (result.run_dir / "confusion_test.png").is_file()

@@ -59,7 +59,9 @@ class ClassifierModule(pl.LightningModule):
         self._train_seconds: float | None = None
 
     def on_validation_start(self) -> None:
-        if self.trainer.training and getattr(self, "_train_seconds", 0.0) is None:
+        # fit's own validation (trainer.training is already False here: the stage is validating)
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        if fitting and getattr(self, "_train_seconds", 0.0) is None:
             self._train_seconds = time.perf_counter() - self._epoch_started
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
