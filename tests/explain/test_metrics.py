@@ -111,3 +111,37 @@ def test_a_roi_keeps_background_out_of_deletion_and_insertion():
     assert plain["images"][0]["deletion"][-1] < 0.2  # without the ROI the evidence is deleted
     with pytest.raises(InputError, match="ROI masks"):
         deletion_insertion(TopLeftModel(), x, heat, [0], rois=roi[:, :8])
+
+
+def test_the_curves_ends_are_scored_once_and_match_scoring_every_point():
+    """Deletion starts at the image and ends at the replaced image, insertion the other way round, for any map:
+    scoring the ends once gives the same curves as scoring every point."""
+    import torch
+    from torch import nn
+
+    from handlens.explain import metrics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model.eval()
+    image, base = torch.randn(3, 16, 16), torch.zeros(3, 16, 16)
+    heat = np.random.default_rng(1).random((16, 16))
+    calls = []
+    original = metrics._probabilities
+
+    def counting(model_, batch, **kw):
+        calls.append(len(batch))
+        return original(model_, batch, **kw)
+
+    metrics._probabilities = counting
+    try:
+        deletion, insertion, ends = metrics._curves(model, image, base, heat, target=1, steps=8, batch_size=16)
+        again, again_ins, _ = metrics._curves(model, image, base, heat, target=1, steps=8, batch_size=16, ends=ends)
+    finally:
+        metrics._probabilities = original
+    assert calls == [14, 2, 14]  # interiors of both curves, the two ends once, then interiors only
+    assert np.allclose(deletion, again) and np.allclose(insertion, again_ins)
+    with torch.no_grad():
+        full = torch.softmax(model(base[None] * 0 + image[None]), 1)[0, 1].item()
+    assert deletion[0] == pytest.approx(full, abs=1e-6) and insertion[-1] == pytest.approx(full, abs=1e-6)
+    assert deletion[-1] == pytest.approx(insertion[0], abs=1e-7)

@@ -33,3 +33,21 @@ def test_trust_refuses_bad_steps_and_parameters(served):
         answer = client.post(f"/api/v1/models/{run_id}/trust", content=json.dumps({"image_id": image_id, **body}),
                              headers={"Content-Type": "application/json"})
         assert answer.status_code == 422 and words in answer.json()["detail"], answer.text
+
+
+def test_trust_after_the_overlay_measures_the_map_the_viewer_shows(served, monkeypatch):
+    """The viewer asks for the overlay first: the trust check measures that cached map instead of explaining
+    the image a second time."""
+    from handlens.explain import image as image_module
+
+    client, run_id, _ = served
+    image_id = client.get("/api/v1/images", params={"dataset": "colours", "limit": 3}).json()["items"][2]["id"]
+    body = {"image_id": image_id, "method": "gradcam", "target": "green"}
+    client.post(f"/api/v1/models/{run_id}/explain", json=body).raise_for_status()
+    explained = []
+    real = image_module.explain_image
+    monkeypatch.setattr(image_module, "explain_image", lambda *a, **k: explained.append(1) or real(*a, **k))
+    answer = client.post(f"/api/v1/models/{run_id}/trust", json={**body, "steps": 6}).json()
+    assert explained == [] and answer["target"] == "green" and answer["verdict"] in WORDS
+    fresh = client.post(f"/api/v1/models/{run_id}/trust", json={**body, "steps": 7}).json()  # another key
+    assert fresh["verdict"] in WORDS and explained == []  # still the cached overlay's map

@@ -129,10 +129,13 @@ class ImageTrust:
 
 
 def trust_image(bundle: Any, picture: np.ndarray, *, method: str, layer: str | None = None, target: Any = "pred",
-                params: Any = None, steps: int = 20, baseline: str = "blur") -> ImageTrust:
+                params: Any = None, steps: int = 20, baseline: str = "blur",
+                explained: tuple[np.ndarray, int, str | None] | None = None) -> ImageTrust:
     """Is this image's map better than a random one? Its deletion and insertion curves on the model input
     (Petsiuk et al., RISE, BMVC 2018) beside a random map's, judged per image (``image_verdict``). A model
-    trained on patches is measured by ``handlens trust`` on its grid patches, not here."""
+    trained on patches is measured by ``handlens trust`` on its grid patches, not here. ``explained`` (the
+    map on the model input, the class index and the layer: an explanation already computed for this image,
+    e.g. the viewer's overlay) is measured as it is instead of explaining again."""
     import time
 
     from handlens.explain.metrics import deletion_insertion
@@ -142,12 +145,15 @@ def trust_image(bundle: Any, picture: np.ndarray, *, method: str, layer: str | N
         raise InputError("a patch-trained model's maps are measured on its grid patches: use `handlens trust "
                          "BUNDLE IMAGE`, which cuts them as the model sees them")
     started = time.perf_counter()
-    explained = explain_image(bundle, picture, method=method, layer=layer, target=target, params=params)
+    if explained is None:
+        done = explain_image(bundle, picture, method=method, layer=layer, target=target, params=params)
+        explained = (done.model_map, done.target, done.layer)
+    model_map, target_index, used_layer = explained
     inputs = bundle.transform_many([picture])
-    measured = deletion_insertion(bundle.module, inputs, explained.model_map[None].astype(np.float32),
-                                  [explained.target], baseline=baseline, steps=steps)
+    measured = deletion_insertion(bundle.module, inputs, np.asarray(model_map, dtype=np.float32)[None],
+                                  [target_index], baseline=baseline, steps=steps)
     row = measured["images"][0]
     return ImageTrust(verdict=image_verdict(row), deletion_auc=row["deletion_auc"],
                       random_deletion_auc=row["random_deletion_auc"], insertion_auc=row["insertion_auc"],
-                      random_insertion_auc=row["random_insertion_auc"], steps=steps, target=explained.target,
-                      layer=explained.layer, seconds=time.perf_counter() - started)
+                      random_insertion_auc=row["random_insertion_auc"], steps=steps, target=target_index,
+                      layer=used_layer, seconds=time.perf_counter() - started)

@@ -59,7 +59,7 @@ async def trust(model_id: str, image: RequestImageDep, model: LoadedModelDep, st
     """Is this image's map better than a random one? Deletion and insertion AUCs beside a random map's, and the
     verdict in words (faithful / not better than random / worse than random), cached like explanations."""
     from handlens.explain.image import trust_image
-    from handlens.serve.explaining import budgeted_params, release_memory
+    from handlens.serve.explaining import budgeted_params, expert_regions, release_memory
 
     fields = image.fields
     method = str(fields.get("method") or "gradcam")
@@ -71,13 +71,22 @@ async def trust(model_id: str, image: RequestImageDep, model: LoadedModelDep, st
     measured = state.cache.get(key)
     cached = measured is not None
     if measured is None:
-        copy = await asyncio.get_running_loop().run_in_executor(state.io_pool, model.explainer)
+        loop = asyncio.get_running_loop()
+        copy = await loop.run_in_executor(state.io_pool, model.explainer)
+        # the viewer asks for the overlay first: its map, cached, is the one measured (no second explanation)
+        region_ids, _ = await loop.run_in_executor(state.io_pool, expert_regions, state, image.image_id)
+        shown = state.cache.peek(ExplanationCache.key(model.sha256, image.sha256, method, layer, target,
+                                                      params.model_dump(), region_ids))
+        explained = None
+        if shown is not None and not model.bundle.patch_trained:
+            explained = (np.asarray(shown["map"], dtype=np.float32), model.bundle.classes.index(shown["target"]),
+                         shown["layer"])
 
         def work() -> Any:
             try:
                 with copy.lock:
                     done = trust_image(copy.bundle, image.array, method=method, layer=layer, target=target,
-                                       params=params, steps=steps)
+                                       params=params, steps=steps, explained=explained)
             finally:
                 release_memory()
             state.cache.put(key, done)
