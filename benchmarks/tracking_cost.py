@@ -25,37 +25,23 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # the sibling benchmark scripts
 LITHOLOGY = ROOT.parent.parent / "shared" / "data" / "lithology" / "train"
 DEFAULT_OUT = ROOT / "results" / "tracking_cost.json"
 
 
 def make_dataset(ws: Any, limit: int, source: Path | None) -> str:
     """Import up to ``limit`` images (balanced over classes) and split 80/20 (train/val); the dataset name."""
-    from handlens.data.catalog import open_catalog
-    from handlens.data.demo import build_textures
-    from handlens.data.importer import import_path
-    from handlens.data.splits import make_split
+    from train_speed import make_dataset as imported
 
-    if source is None or not source.is_dir():
-        source = ws.demo_dir / "textures"
-        build_textures(source, per_class=max(10, limit // 3 + 1))
-    tree = ws.root / "subset"
-    classes = sorted(p for p in source.iterdir() if p.is_dir())
-    for folder in classes:
-        (tree / folder.name).mkdir(parents=True, exist_ok=True)
-        for f in sorted(f for f in folder.iterdir() if f.is_file())[: limit // len(classes)]:
-            shutil.copy2(f, tree / folder.name / f.name)  # copies: the importer refuses links out of the tree
-    catalog = open_catalog(ws.db_url)
-    import_path(catalog, tree, "bench", workers=1)
-    make_split(catalog, "bench", ratios="0.8,0.2", seed=0)
-    catalog.close()
-    return "bench"
+    return imported(ws, limit, source, ratios="0.8,0.2")
 
 
 def run_arm(ws: Any, overrides: list[str]) -> tuple[Any, list[float]]:

@@ -31,8 +31,9 @@ LITHOLOGY = ROOT.parent.parent / "shared" / "data" / "lithology" / "train"
 DEFAULT_OUT = ROOT / "results" / "train_speed.json"
 
 
-def make_dataset(ws: Any, limit: int, source: Path | None) -> str:
-    """Import up to ``limit`` images (balanced over classes) and split 90/10; returns the dataset name."""
+def make_dataset(ws: Any, limit: int, source: Path | None, ratios: str = "0.9,0.1") -> str:
+    """Import up to ``limit`` images (balanced over classes) and split them by ``ratios`` (train, val); returns
+    the dataset name."""
     from handlens.data.catalog import open_catalog
     from handlens.data.demo import build_textures
     from handlens.data.importer import import_path
@@ -50,7 +51,7 @@ def make_dataset(ws: Any, limit: int, source: Path | None) -> str:
             shutil.copyfile(f, tree / folder.name / f.name)  # the importer refuses links out of the tree
     catalog = open_catalog(ws.db_url)
     import_path(catalog, tree, "bench", workers=1)
-    make_split(catalog, "bench", ratios="0.9,0.1", seed=0)
+    make_split(catalog, "bench", ratios=ratios, seed=0)
     catalog.close()
     return "bench"
 

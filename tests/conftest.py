@@ -65,19 +65,27 @@ def colour_tree(root: Path, per_class: int = 16, size: int = 40) -> Path:
     return root
 
 
-@pytest.fixture
-def trained_workspace(tmp_path: Path):
-    """A workspace with the colour dataset imported as 'colours' and split 50/25/25."""
+def split_workspace(root: Path, tree: Path, dataset: str = "colours", *, ratios: str = "0.5,0.25,0.25",
+                    seed: int = 0, db_url: str | None = None):
+    """A workspace at ``root/ws`` with ``tree`` imported as ``dataset`` and split by ``ratios``."""
     from handlens.core.workspace import Workspace
     from handlens.data.importer import import_path
     from handlens.data.splits import make_split
 
-    ws = Workspace.open(tmp_path / "ws")
+    ws = Workspace.open(root / "ws", db_url=db_url) if db_url else Workspace.open(root / "ws")
     catalog = open_catalog(ws.db_url)
-    import_path(catalog, colour_tree(tmp_path / "colours"), "colours", workers=1)
-    make_split(catalog, "colours", ratios="0.5,0.25,0.25", seed=0)
-    catalog.close()
+    try:
+        import_path(catalog, tree, dataset, workers=1)
+        make_split(catalog, dataset, ratios=ratios, seed=seed)
+    finally:
+        catalog.close()
     return ws
+
+
+@pytest.fixture
+def trained_workspace(tmp_path: Path):
+    """A workspace with the colour dataset imported as 'colours' and split 50/25/25."""
+    return split_workspace(tmp_path, colour_tree(tmp_path / "colours"))
 
 
 def tiny_config(*overrides: str):

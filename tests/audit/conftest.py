@@ -27,21 +27,10 @@ def planted_tree(root, per_class=20, copies=12):
 @pytest.fixture(scope="module")
 def planted_bundle(tmp_path_factory):
     """A tiny model trained on the planted dataset: (workspace, bundle path)."""
-    from handlens.core.workspace import Workspace
-    from handlens.data.catalog import open_catalog
-    from handlens.data.importer import import_path
-    from handlens.data.splits import make_split
-    from handlens.train.config import load_config
     from handlens.train.run import train
+    from tests.conftest import split_workspace, tiny_config
 
     tmp = tmp_path_factory.mktemp("audit")
-    ws = Workspace.open(tmp / "ws")
-    catalog = open_catalog(ws.db_url)
-    import_path(catalog, planted_tree(tmp / "planted"), "planted", workers=1)
-    make_split(catalog, "planted", ratios="0.5,0.2,0.3", seed=1)
-    catalog.close()
-    cfg = load_config(None, ["data.dataset=planted", "model.backbone=tiny_cnn", "model.weights=none",
-                             "model.freeze=full", "train.epochs=3", "train.batch_size=8", "train.lr=0.01",
-                             "tracking.backend=none", "train.progress=false"])
-    result = train(cfg, ws)
+    ws = split_workspace(tmp, planted_tree(tmp / "planted"), "planted", ratios="0.5,0.2,0.3", seed=1)
+    result = train(tiny_config("data.dataset=planted", "train.epochs=3"), ws)
     return ws, result.bundle

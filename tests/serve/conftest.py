@@ -8,24 +8,16 @@ from PIL import Image
 
 from handlens.serve.app import create_app
 from handlens.serve.settings import ServeSettings
-from tests.conftest import colour_tree, tiny_config
+from tests.conftest import colour_tree, split_workspace, tiny_config
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(client, run id, root): the colours dataset imported and split, one tiny model trained, the service up."""
-    from handlens.core.workspace import Workspace
-    from handlens.data.catalog import open_catalog
-    from handlens.data.importer import import_path
-    from handlens.data.splits import make_split
     from handlens.train.run import train
 
     root = tmp_path_factory.mktemp("serve")
-    ws = Workspace.open(root / "ws")
-    catalog = open_catalog(ws.db_url)
-    import_path(catalog, colour_tree(root / "colours"), "colours", workers=1)
-    make_split(catalog, "colours", ratios="0.5,0.25,0.25", seed=0)
-    catalog.close()
+    ws = split_workspace(root, colour_tree(root / "colours"))
     result = train(tiny_config(), ws)
     settings = ServeSettings(workspace=ws.root, db_url=ws.db_url, max_upload_bytes=200_000, max_pixels=1_000_000,
                              max_backward_passes=16, allowed_hosts=["testserver"])  # the test client's Host

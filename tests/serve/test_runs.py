@@ -7,25 +7,17 @@ from fastapi.testclient import TestClient
 
 from handlens.serve.app import create_app
 from handlens.serve.settings import ServeSettings
-from tests.conftest import colour_tree, tiny_config
+from tests.conftest import colour_tree, split_workspace, tiny_config
 
 
 @pytest.fixture(scope="module")
 def runs_served(tmp_path_factory):
     """A workspace with one named run and one study's refitted winner, served."""
-    from handlens.core.workspace import Workspace
-    from handlens.data.catalog import open_catalog
-    from handlens.data.importer import import_path
-    from handlens.data.splits import make_split
     from handlens.search.study import StudyConfig, run_study
     from handlens.train.run import train
 
     root = tmp_path_factory.mktemp("runs")
-    ws = Workspace.open(root / "ws")
-    catalog = open_catalog(ws.db_url)
-    import_path(catalog, colour_tree(root / "colours"), "colours", workers=1)
-    make_split(catalog, "colours", ratios="0.5,0.25,0.25", seed=0)
-    catalog.close()
+    ws = split_workspace(root, colour_tree(root / "colours"))
     named = train(tiny_config("tracking.name=my baseline"), ws)
     space = root / "space.yaml"
     space.write_text(json.dumps({"space": {"model.head": ["logistic", "linear"]}, "fixed": {
