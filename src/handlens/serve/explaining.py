@@ -56,8 +56,8 @@ def compute_explanation(copy: Any, picture: np.ndarray, *, method: str, layer: s
         unseen = unseen_on_image(shown.shape[0], shown.shape[1], bundle.preprocess)
     buffer = io.BytesIO()
     # compress_level 1: a fifth of the encoding time of the default 6 (21 vs 109 ms for a 501x380 overlay), 1.15x the bytes
-    Image.fromarray(overlay(shown, shown_heat, 0.5, signed=explained.signed, unseen=unseen)).save(buffer, "PNG",
-                                                                                               compress_level=1)
+    drawn = overlay(shown, shown_heat, 0.5, signed=explained.signed, unseen=unseen)
+    Image.fromarray(drawn).save(buffer, "PNG", compress_level=1)
     return {"method": method, "layer": explained.layer, "target": bundle.classes[explained.target],
             "signed": explained.signed, "shortcuts": explained.shortcuts.to_dict(),
             "probabilities": {c: float(p) for c, p in zip(bundle.classes, explained.probabilities, strict=True)},
