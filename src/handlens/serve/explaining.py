@@ -55,7 +55,7 @@ def compute_explanation(copy: Any, picture: np.ndarray, *, method: str, layer: s
 
         unseen = unseen_on_image(shown.shape[0], shown.shape[1], bundle.preprocess)
     buffer = io.BytesIO()
-    # compress_level 1: a fifth of the encoding time of the default 6 (21 vs 109 ms for a 501x380 overlay), 1.15x the bytes
+    # compress_level 1: a fifth of the default 6's encoding time (21 vs 109 ms, 501x380 overlay), 1.15x the bytes
     drawn = overlay(shown, shown_heat, 0.5, signed=explained.signed, unseen=unseen)
     Image.fromarray(drawn).save(buffer, "PNG", compress_level=1)
     return {"method": method, "layer": explained.layer, "target": bundle.classes[explained.target],
