@@ -61,3 +61,27 @@ def test_predictions_are_read_back_after_a_restart(served, tmp_path):
     fresh = PredictionStore(state.workspace.cache_dir)  # a new service process on the same workspace
     assert fresh.get(model, labelset).state == "ready"
     assert PredictionStore(tmp_path).get(model, labelset).state == "none"
+
+
+def test_a_file_changed_since_import_is_skipped_and_named_never_scored(tmp_path):
+    """Scoring the dataset reads files as the service reads every file: one replaced since import is refused."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from handlens.serve.app import create_app
+    from handlens.serve.settings import ServeSettings
+    from handlens.train.run import train
+    from tests.conftest import colour_tree, split_workspace, tiny_config
+
+    tree = colour_tree(tmp_path / "colours", per_class=6)
+    ws = split_workspace(tmp_path, tree)
+    run_id = train(tiny_config(), ws).run_id
+    victim = sorted((tree / "red").iterdir())[0]
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(victim)  # another picture under the imported name
+    settings = ServeSettings(workspace=ws.root, db_url=ws.db_url, allowed_hosts=["testserver"])
+    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
+        state = wait_ready(client, run_id)
+        assert state["state"] == "ready" and state["skipped"] == 1, state
+        assert state["skipped_examples"][0].startswith(victim.name)
+        page = client.get(f"/api/v1/models/{run_id}/browse", params={"q": victim.name}).json()
+        assert page["items"][0]["predicted"] is None  # not scored, still listed

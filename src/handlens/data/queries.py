@@ -173,7 +173,8 @@ def image_detail(session: Session, image_id: int) -> dict[str, Any] | None:
 def browse_rows(session: Session, *, dataset: str, labelset: str | None, split: str | None,
                 subset: str | None = None) -> tuple[str, str | None, list[dict[str, Any]]]:
     """Every labelled image of a dataset under one labelset (its default when None), with its subset in
-    ``split`` (fold 0) when given: (labelset name, split name, rows of id, name, path, sha256, label, subset)."""
+    ``split`` (fold 0) when given: (labelset name, split name, rows of id, name, path, sha256, label, bytes,
+    mtime_ns, subset)."""
     from pathlib import Path
 
     from handlens.data.catalog import SplitAssignment
@@ -182,7 +183,7 @@ def browse_rows(session: Session, *, dataset: str, labelset: str | None, split: 
     ls = find_labelset(session, ds, labelset)
     chosen = session.scalars(select(Split).where(Split.dataset_id == ds.id, Split.name == split)).first() \
         if split else None
-    query = (select(Image.id, Image.path, Image.sha256, Label.label)
+    query = (select(Image.id, Image.path, Image.sha256, Label.label, Image.bytes, Image.mtime_ns)
              .join(Label, Label.image_id == Image.id).where(Label.labelset_id == ls.id))
     if chosen is not None:
         query = query.outerjoin(SplitAssignment, (SplitAssignment.image_id == Image.id)
@@ -190,6 +191,7 @@ def browse_rows(session: Session, *, dataset: str, labelset: str | None, split: 
         query = query.add_columns(SplitAssignment.subset)
         if subset:
             query = query.where(SplitAssignment.subset == subset)
-    rows = [{"id": r[0], "name": Path(r[1]).name, "path": r[1], "sha256": r[2], "label": r[3],
-             "subset": r[4] if len(r) > 4 else None} for r in session.execute(query.order_by(Image.id))]
+    rows = [{"id": r[0], "name": Path(r[1]).name, "path": r[1], "sha256": r[2], "label": r[3], "bytes": r[4],
+             "mtime_ns": r[5], "subset": r[6] if len(r) > 6 else None}
+            for r in session.execute(query.order_by(Image.id))]
     return ls.name, chosen.name if chosen is not None else None, rows

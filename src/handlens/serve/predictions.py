@@ -30,6 +30,7 @@ class Scored:
     done: int = 0
     of: int = 0
     error: str = ""
+    skipped: list[str] = field(default_factory=list)  # "name: why" of files gone or changed since import
     by_id: dict[int, tuple[str, float, float]] = field(default_factory=dict)
 
 
@@ -57,19 +58,22 @@ class PredictionStore:
                 return self._scored[key]
         return Scored()
 
-    def start(self, model: Any, labelset: str, rows: list[tuple[int, str, str, str]]) -> Scored:
-        """Begin scoring ``rows`` ((id, path, sha256, true label)) unless it is under way or done; the state."""
+    def start(self, model: Any, labelset: str, rows: list[dict[str, Any]], roots: Any = None) -> Scored:
+        """Begin scoring ``rows`` (browse rows: id, path, sha256, label, bytes, mtime_ns) unless it is under way
+        or done; the state. Each file is checked as the service checks every file it reads (inside ``roots``,
+        unchanged since import): one that is not is skipped and named, never decoded."""
         key = self.key(model, labelset)
         with self._lock:
             found = self._scored.get(key)
             if found is not None and found.state in ("computing", "ready"):
                 return found
             scored = self._scored[key] = Scored(state="computing", of=len(rows))
-        threading.Thread(target=self._compute, args=(model, key, rows, scored), daemon=True,
-                         name=f"predictions-{key}").start()
+        threading.Thread(target=self._compute, args=(model,), kwargs={"key": key, "rows": rows, "scored": scored,
+                                                                      "roots": roots},
+                         daemon=True, name=f"predictions-{key}").start()
         return scored
 
-    def _compute(self, model: Any, key: str, rows: list[tuple[int, str, str, str]], scored: Scored) -> None:
+    def _compute(self, model: Any, *, key: str, rows: list[dict[str, Any]], scored: Scored, roots: Any) -> None:
         from handlens.transforms.cache import decode_many, decode_working_many
 
         bundle = model.bundle
@@ -77,8 +81,8 @@ class PredictionStore:
         cache_dir = self.root.parent
         try:
             for start in range(0, len(rows), STEP):
-                part = rows[start:start + STEP]
-                paths, shas = [r[1] for r in part], [r[2] for r in part]
+                part = _checked(rows[start:start + STEP], roots, scored)
+                paths, shas = [r["path"] for r in part], [r["sha256"] for r in part]
                 if bundle.patch_trained:
                     decoded: Any = decode_working_many(paths, bundle.preprocess.working_side,
                                                        bundle.preprocess.morphology, sha256s=shas, cache_dir=cache_dir)
@@ -88,11 +92,11 @@ class PredictionStore:
                     decoded = decode_many(paths, bundle.preprocess, sha256s=shas, cache_dir=cache_dir)
                     with model.lock:
                         probs = bundle.predict_arrays(decoded)
-                for (image_id, _, _, label), p in zip(part, probs, strict=True):
+                for row, p in zip(part, probs, strict=True):
                     best = int(np.argmax(p))
-                    truth = float(p[classes.index(label)]) if label in classes else 0.0
-                    scored.by_id[int(image_id)] = (classes[best], round(float(p[best]), 5), round(truth, 5))
-                scored.done = min(len(rows), start + len(part))
+                    truth = float(p[classes.index(row["label"])]) if row["label"] in classes else 0.0
+                    scored.by_id[int(row["id"])] = (classes[best], round(float(p[best]), 5), round(truth, 5))
+                scored.done = min(len(rows), start + STEP)
             scored.state = "ready"
             self._write(key, scored)
         except Exception as exc:  # a file gone or unreadable: said in the answer, browsing goes on
@@ -112,6 +116,25 @@ class PredictionStore:
         tmp = self.root / f"{key}.json.tmp"
         tmp.write_text(json.dumps({"by_id": {str(i): list(v) for i, v in scored.by_id.items()}}))
         tmp.replace(self.root / f"{key}.json")
+
+
+def _checked(part: list[dict[str, Any]], roots: Any, scored: Scored) -> list[dict[str, Any]]:
+    """The rows whose files are still the ones imported (their real paths in ``path``); the others named in
+    ``scored.skipped``. An image already in the decode cache is not read again, but a moved file is still
+    refused: the check is on the catalog's word, not the cache's."""
+    from handlens.core.errors import HandlensError
+    from handlens.data.imaging import verify_catalog_file
+
+    kept = []
+    for row in part:
+        try:
+            real = verify_catalog_file(row["path"], sha256=row["sha256"], size=row.get("bytes"),
+                                       mtime_ns=row.get("mtime_ns"), root=roots)
+        except HandlensError as exc:
+            scored.skipped.append(f"{row['name']}: {exc}")
+            continue
+        kept.append({**row, "path": str(real)})
+    return kept
 
 
 def browse_page(rows: list[dict[str, Any]], scored: Scored, *, result: str | None, predicted: str | None,

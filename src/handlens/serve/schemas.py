@@ -259,6 +259,8 @@ class PredictionsState(BaseModel):
     done: int
     of: int
     error: str = ""
+    skipped: int = Field(0, description="files gone or changed since import: never decoded, not scored")
+    skipped_examples: list[str] = Field(default_factory=list)
 
 
 class BrowseItem(BaseModel):

@@ -49,8 +49,7 @@ async def browse(model_id: str, model: LoadedModelDep, state: StateDep, *, label
     name, split, scored, matrix, page = await asyncio.get_running_loop().run_in_executor(state.io_pool, work)
     return BrowsePage(model=model_id, labelset=name, split=split, **page, confusion=matrix,
                       classes=list(model.bundle.classes),
-                      predictions=PredictionsState(state=scored.state, done=scored.done, of=scored.of,
-                                                   error=scored.error))
+                      predictions=_state(scored))
 
 
 @router.post("/models/{model_id}/predictions")
@@ -61,7 +60,22 @@ async def predictions(model_id: str, model: LoadedModelDep, state: StateDep,
     name = labelset or model.bundle.manifest.get("labelset") or "default"
     scored = state.predictions.get(model, name)
     if scored.state not in ("ready", "computing"):  # a poll while it runs reads no rows
-        _, _, rows = await asyncio.get_running_loop().run_in_executor(state.io_pool, _rows, state, model, labelset,
-                                                                      None)
-        scored = state.predictions.start(model, name, [(r["id"], r["path"], r["sha256"], r["label"]) for r in rows])
-    return PredictionsState(state=scored.state, done=scored.done, of=scored.of, error=scored.error)
+        loop = asyncio.get_running_loop()
+        _, _, rows = await loop.run_in_executor(state.io_pool, _rows, state, model, labelset, None)
+        roots = await loop.run_in_executor(state.io_pool, _roots, state, model)
+        scored = state.predictions.start(model, name, rows, roots)
+    return _state(scored)
+
+
+def _roots(state: Any, model: Any) -> Any:
+    """The folders the model's dataset was imported from: every file scored must still lie inside one."""
+    from handlens.data.importer import dataset_roots
+    from handlens.data.queries import find_dataset
+
+    with state.catalog.session() as session:
+        return dataset_roots(session, find_dataset(session, model.bundle.manifest["dataset"]).id)
+
+
+def _state(scored: Any) -> PredictionsState:
+    return PredictionsState(state=scored.state, done=scored.done, of=scored.of, error=scored.error,
+                            skipped=len(scored.skipped), skipped_examples=scored.skipped[:5])
