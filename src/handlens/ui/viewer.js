@@ -340,7 +340,8 @@ async function browse() {
 function showPredictionState(p) {
   const words = { none: "predictions: not computed yet", ready: `predictions: stored for ${p.of} images`,
     computing: `predictions: computing (${p.done} of ${p.of} images)`, failed: `predictions failed: ${p.error}` };
-  $("pred-state").textContent = words[p.state];
+  $("pred-state").textContent = words[p.state] + (p.skipped ? ` · ${p.skipped} file(s) gone or changed since ` +
+    `import were skipped (e.g. ${p.skipped_examples[0]})` : "");
 }
 
 async function startPredictions() {
