@@ -71,3 +71,24 @@ def test_the_part_of_the_image_outside_a_centre_crop_is_marked_unseen_and_hatche
     cold = overlay(picture, np.zeros((32, 32)), 0.5)
     assert (drawn[:, 30:50] == cold[:, 30:50]).all()  # inside the crop: the map as it is
     assert (drawn[:, :10, 2] != cold[:, :10, 2]).any() and drawn[:, :10].std(axis=2).max() < 1  # grey, not blue
+
+
+def test_a_model_with_its_own_threshold_roi_counts_energy_off_the_specimen(trained_workspace):
+    """No expert region, but the model was trained with a threshold ROI: its shortcut shares use that rule."""
+    import numpy as np
+
+    from handlens.explain.api import load_bundle
+    from handlens.explain.image import explain_image, own_roi
+    from handlens.train.run import train
+    from tests.conftest import tiny_config
+
+    patches = ["preprocess.patches.enabled=true", "preprocess.patches.size=24", "preprocess.patches.max_side=0",
+               "preprocess.patches.per_image=3", "preprocess.patches.grid_max=4", "preprocess.size=24",
+               "preprocess.roi.source=threshold", "preprocess.patches.min_roi=0.3"]
+    bundle = load_bundle(train(tiny_config(*patches), trained_workspace).bundle)
+    picture = np.zeros((48, 48, 3), dtype=np.uint8)
+    picture[:, :24] = np.random.default_rng(0).integers(150, 255, (48, 24, 3))  # a bright specimen, left
+    mask = own_roi(bundle, picture)
+    assert mask is not None and mask[:, :24].mean() > 0.9 and mask[:, 30:].mean() < 0.1
+    explained = explain_image(bundle, picture, method="gradcam", max_tiles=64)
+    assert explained.shortcuts.verdict == "empty map" or explained.shortcuts.outside_roi is not None

@@ -41,13 +41,16 @@ def explain_image(bundle: Any, picture: np.ndarray, *, method: str, layer: str |
                   params: Any = None, max_tiles: int | None = None, roi: np.ndarray | None = None) -> ImageExplanation:
     """Explain one (H, W, 3) uint8 image with ``bundle`` (an ``ExplainableBundle``) as it sees images; the
     caller holds whatever lock the bundle needs. ``max_tiles`` bounds a patch-trained model's work. ``roi``
-    (a boolean mask over the image: the specimen or the expert regions) is where the answer's shortcut
-    shares count energy as on the specimen (:mod:`handlens.explain.shortcuts`)."""
+    (a boolean mask over the image: the specimen or the expert regions; by default the model's own threshold
+    rule, :func:`own_roi`) is where the answer's shortcut shares count energy as on the specimen
+    (:mod:`handlens.explain.shortcuts`)."""
     from handlens.explain.shortcuts import energy_shares, model_input_shares
     from handlens.transforms.roi import mask_for_input, resize_mask
 
     check_request(bundle, layer=layer, target=target)
     height, width = picture.shape[:2]
+    if roi is None:
+        roi = own_roi(bundle, picture)
     if bundle.patch_trained:
         from handlens.explain.tiles import tiled_explain
 
@@ -69,6 +72,16 @@ def explain_image(bundle: Any, picture: np.ndarray, *, method: str, layer: str |
                             probabilities, target_index, bool(result.signed), result.layer,
                             float(result.timings.get("total", 0.0)), "whole image",
                             model_input_shares(heat, width=width, height=height, preprocess=preprocess, roi=on_input))
+
+
+def own_roi(bundle: Any, picture: np.ndarray) -> np.ndarray | None:
+    """The specimen mask by the model's own threshold rule (the ROI it was trained with, e.g. an X-ray's black
+    border left out), or None for a model without one: where expert regions are absent, the shortcut shares
+    still count energy off the specimen as the model's user defined it."""
+    from handlens.transforms.roi import RoiRule, threshold_roi
+
+    rule = RoiRule.from_dict((bundle.preprocess.patches or {}).get("roi"))
+    return threshold_roi(picture, rule) if rule.source == "threshold" else None
 
 
 def unseen_on_image(height: int, width: int, preprocess: Any) -> np.ndarray | None:
