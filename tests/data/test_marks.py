@@ -71,3 +71,17 @@ def test_a_mark_on_a_minority_of_a_class_among_texture_is_found_where_it_is():
     assert found and found[0].where == "bottom-right corner", marks
     assert abs(found[0].in_class - 0.14) < 0.05 and found[0].in_others < 0.1 and not found[0].shortcut
     assert all(m.where == "bottom-right corner" for m in marks)  # the grains make no mark
+
+
+def test_a_16_bit_image_is_scaled_over_its_range_not_clipped_white(tmp_path):
+    from PIL import Image
+
+    from handlens.data.leaks import frame_dhash
+    from handlens.data.marks import grid_image
+
+    ramp = (np.linspace(0, 40000, 256)[None, :] * np.ones((256, 1))).astype(np.uint16)
+    ramp[230:236, 150:250] = 65535  # a bright scale bar in an X-ray
+    Image.fromarray(ramp).save(tmp_path / "xray.png")  # a 16-bit PNG
+    small = grid_image(str(tmp_path / "xray.png"))
+    assert small.min() < 10 and 140 < small.max() <= 255 and small.std() > 20  # not all 255
+    assert contrasted(small).any() and frame_dhash(str(tmp_path / "xray.png")) is not None

@@ -20,6 +20,8 @@ ON_MARK_SHARE = 0.1
 #: images per class decoded for the burned-in mark search (seeded sample beyond that)
 MARK_IMAGES_PER_CLASS = 200
 OVERLAY_SIDE = 256
+#: images explained at once (an explanation keeps every input's activations and gradients)
+EXPLAIN_BATCH = 16
 
 
 @dataclass
@@ -99,7 +101,11 @@ def audit(bundle_ref: str | Path, workspace: Workspace, *, subset: str = "test",
     started = time.perf_counter()
     facts, train_facts, regions = _catalog_facts(workspace, bundle.manifest, judged.image_ids or [])
     baselines = attribute_baselines(train_facts, [f for f in facts if f is not None], bundle.classes)
-    leakage = leak_check(workspace, bundle, judged.paths, judged.decoded, sha256s=judged.sha256s).to_dict()
+    if subset == "test":
+        leakage = leak_check(workspace, bundle, judged.paths, judged.decoded, sha256s=judged.sha256s).to_dict()
+    else:  # the model learnt from (or was selected on) these images: every one would be its own copy
+        leakage = {"verdict": f"not checked: the model trained on (or was selected on) the {subset} subset; the "
+                              "copy check is for the test subset", "pairs": []}
     timings["baselines_and_copies"] = time.perf_counter() - started
     started = time.perf_counter()
     chosen, worst_ids = choose_sample(judged.probs, judged.targets, sample=sample, worst=worst, seed=seed)
@@ -114,9 +120,13 @@ def audit(bundle_ref: str | Path, workspace: Workspace, *, subset: str = "test",
     judged_maps = sum(summary["maps"] - summary["empty"] for summary in per_class.values())
     from handlens.explain.shortcuts import NO_SHORTCUT_SIGN, SHORTCUT_WARNING
 
-    shortcuts_verdict = (f"{SHORTCUT_WARNING}: {flagged} of {judged_maps} sampled maps put their energy outside the "
-                         "specimen, on padding or in the border band" if flagged else
-                         f"{NO_SHORTCUT_SIGN} in {judged_maps} sampled maps")
+    if not judged_maps:
+        shortcuts_verdict = "not checked: every sampled map was empty (no positive energy to locate)"
+    elif flagged:
+        shortcuts_verdict = (f"{SHORTCUT_WARNING}: {flagged} of {judged_maps} sampled maps put their energy outside "
+                             "the specimen, on padding or in the border band")
+    else:
+        shortcuts_verdict = f"{NO_SHORTCUT_SIGN} in {judged_maps} sampled maps"
     return AuditReport(
         bundle=str(judged.path), source=judged.source, classes=bundle.classes, images=len(judged.paths),
         method=method, layer=maps["layer"], accuracy=round(float(metrics["accuracy"]), 4),
@@ -208,7 +218,11 @@ def _sample_maps(bundle: Any, judged: Any, chosen: list[int], *, facts: list[Any
     pictures = np.ascontiguousarray(judged.decoded[chosen])
     inputs = preprocess.normalize_batch(torch.from_numpy(np.ascontiguousarray(pictures.transpose(0, 3, 1, 2))))
     mean, std = preprocess.affine()
-    result = explain(bundle.module, inputs, bundle.classes, method, layer=layer, target="pred", mean=mean, std=std)
+    parts = [explain(bundle.module, inputs[i:i + EXPLAIN_BATCH], bundle.classes, method, layer=layer, target="pred",
+                     mean=mean, std=std) for i in range(0, len(inputs), EXPLAIN_BATCH)]  # bounded memory
+    result = parts[0]
+    result.maps = np.concatenate([p.maps for p in parts])
+    result.targets = [t for p in parts for t in p.targets]
     maps = result.maps if result.maps.ndim == 3 else result.maps[:, 0]
     ids = judged.image_ids or []
     shares, rois = [], []

@@ -88,19 +88,29 @@ def check_inside(polygons: list[Any], *, width: int, height: int) -> None:
             raise ValueError(f"polygon {index} has no area (its points are on one line)")
 
 
+#: a mask file larger than this many pixels is not decoded
+MAX_MASK_PIXELS = 100_000_000
+
+
 def region_mask(annotations: list[Annotation], width: int, height: int) -> np.ndarray:
-    """The union of an image's annotations as a (height, width) boolean mask in image coordinates."""
+    """The union of an image's annotations as a (height, width) boolean mask in image coordinates; a mask file
+    that can no longer be read (moved, deleted, damaged) adds nothing rather than failing the caller."""
     from PIL import Image as PILImage
     from PIL import ImageDraw
 
     canvas = PILImage.new("L", (width, height), 0)
     for annotation in annotations:
         if annotation.kind == "mask" and annotation.mask_path:
-            with PILImage.open(annotation.mask_path) as mask:
-                layer = mask.convert("L")
-                if layer.size != (width, height):
-                    layer = layer.resize((width, height), PILImage.NEAREST)
-                canvas.paste(255, mask=layer.point(lambda v: 255 if v > 0 else 0))
+            try:
+                with PILImage.open(annotation.mask_path) as mask:
+                    if mask.width * mask.height > MAX_MASK_PIXELS:
+                        continue  # a decompression bomb is no region
+                    layer = mask.convert("L")
+            except (OSError, ValueError, PILImage.DecompressionBombError):
+                continue  # a mask file moved, deleted or damaged since import: that region is not drawn
+            if layer.size != (width, height):
+                layer = layer.resize((width, height), PILImage.NEAREST)
+            canvas.paste(255, mask=layer.point(lambda v: 255 if v > 0 else 0))
         elif annotation.polygons:
             draw = ImageDraw.Draw(canvas)
             for polygon in annotation.polygons:

@@ -83,6 +83,9 @@ def attribute_baselines(train: Sequence[FileFacts], judged: Sequence[FileFacts],
 def baselines_verdict(baselines: list[Baseline], model_accuracy: float) -> str:
     """``shortcut: size only reaches accuracy 0.95 (model 0.97)`` when an attribute baseline comes within
     :data:`NEAR_MODEL` of the model and beats the majority class; else ``no shortcut: ...``."""
+    if not baselines:
+        return ("not checked: this catalog holds none of the model's training images (or none of the judged ones "
+                "under its labelset), so no baseline could be learnt")
     majority = next((b.accuracy for b in baselines if b.name == "majority class"), 0.0)
     close = [b for b in baselines if b.name != "majority class" and b.accuracy > majority + 1e-9
              and b.accuracy >= model_accuracy - NEAR_MODEL]

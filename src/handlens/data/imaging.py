@@ -240,3 +240,21 @@ def probe_image(path: str, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = D
         except Exception as exc:
             return Probe(**facts, ok=False, reason=Reason.TRUNCATED, detail=f"{type(exc).__name__}: {exc}")
     return Probe(**facts, ok=True)
+
+
+def small_grey(path: str | Path, side: int) -> Any:
+    """A file decoded small and fast as a (side, side) uint8 grey array, stretched: JPEGs at a reduced scale,
+    upright as shown, 16-bit and float images scaled over their full range (65535 -> 255, as training's decode
+    does) rather than clipped at 255 by a plain ``convert("L")`` (an X-ray would be all white)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as opened:
+        opened.draft("L", (side, side))  # JPEG only: decode at 1/2..1/8 scale
+        upright = ImageOps.exif_transpose(opened)
+        if upright.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            array = np.asarray(upright, dtype=np.float32)
+            wide = upright.mode != "F" and (upright.mode.startswith("I;16") or float(array.max(initial=0)) > 255)
+            scaled = array / 257.0 if wide else (array * 255.0 if float(array.max(initial=0)) <= 1.0 else array)
+            upright = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))
+        return np.asarray(upright.convert("L").resize((side, side), Image.Resampling.BOX))

@@ -175,15 +175,15 @@ def _distances(a: Sequence[int | None], b: Sequence[int | None]) -> np.ndarray:
 
 
 def frame_dhash(path: str) -> int | None:
-    """The dHash of a file's whole frame (decoded small: JPEG at a reduced scale), or None when it cannot be
-    read or is flat. A copy that was squashed to another aspect ratio or re-framed matches here even when
-    the model's centre crop of it does not."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """The dHash of a file's whole frame (decoded small: JPEG at a reduced scale, 16-bit over its full range), or
+    None when it cannot be read or is flat. A copy that was squashed to another aspect ratio or re-framed
+    matches here even when the model's centre crop of it does not."""
+    from PIL import UnidentifiedImageError
+
+    from handlens.data.imaging import small_grey
 
     try:
-        with Image.open(path) as opened:
-            opened.draft("L", (72, 64))
-            return dhash(np.asarray(ImageOps.exif_transpose(opened).convert("L")))
+        return dhash(small_grey(path, 72))
     except (OSError, UnidentifiedImageError, ValueError):
         return None
 

@@ -85,13 +85,10 @@ def contrasted(image: np.ndarray) -> np.ndarray:
 
 
 def grid_image(path: str) -> np.ndarray:
-    """A file decoded small and fast for the mark search: grey, upright, JPEGs decoded at a reduced scale."""
-    from PIL import Image, ImageOps
+    """A file decoded small and fast for the mark search (:func:`handlens.data.imaging.small_grey`)."""
+    from handlens.data.imaging import small_grey
 
-    with Image.open(path) as opened:
-        opened.draft("L", (GRID * FINE, GRID * FINE))  # JPEG only: decode at 1/2..1/8 scale
-        upright = ImageOps.exif_transpose(opened)
-        return np.asarray(upright.convert("L").resize((GRID * FINE, GRID * FINE), Image.Resampling.BOX))
+    return small_grey(path, GRID * FINE)
 
 
 def band_mask(band: float = BAND) -> np.ndarray:

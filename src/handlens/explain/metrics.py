@@ -226,4 +226,5 @@ def agreement(heatmap: np.ndarray, region: np.ndarray, fraction: float = 0.2, to
         raise InputError(f"map {heatmap.shape} and region {region.shape} differ in size")
     region = region.astype(bool)
     return {"pointing_hit": pointing_game(heatmap, region, tolerance), "energy_inside": energy_inside(heatmap, region),
-            "top_iou": top_fraction_iou(heatmap, region, fraction), "region_share": float(region.mean())}
+            "top_iou": top_fraction_iou(heatmap, region, fraction), "region_share": float(region.mean()),
+            "empty": not bool((np.asarray(heatmap) > 0).any())}  # no positive relevance: points nowhere

@@ -115,7 +115,7 @@ def energy_shares(heat: np.ndarray, *, content: np.ndarray | None = None, roi: n
     """The shares of ``heat``'s (H, W) positive energy outside ``roi``, off ``content`` (the pixels that are
     image, not padding; all by default) and in the border band of the content's bounding box. ``roi`` and
     ``content`` are boolean (H, W) masks on the same grid; ``unseen`` is passed through (see module doc)."""
-    energy = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float64)), 0.0, None)
+    energy = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0), 0.0, None)
     height, width = energy.shape
     everywhere = np.ones((height, width), dtype=bool)
     content = everywhere if content is None else np.asarray(content, dtype=bool)
@@ -168,6 +168,9 @@ def shares_summary(shares: list[ShortcutShares]) -> dict[str, Any]:
                          "area": round(float(np.median([f.area for f in found])), 4),
                          "flagged": sum(f.flagged for f in found), "maps": len(found)}
     flagged = out["flagged"]
-    out["verdict"] = (f"{SHORTCUT_WARNING}: {flagged} of {len(judged)} maps" if flagged
-                      else f"{NO_SHORTCUT_SIGN} in {len(judged)} maps")
+    if not judged:
+        out["verdict"] = f"not checked: {EMPTY_MAP} in all {len(shares)} maps" if shares else "not checked: no map"
+    else:
+        out["verdict"] = (f"{SHORTCUT_WARNING}: {flagged} of {len(judged)} maps" if flagged
+                          else f"{NO_SHORTCUT_SIGN} in {len(judged)} maps")
     return out

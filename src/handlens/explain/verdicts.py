@@ -135,17 +135,22 @@ def sanity_verdict(sanity: dict[str, Any]) -> str:
 def agreement_verdict(images: list[dict[str, Any]], *, alpha: float = ALPHA) -> dict[str, Any]:
     """The words for maps against expert regions, from per-image ``energy_inside``, ``region_share`` and
     ``pointing_hit``: the verdict, the median paired gap, its p-value and a sentence."""
+    empty = [i for i in images if i.get("empty")]
+    images = [i for i in images if not i.get("empty")]  # an empty map points nowhere: neither in nor away
     inside = np.array([i["energy_inside"] for i in images], dtype=np.float64)
     chance = np.array([i["region_share"] for i in images], dtype=np.float64)
     gaps = inside - chance
     more, less = _one_sided(gaps, "greater"), _one_sided(gaps, "less")
     words = AGREES if more < alpha else (AWAY if less < alpha else CHANCE)
+    decided = less if words == AWAY else more  # the p of the side the words are about
     n = len(images)
     median = float(np.median(gaps)) if n else float("nan")
     hits = float(np.mean([i["pointing_hit"] for i in images])) if n else float("nan")
     sentence = (f"{words} · energy inside the regions {float(np.mean(inside)) if n else float('nan'):.2f} vs "
                 f"{float(np.mean(chance)) if n else float('nan'):.2f} by chance (median paired gap {median:+.2f}, "
-                f"p={_p(more)}), pointing game {hits:.2f}, {n} image{'s' if n != 1 else ''}")
+                f"p={_p(decided)}), pointing game {hits:.2f}, {n} image{'s' if n != 1 else ''}")
+    if empty:
+        sentence += f" ({len(empty)} empty map{'s' if len(empty) != 1 else ''} left out)"
     if n < MIN_IMAGES:
         sentence += f": too few to tell (a paired test needs at least {MIN_IMAGES})"
-    return {"verdict": words, "gap": median, "p": more, "sentence": sentence}
+    return {"verdict": words, "gap": median, "p": decided, "sentence": sentence, "empty_maps": len(empty)}

@@ -163,8 +163,8 @@ def browse_page(rows: list[dict[str, Any]], scored: Scored, *, result: str | Non
         if min_confidence > 0 and (found is None or found[1] < min_confidence):
             continue
         kept.append(item)
-    if sort == "loss":
-        kept.sort(key=lambda item: -(item["loss"] or 0.0))
+    if sort == "loss":  # the highest losses first; an image not scored (skipped) has none to rank
+        kept = sorted((item for item in kept if item["loss"] is not None), key=lambda item: -item["loss"])
     page = kept[offset:offset + limit]
     first = offset + 1 if page else 0
     return {"total": len(kept), "offset": offset, "items": page, "complete": True,

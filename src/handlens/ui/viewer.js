@@ -145,6 +145,7 @@ async function showImage() {
   state.asked = "";  // any answer still on its way is for another image now
   clearAnswer();
   const detail = await api(`/images/${image.id}`);
+  if (currentImage() !== image) return;  // moved on while this detail was on its way: it is not this image's
   $("image-name").textContent = detail.name;
   $("truth").textContent = detail.labels[$("labelset").value] || "-";
   const model = currentModel();
@@ -434,7 +435,7 @@ async function renderLosses() {
   if (!model) return;
   const page = await api(`/models/${encodeURIComponent(model.id)}/browse?` +
     new URLSearchParams({ labelset: $("labelset").value, subset: "test", sort: "loss", limit: 10 }));
-  page.items.forEach((image, index) => {
+  page.items.filter((image) => image.loss !== null).forEach((image, index) => {
     const item = document.createElement("li");
     item.textContent = `${image.name} (${image.label} → ${image.predicted}, loss ${image.loss.toFixed(2)})`;
     item.onclick = () => openImage(page.items, index);
