@@ -85,3 +85,36 @@ def test_a_file_changed_since_import_is_skipped_and_named_never_scored(tmp_path)
         assert state["skipped_examples"][0].startswith(victim.name)
         page = client.get(f"/api/v1/models/{run_id}/browse", params={"q": victim.name}).json()
         assert page["items"][0]["predicted"] is None  # not scored, still listed
+
+
+def test_images_added_after_scoring_make_the_predictions_stale_until_they_are_scored(tmp_path):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from handlens.data.catalog import open_catalog
+    from handlens.data.importer import import_path
+    from handlens.serve.app import create_app
+    from handlens.serve.settings import ServeSettings
+    from handlens.train.run import train
+    from tests.conftest import colour_tree, split_workspace, tiny_config
+
+    ws = split_workspace(tmp_path, colour_tree(tmp_path / "colours", per_class=6))
+    run_id = train(tiny_config(), ws).run_id
+    settings = ServeSettings(workspace=ws.root, db_url=ws.db_url, allowed_hosts=["testserver"])
+    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
+        assert wait_ready(client, run_id)["state"] == "ready"
+        extra = tmp_path / "colours" / "red"
+        for i in range(3):
+            Image.new("RGB", (40, 40), (200 + i, 30, 30)).save(extra / f"late_{i}.png")
+        catalog = open_catalog(ws.db_url)
+        try:
+            import_path(catalog, tmp_path / "colours", "colours", workers=1)
+        finally:
+            catalog.close()
+        page = client.get(f"/api/v1/models/{run_id}/browse", params={"result": "wrong"}).json()
+        assert page["predictions"]["state"] == "stale" and page["predictions"]["of"] == 3
+        assert not page["complete"] and "3 images not scored yet" in page["covers"]  # never counts of a subset
+        assert wait_ready(client, run_id)["state"] == "ready"
+        late = client.get(f"/api/v1/models/{run_id}/browse", params={"q": "late_"}).json()
+        assert len(late["items"]) == 3 and all(i["predicted"] for i in late["items"])
+        assert client.get(f"/api/v1/models/{run_id}/browse", params={"result": "wrong"}).json()["complete"]

@@ -78,10 +78,19 @@ def own_roi(bundle: Any, picture: np.ndarray) -> np.ndarray | None:
     """The specimen mask by the model's own threshold rule (the ROI it was trained with, e.g. an X-ray's black
     border left out), or None for a model without one: where expert regions are absent, the shortcut shares
     still count energy off the specimen as the model's user defined it."""
-    from handlens.transforms.roi import RoiRule, threshold_roi
+    from PIL import Image
+
+    from handlens.transforms.roi import RoiRule, resize_mask, threshold_roi
 
     rule = RoiRule.from_dict((bundle.preprocess.patches or {}).get("roi"))
-    return threshold_roi(picture, rule) if rule.source == "threshold" else None
+    if rule.source != "threshold":
+        return None
+    # at the working scale, as training thresholds (a cleaning radius means the same pixels there), then back
+    height, width = picture.shape[:2]
+    scale = min(1.0, bundle.preprocess.working_side / max(height, width)) if bundle.preprocess.working_side else 1.0
+    small = picture if scale >= 1.0 else np.asarray(Image.fromarray(picture).resize(
+        (max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR))
+    return resize_mask(threshold_roi(small, rule), height, width)
 
 
 def unseen_on_image(height: int, width: int, preprocess: Any) -> np.ndarray | None:

@@ -154,6 +154,16 @@ def _top_loss_gallery(bundle: Any, entries: list[dict[str, Any]], truth: dict[st
     return str(path)
 
 
+def _tiled_shares(bundle: Any, path: str, heatmap: np.ndarray) -> Any:
+    """Where a stitched map's energy sits, with the model's own threshold ROI as the viewer measures it."""
+    from handlens.explain.image import own_roi
+    from handlens.explain.shortcuts import energy_shares
+    from handlens.transforms.roi import resize_mask
+
+    roi = own_roi(bundle, np.asarray(load_rgb(path)))
+    return energy_shares(heatmap, roi=None if roi is None else resize_mask(roi, *heatmap.shape[:2]))
+
+
 def write_tiled(bundle: Any, files: list[str], out: Path, method: str, *, layer: str | None, target: str,
                 tile: int, overlap: float, opacity: float = 0.5, params: dict[str, Any] | None = None,
                 preview: int = 2048) -> dict[str, Any]:
@@ -161,7 +171,6 @@ def write_tiled(bundle: Any, files: list[str], out: Path, method: str, *, layer:
     overlay PNG (downscaled to ``preview`` pixels on its long side, for viewing)."""
     from PIL import Image
 
-    from handlens.explain.shortcuts import energy_shares
     from handlens.explain.tiles import tiled_explain
 
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +190,7 @@ def write_tiled(bundle: Any, files: list[str], out: Path, method: str, *, layer:
                         "probability_map": str(out / f"{stem}.probabilities.npy"),
                         "label": bundle.classes[result.target],
                         "probability": float(result.probabilities[result.target]), **result.summary(),
-                        "shortcuts": energy_shares(result.heatmap).to_dict()})
+                        "shortcuts": _tiled_shares(bundle, path, result.heatmap).to_dict()})
     index = {"bundle": str(bundle.path), "method": method, "tile": tile, "overlap": overlap, "images": entries,
              "index": str(out / "index.json")}
     return _save_index(out, index)

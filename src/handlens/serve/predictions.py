@@ -31,6 +31,11 @@ class Scored:
     of: int = 0
     error: str = ""
     skipped: list[str] = field(default_factory=list)  # "name: why" of files gone or changed since import
+    skipped_ids: set[int] = field(default_factory=set)
+
+    def missing(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows neither scored nor skipped: images added since the predictions were stored."""
+        return [r for r in rows if r["id"] not in self.by_id and r["id"] not in self.skipped_ids]
     by_id: dict[int, tuple[str, float, float]] = field(default_factory=dict)
 
 
@@ -65,9 +70,15 @@ class PredictionStore:
         key = self.key(model, labelset)
         with self._lock:
             found = self._scored.get(key)
-            if found is not None and found.state in ("computing", "ready"):
+            if found is not None and found.state == "computing":
                 return found
-            scored = self._scored[key] = Scored(state="computing", of=len(rows))
+            if found is not None and found.state == "ready":  # images added since: score only those
+                rows = found.missing(rows)
+                if not rows:
+                    return found
+                scored, scored.state, scored.done, scored.of = found, "computing", 0, len(rows)
+            else:
+                scored = self._scored[key] = Scored(state="computing", of=len(rows))
         threading.Thread(target=self._compute, args=(model,), kwargs={"key": key, "rows": rows, "scored": scored,
                                                                       "roots": roots},
                          daemon=True, name=f"predictions-{key}").start()
@@ -107,14 +118,18 @@ class PredictionStore:
         try:
             body = json.loads(path.read_text())
             by_id = {int(i): (str(v[0]), float(v[1]), float(v[2])) for i, v in body["by_id"].items()}
+            skipped = [str(x) for x in body.get("skipped", [])]
+            skipped_ids = {int(i) for i in body.get("skipped_ids", [])}
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             return None
-        return Scored(state="ready", done=len(by_id), of=len(by_id), by_id=by_id)
+        return Scored(state="ready", done=len(by_id), of=len(by_id), by_id=by_id, skipped=skipped,
+                      skipped_ids=skipped_ids)
 
     def _write(self, key: str, scored: Scored) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{key}.json.tmp"
-        tmp.write_text(json.dumps({"by_id": {str(i): list(v) for i, v in scored.by_id.items()}}))
+        tmp.write_text(json.dumps({"by_id": {str(i): list(v) for i, v in scored.by_id.items()},
+                                   "skipped": scored.skipped, "skipped_ids": sorted(scored.skipped_ids)}))
         tmp.replace(self.root / f"{key}.json")
 
 
@@ -132,6 +147,7 @@ def _checked(part: list[dict[str, Any]], roots: Any, scored: Scored) -> list[dic
                                        mtime_ns=row.get("mtime_ns"), root=roots)
         except HandlensError as exc:
             scored.skipped.append(f"{row['name']}: {exc}")
+            scored.skipped_ids.add(int(row["id"]))
             continue
         kept.append({**row, "path": str(real)})
     return kept
@@ -144,9 +160,10 @@ def browse_page(rows: list[dict[str, Any]], scored: Scored, *, result: str | Non
     covers."""
     needs = bool(result or predicted or min_confidence > 0 or sort == "loss")
     ready = scored.state == "ready"
-    if needs and not ready:
+    if needs and (not ready or scored.missing(rows)):
+        waiting = len(scored.missing(rows)) if ready else scored.of - scored.done
         return {"total": 0, "offset": offset, "items": [], "complete": False,
-                "covers": f"waiting for predictions ({scored.done} of {scored.of} images scored)"}
+                "covers": f"waiting for predictions ({waiting} images not scored yet)"}
     text = (q or "").lower()
     kept = []
     for row in rows:

@@ -255,7 +255,8 @@ TRUST_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
 
 
 class PredictionsState(BaseModel):
-    state: Literal["none", "computing", "ready", "failed"]
+    state: Literal["none", "computing", "ready", "stale", "failed"] = Field(
+        description="stale: images were added since the predictions were stored (POST predictions scores them)")
     done: int
     of: int
     error: str = ""

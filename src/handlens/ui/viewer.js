@@ -335,11 +335,12 @@ async function browse() {
   $("page-next").disabled = state.offset + page.items.length >= page.total;
   showPredictionState(page.predictions);
   renderGrid(page.items);
-  if (page.predictions.state === "none") startPredictions();
+  if (["none", "stale"].includes(page.predictions.state)) startPredictions();
 }
 
 function showPredictionState(p) {
   const words = { none: "predictions: not computed yet", ready: `predictions: stored for ${p.of} images`,
+    stale: `predictions: ${p.of} images added since they were stored, scoring them`,
     computing: `predictions: computing (${p.done} of ${p.of} images)`, failed: `predictions failed: ${p.error}` };
   $("pred-state").textContent = words[p.state] + (p.skipped ? ` · ${p.skipped} file(s) gone or changed since ` +
     `import were skipped (e.g. ${p.skipped_examples[0]})` : "");

@@ -44,12 +44,13 @@ async def browse(model_id: str, model: LoadedModelDep, state: StateDep, *, label
         shown = [{k: r[k] for k in ("id", "name", "label", "subset")} for r in rows if not label or r["label"] == label]
         page = browse_page(shown, scored, result=result, predicted=predicted, min_confidence=min_confidence, q=q,
                            offset=offset, limit=limit, sort=sort)
-        return name, split, scored, matrix, page
+        return name, split, _state(scored, rows), matrix, page
 
-    name, split, scored, matrix, page = await asyncio.get_running_loop().run_in_executor(state.io_pool, work)
+    name, split, predictions_state, matrix, page = await asyncio.get_running_loop().run_in_executor(
+        state.io_pool, work)
     return BrowsePage(model=model_id, labelset=name, split=split, **page, confusion=matrix,
                       classes=list(model.bundle.classes),
-                      predictions=_state(scored))
+                      predictions=predictions_state)
 
 
 @router.post("/models/{model_id}/predictions")
@@ -58,9 +59,9 @@ async def predictions(model_id: str, model: LoadedModelDep, state: StateDep,
     """Score every labelled image of the model's dataset once, in the background (stored in the workspace cache
     by the model's weights); the state says how far it is. Browsing filters by result once it is ready."""
     name = labelset or model.bundle.manifest.get("labelset") or "default"
-    scored = state.predictions.get(model, name)
-    if scored.state not in ("ready", "computing"):  # a poll while it runs reads no rows
-        loop = asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()
+    scored = await loop.run_in_executor(state.io_pool, state.predictions.get, model, name)  # may read the file
+    if scored.state != "computing":  # a poll while it runs reads no rows; a stored one tops up new images
         _, _, rows = await loop.run_in_executor(state.io_pool, _rows, state, model, labelset, None)
         roots = await loop.run_in_executor(state.io_pool, _roots, state, model)
         scored = state.predictions.start(model, name, rows, roots)
@@ -76,6 +77,9 @@ def _roots(state: Any, model: Any) -> Any:
         return dataset_roots(session, find_dataset(session, model.bundle.manifest["dataset"]).id)
 
 
-def _state(scored: Any) -> PredictionsState:
-    return PredictionsState(state=scored.state, done=scored.done, of=scored.of, error=scored.error,
-                            skipped=len(scored.skipped), skipped_examples=scored.skipped[:5])
+def _state(scored: Any, rows: list[dict[str, Any]] | None = None) -> PredictionsState:
+    """The predictions' state; ``stale`` when ``rows`` holds images added since they were stored."""
+    missing = len(scored.missing(rows)) if rows is not None and scored.state == "ready" else 0
+    return PredictionsState(state="stale" if missing else scored.state, done=scored.done,
+                            of=missing or scored.of, error=scored.error, skipped=len(scored.skipped),
+                            skipped_examples=scored.skipped[:5])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, Response
@@ -147,6 +147,11 @@ def add_region(image_id: ImageId, body: JsonBody, state: StateDep) -> RegionCrea
 async def region_mask_png(region_id: ImageId, state: StateDep) -> Response:
     """An expert region stored as a mask, drawn for the viewer: the mask's pixels cyan and half transparent,
     the rest transparent, as PNG (decoded under the service's pixel limit)."""
+    return Response(await asyncio.get_running_loop().run_in_executor(
+        state.io_pool, _region_png, state, region_id), media_type="image/png", headers={"Cache-Control": "max-age=60"})
+
+
+def _region_png(state: Any, region_id: int) -> bytes:
     from handlens.data.catalog import Annotation
 
     with state.catalog.session() as session:
@@ -154,9 +159,7 @@ async def region_mask_png(region_id: ImageId, state: StateDep) -> Response:
         path = row.mask_path if row is not None and row.kind == "mask" else None
     if not path or not Path(path).is_file():
         raise NotFoundError(f"no mask region {region_id} (or its file is gone)")
-    return Response(await asyncio.get_running_loop().run_in_executor(
-        state.io_pool, _tinted_mask, path, state.settings.max_pixels), media_type="image/png",
-        headers={"Cache-Control": "max-age=60"})
+    return _tinted_mask(path, state.settings.max_pixels)
 
 
 def _tinted_mask(path: str, max_pixels: int) -> bytes:
