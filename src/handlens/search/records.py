@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,10 +195,28 @@ def importances(study: Any) -> dict[str, float]:
         return {}
 
 
-def show_study(name: str, workspace: Workspace | None = None) -> StudyResult:
+def reading_storage(db_url: str) -> Any:
+    """One Optuna storage per catalog URL for readers that come back often (the service's runs page): no
+    ``BEGIN IMMEDIATE`` (a read must not queue for the write lock behind a running study or an import) and no
+    new engine per request."""
+    import optuna
+
+    with _READERS_LOCK:
+        if db_url not in _READERS:
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}} if db_url.startswith("sqlite") else {}
+            _READERS[db_url] = optuna.storages.RDBStorage(db_url, engine_kwargs=kwargs)
+        return _READERS[db_url]
+
+
+_READERS: dict[str, Any] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def show_study(name: str, workspace: Workspace | None = None, *, storage: Any = None) -> StudyResult:
     """The study's trials, winner and importances as stored (nothing is run)."""
     ws = workspace or Workspace.open()
-    storage = open_storage(ws.db_url)
+    storage = storage or open_storage(ws.db_url)
     study = load_study(storage, name)
     if not study.user_attrs.get(STUDY_TAG):
         raise NotFoundError(f"study {name!r} was not made by handlens")
@@ -208,12 +227,12 @@ def show_study(name: str, workspace: Workspace | None = None) -> StudyResult:
                        importances=importances(study), seconds=0.0, verdict=verdict(winner, rows))
 
 
-def list_studies(workspace: Workspace | None = None) -> list[dict[str, Any]]:
+def list_studies(workspace: Workspace | None = None, *, storage: Any = None) -> list[dict[str, Any]]:
     """Every handlens study in the workspace's storage: name, dataset, trials by status, best CV."""
     import optuna
 
     ws = workspace or Workspace.open()
-    storage = open_storage(ws.db_url)
+    storage = storage or open_storage(ws.db_url)
     out = []
     for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
         attrs = summary.user_attrs

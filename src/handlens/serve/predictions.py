@@ -48,7 +48,10 @@ class PredictionStore:
         self._scored: dict[str, Scored] = {}
 
     def key(self, model: Any, labelset: str) -> str:
-        return f"{model.sha256[:24]}-{labelset}"
+        """The weights and the labelset, as a file name (the labelset hashed: a name is never a path)."""
+        import hashlib
+
+        return f"{model.sha256[:24]}-{hashlib.sha256(labelset.encode()).hexdigest()[:16]}"
 
     def get(self, model: Any, labelset: str) -> Scored:
         key = self.key(model, labelset)

@@ -66,9 +66,12 @@ async def runs(state: StateDep, dataset: str | None = None, labelset: str | None
 @router.get("/studies")
 async def studies(state: StateDep, dataset: str | None = None) -> list[StudySummary]:
     """Every study of the workspace (optionally of one dataset): trials by status and the best CV mean."""
-    from handlens.search.records import list_studies
+    from handlens.search.records import list_studies, reading_storage
 
-    found = await asyncio.get_running_loop().run_in_executor(state.io_pool, list_studies, state.workspace)
+    def work() -> list[dict[str, Any]]:
+        return list_studies(state.workspace, storage=reading_storage(state.workspace.db_url))
+
+    found = await asyncio.get_running_loop().run_in_executor(state.io_pool, work)
     return [StudySummary(**{k: s.get(k) for k in StudySummary.model_fields}) for s in found
             if not dataset or s.get("dataset") == dataset]
 
@@ -77,9 +80,12 @@ async def studies(state: StateDep, dataset: str | None = None) -> list[StudySumm
 async def study(name: str, state: StateDep) -> StudyDetail:
     """A study's trials (parameters, CV mean ± std) for parallel coordinates, its parameter importances and its
     verdict."""
-    from handlens.search.records import show_study
+    from handlens.search.records import reading_storage, show_study
 
-    result = await asyncio.get_running_loop().run_in_executor(state.io_pool, show_study, name, state.workspace)
+    def work() -> Any:
+        return show_study(name, state.workspace, storage=reading_storage(state.workspace.db_url))
+
+    result = await asyncio.get_running_loop().run_in_executor(state.io_pool, work)
     return StudyDetail(name=result.name, verdict=result.verdict, importances=result.importances,
                        winner=result.winner.number if result.winner else None,
                        bundle=str(result.bundle) if result.bundle else None,
