@@ -99,7 +99,8 @@ def audit(bundle_ref: str | Path, workspace: Workspace, *, subset: str = "test",
     metrics = classification_metrics(torch.from_numpy(judged.probs), torch.from_numpy(judged.targets), bundle.classes)
     timings["predict"] = time.perf_counter() - started
     started = time.perf_counter()
-    facts, train_facts, regions = _catalog_facts(workspace, bundle.manifest, judged.image_ids or [])
+    known = _catalog_facts(workspace, bundle.manifest, judged.image_ids or [])
+    facts, train_facts, regions = known.judged, known.train, known.regions
     baselines = attribute_baselines(train_facts, [f for f in facts if f is not None], bundle.classes)
     if subset == "test":
         leakage = leak_check(workspace, bundle, judged.paths, judged.decoded, sha256s=judged.sha256s).to_dict()
@@ -113,7 +114,7 @@ def audit(bundle_ref: str | Path, workspace: Workspace, *, subset: str = "test",
                         steps=steps)
     timings["maps_and_trust"] = time.perf_counter() - started
     started = time.perf_counter()
-    marks, marks_verdict, on_marks = _marks(workspace, bundle, judged, chosen=chosen, maps=maps, facts=facts)
+    marks, marks_verdict, on_marks = _marks(known.train_paths, bundle, judged, chosen=chosen, maps=maps, facts=facts)
     timings["marks"] = time.perf_counter() - started
     per_class = _per_class(bundle.classes, judged.labels, chosen, maps["shares"])
     flagged = sum(summary["flagged"] for summary in per_class.values())
@@ -155,11 +156,20 @@ def choose_sample(probs: np.ndarray, targets: np.ndarray, *, sample: int, worst:
     return chosen, worst_ids
 
 
-def _catalog_facts(ws: Workspace, manifest: dict[str, Any],
-                   ids: list[int]) -> tuple[list[Any], list[Any], dict[int, np.ndarray]]:
-    """File facts of the judged images (None where the catalog has no label for one) and of the bundle's
-    training images (train + val) under its labelset, and the expert-region masks of judged images that have
-    any."""
+@dataclass
+class CatalogFacts:
+    """What the audit reads from the catalog, in one pass: the judged images' file facts (None where the
+    catalog has no label for one), the training images' (train + val) facts and (label, path) pairs, and the
+    expert-region masks of judged images that have any."""
+
+    judged: list[Any]
+    train: list[Any]
+    train_paths: list[tuple[str, str]]
+    regions: dict[int, np.ndarray]
+
+
+def _catalog_facts(ws: Workspace, manifest: dict[str, Any], ids: list[int]) -> CatalogFacts:
+    """One read of the catalog for the audit (:class:`CatalogFacts`)."""
     from sqlalchemy import select
 
     from handlens.data.annotations import annotated_images_by_id, region_mask
@@ -176,7 +186,8 @@ def _catalog_facts(ws: Workspace, manifest: dict[str, Any],
             rows: dict[int, Any] = {}
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start:start + 500]
-                query = select(Image.id, Image.width, Image.height, Image.mode, Image.format, Label.label).join(
+                query = select(Image.id, Image.width, Image.height, Image.mode, Image.format, Label.label,
+                               Image.path).join(
                     Label, (Label.image_id == Image.id) & (Label.labelset_id == (labelset.id if labelset else -1)))
                 rows.update({row[0]: row for row in session.execute(query.where(Image.id.in_(chunk)))})
             annotations = annotated_images_by_id(session, list(ids))
@@ -186,10 +197,13 @@ def _catalog_facts(ws: Workspace, manifest: dict[str, Any],
         catalog.close()
 
     def facts(i: int) -> Any:
-        _, width, height, mode, fmt, label = rows[i]
+        _, width, height, mode, fmt, label, _ = rows[i]
         return FileFacts(label=label, width=int(width), height=int(height), mode=mode or "", format=fmt or "")
 
-    return [facts(i) if i in rows else None for i in ids], [facts(i) for i in train_ids if i in rows], regions
+    present = [i for i in train_ids if i in rows]
+    return CatalogFacts(judged=[facts(i) if i in rows else None for i in ids], train=[facts(i) for i in present],
+                        train_paths=[(rows[i][5], rows[i][6]) for i in present if Path(rows[i][6]).is_file()],
+                        regions=regions)
 
 
 def _labelset(session: Any, manifest: dict[str, Any]) -> Any:
@@ -269,12 +283,12 @@ def _per_class(classes: list[str], labels: list[str], chosen: list[int], shares:
     return {c: shares_summary([s for i, s in zip(chosen, shares, strict=True) if labels[i] == c]) for c in classes}
 
 
-def _marks(ws: Workspace, bundle: Any, judged: Any, *, chosen: list[int], maps: dict[str, Any],
+def _marks(paths: list[tuple[str, str]], bundle: Any, judged: Any, *, chosen: list[int], maps: dict[str, Any],
            facts: list[Any]) -> tuple[list[Any], str, dict[str, dict[str, Any]]]:
-    """Burned-in marks among the judged and training images, and whether the sampled maps sit on them."""
+    """Burned-in marks among the judged and training images (``paths``: the training images' (label, path)), and
+    whether the sampled maps sit on them."""
     from handlens.data.marks import find_marks, grid_image, marks_verdict
 
-    paths = _training_paths(ws, bundle.manifest)
     labelled = list(zip(judged.labels, judged.paths, strict=True)) + paths
     rng = np.random.default_rng(0)
     by_class: dict[str, list[str]] = {}
@@ -288,31 +302,6 @@ def _marks(ws: Workspace, bundle: Any, judged: Any, *, chosen: list[int], maps: 
     for label, region in regions.items():
         on_marks[label] = _energy_on(region, bundle, judged, chosen=chosen, maps=maps, facts=facts, label=label)
     return marks, marks_verdict(marks), on_marks
-
-
-def _training_paths(ws: Workspace, manifest: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, path) of the bundle's training images, from the catalog."""
-    from sqlalchemy import select
-
-    from handlens.data.catalog import Image, Label, open_catalog
-
-    membership = manifest.get("split_membership") or {}
-    ids = sorted({int(i) for name in ("train", "val") for i in membership.get(name, [])})
-    catalog = open_catalog(ws.db_url)
-    out: list[tuple[str, str]] = []
-    try:
-        with catalog.session() as session:
-            labelset = _labelset(session, manifest)
-            if labelset is None:
-                return out
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                out += [(row[1], row[0]) for row in session.execute(
-                    select(Image.path, Label.label).join(Label, Label.image_id == Image.id)
-                    .where(Label.labelset_id == labelset.id, Image.id.in_(chunk)))]
-    finally:
-        catalog.close()
-    return [(label, path) for label, path in out if Path(path).is_file()]
 
 
 def _energy_on(region: np.ndarray, bundle: Any, judged: Any, *, chosen: list[int], maps: dict[str, Any],
