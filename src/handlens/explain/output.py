@@ -154,13 +154,13 @@ def _top_loss_gallery(bundle: Any, entries: list[dict[str, Any]], truth: dict[st
     return str(path)
 
 
-def _tiled_shares(bundle: Any, path: str, heatmap: np.ndarray) -> Any:
+def _tiled_shares(bundle: Any, picture: np.ndarray, heatmap: np.ndarray) -> Any:
     """Where a stitched map's energy sits, with the model's own threshold ROI as the viewer measures it."""
     from handlens.explain.image import own_roi
     from handlens.explain.shortcuts import energy_shares
     from handlens.transforms.roi import resize_mask
 
-    roi = own_roi(bundle, np.asarray(load_rgb(path)))
+    roi = own_roi(bundle, picture)
     return energy_shares(heatmap, roi=None if roi is None else resize_mask(roi, *heatmap.shape[:2]))
 
 
@@ -182,6 +182,7 @@ def write_tiled(bundle: Any, files: list[str], out: Path, method: str, *, layer:
         np.save(out / f"{stem}.npy", result.heatmap)
         np.save(out / f"{stem}.probabilities.npy", result.probability_map)
         picture = load_rgb(path)
+        shares = _tiled_shares(bundle, np.asarray(picture), result.heatmap)
         scale = min(1.0, preview / max(picture.size))
         if scale < 1.0:
             picture = picture.resize((round(picture.width * scale), round(picture.height * scale)))
@@ -190,7 +191,7 @@ def write_tiled(bundle: Any, files: list[str], out: Path, method: str, *, layer:
                         "probability_map": str(out / f"{stem}.probabilities.npy"),
                         "label": bundle.classes[result.target],
                         "probability": float(result.probabilities[result.target]), **result.summary(),
-                        "shortcuts": _tiled_shares(bundle, path, result.heatmap).to_dict()})
+                        "shortcuts": shares.to_dict()})
     index = {"bundle": str(bundle.path), "method": method, "tile": tile, "overlap": overlap, "images": entries,
              "index": str(out / "index.json")}
     return _save_index(out, index)

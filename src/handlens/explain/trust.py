@@ -99,14 +99,19 @@ def map_shares(bundle: Any, files: list[str], maps: np.ndarray, rois: np.ndarray
     """Where each whole-image map's energy sits (:mod:`handlens.explain.shortcuts`), on the model input with its
     ROI; None for a patch-trained model, whose grid patches have no image border of their own (``explain``
     and the viewer measure its stitched map over the whole image)."""
+    from PIL import Image
+
+    from handlens.data.imaging import exif_orientation
     from handlens.explain.shortcuts import model_input_shares
-    from handlens.transforms.preprocess import load_rgb
 
     if bundle.patch_trained:
         return None
     out = []
     for i, f in enumerate(files):
-        width, height = load_rgb(f).size
+        with Image.open(f) as header:  # the size as shown (upright), from the header: no second decode
+            width, height = header.size
+            if exif_orientation(header) in (5, 6, 7, 8):
+                width, height = height, width
         out.append(model_input_shares(maps[i], width=width, height=height, preprocess=bundle.preprocess,
                                       roi=None if rois is None else rois[i]))
     return out
