@@ -77,17 +77,28 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
-def expert_regions(state: Any, image_id: int | None) -> tuple[tuple[int, ...], np.ndarray | None]:
-    """A catalog image's expert regions as a mask over the image (None: an upload, or no region), and the
-    region ids (part of the cache key: a region added later is a new answer)."""
+def region_ids(state: Any, image_id: int | None) -> tuple[int, ...]:
+    """The ids of a catalog image's expert regions (none for an upload): part of the explanation cache key, so
+    a region added later is a new answer. A query only: a cached answer draws no mask."""
     if image_id is None:
-        return (), None
+        return ()
+    from sqlalchemy import select
+
+    from handlens.data.catalog import Annotation
+
+    with state.catalog.session() as session:
+        return tuple(sorted(session.scalars(select(Annotation.id).where(Annotation.image_id == image_id))))
+
+
+def expert_roi(state: Any, image_id: int | None) -> np.ndarray | None:
+    """A catalog image's expert regions as one mask over the image (None: an upload, or no region), drawn
+    when an explanation is computed."""
+    if image_id is None:
+        return None
     from handlens.data.annotations import annotated_images_by_id, region_mask
     from handlens.data.catalog import Image
 
     with state.catalog.session() as session:
         found = annotated_images_by_id(session, [image_id]).get(image_id)
         row = session.get(Image, image_id)
-        if not found or row is None:
-            return (), None
-        return tuple(sorted(a.id for a in found)), region_mask(found, int(row.width), int(row.height))
+        return region_mask(found, int(row.width), int(row.height)) if found and row is not None else None

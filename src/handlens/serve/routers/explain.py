@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/v1", tags=["models"], responses=ERRORS)
 
 @router.post("/models/{model_id}/explain", openapi_extra=IMAGE_BODY, response_model_exclude_unset=True)
 async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, state: StateDep) -> Explanation:
-    from handlens.serve.explaining import budgeted_params, compute_explanation, expert_regions
+    from handlens.serve.explaining import budgeted_params, compute_explanation, expert_roi, region_ids
 
     fields = image.fields
     method = str(fields.get("method") or "gradcam")
@@ -26,9 +26,8 @@ async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, 
     layer = fields.get("layer") or None
     target = str(fields.get("target") or "pred")
     output = str(fields.get("output") or "png")  # png, array or both: checked by deps.ImageFields
-    region_ids, roi = await asyncio.get_running_loop().run_in_executor(state.io_pool, expert_regions, state,
-                                                                        image.image_id)
-    key = ExplanationCache.key(model.sha256, image.sha256, method, layer, target, params.model_dump(), region_ids)
+    regions = await asyncio.get_running_loop().run_in_executor(state.io_pool, region_ids, state, image.image_id)
+    key = ExplanationCache.key(model.sha256, image.sha256, method, layer, target, params.model_dump(), regions)
     result = state.cache.get(key)
     cached = result is not None
     started = time.perf_counter()
@@ -39,6 +38,7 @@ async def explain(model_id: str, image: RequestImageDep, model: LoadedModelDep, 
             found = state.cache.peek(key)  # an identical request may have finished while this one waited
             if found is not None:
                 return found, True
+            roi = expert_roi(state, image.image_id) if regions else None
             done = compute_explanation(copy, image.array, method=method, layer=layer, target=target, params=params,
                                        max_tiles=state.settings.max_explain_tiles, roi=roi)
             state.cache.put(key, done)
@@ -59,7 +59,7 @@ async def trust(model_id: str, image: RequestImageDep, model: LoadedModelDep, st
     """Is this image's map better than a random one? Deletion and insertion AUCs beside a random map's, and the
     verdict in words (faithful / not better than random / worse than random), cached like explanations."""
     from handlens.explain.image import trust_image
-    from handlens.serve.explaining import budgeted_params, expert_regions, release_memory
+    from handlens.serve.explaining import budgeted_params, region_ids, release_memory
 
     fields = image.fields
     method = str(fields.get("method") or "gradcam")
@@ -74,9 +74,9 @@ async def trust(model_id: str, image: RequestImageDep, model: LoadedModelDep, st
         loop = asyncio.get_running_loop()
         copy = await loop.run_in_executor(state.io_pool, model.explainer)
         # the viewer asks for the overlay first: its map, cached, is the one measured (no second explanation)
-        region_ids, _ = await loop.run_in_executor(state.io_pool, expert_regions, state, image.image_id)
+        regions = await loop.run_in_executor(state.io_pool, region_ids, state, image.image_id)
         shown = state.cache.peek(ExplanationCache.key(model.sha256, image.sha256, method, layer, target,
-                                                      params.model_dump(), region_ids))
+                                                      params.model_dump(), regions))
         explained = None
         if shown is not None and not model.bundle.patch_trained:
             explained = (np.asarray(shown["map"], dtype=np.float32), model.bundle.classes.index(shown["target"]),
