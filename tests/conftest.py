@@ -120,3 +120,17 @@ def postgres_url():
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def job_ws(tmp_path):
+    """A workspace with a small colour dataset imported and split, and its catalog open (the jobs tests)."""
+    ws = split_workspace(tmp_path, colour_tree(tmp_path / "colours", per_class=8, size=32))
+    catalog = open_catalog(ws.db_url)
+    yield ws, catalog
+    catalog.close()
+
+
+def tiny_train(*overrides: str) -> dict:
+    """A tiny train job's config: the Lightning path (a learning backbone), so it has checkpoints."""
+    return tiny_config(*overrides).model_dump(mode="json")

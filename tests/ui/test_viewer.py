@@ -276,6 +276,37 @@ def test_the_runs_page_lists_runs_sorts_them_and_compares_two_runs_maps(page, sh
     page.screenshot(path=str(shots / "viewer-runs.png"))
 
 
+def test_the_jobs_page_queues_a_run_watches_it_live_and_opens_it_in_inspect(page, shots):
+    """The service's own local worker runs the job; the row follows it through server-sent events."""
+    page, _, _ = page
+    page.click("header nav button[data-page=jobs]")
+    page.fill("#job-backbone", "tiny_cnn")
+    page.select_option("#job-weights", "none")
+    page.select_option("#job-freeze", "full")
+    page.fill("#job-epochs", "3")
+    page.select_option("#job-policy", "none")
+    page.click("#job-submit")
+    page.wait_for_function("document.querySelector('#job-message').textContent.startsWith('queued train job')",
+                           timeout=20_000)
+    page.wait_for_selector("#jobs-table tr[data-job]")
+    page.wait_for_function("[...document.querySelectorAll('#jobs-table tr[data-job] td')].some(td => "
+                           "td.textContent.startsWith('epoch '))", timeout=120_000)  # live progress
+    page.wait_for_function("document.querySelector('#jobs-table tr[data-job] td:nth-child(3)').textContent === "
+                           "'finished'", timeout=120_000)
+    assert "epoch 3/3" in page.locator("#jobs-table tr[data-job] td:nth-child(4)").text_content()
+    page.screenshot(path=str(shots / "viewer-jobs.png"))
+    page.click("#jobs-table tr[data-job] button")  # Open in Inspect
+    page.wait_for_function("!document.querySelector('#page-inspect').hidden", timeout=20_000)
+    job = page.evaluate("fetch('/api/v1/jobs').then(r => r.json())")[0]
+    assert page.eval_on_selector("#model", "s => s.value") == job["result"]["run_id"]
+    page.click("header nav button[data-page=jobs]")
+    page.fill("#job-backbone", "no_such_net")  # a job that fails says why, in its row
+    page.click("#job-submit")
+    page.wait_for_function("document.querySelector('#jobs-table tr[data-job] td:nth-child(3)').textContent === "
+                           "'failed'", timeout=120_000)
+    assert "no_such_net" in page.locator("#jobs-table tr[data-job] td:nth-child(4)").first.text_content()
+
+
 def test_browse_pages_past_a_thousand_images_with_exact_counts(page, tmp_path):
     """The last test of the module: it adds 1,100 images to the service's catalog."""
     import numpy as np

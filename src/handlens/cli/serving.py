@@ -37,25 +37,43 @@ def serve_cmd(
         "that checks it.")] = None,
     max_pixels_in_flight: Annotated[int, typer.Option("--max-pixels-in-flight", min=1, help="Pixels decoded at "
                                                       "once over all requests; others wait.")] = 100_000_000,
+    broker: Annotated[str | None, typer.Option("--broker", envvar="HANDLENS_BROKER_URL", help="Celery broker for "
+                                               "jobs (amqp:// or redis://); none: one local worker process runs "
+                                               "them, its queue in the catalog.")] = None,
 ) -> None:
     """Serve the API (/api/v1, OpenAPI at /docs), health (/livez, /readyz) and metrics (/metrics)."""
     import os
 
     import uvicorn
 
+    from handlens.jobs.broker import broker_url
+    from handlens.jobs.local import LocalExecutor
     from handlens.serve.app import SETTINGS_ENV
     from handlens.serve.settings import ServeSettings
 
     ws = workspace(ctx)
+    broker = broker_url(broker)
     settings = ServeSettings(workspace=ws.root, db_url=ws.db_url, host=host, port=port,
                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                              batch_size=batch_size, max_wait_ms=max_wait_ms, api_key=api_key,
                              cors_origins=list(cors or []), allowed_hosts=list(allowed_host or []),
-                             max_pixels_in_flight=max_pixels_in_flight)
+                             max_pixels_in_flight=max_pixels_in_flight, broker_url=broker)
     if not settings.loopback and not api_key:
         stderr.print(f"[yellow]warning:[/] serving on {host} without --api-key: read-only endpoints are open to "
                      "the network and mutating ones are refused")
     os.environ[SETTINGS_ENV] = settings.model_dump_json()  # each worker process builds its app from it
     stderr.print(f"handlens serving {ws.root} on http://{host}:{port} (API docs at /docs)")
-    uvicorn.run("handlens.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level="warning")
+    executor = None if broker else LocalExecutor(ws)
+    if executor is not None:  # one local worker for the whole service, whatever the number of server processes
+        executor.start()
+        stderr.print("jobs: run by one local worker process (no --broker); its queue is the catalog")
+    else:
+        from handlens.jobs.broker import redact
+
+        stderr.print(f"jobs: sent to the broker {redact(broker)}; start workers with `handlens worker`")
+    try:
+        uvicorn.run("handlens.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning")
+    finally:
+        if executor is not None:
+            executor.stop()

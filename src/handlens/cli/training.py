@@ -90,6 +90,8 @@ def train_cmd(
                                          overfit_batches=overfit_batches, tracking=tracking, policy=policy,
                                          balance=balance, name=name)
     result = train(cfg, ws, resume=resume)  # type: ignore[arg-type]
+    if result.rank:  # another process of a DDP run (torchrun, srun, another machine): rank 0 prints the run
+        return
     if as_json:
         emit_json(result.to_dict())
         return

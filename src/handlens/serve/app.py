@@ -29,7 +29,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     """The service for one workspace; see ``ServeSettings`` for limits, batching and the names it answers to."""
     from fastapi.staticfiles import StaticFiles
 
-    from handlens.serve.routers import browse, catalog, explain, health, models, runs
+    from handlens.serve.routers import browse, catalog, explain, health, jobs, models, runs
     from handlens.serve.security import BodyLimit, HostGuard, SecurityHeaders
 
     settings = settings or ServeSettings()
@@ -52,7 +52,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     from sqlalchemy.exc import OperationalError
 
     app.add_exception_handler(OperationalError, _catalog_error)
-    for router in (health.router, catalog.router, models.router, browse.router, runs.router, explain.router):
+    for router in (health.router, catalog.router, models.router, browse.router, runs.router, explain.router,
+                   jobs.router):
         app.include_router(router)
     app.mount(health.DOCS_ASSETS, StaticFiles(directory=health.docs_assets()), name="docs-assets")
     app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")

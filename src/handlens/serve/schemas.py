@@ -341,3 +341,37 @@ class StudyDetail(BaseModel):
     bundle: str | None
     importances: dict[str, float]
     trials: list[TrialOut]
+
+
+class JobIn(BaseModel):
+    """A job to queue: its kind and that kind's config (a run config for ``train``, a study's for ``study``...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(..., description="train, study, evaluate, explain or import-urls (GET /api/v1/job-kinds)")
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "finished", "failed", "cancelled"]
+    queue: str
+    executor: str
+    config: dict[str, Any]
+    attempts: int
+    worker: str | None
+    cancel_requested: bool
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    progress: dict[str, Any]
+    result: dict[str, Any]
+    error: str | None
+
+
+class JobKindOut(BaseModel):
+    name: str
+    queue: str
+    description: str
+    config_schema: dict[str, Any]

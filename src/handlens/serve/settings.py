@@ -37,6 +37,8 @@ class ServeSettings(BaseModel):
     max_explain_tiles: int = Field(64, ge=1, description="tiles one explanation of a patch-trained model may take "
                                    "(each tile is explained at the model's input size, within the budgets above)")
     request_timeout_s: float = Field(60.0, gt=0)
+    broker_url: str | None = Field(None, description="Celery broker for jobs (amqp:// or redis://); none: the "
+                                   "local worker the serve command starts runs them")
 
     @property
     def loopback(self) -> bool:

@@ -151,6 +151,20 @@ class TrainConfig(_Section):
     loader_workers: int | None = Field(None, ge=0, description="processes that cut patches and augment batches "
                                        "beside training (default 0: in-process, batched ops on all cores)")
     progress: bool = True
+    devices: int = Field(1, ge=1, description="training processes on each machine: one per GPU where there are "
+                         "GPUs, else CPU processes (gloo); more than one trains with DDP, the batch size is per "
+                         "process")
+    nodes: int = Field(1, ge=1, description="machines of a multi-node DDP run, each started with the same command "
+                       "(torchrun, srun, or MASTER_ADDR/MASTER_PORT/NODE_RANK set)")
+    strategy: Literal["auto", "ddp"] = Field("auto", description="auto: one process, or DDP when train.devices x "
+                                             "train.nodes > 1; ddp: DDP, asked for explicitly")
+
+    @model_validator(mode="after")
+    def _strategy_has_effect(self) -> TrainConfig:
+        if self.strategy == "ddp" and self.devices * self.nodes == 1:
+            raise ValueError("train.strategy=ddp has no effect with one process (train.devices=1, train.nodes=1): "
+                             "set train.devices=N to train with N processes on this machine, or drop train.strategy")
+        return self
 
     @field_validator("feature_cache", mode="before")
     @classmethod
@@ -202,7 +216,6 @@ class RunConfig(_Section):
         """Probes and histograms live in Lightning's loop over images: a frozen backbone's head trained on
         cached features has neither (an InputError, not a ValueError: it names two sections)."""
         if self.tracking.probes or self.tracking.histograms:
-            from handlens.train.run import on_cached_features
             from handlens.transforms.augment import policy_for
 
             if on_cached_features(self, policy_for(self.augment)):
@@ -210,6 +223,23 @@ class RunConfig(_Section):
                 raise InputError(f"{asked} has no effect with model.freeze={self.model.freeze}: the head trains on "
                                  "cached features, no image goes through the model; use model.freeze=partial:2 "
                                  "(or full) or train.feature_cache=off, or drop it")
+        return self
+
+    @model_validator(mode="after")
+    def _processes_need_lightning(self) -> RunConfig:
+        """A frozen backbone's head on cached features trains in one process without Lightning (in seconds):
+        more processes would change nothing there (an InputError: it names two sections)."""
+        processes = self.train.devices * self.train.nodes
+        if processes > 1:
+            from handlens.transforms.augment import policy_for
+
+            if on_cached_features(self, policy_for(self.augment)):
+                asked = (f"train.devices={self.train.devices}" if self.train.nodes == 1
+                         else f"train.devices={self.train.devices} x train.nodes={self.train.nodes}")
+                raise InputError(f"{asked} has no effect with model.freeze={self.model.freeze}: the head trains on "
+                                 "cached features in one process, without Lightning (DDP does not apply); use "
+                                 "model.freeze=partial:2 (or full) or train.feature_cache=off to train the model "
+                                 f"on {processes} processes, or drop train.devices")
         return self
 
     def to_yaml(self) -> str:
@@ -283,3 +313,15 @@ def _explain_error(error: Any) -> str:
     close = difflib.get_close_matches(str(error["loc"][-1]), keys, n=1)
     hint = f"did you mean {error['loc'][0]}.{close[0]}?" if close else f"valid keys: {', '.join(keys)}"
     return f"{where}: unknown key; {hint}"
+
+
+def on_cached_features(cfg: RunConfig, policy: Any = None) -> bool:
+    """True when the run trains only a head on fixed backbone features: a frozen backbone, no patch sampling
+    and no mixup/cutmix (from ``augment.mixup/cutmix`` or the ``policy``'s batch steps), cache not off."""
+    from handlens.models.freeze import FreezeSpec
+
+    if cfg.train.feature_cache == "on":
+        return True
+    mixing = bool(cfg.augment.mixup or cfg.augment.cutmix) or (policy is not None and bool(policy.batch_steps))
+    return (cfg.train.feature_cache == "auto" and FreezeSpec.parse(cfg.model.freeze).mode == "frozen"
+            and not cfg.preprocess.patches.enabled and not mixing)

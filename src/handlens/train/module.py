@@ -19,8 +19,9 @@ from handlens.train.losses import build_loss
 from handlens.train.metrics import classification_metrics, scalar_metrics
 from handlens.transforms.patches import mean_by_image
 
-__all__ = ["AtomicCheckpointIO", "ClassifierModule", "EpochRecorder", "NonFiniteLossError", "TieBreakCheckpoint",
-           "build_scheduler", "previous_checkpoint", "write_atomically"]
+__all__ = ["AtomicCheckpointIO", "ClassifierModule", "EpochRecorder", "NonFiniteLossError", "StopRequest",
+           "TieBreakCheckpoint", "build_scheduler", "gather_outputs", "previous_checkpoint", "unshard",
+           "write_atomically"]
 
 
 class ClassifierModule(pl.LightningModule):
@@ -93,7 +94,7 @@ class ClassifierModule(pl.LightningModule):
         self._outputs[stage].append(output if image_index is None else (*output, image_index.cpu()))
         self._loss_sums[stage] += float(loss.detach()) * len(y)
         self.log(f"{stage}_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=stage == "val",
-                 batch_size=len(y))
+                 batch_size=len(y), sync_dist=self._world_size() > 1)  # DDP: the mean over every process's samples
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -102,19 +103,41 @@ class ClassifierModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
 
+    def _world_size(self) -> int:
+        trainer = self._trainer
+        return trainer.world_size if trainer is not None and torch.distributed.is_initialized() else 1
+
     def _epoch_metrics(self, stage: str) -> dict[str, Any]:
+        """The epoch's metrics from all of its predictions; under DDP from every process's (the same on all of
+        them, so that checkpoints, early stopping and the history agree)."""
         outputs, loss_sum = self._outputs[stage], self._loss_sums[stage]
         self._outputs[stage], self._loss_sums[stage] = [], 0.0
-        if not outputs:
+        columns = [torch.cat(column) for column in zip(*outputs, strict=True)]  # probs, targets[, image indices]
+        n_losses = len(columns[1]) if columns else 0  # the loss was summed per sample (per patch for grid patches)
+        if self._world_size() > 1:  # every process takes part, with or without outputs of its own
+            columns, loss_sum, n_losses = gather_outputs(columns, loss_sum, n_losses,
+                                                         n_items=self._unpadded_size(stage))
+        if not columns or not len(columns[1]):
             return {}
-        probs = torch.cat([o[0] for o in outputs])
-        target = torch.cat([o[1] for o in outputs])
-        n_losses = len(target)  # the loss was summed per sample (per patch for grid patches)
-        if len(outputs[0]) > 2:  # grid patches: metrics of the image-level (mean probability) predictions
-            probs, target = image_level(probs, target, torch.cat([o[2] for o in outputs]))
+        probs, target = columns[0], columns[1]
+        if len(columns) > 2:  # grid patches: metrics of the image-level (mean probability) predictions
+            probs, target = image_level(probs, target, columns[2])
         metrics = classification_metrics(probs, target, self.classes)
         metrics["loss"] = loss_sum / max(1, n_losses)
         return metrics
+
+    def _unpadded_size(self, stage: str) -> int | None:
+        """The val set's size when its loader is Lightning's DistributedSampler in order (shuffle and drop_last
+        off): its shards can then be put back into dataset order and its padding dropped (see
+        :func:`unshard`). None otherwise (train: shuffled; a duplicate or two there changes little)."""
+        if stage != "val":
+            return None
+        loaders = self.trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.shuffle and not sampler.drop_last:
+            return len(sampler.dataset)  # type: ignore[arg-type]
+        return None
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._epoch_metrics("val")
@@ -189,6 +212,39 @@ class ClassifierModule(pl.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": cfg.monitor,
                                                              "interval": "epoch", "strict": False}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def gather_outputs(columns: list[torch.Tensor], loss_sum: float, n_losses: int, *,
+                   n_items: int | None = None) -> tuple[list[torch.Tensor], float, int]:
+    """One process's epoch outputs (probabilities, targets[, image indices]) and loss sum -> every process's,
+    identical on all of them (a collective call: every process of the group makes it).
+
+    ``n_items``: the dataset's size when each process's outputs are its shard of an in-order DistributedSampler
+    (the val loader): the shards are interleaved back into dataset order and the sampler's padding (the first
+    samples again, so that every process gets as many) is dropped, so val metrics count each image once. The
+    loss sum keeps the padding's few samples (it is summed per process)."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, ([c.cpu() for c in columns], float(loss_sum), int(n_losses)))
+    loss_sum, n_losses = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    shards = [p[0] for p in parts if p[0]]  # a process without outputs (an empty epoch) adds none
+    if not shards:
+        return [], loss_sum, n_losses
+    in_order = n_items if len(shards) == len(parts) else None
+    return [unshard([s[i] for s in shards], in_order) for i in range(len(shards[0]))], loss_sum, n_losses
+
+
+def unshard(pieces: list[torch.Tensor], n_items: int | None) -> torch.Tensor:
+    """Per-process outputs of an in-order DistributedSampler (process ``r`` got samples ``r, r + W, r + 2W...``
+    of the dataset padded with its first samples to a multiple of ``W``) -> the dataset's ``n_items`` outputs in
+    dataset order; plain concatenation when ``n_items`` is None or the pieces are not such shards."""
+    world = len(pieces)
+    length = len(pieces[0])
+    if n_items is None or any(len(p) != length for p in pieces) or -(-n_items // world) != length:
+        return torch.cat(pieces)
+    stacked = torch.stack(pieces)  # (W, L, ...): piece r holds samples r, r + W, ...
+    return stacked.transpose(0, 1).reshape(world * length, *stacked.shape[2:])[:n_items]
 
 
 def image_level(probs: torch.Tensor, target: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor,
@@ -272,3 +328,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         write_atomically(target, buffer.getbuffer(), keep_previous=target.stem in self.keep_previous)
+
+
+class StopRequest(pl.Callback):
+    """Stops training gracefully when ``should_stop()`` gives a reason (a job's cancel): asked at the end of each
+    training epoch, when the epoch's validation and checkpoints are done (Lightning runs checkpoint callbacks
+    after the others), so the last checkpoint is this epoch's and a resume continues from the next."""
+
+    def __init__(self, should_stop: Any = None) -> None:
+        self.should_stop = should_stop
+        self.reason: str | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.reason:
+            return
+        reason = self.should_stop() if self.should_stop is not None else None
+        if trainer.world_size > 1:  # DDP: rank 0 is asked (a job's cancel); every process stops at the same epoch
+            stopping = trainer.strategy.reduce_boolean_decision(bool(reason), all=False)
+            reason = reason or ("rank 0 was asked to stop" if stopping else None)
+        if reason:
+            self.reason = str(reason)
+            trainer.should_stop = True

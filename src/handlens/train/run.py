@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 from handlens.core.errors import BusyError, ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
 from handlens.models.bundle import raise_if_disk_full
-from handlens.train.config import RunConfig, load_config
+from handlens.train.config import RunConfig, load_config, on_cached_features
 from handlens.transforms.augment import build_augmenter
 
 CONFIG_FILE = "config.yaml"
@@ -54,6 +55,9 @@ class RunResult:
     tracking_uri: str = ""
     resumed: bool = False
     verdict: str = ""  # an --overfit-batches run: "learns: ..." or "does not learn: ..."
+    #: a DDP run's process: 0 for the one that writes the run (and a run of one process); a non-zero rank's
+    #: result has rank 0's run id, the same history and epochs, no metrics, and the bundle where rank 0 writes it
+    rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "bundle": str(self.bundle),
@@ -100,16 +104,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def on_cached_features(cfg: RunConfig, policy: Any = None) -> bool:
-    """True when the run trains only a head on fixed backbone features: a frozen backbone, no patch sampling
-    and no mixup/cutmix (from ``augment.mixup/cutmix`` or the ``policy``'s batch steps), cache not off."""
-    from handlens.models.freeze import FreezeSpec
-
-    if cfg.train.feature_cache == "on":
-        return True
-    mixing = bool(cfg.augment.mixup or cfg.augment.cutmix) or (policy is not None and bool(policy.batch_steps))
-    return (cfg.train.feature_cache == "auto" and FreezeSpec.parse(cfg.model.freeze).mode == "frozen"
-            and not cfg.preprocess.patches.enabled and not mixing)
+def training_threads() -> int:
+    """Threads torch trains with: ``$OMP_NUM_THREADS`` when set (several job workers sharing a machine each take
+    their share), else every core."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, int(given)) if given.isdigit() else (os.cpu_count() or 1)
 
 
 def resolve_policy(cfg: RunConfig) -> str:
@@ -197,7 +196,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
         raise InputError("no dataset given: pass --dataset NAME (or data.dataset=NAME)")
     timings: dict[str, float] = {}
     seed_everything(cfg.train.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(training_threads())
     resolve_policy(cfg)
     policy = policy_for(cfg.augment)
     apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
@@ -560,6 +559,11 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # a resume continues in the run's own checkpoint folder: of course it is not empty
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    # DDP: the epoch metrics are computed from every process's predictions (ClassifierModule._epoch_metrics),
+    # the same on all processes: there is nothing left to synchronise
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
 SUBSETS_FILE = "subsets.json"
@@ -582,9 +586,10 @@ def _reopen_run(ws: Workspace, run_id: str, subsets: dict[str, list[int]] | None
     return run_id, run_dir, cfg, ckpt_path, subsets
 
 
-def _new_run(ws: Workspace, cfg: RunConfig, subsets: dict[str, list[int]] | None) -> str:
+def _new_run(ws: Workspace, cfg: RunConfig, subsets: dict[str, list[int]] | None, *,
+             run_id: str | None = None) -> str:
     """A new run's folder with its config (and given subsets); its id."""
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     run_dir = ws.runs_dir / run_id
     try:
         run_dir.mkdir(parents=True)
@@ -600,11 +605,16 @@ def _new_run(ws: Workspace, cfg: RunConfig, subsets: dict[str, list[int]] | None
 
 def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None = None,
           progress: bool | None = None, *, subsets: dict[str, list[int]] | None = None,
-          epoch_hook: Any = None) -> RunResult:
+          epoch_hook: Any = None, run_id: str | None = None, should_stop: Any = None) -> RunResult:
     """Train a classifier as ``cfg`` says (or resume run ``resume`` from its last checkpoint).
 
     ``epoch_hook(record)`` is called with each epoch's history record; an exception it raises stops the run
     (a study uses it to stop a fold that no longer fits its budget).
+
+    ``run_id``: the id a new run takes (a job fixes it up front, so that a redelivered job resumes the same
+    run); a run of that id that exists is resumed. ``should_stop()`` is asked after each epoch, once that
+    epoch's checkpoint is written: a reason it returns stops the run as :class:`RunInterrupted`, resumable
+    (a job's cancel).
 
     ``subsets``: regroup the split's labelled images into exactly these subsets by image id (``train``,
     optional ``val`` and ``test``), e.g. a cross-validation fold or a refit on every non-test image; the
@@ -613,14 +623,48 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
     A frozen backbone on cached features (the default recipe) trains its head with
     :func:`handlens.train.head.fit_head`: no Lightning, no checkpoints, seconds once the features are
     cached. Resuming such a run that did not finish simply trains its head again.
+
+    ``train.devices`` x ``train.nodes`` > 1 trains with DDP (:func:`detect_world`). Rank 0 is this call as
+    described: it starts this machine's other processes itself (unless torchrun or srun started them), hands
+    them its run id, resolved config, subsets and checkpoint, and it alone writes the run's files, catalog rows
+    and tracker run. On another rank this call trains along, writes nothing and returns a result whose
+    ``rank`` is set.
     """
+    ws = workspace or Workspace.open()
+    if resume is None and run_id is not None and (ws.runs_dir / run_id / CONFIG_FILE).is_file():
+        resume = run_id
+    world = detect_world(_run_settings(cfg, ws, resume))
+    if world is None:
+        return _train(cfg, ws, resume, progress, subsets=subsets, epoch_hook=epoch_hook, run_id=run_id,
+                      should_stop=should_stop)
+    with world.running():
+        if world.rank:
+            return _train_worker(world, ws)
+        return _train(cfg, ws, resume, progress, subsets=subsets, epoch_hook=epoch_hook, run_id=run_id,
+                      should_stop=should_stop, world=world)
+
+
+def _run_settings(cfg: RunConfig | None, ws: Workspace, resume: str | None) -> Any:
+    """The train section that says how many processes a run takes: a resumed run's saved one, else ``cfg``'s."""
+    from handlens.train.config import TrainConfig
+
+    saved = ws.runs_dir / resume / CONFIG_FILE if resume else None
+    if saved is not None and saved.is_file():
+        with contextlib.suppress(InputError):  # unreadable: reopening the run says so
+            return load_config(saved).train
+    return cfg.train if cfg is not None else TrainConfig()
+
+
+def _train(cfg: RunConfig, ws: Workspace, resume: str | None, progress: bool | None, *,
+           subsets: dict[str, list[int]] | None, epoch_hook: Any, run_id: str | None, should_stop: Any,
+           world: World | None = None) -> RunResult:
+    """:func:`train` in the process that writes the run (the only one, or a DDP run's rank 0)."""
     started = time.perf_counter()
     quiet_tracking()
-    ws = workspace or Workspace.open()
     if resume:
         run_id, run_dir, cfg, ckpt_path, subsets = _reopen_run(ws, resume, subsets)
     else:
-        run_id, ckpt_path = _new_run(ws, cfg, subsets), None
+        run_id, ckpt_path = _new_run(ws, cfg, subsets, run_id=run_id), None
         run_dir = ws.runs_dir / run_id
 
     catalog = open_catalog_for(ws)
@@ -655,10 +699,15 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
     try:
         fit_started = time.perf_counter()
         if prepared.module is None:
-            best_epoch, history, epochs, head_fit = _fit_on_features(prepared, tracker, run_dir, epoch_hook)
+            best_epoch, history, epochs, head_fit = _fit_on_features(
+                prepared, tracker, run_dir, _stopping_hook(epoch_hook, should_stop, run_id))
         else:
+            if world is not None:  # the other processes start now that the run's config is resolved
+                world.start(ws, {"run_id": run_id, "config": cfg.to_yaml(), "subsets": subsets,
+                                 "checkpoint": str(ckpt_path) if ckpt_path else None, "resumed": bool(resume)})
             best_epoch, history, epochs = _fit_lightning(prepared, tracker, run_dir, run_id=run_id, ckpt_path=ckpt_path,
-                                                         progress=progress, epoch_hook=epoch_hook)
+                                                         progress=progress, epoch_hook=epoch_hook,
+                                                         should_stop=should_stop, world=world)
             head_fit = None
         prepared.timings["fit"] = time.perf_counter() - fit_started
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
@@ -701,6 +750,21 @@ def train(cfg: RunConfig, workspace: Workspace | None = None, resume: str | None
                      best_epoch=best_epoch, metrics=metrics, history=history,
                      seconds=time.perf_counter() - started, timings=prepared.timings, tracking_uri=tracker.uri,
                      resumed=bool(resume), verdict=history_verdict(history) if cfg.train.overfit_batches else "")
+
+
+def _stopping_hook(epoch_hook: Any, should_stop: Any, run_id: str) -> Any:
+    """``epoch_hook`` followed by the stop request check (a head on cached features has no checkpoint to keep)."""
+    if should_stop is None:
+        return epoch_hook
+
+    def hook(record: dict[str, Any]) -> None:
+        if epoch_hook is not None:
+            epoch_hook(record)
+        reason = should_stop()
+        if reason:
+            raise RunInterrupted(f"run {run_id} stopped after epoch {record.get('epoch')}: {reason}")
+
+    return hook
 
 
 def _drop_previous_checkpoint(run_dir: Path) -> None:
@@ -960,16 +1024,23 @@ def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path,
 
 
 def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, *, run_id: str, ckpt_path: Path | None,
-                   progress: bool | None, epoch_hook: Any = None) -> tuple[int | None, list[dict[str, Any]], int]:
+                   progress: bool | None, epoch_hook: Any = None, should_stop: Any = None,
+                   world: World | None = None) -> tuple[int | None, list[dict[str, Any]], int]:
     """Lightning's loop (a backbone that learns, patches, mixing, overfit_batches): checkpoints to resume from,
-    the best one kept by the monitored metric with ties to the lower loss."""
+    the best one kept by the monitored metric with ties to the lower loss.
+
+    ``world``: a DDP run's process (started, see :meth:`World.start`); every process builds the same callbacks
+    (checkpoints, early stopping and the stop request decide together), only rank 0 reports, tracks and shows
+    progress, and Lightning writes checkpoints from rank 0 alone."""
     import lightning.pytorch as pl
     import rich
+    import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-    from handlens.train.module import AtomicCheckpointIO, EpochRecorder, TieBreakCheckpoint
+    from handlens.train.module import AtomicCheckpointIO, EpochRecorder, StopRequest, TieBreakCheckpoint
 
     quiet_lightning()
+    primary = world is None or world.rank == 0
     cfg, module = prepared.cfg, prepared.module
     has_val = prepared.val_loader is not None
     monitor = cfg.train.monitor if has_val else cfg.train.monitor.replace("val_", "train_", 1)
@@ -980,35 +1051,52 @@ def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, *, run_id: s
     # and a resume would then repeat every epoch after the best one.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
-    callbacks: list[Any] = [EpochRecorder(), checkpoint, last]
-    module.epoch_listeners.append(_epoch_reporter(tracker, cfg.train.epochs, run_dir, module.history))
-    if epoch_hook is not None:
+    stop = StopRequest(should_stop)
+    callbacks: list[Any] = [EpochRecorder(), checkpoint, last, stop]
+    if primary:
+        module.epoch_listeners.append(_epoch_reporter(tracker, cfg.train.epochs, run_dir, module.history))
+    if epoch_hook is not None and primary:
         module.epoch_listeners.append(epoch_hook)
     if cfg.train.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor, mode=cfg.train.monitor_mode,
                                        patience=cfg.train.early_stopping))
-    show_bar = cfg.train.progress and (progress if progress is not None else sys.stderr.isatty())
+    show_bar = primary and cfg.train.progress and (progress if progress is not None else sys.stderr.isatty())
     if show_bar:
         rich.reconfigure(stderr=True)  # Lightning prints through rich's console: keep stdout for results
         callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))
-    if cfg.tracking.probes or cfg.tracking.histograms:  # Grad-CAM probes, map drift, graph, histograms
+    if primary and (cfg.tracking.probes or cfg.tracking.histograms):  # Grad-CAM probes, map drift, histograms
         from handlens.train.probes import probe_callback
 
         probe = probe_callback(cfg.tracking, tracker, prepared.val_loader, classes=prepared.data.classes)
         if probe is not None:
             callbacks.append(probe)
     trainer = pl.Trainer(
-        max_epochs=cfg.train.epochs, accelerator="auto", devices=1, logger=False, callbacks=callbacks,
+        max_epochs=cfg.train.epochs, logger=False, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],  # a full disk or a kill never leaves a truncated checkpoint
         enable_progress_bar=show_bar, enable_model_summary=False, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, overfit_batches=cfg.train.overfit_batches or 0.0, log_every_n_steps=10,
+        **(world.trainer_args() if world is not None else {"accelerator": "auto", "devices": 1}),
     )
+    threads = torch.get_num_threads()
+    if world is not None and world.backend == "gloo":  # the machine's cores, shared by its processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.devices))
     try:
         trainer.fit(module, prepared.train_loader, prepared.val_loader if has_val else None,
                     ckpt_path=str(ckpt_path) if ckpt_path else None)
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown
         raise RunInterrupted(f"run {run_id} was interrupted; continue it with "
                              f"`handlens train --resume {run_id}`") from None
+    except RuntimeError as exc:  # a collective that lost a process: say which one, its own error is above
+        if world is not None:
+            world.raise_if_a_process_failed(run_id, exc)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    if stop.reason:  # this epoch's checkpoints are written: the run stays resumable
+        raise RunInterrupted(f"run {run_id} stopped after epoch {trainer.current_epoch}: {stop.reason}; its "
+                             f"checkpoint is kept (`handlens train --resume {run_id}` continues it)")
+    if not primary:  # rank 0 picks the best epoch (its checkpoint may be on rank 0's machine only)
+        return None, module.history, trainer.current_epoch
     if not has_val:  # nothing held out to choose an epoch on (a refit on all non-test images): keep the last
         return (module.history[-1]["epoch"] if module.history else None), module.history, trainer.current_epoch
     return _load_best(module, checkpoint), module.history, trainer.current_epoch
@@ -1099,6 +1187,9 @@ def lr_find(cfg: RunConfig, workspace: Workspace | None = None, *, min_lr: float
                          "L-BFGS with no learning rate: use model.head=linear (or mlp) to find one")
     if cfg.model.head == "auto":  # a range test trains by gradient: the head auto would give on images
         cfg.model.head = "linear"
+    if cfg.train.devices * cfg.train.nodes > 1:
+        print(f"warning: the learning-rate finder runs in one process: train.devices={cfg.train.devices} and "
+              f"train.nodes={cfg.train.nodes} apply to `handlens train`", file=sys.stderr, flush=True)
     ws = workspace or Workspace.open()
     catalog = open_catalog(ws.db_url)
     try:
@@ -1117,3 +1208,280 @@ def lr_find(cfg: RunConfig, workspace: Workspace | None = None, *, min_lr: float
     return {"suggestion": suggestion, "lr": [float(x) for x in finder.results["lr"]],
             "loss": [float(x) for x in finder.results["loss"]],
             "note": None if suggestion else "no clear minimum: the loss diverged early; try a smaller max_lr"}
+
+
+# ------------------------------------------------------------------------------------ DDP: several processes
+
+#: the JSON a DDP run's rank 0 gives the processes it starts beside itself: workspace, catalog, devices, nodes
+WORKER_ENV = "HANDLENS_DDP_WORKER"
+WORKER_COMMAND = "from handlens.train.run import ddp_worker; ddp_worker()"
+#: how long a process waits for the others in one step (under torchrun or srun the first is the longest: the
+#: other ranks wait for rank 0 to resolve its config and decode its images before it joins)
+DDP_TIMEOUT_S = 3600
+
+
+@dataclass(kw_only=True)
+class World:
+    """This process's place in a DDP run of ``devices`` processes on each of ``nodes`` machines, and what it
+    started and changed to take it (undone by :meth:`close`).
+
+    ``launches``: this process is its machine's local rank 0, started without ``LOCAL_RANK``; it starts the
+    machine's other ``devices - 1`` processes itself (:func:`ddp_worker`, not a re-run of ``sys.argv``: a
+    library call from a test, a notebook or a job worker would run something else), setting Lightning's
+    variables (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) for them and, while
+    it trains, for itself."""
+
+    devices: int
+    nodes: int
+    rank: int
+    local_rank: int
+    environment: Any  # the Lightning ClusterEnvironment the processes were started under
+    backend: str  # gloo (CPU processes) or nccl (one GPU per process)
+    launches: bool
+    own_store: bool = False  # Lightning's variables: handlens's processes meet in a store of their own
+    children: list[Any] = field(default_factory=list)
+    saved_env: dict[str, str | None] = field(default_factory=dict)
+    owns_group: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.devices * self.nodes
+
+    def trainer_args(self) -> dict[str, Any]:
+        """``pl.Trainer`` arguments: DDP over this world, in the process group :meth:`start` made."""
+        from datetime import timedelta
+
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return {"accelerator": "cuda" if self.backend == "nccl" else "cpu", "devices": self.devices,
+                "num_nodes": self.nodes,
+                "strategy": DDPStrategy(cluster_environment=self.environment, process_group_backend=self.backend,
+                                        timeout=timedelta(seconds=DDP_TIMEOUT_S))}
+
+    def _set_env(self, values: dict[str, str]) -> None:
+        for key, value in values.items():
+            self.saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+
+    def start(self, ws: Workspace, shared: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start this machine's other processes (when it :attr:`launches`), join the process group and share
+        rank 0's ``shared`` (run id, resolved config, subsets, checkpoint): what every rank returns."""
+        import torch.distributed as dist
+
+        if self.launches and not self.children:
+            self._launch(ws)
+        if not dist.is_initialized():  # else the caller's own group (a script under torchrun): Lightning's too
+            self._connect()
+        box = [shared if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _launch(self, ws: Workspace) -> None:
+        self._set_env({"MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                       "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port()),
+                       "NODE_RANK": str(self.environment.node_rank()), "WORLD_SIZE": str(self.size),
+                       "LOCAL_RANK": "0"})  # set: Lightning starts no processes of its own
+        spec = json.dumps({"workspace": str(ws.root), "db_url": ws.db_url, "devices": self.devices,
+                           "nodes": self.nodes, "backend": self.backend})
+        for local_rank in range(1, self.devices):
+            env = {**os.environ, "LOCAL_RANK": str(local_rank), WORKER_ENV: spec}
+            self.children.append(subprocess.Popen([sys.executable, "-c", WORKER_COMMAND], env=env,
+                                                  stdin=subprocess.DEVNULL))
+
+    def _connect(self) -> None:
+        """Join the process group. Under Lightning's variables (every process is handlens's) through a store of
+        its own, where each process says it has joined: a process this one started that fails before joining
+        (a bad environment, a missing package) is then an error here at once, not a wait of
+        :data:`DDP_TIMEOUT_S`. torchrun's and srun's processes rendezvous the usual way (``env://``)."""
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=DDP_TIMEOUT_S)
+        address, port = self.environment.main_address, self.environment.main_port
+        self.saved_env.setdefault("WORLD_SIZE", os.environ.get("WORLD_SIZE"))  # Lightning's teardown removes it
+        self._set_env({"MASTER_ADDR": address, "MASTER_PORT": str(port)})
+        if self.backend == "nccl":
+            torch.cuda.set_device(self.local_rank)
+        if not self.own_store:
+            dist.init_process_group(self.backend, rank=self.rank, world_size=self.size, timeout=timeout)
+            self.owns_group = True
+            return
+        store = dist.TCPStore(address, port, self.size, is_master=self.rank == 0, timeout=timeout,
+                              wait_for_workers=False)
+        store.set(f"joined/{self.rank}", "1")
+        mine = [f"joined/{self.rank + local_rank}" for local_rank in range(1, len(self.children) + 1)]
+        deadline = time.monotonic() + DDP_TIMEOUT_S
+        while mine and not store.check(mine):
+            failed = self._failed_child()
+            if failed is not None:
+                raise HandlensError(f"training process {failed[0]} (LOCAL_RANK={failed[0]}) {failed[1]} before "
+                                    "joining the run")
+            if time.monotonic() > deadline:
+                raise HandlensError(f"the training processes this one started did not join in {DDP_TIMEOUT_S} s")
+            time.sleep(0.1)
+        dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size, timeout=timeout)
+        self.owns_group = True
+
+    def _failed_child(self) -> tuple[int, str] | None:
+        """(local rank, what happened) of a process this one started that has exited with an error."""
+        for local_rank, child in enumerate(self.children, start=1):
+            if child.poll():
+                return local_rank, (f"was killed by signal {-child.returncode}" if child.returncode < 0 else
+                                    f"failed with exit code {child.returncode} (its error is printed above)")
+        return None
+
+    def raise_if_a_process_failed(self, run_id: str, exc: BaseException) -> None:
+        """After an error in training: a process this one started that exited with an error is named (a lost
+        process ends its connections as it exits, so it has exited, or all but, when a collective fails here)."""
+        deadline = time.monotonic() + 1.0
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        failed = self._failed_child()
+        if failed is not None:
+            raise HandlensError(f"training process {failed[0]} of run {run_id} (LOCAL_RANK={failed[0]}) {failed[1]}. "
+                                f"The run's last checkpoint is kept: `handlens train --resume {run_id}` continues "
+                                "it") from exc
+
+    @contextlib.contextmanager
+    def running(self) -> Any:
+        """:meth:`close` when the block ends; an error in it kills the processes this one started."""
+        try:
+            yield self
+        except BaseException:
+            self.close(failed=True)
+            raise
+        self.close(failed=False)
+
+    def close(self, *, failed: bool) -> None:
+        """Leave the process group, wait for (or, after a failure, stop) the processes this one started, and
+        put Lightning's variables back as they were (a job worker trains again in the same process)."""
+        import torch.distributed as dist
+
+        if failed:  # they have nothing to save (rank 0 writes the checkpoints): stopped at once, without noise
+            for child in self.children:
+                if child.poll() is None:
+                    child.kill()
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()  # the others' pending collectives fail now instead of timing out
+            self.owns_group = False
+        for local_rank, child in enumerate(self.children, start=1):
+            try:
+                child.wait(timeout=10 if failed else 300)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            if child.returncode and not failed:
+                print(f"warning: training process {local_rank} (LOCAL_RANK={local_rank}) exited with code "
+                      f"{child.returncode} after the run", file=sys.stderr, flush=True)
+        self.children.clear()
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self.saved_env.clear()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def detect_world(settings: Any, *, backend: str | None = None) -> World | None:
+    """Where this process stands in a DDP run of ``settings.devices`` x ``settings.nodes`` processes (a train
+    config section), or None for a run of one process.
+
+    The launcher is read from the environment as Lightning reads it: torchrun (``TORCHELASTIC_RUN_ID``,
+    ``RANK``, ``WORLD_SIZE``...), SLURM's srun (``SLURM_PROCID``, ``SLURM_NTASKS``...), else Lightning's own
+    variables: ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` (and ``WORLD_SIZE``) on each machine, where the
+    process started without ``LOCAL_RANK`` starts the machine's other processes itself. A launcher that
+    started another number of processes than the config asks for is refused, saying what to set. ``backend``:
+    the one the launching process chose (gloo or nccl), for the processes it starts; else GPUs where there are."""
+    devices, nodes = settings.devices, settings.nodes
+    processes = devices * nodes
+    launched = int(os.environ.get("WORLD_SIZE", "1")) if "TORCHELASTIC_RUN_ID" in os.environ else 1
+    if processes == 1:
+        if launched > 1:
+            raise InputError(f"torchrun started {launched} processes, but train.devices=1 and train.nodes=1 train "
+                             "in one (each would make a run of its own): set train.devices to torchrun's "
+                             "--nproc-per-node and train.nodes to its --nnodes")
+        return None
+    import torch
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl" and torch.cuda.device_count() < devices:
+            raise InputError(f"train.devices={devices}, but this machine has {torch.cuda.device_count()} GPU(s): "
+                             "DDP trains one process per GPU; set train.devices to at most that")
+    asked = f"train.devices x train.nodes = {devices} x {nodes} = {processes}"
+    for kind, launcher in ((TorchElasticEnvironment, "torchrun"), (SLURMEnvironment, "srun")):
+        if kind.detect():
+            environment = kind()
+            if environment.world_size() != processes:
+                raise InputError(f"{launcher} started {environment.world_size()} processes, but {asked}: set "
+                                 "train.devices to the processes per machine and train.nodes to the machines")
+            return World(devices=devices, nodes=nodes, rank=environment.global_rank(),
+                         local_rank=environment.local_rank(), environment=environment, backend=backend,
+                         launches=False)
+    environment = LightningEnvironment()
+    node, local = environment.node_rank(), environment.local_rank()
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) != processes:
+        raise InputError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}, but {asked}: set train.devices to the processes "
+                         "per machine and train.nodes to the machines (or unset WORLD_SIZE)")
+    if node >= nodes or local >= devices:
+        raise InputError(f"NODE_RANK={node} and LOCAL_RANK={local} are outside train.nodes={nodes} x "
+                         f"train.devices={devices}: number machines 0 to {nodes - 1} and their processes 0 to "
+                         f"{devices - 1}")
+    if nodes > 1 and not {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK"} <= os.environ.keys():
+        raise InputError(f"train.nodes={nodes}: start the same command on every machine with MASTER_ADDR (node 0's "
+                         f"address), MASTER_PORT (a free port on it) and NODE_RANK (0 to {nodes - 1}) set, or under "
+                         "torchrun or srun")
+    return World(devices=devices, nodes=nodes, rank=node * devices + local, local_rank=local,
+                 environment=environment, backend=backend, launches="LOCAL_RANK" not in os.environ, own_store=True)
+
+
+def _train_worker(world: World, ws: Workspace) -> RunResult:
+    """A DDP run's non-zero rank: rank 0's run id, resolved config, subsets and checkpoint; its own data from the
+    catalog and the image caches; the same training loop. It writes no run folder, catalog row, tracker run,
+    checkpoint (Lightning saves from rank 0) or bundle, and prints nothing."""
+    import yaml
+
+    started = time.perf_counter()
+    quiet_tracking()
+    shared = world.start(ws)
+    cfg = RunConfig.model_validate(yaml.safe_load(shared["config"]))
+    catalog = open_catalog_for(ws)
+    try:
+        prepared = prepare(cfg, ws, catalog, subsets=shared["subsets"], for_lightning=False)
+    finally:
+        catalog.close()
+    run_id = shared["run_id"]
+    run_dir = ws.runs_dir / run_id  # rank 0's (its checkpoint callbacks' folder); nothing is written here
+    checkpoint = Path(shared["checkpoint"]) if shared["checkpoint"] else None
+    best_epoch, history, epochs = _fit_lightning(prepared, None, run_dir, run_id=run_id, ckpt_path=checkpoint,
+                                                 progress=False, world=world)
+    return RunResult(run_id=run_id, run_dir=run_dir, bundle=run_dir / "bundle", epochs=epochs, best_epoch=best_epoch,
+                     metrics={}, history=history, seconds=time.perf_counter() - started, timings=prepared.timings,
+                     resumed=bool(shared["resumed"]), rank=world.rank)
+
+
+def ddp_worker() -> None:
+    """The entry of a process a DDP run's local rank 0 started beside itself (:meth:`World.start`): it joins the
+    run as the rank its ``LOCAL_RANK`` and ``NODE_RANK`` give. An error is printed and ends it with code 1 (the
+    launching process names it)."""
+    from handlens.train.config import TrainConfig
+
+    spec = json.loads(os.environ.pop(WORKER_ENV))
+    ws = Workspace.open(spec["workspace"], db_url=spec["db_url"])
+    world = detect_world(TrainConfig(devices=spec["devices"], nodes=spec["nodes"]), backend=spec["backend"])
+    if world is None or not world.rank:
+        raise HandlensError(f"ddp_worker: LOCAL_RANK={os.environ.get('LOCAL_RANK')} is not a worker's rank")
+    with world.running():
+        _train_worker(world, ws)

@@ -496,7 +496,10 @@ function switchPage(name) {
 
 function setup() {
   // runs.js is loaded after this file: wait for it before wiring the runs page
-  if (typeof setupRuns !== "function") { window.addEventListener("DOMContentLoaded", setup, { once: true }); return; }
+  if (typeof setupRuns !== "function" || typeof setupJobs !== "function") {
+    window.addEventListener("DOMContentLoaded", setup, { once: true });
+    return;
+  }
   document.querySelectorAll("header nav button").forEach((b) => { b.onclick = () => switchPage(b.dataset.page); });
   $("dataset").onchange = loadLabelsets;
   $("labelset").onchange = () => { fillModels(); loadImages(); };
@@ -516,6 +519,7 @@ function setup() {
   setupStage();
   applyView();
   setupRuns();  // runs.js
+  setupJobs();  // jobs.js
   loadSelectors().catch((error) => status(error.message));
 }
 

@@ -7,12 +7,14 @@ from handlens.data.catalog.schema import (
     Dataset,
     Image,
     ImportRecord,
+    Job,
     Label,
     Labelset,
     Run,
     Split,
     SplitAssignment,
     Tag,
+    UrlItem,
 )
 
 __all__ = [
@@ -23,11 +25,13 @@ __all__ = [
     "Dataset",
     "Image",
     "ImportRecord",
+    "Job",
     "Label",
     "Labelset",
     "Run",
     "Split",
     "SplitAssignment",
     "Tag",
+    "UrlItem",
     "open_catalog",
 ]

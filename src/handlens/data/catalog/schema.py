@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -24,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 #: Bump when the tables change, and add a step to ``db.MIGRATIONS``.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def utcnow() -> datetime:
@@ -186,3 +187,65 @@ class Annotation(Base):
     polygons: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     source: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """A queued unit of work (schema version 4): train, study, evaluate, explain or import-urls.
+
+    The row is the job's truth whoever runs it (the service's local worker or a Celery worker on another
+    machine): its status, attempts, the host running it, progress for the events stream, a cancel request
+    the running code checks each epoch, and the result (run id, bundle). The local executor's queue *is*
+    this table, so a restarted service resumes it.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    queue: Mapped[str] = mapped_column(String(64), nullable=False, default="default")
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)  # queued running finished failed cancelled
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    executor: Mapped[str] = mapped_column(String(16), nullable=False, default="local")  # local | celery
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:pid of the latest attempt
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    log_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: what the events stream shows: epoch, epochs, metrics, eta_seconds, message.
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: run_id, bundle, and the kind's own summary.
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class UrlItem(Base):
+    """One row of an ``import-urls`` manifest (schema version 4): the ledger that makes a rerun exact.
+
+    ``status``: pending, downloaded (validated and in the catalog), duplicate (same SHA-256 as an image
+    already held), failed (retries spent; ``--retry-failed`` tries again), refused (never retried: a
+    redirect off loopback, a licence the filter rejects, not an image).
+    """
+
+    __tablename__ = "url_items"
+    __table_args__ = (UniqueConstraint("dataset_id", "url", name="uq_url_item"),
+                      Index("ix_url_items_status", "dataset_id", "status"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    label: Mapped[str] = mapped_column(String(200), nullable=False)
+    labelset: Mapped[str] = mapped_column(String(200), nullable=False)
+    group: Mapped[str | None] = mapped_column("group_name", String(200), nullable=True)
+    license: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attribution: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    http_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -1,0 +1,116 @@
+"""What the CLI and the service call: submit, list, show, cancel, and follow a job's log and events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from handlens.core.workspace import Workspace
+from handlens.jobs import store
+from handlens.jobs.specs import JOB_KINDS, pin_paths, validate_config
+from handlens.jobs.store import JobRecord
+
+JobInfo = JobRecord
+
+
+def new_job_id() -> str:
+    """``job-YYYYMMDD-HHMMSS-xxxxxx``: sorts by submission time, unique across machines."""
+    import secrets
+    from datetime import UTC, datetime
+
+    return f"job-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def submit_job(kind: str, config: dict[str, Any], *, workspace: Workspace, catalog: Any,
+               broker: str | None = None, confine: bool = False) -> JobRecord:
+    """Validate ``config`` for ``kind`` now (a typo is an error at submit, not on a worker), record the job as
+    queued, and hand it to the broker's queue when one is given (else the local executor takes it).
+    ``confine``: the job's files and folders must lie inside the workspace (the service's submissions)."""
+    spec = JOB_KINDS.get(kind)
+    validated = pin_paths(kind, validate_config(kind, config), root=workspace.root, confine=confine)
+    job_id = new_job_id()
+    log_path = store.job_dir(workspace, job_id) / "log.txt"
+    job = store.insert(catalog, job_id=job_id, kind=kind, queue=spec.queue,
+                       config=validated.model_dump(mode="json", exclude_unset=True),
+                       executor="celery" if broker else "local", log_path=str(log_path))
+    if broker:
+        from handlens.jobs.broker import send
+
+        try:
+            send(broker, job_id, spec.queue)
+        except Exception as exc:
+            store.end(catalog, job_id, status=store.FAILED, error=str(exc))
+            raise
+    return job
+
+
+def get_job(job_id: str, *, catalog: Any) -> JobRecord:
+    return store.fetch(catalog, job_id)
+
+
+def list_jobs(*, catalog: Any, status: str | None = None, limit: int = 100) -> list[JobRecord]:
+    if status is not None and status not in store.STATUSES:
+        from handlens.core.errors import InputError
+
+        raise InputError(f"unknown status {status!r}; choose one of {', '.join(store.STATUSES)}")
+    return store.listing(catalog, status=status, limit=limit)
+
+
+def cancel_job(job_id: str, *, catalog: Any) -> JobRecord:
+    return store.request_cancel(catalog, job_id)
+
+
+def changes(job: JobRecord, last: tuple[Any, ...] | None) -> tuple[list[dict[str, Any]], tuple[Any, ...]]:
+    """The events (``progress``, then ``status``) that tell a watcher what changed since ``last``; and the new
+    mark. Progress comes first: a watcher that stops at the final status has seen the last progress."""
+    seen = (job.status, job.attempts, repr(sorted(job.progress.items())))
+    out: list[dict[str, Any]] = []
+    if seen == last:
+        return out, seen
+    if job.progress and (last is None or seen[2] != last[2]):
+        out.append({"event": "progress", "data": {"id": job.id, **job.progress}})
+    if last is None or seen[:2] != last[:2]:
+        ended = job.status in store.TERMINAL
+        out.append({"event": "status", "data": {"id": job.id, "status": job.status, "attempts": job.attempts,
+                                                "worker": job.worker, "error": job.error,
+                                                "progress": job.progress if ended else {},
+                                                "result": _public(job.result) if ended else {}}})
+    return out, seen
+
+
+def _public(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "state"}
+
+
+def events(job_id: str, *, catalog: Any, interval: float = 0.5, timeout: float | None = None) -> Iterator[
+        dict[str, Any]]:
+    """The job's changes as events until it ends (what ``jobs show --follow`` prints)."""
+    deadline = time.monotonic() + timeout if timeout else None
+    last: tuple[Any, ...] | None = None
+    while True:
+        job = store.fetch(catalog, job_id)
+        found, last = changes(job, last)
+        yield from found
+        if job.status in store.TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            return
+        time.sleep(interval)
+
+
+def follow_log(job: JobRecord, *, catalog: Any, follow: bool = False, interval: float = 0.5) -> Iterator[str]:
+    """The job's log lines; with ``follow``, new lines as they come until the job ends."""
+    path = Path(job.log_path) if job.log_path else None
+    offset = 0
+    while True:
+        if path is not None and path.is_file():
+            with path.open("r", errors="replace") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+                offset = handle.tell()
+            yield from chunk.splitlines()
+        if not follow or store.fetch(catalog, job.id).status in store.TERMINAL:
+            if follow and path is not None and path.is_file() and path.stat().st_size > offset:
+                continue  # the last lines written as it ended
+            return
+        time.sleep(interval)

@@ -1,0 +1,155 @@
+"""Running one job, the same way in the local worker and in a Celery worker.
+
+The job's output goes to its log file (``jobs logs ID --follow`` reads it); its progress (epoch, metrics,
+ETA) to its row, which the events stream polls. A cancel is checked after each epoch (train and import-urls
+stop there, their checkpoint or ledger kept); other kinds are interrupted where they are.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from handlens.core.errors import BusyError, ConflictError, HandlensError, InputError, NotFoundError
+from handlens.core.workspace import Workspace
+from handlens.jobs import store
+from handlens.jobs.runs import RUNNERS
+from handlens.jobs.specs import JOB_KINDS, JobContext, validate_config
+
+#: an error of these kinds is the user's (bad config, unknown dataset): running it again cannot help
+USER_ERRORS = (InputError, NotFoundError, ConflictError)
+#: worth another attempt: the catalog was busy, a disk or network hiccup
+TRANSIENT_ERRORS = (BusyError, ConnectionError, TimeoutError)
+#: how many attempts a transient failure gets
+MAX_ATTEMPTS = 3
+CANCELLED_BY_USER = "cancelled by the user"
+
+
+@dataclass
+class Outcome:
+    """How one attempt ended: the job's status, and whether the job should be delivered again."""
+
+    status: str
+    retry: bool = False
+    error: str | None = None
+
+
+def execute(job_id: str, ws: Workspace, *, claimed: bool = False) -> Outcome:
+    """Run job ``job_id`` to its end; ``claimed``: the local queue already marked it running for us."""
+    from handlens.data.catalog import open_catalog
+
+    catalog = open_catalog(ws.db_url)
+    try:
+        if claimed:
+            job = store.fetch(catalog, job_id)
+        else:
+            action, job = store.start_attempt(catalog, job_id)
+            if action != "run":
+                return Outcome(job.status, error=job.error)
+        return _run(catalog, ws, job)
+    finally:
+        catalog.close()
+
+
+class _Watch:
+    """Polls the cancel flag in a thread; for a kind that cannot stop at an epoch, interrupts the main thread."""
+
+    def __init__(self, catalog: Any, job_id: str, *, interrupt: bool, interval: float = 1.0) -> None:
+        self.catalog, self.job_id, self.interrupt, self.interval = catalog, job_id, interrupt, interval
+        self.cancelled = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"job-{job_id}-cancel", daemon=True)
+        self._main = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.interval):
+            with contextlib.suppress(Exception):  # a busy catalog: ask again next time
+                if store.cancel_requested(self.catalog, self.job_id):
+                    self.cancelled = True
+                    if self.interrupt and self._main:
+                        _thread.interrupt_main()
+                    return
+
+
+def _context(catalog: Any, ws: Workspace, job: store.JobRecord, watch: _Watch) -> JobContext:
+    started = time.monotonic()
+    state = dict(job.result.get("state", {}))
+
+    def report(**progress: Any) -> None:
+        epoch, epochs = progress.get("epoch"), progress.get("epochs")
+        if epoch and epochs:
+            progress["eta_seconds"] = round((time.monotonic() - started) / epoch * max(0, epochs - epoch), 1)
+        with contextlib.suppress(Exception):  # progress is for people: a busy catalog must not stop the run
+            if store.report(catalog, job.id, progress):
+                watch.cancelled = True
+
+    def should_stop() -> str | None:
+        return CANCELLED_BY_USER if watch.cancelled else None
+
+    def remember(key: str, value: Any) -> None:
+        state[key] = value
+        store.remember(catalog, job.id, key, value)
+
+    return JobContext(job_id=job.id, workspace=ws, report=report, should_stop=should_stop, state=state,
+                      remember=remember)
+
+
+def _run(catalog: Any, ws: Workspace, job: store.JobRecord) -> Outcome:
+    from handlens.train.run import RunInterrupted
+
+    kind = JOB_KINDS.get(job.kind)
+    log_path = Path(job.log_path) if job.log_path else store.job_dir(ws, job.id) / "log.txt"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        print(f"--- attempt {job.attempts} on {store.worker_name()} at {store.now():%Y-%m-%d %H:%M:%S} UTC", flush=True)
+        watch = _Watch(catalog, job.id, interrupt=not kind.cooperative_cancel)
+        try:
+            with watch:
+                config = validate_config(job.kind, job.config)
+                result = RUNNERS[job.kind](config, _context(catalog, ws, job, watch))
+        except (KeyboardInterrupt, RunInterrupted) as exc:
+            if not watch.cancelled and not store.cancel_requested(catalog, job.id):
+                raise  # a real Ctrl-C or SIGTERM of the worker: the job stays running, to be delivered again
+            print(f"cancelled: {exc}", flush=True)
+            store.end(catalog, job.id, status=store.CANCELLED, error=CANCELLED_BY_USER)
+            return Outcome(store.CANCELLED, error=CANCELLED_BY_USER)
+        except Exception as exc:
+            if watch.cancelled or store.cancel_requested(catalog, job.id):  # a kind's own stop on cancel
+                print(f"cancelled: {exc}", flush=True)
+                store.end(catalog, job.id, status=store.CANCELLED, error=CANCELLED_BY_USER)
+                return Outcome(store.CANCELLED, error=CANCELLED_BY_USER)
+            return _failed(catalog, job, exc)
+        print(f"finished: {result}", flush=True)
+    store.end(catalog, job.id, status=store.FINISHED, result=result)
+    return Outcome(store.FINISHED)
+
+
+def _failed(catalog: Any, job: store.JobRecord, exc: Exception) -> Outcome:
+    """A user error fails the job for good; a transient one is tried again, up to :data:`MAX_ATTEMPTS`."""
+    message = str(exc) if isinstance(exc, HandlensError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, HandlensError):
+        print(f"error: {message}", flush=True)
+    else:
+        traceback.print_exc(file=sys.stderr)
+    if isinstance(exc, TRANSIENT_ERRORS) and not isinstance(exc, USER_ERRORS) and job.attempts < MAX_ATTEMPTS:
+        store.set_status_where(catalog, job.id, old=store.RUNNING, new=store.QUEUED)
+        return Outcome(store.QUEUED, retry=True, error=message)
+    if isinstance(exc, USER_ERRORS):
+        message = f"{message} (a problem with the job's config or data: not retried)"
+    store.end(catalog, job.id, status=store.FAILED, error=message)
+    return Outcome(store.FAILED, error=message)
