@@ -169,3 +169,13 @@ def test_two_local_workers_on_postgresql_run_each_job_once(tmp_path, postgres_ur
     assert [job.status for job in done] == ["finished"] * 4, [job.error for job in done]
     assert [job.attempts for job in done] == [1] * 4  # nobody ran a job twice
     assert len({job.result["run_id"] for job in done}) == 4
+
+
+def test_the_worker_parent_and_the_service_side_of_jobs_import_no_torch():
+    """A Celery worker's parent (which forks the job processes) and the service's job routes never load torch or
+    Lightning: no CUDA state can be forked into a job, and the service stays light."""
+    code = ("import sys; import handlens.cli.jobs, handlens.jobs.celery_worker as w, handlens.jobs.api, "
+            "handlens.jobs.local; w.worker_app('amqp://guest:guest@127.0.0.1:1//'); "
+            "print(sorted(m for m in ('torch', 'lightning', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
