@@ -15,16 +15,17 @@ features and the arms start alike. Then:
     model.weights=packaged model.freeze=frozen``, ``train.seed=1..20`` so they are 20 distinct runs,
     the same 20 in each arm), on one worker (arm A: one after another) and on two worker processes
     (arm B); wall time from the first submit to the last job seen finished, and the ratio B / A. Celery
-    workers (a fresh RabbitMQ vhost per arm; each started with ``run_worker(..., concurrency=1,
-    hostname=...)``, what ``handlens worker --queues train --concurrency 1`` calls, because two such commands
-    on one host share a node name and the second dies: a probe records it), then the same with local workers
-    (two of them share the catalog queue). Workers are started and warmed (each has run one job) before the
-    clock starts. ``OMP_NUM_THREADS`` is 2 for the one worker, 1 for each of two.
+    workers first (a fresh RabbitMQ vhost per arm; each one ``handlens worker --queues train --concurrency 1``
+    as typed, so arm B is two such commands on one host, each with its default node name ``handlens-PID@HOST``:
+    ``cli_two_workers_one_host`` records that both were still alive at the end of the arm and both ran jobs),
+    then the same with local workers (two of them share the catalog queue). Workers are started and warmed
+    (each has run one job) before the clock starts. ``OMP_NUM_THREADS`` is 2 for the one worker, 1 for each of
+    two; training takes its torch thread count from it (``handlens.train.run.training_threads``).
 
 The machine's 2 cores are shared with other work: the load average is recorded before and after each arm.
 
-    .venv/bin/python benchmarks/jobs_speed.py            # ~10 minutes on 2 cores
-    .venv/bin/python benchmarks/jobs_speed.py --quick    # a smoke run: 4 jobs per arm, 2 latency samples
+    .venv/bin/python benchmarks/jobs_speed.py            # ~2.5 minutes on 2 cores
+    .venv/bin/python benchmarks/jobs_speed.py --quick    # a smoke run (~1 minute): 4 jobs per arm, 2 samples
     .venv/bin/python benchmarks/jobs_speed.py --no-local-throughput --keep --out /tmp/jobs_speed.json
 """
 
@@ -177,28 +178,18 @@ def listening(port: int) -> bool:
 
 # --- workers -------------------------------------------------------------------------------------------------
 
-#: ``handlens worker`` has no --hostname: two on one machine are both ``celery@HOST``, and on RabbitMQ the second
-#: dies at start (RESOURCE_LOCKED on the exclusive ``celery@HOST.celery.pidbox`` queue). The throughput arms
-#: start each worker with the function the CLI calls, ``run_worker``, given a node name of its own.
-NAMED_WORKER = ("import os, sys\n"
-                "from handlens.jobs.celery_worker import run_worker\n"
-                "run_worker(sys.argv[1], queues=['train'], concurrency=1, loglevel='WARNING', hostname=sys.argv[2])")
-
-
-def start_workers(ws: Workspace, *, broker: str | None, count: int, threads: int, log_dir: Path,
-                  named: bool = False) -> list[subprocess.Popen[bytes]]:
-    """``count`` worker processes, each in a process group of its own: Celery workers on ``broker`` (with
-    ``named``, each with a node name of its own, see :data:`NAMED_WORKER`), else local workers
-    (``python -m handlens.jobs.worker``); each with ``OMP_NUM_THREADS=threads``."""
+def start_workers(ws: Workspace, *, broker: str | None, count: int, threads: int,
+                  log_dir: Path) -> list[subprocess.Popen[bytes]]:
+    """``count`` worker processes, each in a process group of its own: Celery workers on ``broker`` (the
+    ``handlens worker`` command as a user types it, no --hostname: each takes its default node name), else
+    local workers (``python -m handlens.jobs.worker``); each with ``OMP_NUM_THREADS=threads``."""
     from handlens.core.workspace import DB_URL_ENV, WORKSPACE_ENV
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), WORKSPACE_ENV: str(ws.root), DB_URL_ENV: ws.db_url}
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for i in range(count):
-        if broker and named:
-            argv = [sys.executable, "-c", NAMED_WORKER, broker, f"bench{i}-{secrets.token_hex(2)}@%h"]
-        elif broker:
+        if broker:
             argv = [sys.executable, "-m", "handlens.cli.main", "--workspace", str(ws.root), "--db", ws.db_url,
                     "worker", "--broker", broker, "--queues", "train", "--concurrency", "1", "--loglevel", "WARNING"]
         else:
@@ -234,7 +225,8 @@ def _pid(worker: str | None) -> int | None:
 
 class Owners:
     """Which started worker (its index) each job process belongs to: a local worker runs jobs in its own
-    process; a Celery worker in a prefork child, replaced after 10 jobs, so children are noted while they live."""
+    process; a Celery worker in a prefork child, replaced after 50 jobs (``--max-jobs-per-child``), so children
+    are noted while they live."""
 
     def __init__(self, procs: list[subprocess.Popen[bytes]]) -> None:
         self.index = {proc.pid: i for i, proc in enumerate(procs)}
@@ -349,7 +341,7 @@ def throughput(ws: Workspace, catalog: Any, *, broker: str | None, workers: int,
                log_dir: Path) -> dict[str, Any]:
     """``jobs`` frozen train jobs queued at once for ``workers`` warm worker processes: first submit to last end."""
     threads = 2 if workers == 1 else 1
-    procs = start_workers(ws, broker=broker, count=workers, threads=threads, log_dir=log_dir, named=True)
+    procs = start_workers(ws, broker=broker, count=workers, threads=threads, log_dir=log_dir)
     owners = Owners(procs)
     try:
         warm = warm_workers(ws, catalog, owners, broker=broker, log_dir=log_dir)
@@ -361,8 +353,10 @@ def throughput(ws: Workspace, catalog: Any, *, broker: str | None, workers: int,
         done = wait_done(catalog, ids, log_dir=log_dir, timeout=JOB_TIMEOUT_S * jobs, owners=owners)
         wall = time.perf_counter() - t0
         load_after = load_average()
+        exit_codes = [proc.poll() for proc in procs]  # None: still running when the last job ended
     finally:
         stop_workers(procs)
+    logs = [(log_dir / f"worker-{i}.log").read_text(errors="replace") for i in range(workers)]
     records = [done[i] for i in ids]
     per_worker: dict[str, int] = {}
     for job in records:
@@ -376,24 +370,22 @@ def throughput(ws: Workspace, catalog: Any, *, broker: str | None, workers: int,
             "jobs_per_worker": per_worker, "job_processes_seen": len({_pid(job.worker) for job in records}),
             "train_seconds_p50": round(statistics.median(seconds), 2) if seconds else None,
             "train_seconds_sum": round(sum(seconds), 1), "train_seconds": [round(x, 2) for x in seconds],
-            "load_average_before": load_before,
-            "load_average_after": load_after, **warm}
+            "load_average_before": load_before, "load_average_after": load_after,
+            "exit_codes_at_end": exit_codes, "resource_locked_in_log": ["RESOURCE_LOCKED" in log for log in logs],
+            **warm}
 
 
-def cli_pair_probe(ws: Workspace, broker: str, log_dir: Path, *, wait: float = 20.0) -> dict[str, Any]:
-    """Two ``handlens worker`` commands as typed (no --hostname exists) on one RabbitMQ vhost: does one die?"""
-    procs = start_workers(ws, broker=broker, count=2, threads=1, log_dir=log_dir)
-    try:
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and all(proc.poll() is None for proc in procs):
-            time.sleep(0.2)
-        codes = [proc.poll() for proc in procs]
-    finally:
-        stop_workers(procs)
-    logs = [(log_dir / f"worker-{i}.log").read_text(errors="replace") for i in range(2)]
-    return {"waited_s": wait, "exit_codes_while_running": codes,
-            "resource_locked_in_log": ["RESOURCE_LOCKED" in log for log in logs],
-            "both_alive": all(code is None for code in codes)}
+def two_cli_workers(arm: dict[str, Any]) -> dict[str, Any]:
+    """The check that two ``handlens worker`` commands on one host both run (their default node names differ):
+    read from the two-worker Celery arm. Two workers sharing one node name failed at start (the second hit
+    RESOURCE_LOCKED on RabbitMQ), so both alive when the last job ended, and both having run jobs, is the check."""
+    alive = [code is None for code in arm["exit_codes_at_end"]]
+    ran = sorted(count for key, count in arm["jobs_per_worker"].items() if key != "unknown")
+    return {"command": "handlens worker --broker URL --queues train --concurrency 1 --loglevel WARNING (x2, "
+                       "no --hostname)", "alive_at_end": alive, "resource_locked_in_log": arm["resource_locked_in_log"],
+            "workers_warmed": arm["workers_warmed"], "jobs_per_worker": arm["jobs_per_worker"],
+            "both_alive": all(alive) and len(alive) == 2,
+            "both_ran_jobs": len(ran) == 2 and ran[0] > 0 and arm["workers_warmed"] == 2}
 
 
 def warm_cache(ws: Workspace, log: Path) -> dict[str, Any]:
@@ -460,6 +452,13 @@ def summary(result: dict[str, Any]) -> str:
                          f"{row['ratio_two_to_one']:>11.3f}{row['speed_up']:>10.2f}")
         else:
             lines.append(f"{name:<10}  skipped: {row.get('skipped', '')}")
+    pair = result.get("cli_two_workers_one_host")
+    if pair:
+        lines.append(f"two `handlens worker` on one host: both alive {pair['both_alive']}, "
+                     f"both ran jobs {pair['both_ran_jobs']} {pair['jobs_per_worker']}")
+    machine = result["machine"]
+    lines.append(f"load average at start {machine['load_average_at_start']}, at end "
+                 f"{machine.get('load_average_at_end')}")
     return "\n".join(lines)
 
 
@@ -502,14 +501,13 @@ def run_all(args: argparse.Namespace, tmp: Path, result: dict[str, Any]) -> None
             lat["celery_redis"] = {"skipped": "Redis not listening on 127.0.0.1:6379"}
         thr = result["throughput"]
         if listening(5672):
-            with rabbitmq("pair") as (url, _how):
-                result["cli_two_workers_one_host"] = cli_pair_probe(ws, url, tmp / "cli-pair")
             arms = {}
             for workers, key in ((1, "one_worker"), (2, "two_workers")):
                 with rabbitmq(f"w{workers}") as (url, how):
                     arms[key] = {"broker": how, **throughput(ws, catalog, broker=url, workers=workers, jobs=args.jobs,
                                                              log_dir=tmp / f"thr-celery-{workers}")}
             thr["celery"] = arms
+            result["cli_two_workers_one_host"] = two_cli_workers(arms["two_workers"])
         else:
             thr["celery"] = {"skipped": "RabbitMQ not listening on 127.0.0.1:5672"}
         if args.no_local_throughput:
@@ -540,17 +538,17 @@ def main(argv: list[str] | None = None) -> None:
             "feature_cache": "warmed once (one `handlens train` of the recipe) before every timed job; one "
                              "workspace for all arms, so each arm starts with the features cached",
             "workers": "warmed before timing: each worker process ran one job first (its imports paid)",
-            "celery_worker": "latency: `handlens worker --queues train --concurrency 1 --loglevel WARNING` as typed; "
-                             "throughput (both arms): run_worker(broker, queues=['train'], concurrency=1, "
-                             "hostname='benchN-xxxx@%h') in `python -c`, what that command calls, because two "
-                             "`handlens worker` on one host share the node name celery@HOST and the second dies "
-                             "on RabbitMQ (see cli_two_workers_one_host). Prefork; a child is replaced after 10 "
-                             "jobs (the default --max-jobs-per-child): job_processes_seen counts them",
+            "celery_worker": "`python -m handlens.cli.main --workspace WS --db URL worker --broker URL --queues train "
+                             "--concurrency 1 --loglevel WARNING` as typed, in the latency run and in both "
+                             "throughput arms (arm B: two of them on one host, each with its default node name "
+                             "handlens-PID@HOST; see cli_two_workers_one_host). Prefork; a child is replaced "
+                             "after 50 jobs (the default --max-jobs-per-child), more than any one worker runs in "
+                             "an arm (21 at most), so each keeps one child: job_processes_seen counts them",
             "local_worker": "python -m handlens.jobs.worker ROOT DB_URL PARENT_PID (polls the catalog every 0.5 s)",
             "omp_num_threads": "2 for the one worker (latency and arm A), 1 for each of the two workers (arm B). "
-                               "Note: handlens.train.run.prepare calls torch.set_num_threads(os.cpu_count()) "
-                               "(src/handlens/train/run.py:204), so torch's own ops use 2 threads in every job "
-                               "whatever OMP_NUM_THREADS says; the setting bounds BLAS/OpenMP outside torch",
+                               "Training sets torch's thread count from it (handlens.train.run.training_threads: "
+                               "$OMP_NUM_THREADS when set, else every core), so arm B's two jobs at once take one "
+                               "core each instead of both oversubscribing the 2 cores",
         },
         "latency": {}, "throughput": {},
     }

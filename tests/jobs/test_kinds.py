@@ -38,10 +38,12 @@ def test_study_evaluate_and_explain_jobs(job_ws, tmp_path):
     run_id = trained.result["run_id"]
     evaluated = _run_one(ws, catalog, "evaluate", {"bundle": run_id, "subset": "test"})
     assert 0.0 <= evaluated.result["macro_f1"] <= 1.0 and evaluated.result["leakage"]
-    explained = _run_one(ws, catalog, "explain", {"bundle": run_id, "subset": "test", "method": "gradcam"})
+    explained = _run_one(ws, catalog, "explain", {"bundle": run_id, "subset": "test", "method": "gradcam",
+                                                  "formats": ["png", "geojson"]})
     assert explained.result["images"] == 6  # a quarter of 24 images
     index = json.loads(Path(explained.result["index"]).read_text())
     assert len(index["images"]) == 6 and str(ws.root / "jobs") in explained.result["out"]
+    assert len(list(Path(explained.result["out"]).glob("*.geojson"))) == 6
 
 
 def _png(seed: int) -> bytes:

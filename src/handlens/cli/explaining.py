@@ -43,8 +43,14 @@ def explain_cmd(
     layer: Annotated[str | None, typer.Option("--layer", help="Named layer (stage4, conv_head...) or module path; "
                                               "default: the model's last feature map.")] = None,
     target: Annotated[str, typer.Option("--target", help="pred, a class name, or all.")] = "pred",
-    out: Annotated[Path, typer.Option("--out", help="Folder for overlays (PNG), maps (.npy), "
+    out: Annotated[Path, typer.Option("--out", help="Folder for overlays (PNG), maps (.npy), regions (GeoJSON), "
                                       "index.")] = Path("explanations"),
+    formats: Annotated[list[str] | None, typer.Option("--format", help="What to write: png (overlays), npy (raw "
+                                                      "maps), geojson (the top regions' outlines as polygons on "
+                                                      "the image, for QuPath and GIS tools); repeat it or give a "
+                                                      "comma list. Default: png,npy.")] = None,
+    top: Annotated[float, typer.Option("--top", min=0.01, max=1.0, help="Top share of the map whose outlines "
+                                       "become GeoJSON polygons (as agreement's top-k%).")] = 0.2,
     opacity: Annotated[float, typer.Option("--opacity", min=0.0, max=1.0, help="Overlay opacity.")] = 0.5,
     param: Annotated[list[str] | None, typer.Option("--param", help="Method parameter key=value, e.g. "
                                                     "steps=50.")] = None,
@@ -55,12 +61,19 @@ def explain_cmd(
                                            "--tile).")] = 0.25,
     as_json: JsonFlag = False,
 ) -> None:
-    """Where the model looks: heatmaps over images, as PNG overlays and raw .npy maps."""
+    """Where the model looks: heatmaps over images, as PNG overlays, raw .npy maps and GeoJSON regions.
+
+    ``--format geojson`` writes ``<stem>.<method>.<class>.geojson`` per image and class: the outlines of the
+    map's top ``--top`` share as polygons in the original image's pixels (x = column, y = row), which QuPath
+    imports as annotations.
+    """
     from handlens.explain.api import load_bundle
+    from handlens.explain.output import check_formats
     from handlens.train.evaluate import resolve_bundle
 
     check_choice("--method", method, explainer_names())
     params = parse_params(param, method=method)
+    written = {"formats": check_formats(formats), "top": top}  # a typo in --format fails before any work
     if not images and not subset:
         raise InputError("give image files, or --split train|val|test (with --dataset) to explain catalog images")
     ws = workspace(ctx)
@@ -72,33 +85,40 @@ def explain_cmd(
         tile = loaded.patch_tile
     if tile is not None:
         _explain_tiled(loaded, images or [], out=out, method=method, layer=layer, target=target, tile=tile,
-                       overlap=overlap, opacity=opacity, params=params, as_json=as_json)
+                       overlap=overlap, opacity=opacity, params=params, as_json=as_json, written=written)
     elif subset:
         _explain_subset(ctx, loaded, subset, out=out, method=method, layer=layer, target=target, dataset=dataset,
-                        opacity=opacity, params=params, as_json=as_json)
+                        opacity=opacity, params=params, as_json=as_json, written=written)
     else:
         _explain_files(loaded, images or [], out=out, method=method, layer=layer, target=target, opacity=opacity,
-                       params=params, as_json=as_json)
+                       params=params, as_json=as_json, written=written)
+
+
+def _outputs(item: dict[str, Any]) -> str:
+    """The files written for one image (overlay, map, regions: whichever --format asked for)."""
+    return ", ".join(item[key] for key in ("overlay", "map", "geojson") if key in item)
 
 
 def _explain_tiled(loaded: Any, images: list[Path], *, out: Path, method: str, layer: str | None, target: str,
-                   tile: int, overlap: float, opacity: float, params: dict[str, Any], as_json: bool) -> None:
+                   tile: int, overlap: float, opacity: float, params: dict[str, Any], as_json: bool,
+                   written: dict[str, Any]) -> None:
     from handlens.explain.output import write_tiled
     from handlens.models.bundle import iter_images
 
     index = write_tiled(loaded, iter_images(images), out, method, layer=layer, target=target, tile=tile,
-                        overlap=overlap, opacity=opacity, params=params)
+                        overlap=overlap, opacity=opacity, params=params, **written)
     if as_json:
         emit_json(index)
         return
     for item in index["images"]:
         stdout.print(f"{Path(item['image']).name}: {item['label']} ({item['probability']:.2f}) from "
-                     f"{item['tiles']} tiles -> {item['overlay']}")
+                     f"{item['tiles']} tiles -> {_outputs(item)}")
         stdout.print(f"  {item['shortcuts']['sentence']}", markup=False)
 
 
 def _explain_subset(ctx: typer.Context, loaded: Any, subset: str, *, out: Path, method: str, layer: str | None,
-                    target: str, dataset: str | None, opacity: float, params: dict[str, Any], as_json: bool) -> None:
+                    target: str, dataset: str | None, opacity: float, params: dict[str, Any], as_json: bool,
+                    written: dict[str, Any]) -> None:
     from handlens.explain.output import explain_subset
     from handlens.explain.shortcuts import SHORTCUT_WARNING
 
@@ -106,7 +126,8 @@ def _explain_subset(ctx: typer.Context, loaded: Any, subset: str, *, out: Path, 
     try:
         with ProgressBar("explaining", enabled=not as_json) as progress:
             index = explain_subset(loaded, catalog, subset, out, method=method, layer=layer, target=target,
-                                   dataset=dataset, opacity=opacity, params=params, progress=progress)
+                                   dataset=dataset, opacity=opacity, params=params, progress=progress,
+                                   **written)
     finally:
         catalog.close()
     if as_json:
@@ -124,7 +145,7 @@ def _explain_subset(ctx: typer.Context, loaded: Any, subset: str, *, out: Path, 
 
 
 def _explain_files(loaded: Any, images: list[Path], *, out: Path, method: str, layer: str | None, target: str,
-                   opacity: float, params: dict[str, Any], as_json: bool) -> None:
+                   opacity: float, params: dict[str, Any], as_json: bool, written: dict[str, Any]) -> None:
     from handlens.explain.output import write_explanations
     from handlens.models.bundle import iter_images
 
@@ -133,12 +154,12 @@ def _explain_files(loaded: Any, images: list[Path], *, out: Path, method: str, l
     if missing or not files:
         raise InputError(f"no such image file: {missing[0] if missing else images}")
     index = write_explanations(loaded, files, out, method, layer=layer, target=target, opacity=opacity,
-                               params=params)
+                               params=params, **written)
     if as_json:
         emit_json(index)
         return
     for item in index["images"]:
-        stdout.print(f"{Path(item['image']).name}: {item['target']} ({item['probability']:.2f}) -> {item['overlay']}")
+        stdout.print(f"{Path(item['image']).name}: {item['target']} ({item['probability']:.2f}) -> {_outputs(item)}")
         stdout.print(f"  {item['shortcuts']['sentence']}", markup=False)
     stdout.print(f"{index['method']} on {index['layer'] or 'pixels'}; index: {index['index']}")
 

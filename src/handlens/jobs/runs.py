@@ -78,7 +78,8 @@ def _explain(config: Any, ctx: JobContext) -> dict[str, Any]:
     catalog = open_catalog(ctx.workspace.db_url)
     try:
         index = explain_subset(loaded, catalog, config.subset, out, method=config.method, layer=config.layer,
-                               target=config.target, dataset=config.dataset)
+                               target=config.target, dataset=config.dataset, formats=config.formats,
+                               top=config.top)
     finally:
         catalog.close()
     return {"images": len(index["images"]), "index": index["index"], "out": str(out)}

@@ -70,6 +70,9 @@ class ExplainJob(BaseModel):
     target: str = "pred"
     dataset: str | None = None
     out: str | None = Field(None, description="output folder (default: the job's folder)")
+    formats: list[Literal["png", "npy", "geojson"]] = Field(default_factory=lambda: ["png", "npy"], min_length=1,
+                                                             description="what to write per image and class")
+    top: float = Field(0.2, gt=0, le=1, description="geojson: outline the top share of each map's pixels")
 
 
 def _register() -> None:
