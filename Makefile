@@ -13,9 +13,12 @@ QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || tru
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml web/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	# onnxruntime-web for `handlens export --format web`, as web/package-lock.json pins it (skipped without npm:
+	# that export then says how to get the files, and its browser test skips)
+	if command -v npm >/dev/null; then npm ci --prefix web --no-audit --no-fund --loglevel=error; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

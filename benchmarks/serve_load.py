@@ -23,8 +23,16 @@ default settings) and off (``--batch-size 1``). In each service, for ``--seconds
 Reported too: the micro-batching speedup (requests/s on vs off) per client count. A default run takes
 about 6 minutes on 2 cores. Loopback only, bounded in time. Run one benchmark at a time.
 
+``--runtimes torch,onnx`` compares prediction runtimes instead of batching on/off: one service per runtime
+(``handlens serve --runtime R``, micro-batching on), the same phases in each, and the onnxruntime speedup
+(requests/s, onnx vs torch; target >= 1.5x) and p50 ratio per client count, written to
+``results/serve_load_onnx.json`` unless ``--out`` says otherwise. The first request to the onnx service
+exports the model (into the workspace's cache) before anything is measured. ``--no-burst`` skips phases 2
+and 3 (predict only).
+
     .venv/bin/python benchmarks/serve_load.py                 # 20 s per phase
     .venv/bin/python benchmarks/serve_load.py --seconds 3     # a smoke run
+    .venv/bin/python benchmarks/serve_load.py --runtimes torch,onnx --clients 8 --no-burst --seconds 10
 """
 
 from __future__ import annotations
@@ -52,7 +60,9 @@ from frozen_speed import handlens_exe, machine, write_result
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "serve_load.json"
+RUNTIMES_OUT = ROOT / "results" / "serve_load_onnx.json"
 MODES = (("batched", []), ("unbatched", ["--batch-size", "1"]))  # the default settings, then batching off
+RUNTIMES = ("torch", "onnx")
 EXPLAIN_METHOD = "integrated_gradients"
 EXPLAIN_PARAMS = {"steps": 32}
 RESPONSIVE_P95_S = 1.0
@@ -327,14 +337,21 @@ def show(label: str, f: dict[str, Any]) -> None:
           f"  errors {f['errors']}", flush=True)
 
 
+def modes(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The services compared: batching on and off, or (``--runtimes``) one per runtime, batching on."""
+    if args.runtimes:
+        return [(runtime, ["--runtime", runtime]) for runtime in args.runtimes]
+    return [(name, list(extra)) for name, extra in MODES]
+
+
 def measure_mode(ws_root: Path, run_id: str, *, name: str, extra: list[str], args: argparse.Namespace,
                  log: Path) -> dict[str, Any]:
-    """Every phase in one service started with ``extra`` options: predict per client count, then the burst."""
-    counts = sorted(set(args.clients) | {args.burst_predict_clients})
+    """Every phase in one service started with ``extra`` options: predict per client count, then the burst
+    (unless ``--no-burst``)."""
+    counts = sorted(set(args.clients) | ({args.burst_predict_clients} if args.burst else set()))
     entry: dict[str, Any] = {"serve_options": extra, "predict": {}}
     with Service(ws_root, extra, log) as service:
         url = f"{service.base}/api/v1/models/{run_id}/predict"
-        explain_url = url.replace("/predict", "/explain")
         if post(url, *multipart(png_bytes(999)))[0] != 200:  # loads the model before measuring
             raise SystemExit(f"predict failed on {run_id}: see {log}")
         pid = service.process.pid
@@ -343,22 +360,30 @@ def measure_mode(ws_root: Path, run_id: str, *, name: str, extra: list[str], arg
             show(f"  {name} predict, {clients} clients", figures)
             print(f"{'':40} RSS {figures['rss_before_mb']} -> peak {figures['rss_peak_mb']} -> "
                   f"{figures['rss_after_mb']} MB", flush=True)
-        burst = phase(pid, url, clients=args.burst_predict_clients, seconds=args.seconds, explain_url=explain_url,
-                      explain_clients=args.explain_clients)
-        alone = entry["predict"][str(args.burst_predict_clients)]
-        burst["predict_without_burst"] = {k: alone[k] for k in ("requests_per_s", "p50_ms", "p95_ms", "p99_ms")}
-        burst["responsiveness"], burst["verdict"] = verdict(burst["predict"]["p95_ms"], alone["p95_ms"])
-        entry["explain_burst"] = burst
-        show(f"  {name} predict, {args.burst_predict_clients} + explain burst", burst["predict"])
-        show(f"  {name} explain ({args.explain_clients} clients, IG 32)", burst["explain"])
-        print(f"{'':40} RSS {burst['rss_before_mb']} -> peak {burst['rss_peak_mb']} -> {burst['rss_after_mb']} MB;"
-              f" {burst['explain']['answered_from_cache']} explanations from the cache (should be 0)", flush=True)
-        print(f"  {name}: {burst['verdict']}", flush=True)
-        if name == "batched":
-            entry["explain_cached"] = cached_explain(explain_url)
-            print(f"  {name}: cached explain p50 {entry['explain_cached']['explain_cached_p50_ms']} ms "
-                  "(target <= 20 ms)", flush=True)
+        if args.burst:
+            measure_burst(entry, pid, url, name=name, args=args)
     return entry
+
+
+def measure_burst(entry: dict[str, Any], pid: int, url: str, *, name: str, args: argparse.Namespace) -> None:
+    """Phases 2 and 3 in a running service: predict during an explain burst, then cached explanations (in the
+    first service compared only)."""
+    explain_url = url.replace("/predict", "/explain")
+    burst = phase(pid, url, clients=args.burst_predict_clients, seconds=args.seconds, explain_url=explain_url,
+                  explain_clients=args.explain_clients)
+    alone = entry["predict"][str(args.burst_predict_clients)]
+    burst["predict_without_burst"] = {k: alone[k] for k in ("requests_per_s", "p50_ms", "p95_ms", "p99_ms")}
+    burst["responsiveness"], burst["verdict"] = verdict(burst["predict"]["p95_ms"], alone["p95_ms"])
+    entry["explain_burst"] = burst
+    show(f"  {name} predict, {args.burst_predict_clients} + explain burst", burst["predict"])
+    show(f"  {name} explain ({args.explain_clients} clients, IG 32)", burst["explain"])
+    print(f"{'':40} RSS {burst['rss_before_mb']} -> peak {burst['rss_peak_mb']} -> {burst['rss_after_mb']} MB;"
+          f" {burst['explain']['answered_from_cache']} explanations from the cache (should be 0)", flush=True)
+    print(f"  {name}: {burst['verdict']}", flush=True)
+    if name == modes(args)[0][0]:
+        entry["explain_cached"] = cached_explain(explain_url)
+        print(f"  {name}: cached explain p50 {entry['explain_cached']['explain_cached_p50_ms']} ms "
+              "(target <= 20 ms)", flush=True)
 
 
 def client_counts(text: str) -> list[int]:
@@ -369,6 +394,15 @@ def client_counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: give client counts separated by commas, e.g. 8,32") from None
 
 
+def runtime_names(text: str) -> list[str]:
+    """``torch,onnx`` as ["torch", "onnx"] (at least two, each one of RUNTIMES)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if len(names) < 2 or len(set(names)) != len(names) or set(names) - set(RUNTIMES):
+        raise argparse.ArgumentTypeError(f"{text!r}: give two or more of {', '.join(RUNTIMES)} separated by "
+                                         "commas, e.g. torch,onnx")
+    return names
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase (default 20)")
@@ -376,13 +410,40 @@ def parse_args() -> argparse.Namespace:
                         help="predict client counts, comma-separated (default 8,32)")
     parser.add_argument("--burst-predict-clients", type=int, default=8, help="predict clients during the burst")
     parser.add_argument("--explain-clients", type=int, default=4, help="explaining clients in the burst (default 4)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
+    parser.add_argument("--runtimes", type=runtime_names, default=None,
+                        help="compare these prediction runtimes (e.g. torch,onnx; batching on) instead of batching "
+                        "on/off; results go to results/serve_load_onnx.json unless --out is given")
+    parser.add_argument("--no-burst", dest="burst", action="store_false",
+                        help="skip the explain burst and the cached-explanation phase (predict only)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON results (default "
+                        "results/serve_load.json, or results/serve_load_onnx.json with --runtimes)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = RUNTIMES_OUT if args.runtimes else DEFAULT_OUT
     if args.seconds <= 0 or not args.clients or min(args.clients) < 1 or args.burst_predict_clients < 1 \
             or args.explain_clients < 1:
         parser.error("--seconds must be > 0; --clients (e.g. 8,32), --burst-predict-clients and --explain-clients "
                      "must be positive counts")
     return args
+
+
+def speedup(entry: dict[str, Any], fast: str, slow: str) -> dict[str, float]:
+    """Requests/s of service ``fast`` over service ``slow``, per client count."""
+    return {c: round(entry[fast]["predict"][c]["requests_per_s"] /
+                     max(entry[slow]["predict"][c]["requests_per_s"], 1e-9), 2) for c in entry[fast]["predict"]}
+
+
+def compare_runtimes(entry: dict[str, Any], runtimes: list[str]) -> None:
+    """Each runtime against the first (torch): requests/s speedup and p50 ratio per client count, printed."""
+    base = runtimes[0]
+    for other in runtimes[1:]:
+        entry[f"{other}_speedup"] = speedup(entry, other, base)
+        entry[f"{other}_p50_ratio"] = {
+            c: round(entry[other]["predict"][c]["p50_ms"] / max(entry[base]["predict"][c]["p50_ms"], 1e-9), 2)
+            for c in entry[other]["predict"] if entry[other]["predict"][c]["p50_ms"] is not None
+            and entry[base]["predict"][c]["p50_ms"] is not None}
+        print(f"  {other} vs {base} requests/s by clients: {entry[f'{other}_speedup']} (target >= 1.5x); "
+              f"p50 ratio {entry[f'{other}_p50_ratio']}", flush=True)
 
 
 def main() -> None:
@@ -400,21 +461,23 @@ def main() -> None:
         "responsive_if_burst_p95_below_s": RESPONSIVE_P95_S,
         "default_serve_settings": {"batch_size": defaults.batch_size, "max_wait_ms": defaults.max_wait_ms,
                                    "explain_concurrency": defaults.explain_concurrency},
-        "models": {}, "verdicts": []}
+        "runtimes": args.runtimes or ["torch"], "explain_burst": args.burst, "models": {}, "verdicts": []}
     tmp = Path(tempfile.mkdtemp(prefix="handlens-serve-"))
     try:
         ws = Workspace.open(tmp / "ws")
         for backbone, run_id in make_models(ws).items():
             print(f"{backbone} ({run_id})", flush=True)
             entry: dict[str, Any] = {"run_id": run_id}
-            for name, extra in MODES:
+            for name, extra in modes(args):
                 entry[name] = measure_mode(ws.root, run_id, name=name, extra=extra, args=args, log=tmp / "serve.log")
-                results["verdicts"].append(f"{backbone} {name}: {entry[name]['explain_burst']['verdict']}")
-            entry["batching_speedup"] = {
-                c: round(entry["batched"]["predict"][c]["requests_per_s"] /
-                         max(entry["unbatched"]["predict"][c]["requests_per_s"], 1e-9), 2)
-                for c in entry["batched"]["predict"]}
-            print(f"  micro-batching speedup by clients: {entry['batching_speedup']} (target >= 1.5x)", flush=True)
+                if args.burst:
+                    results["verdicts"].append(f"{backbone} {name}: {entry[name]['explain_burst']['verdict']}")
+            if args.runtimes:
+                compare_runtimes(entry, args.runtimes)
+            else:
+                entry["batching_speedup"] = speedup(entry, "batched", "unbatched")
+                print(f"  micro-batching speedup by clients: {entry['batching_speedup']} (target >= 1.5x)",
+                      flush=True)
             results["models"][backbone] = entry
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

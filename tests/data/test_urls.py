@@ -1,8 +1,11 @@
 """``import-urls`` against a loopback server that injects faults: 500s, 429 with Retry-After, a timeout, a
-truncated body (resumed with Range), corrupt images, redirects (one off loopback, refused), 404s.
+truncated body (resumed with Range), corrupt images, redirects (one off loopback, refused), 404s, a server that
+trickles bytes (cancel, attempt deadline).
 
 Every connection the code opens is checked to go to 127.0.0.1 (``loopback_only``), and the server records
-each request's Host header.
+each request's Host header. The ``public_only`` tests fake a public internet (``fake_internet``): chosen names
+resolve to chosen addresses, and a connection to a fake public address reaches the loopback server instead, so
+what the code would have sent to loopback shows as hits on the server's ``/secret`` paths.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from typer.testing import CliRunner
 
 from handlens.core.errors import InputError
 from handlens.core.workspace import Workspace
+from handlens.data import urls
 from handlens.data.catalog import Dataset, Image, Label, Labelset, UrlItem, open_catalog
 from handlens.data.urls import (
     ATTRIBUTION_FILE,
+    PUBLIC_ONLY_PREFIX,
     ImportUrlsInterrupted,
     UrlImportConfig,
     UrlReason,
     address_class,
+    address_kind,
     import_urls,
     make_config,
     retry_after_seconds,
@@ -481,3 +487,210 @@ def test_the_cli_command_prints_a_summary_last_and_one_json_document(tmp_path, s
     assert last.startswith("Dataset 'd': 0 downloaded this run") and "1 downloaded" in last and "1 failed" in last
     result = runner.invoke(app, ["import-urls", str(manifest), "--dataset", "d", "--license-filter", "("])
     assert result.exit_code == 2 and "regular expression" in result.output
+
+
+def test_embedded_and_unspecified_addresses_take_the_class_they_reach():
+    loopback = ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0", "::ffff:127.0.0.1", "::127.0.0.1", "::ffff:0:127.0.0.1",
+                "64:ff9b::127.0.0.1", "2002:7f00:1::1"]
+    assert {a: address_class(a) for a in loopback} == dict.fromkeys(loopback, "loopback")
+    assert address_kind("0.0.0.0") == address_kind("::") == address_kind("0.1.2.3") == "unspecified"
+    assert address_class("64:ff9b::169.254.169.254") == address_class("2002:a9fe:a9fe::") == "link-local"
+    assert address_class("::10.0.0.1") == address_class("2002:c0a8:101::1") == address_class("64:ff9b::10.1.1.1") \
+        == address_class("64:ff9b:1::808:808") == "private"
+    assert address_class("64:ff9b::8.8.8.8") == address_class("2002:808:808::1") == address_class("::8.8.8.8") \
+        == address_class("2606:4700::1111") == "public"
+    assert address_kind("224.0.0.1") == address_kind("ff02::1") == "multicast"
+    assert address_kind("240.0.0.1") == address_kind("::ffff:240.0.0.1") == "reserved"
+    assert address_kind("100.64.0.1") == address_kind("fc00::1") == address_kind("64:ff9b:1::1") == "private"
+    assert address_kind("fe80::1%eth0") == "link-local"
+
+
+# --------------------------------------------------------------------------- public_only and the redirect rule
+
+PUBLIC, PUBLIC_2 = "93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"
+
+
+@pytest.fixture
+def fake_internet(monkeypatch, server):
+    """``names[host]`` is what ``host`` resolves to (other names resolve for real: localhost, literals); a connection
+    to a fake address (``rerouted``) reaches the loopback server. Every address connected to is recorded."""
+    names: dict[str, tuple[str, ...]] = {}
+    rerouted = {PUBLIC, PUBLIC_2, "10.0.0.5"}
+    opened: list[str] = []
+    real_resolve, real_connect = urls.resolve, socket.create_connection
+
+    def resolve(host: str, port: int) -> tuple[str, ...]:
+        return names[host] if host in names else real_resolve(host, port)
+
+    def connect(address, *args, **kwargs):
+        opened.append(address[0])
+        if address[0] in rerouted:
+            address = ("127.0.0.1", server.port)
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(urls, "resolve", resolve)
+    monkeypatch.setattr(socket, "create_connection", connect)
+    return names, opened
+
+
+def test_public_only_refuses_every_non_public_hop_without_connecting(tmp_path, server, fake_internet):
+    names, opened = fake_internet
+    names.update({"images.example": (PUBLIC,), "cdn.example": (PUBLIC_2,), "myhost.internal": ("127.0.1.1",),
+                  "rebind.example": (PUBLIC, "127.0.0.1"), "metadata.example": ("169.254.169.254",)})
+    port = server.port
+    secret = image_bytes(60)
+    local = {"ip": f"127.0.0.1:{port}", "name": f"localhost:{port}", "decimal": f"2130706433:{port}",
+             "v6": f"[::1]:{port}", "mapped": f"[::ffff:127.0.0.1]:{port}", "zero": f"0.0.0.0:{port}",
+             "nat64": f"[64:ff9b::7f00:1]:{port}", "own": f"myhost.internal:{port}",
+             "rebind": f"rebind.example:{port}", "metadata": "169.254.169.254", "meta-name": "metadata.example"}
+    for name in local:
+        server.routes[f"/secret/{name}"] = serve(secret)
+        server.routes[f"/hop/{name}"] = redirect(f"http://{local[name]}/secret/{name}")
+    server.routes.update({"/ok.png": serve(image_bytes(61)), "/hop/cdn": redirect(f"http://cdn.example:{port}/b.png"),
+                          "/b.png": serve(image_bytes(62))})
+    manifest = write_manifest(tmp_path / "m.csv", [
+        "url,label", f"http://images.example:{port}/ok.png,x", f"http://images.example:{port}/hop/cdn,x",
+        *(f"http://{host}/secret/{name},x" for name, host in local.items()),
+        *(f"http://images.example:{port}/hop/{name},x" for name in local),
+    ])
+    ws = workspace(tmp_path)
+    report = import_urls(config(manifest, public_only=True), ws)
+
+    assert not [path for path in server.hits if path.startswith("/secret/")]  # nothing reached loopback
+    assert set(opened) == {PUBLIC, PUBLIC_2}
+    catalog = open_catalog(ws.db_url)
+    try:
+        with catalog.session() as session:
+            rows = {item.url: item for item in session.scalars(select(UrlItem))}
+    finally:
+        catalog.close()
+    assert rows[f"http://images.example:{port}/ok.png"].status == "downloaded"
+    assert rows[f"http://images.example:{port}/hop/cdn"].status == "downloaded"  # public to public is followed
+    kinds = {"zero": "unspecified", "metadata": "link-local", "meta-name": "link-local"}
+    for name, host in local.items():
+        for url in (f"http://{host}/secret/{name}", f"http://images.example:{port}/hop/{name}"):
+            row = rows[url]
+            assert row.status == "refused" and row.attempts == 1, url
+            assert row.last_error.startswith(PUBLIC_ONLY_PREFIX) and kinds.get(name, "loopback") in row.last_error
+            assert "--allow-private-urls" in row.last_error and "not requested" in row.last_error
+    assert rows[f"http://127.0.0.1:{port}/secret/ip"].last_error.startswith(
+        f"{PUBLIC_ONLY_PREFIX}127.0.0.1 is loopback")
+    assert "rebind.example resolves to 127.0.0.1, which is loopback" in \
+        rows[f"http://rebind.example:{port}/secret/rebind"].last_error
+    assert rows[f"http://images.example:{port}/hop/ip"].http_status == 302
+    reasons = report.skipped_by_reason()
+    assert reasons[UrlReason.NOT_PUBLIC] == len(local) and reasons[UrlReason.REDIRECT] == len(local)
+
+
+def test_a_public_only_refusal_is_decided_again_on_the_next_run(tmp_path, server, loopback_only):
+    server.routes["/a.png"] = serve(image_bytes(63))
+    manifest = write_manifest(tmp_path / "m.csv", ["url,label", f"{server.base}/a.png,x"])
+    ws = workspace(tmp_path)
+    import_urls(config(manifest, public_only=True), ws)
+    assert ledger(ws)["a.png"].status == "refused" and server.hits["/a.png"] == 0 and not loopback_only
+    import_urls(config(manifest, public_only=True), ws)  # still refused, still not requested
+    assert ledger(ws)["a.png"].status == "refused" and server.hits["/a.png"] == 0
+    import_urls(config(manifest), ws)  # an operator allowed private addresses
+    assert ledger(ws)["a.png"].status == "downloaded" and server.hits["/a.png"] == 1
+
+
+def test_a_redirect_must_stay_in_the_class_every_origin_address_shares(tmp_path, server, fake_internet):
+    names, opened = fake_internet
+    names.update({"mixed.example": (PUBLIC, "127.0.0.1"), "lan.example": ("10.0.0.5",),
+                  "images.example": (PUBLIC,)})
+    port = server.port
+    server.routes.update({
+        "/secret": serve(image_bytes(64)),
+        "/mixed": redirect(f"http://127.0.0.1:{port}/secret"),  # public + loopback origin: no union any more
+        "/lan-zero": redirect(f"http://0.0.0.0:{port}/secret"),  # private origin: 0.0.0.0 is loopback, not private
+        "/lan-mapped": redirect(f"http://[::ffff:0.0.0.0]:{port}/secret"),
+        "/nat64": redirect(f"http://[64:ff9b::7f00:1]:{port}/secret"),  # public origin: NAT64 of loopback
+        "/sixtofour": redirect(f"http://[2002:7f00:1::1]:{port}/secret"),
+        "/compatible": redirect(f"http://[::127.0.0.1]:{port}/secret"),
+    })
+    origins = {"/mixed": "mixed.example", "/lan-zero": "lan.example", "/lan-mapped": "lan.example",
+               "/nat64": "images.example", "/sixtofour": "images.example", "/compatible": "images.example"}
+    manifest = write_manifest(tmp_path / "m.csv", ["url,label", *(f"http://{host}:{port}{path},x"
+                                                                  for path, host in origins.items())])
+    ws = workspace(tmp_path)
+    import_urls(config(manifest), ws)
+    assert server.hits["/secret"] == 0 and set(opened) <= {PUBLIC, "10.0.0.5"}
+    rows = ledger(ws)
+    for path in origins:
+        row = rows[path.lstrip("/")]
+        assert row.status == "refused" and "refused" in row.last_error and row.http_status == 302, path
+    assert "more than one class" in rows["mixed"].last_error
+
+
+# --------------------------------------------------------------------------- slow servers
+
+
+def trickle(body: bytes, *, every: float, first: int = 1):
+    """A full Content-Length, ``first`` bytes at once, then one byte every ``every`` seconds; with Range: a quick
+    206 of the rest."""
+    def route(handler: BaseHTTPRequestHandler, _hit: int) -> None:
+        asked = handler.headers.get("Range")
+        if asked is not None:
+            start = int(asked.split("=")[1].rstrip("-"))
+            send(handler, body[start:], status=206,
+                 headers={"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}", "ETag": '"t1"'})
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("ETag", '"t1"')
+        handler.end_headers()
+        try:
+            handler.wfile.write(body[:first])
+            handler.wfile.flush()
+            for i in range(first, min(len(body), first + 20)):
+                time.sleep(every)
+                handler.wfile.write(body[i:i + 1])
+                handler.wfile.flush()
+        except OSError:  # the client went away
+            pass
+        handler.close_connection = True
+    return route
+
+
+@pytest.mark.parametrize("every", [2.0, 8.0], ids=["trickling", "silent"])  # silent: only cutting the socket helps
+def test_a_cancel_is_honoured_while_a_server_trickles_bytes(tmp_path, server, loopback_only, every):
+    server.routes["/drip"] = trickle(image_bytes(70), every=every)
+    manifest = write_manifest(tmp_path / "m.csv", ["url,label", f"{server.base}/drip,x"])
+    ws = workspace(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ImportUrlsInterrupted):
+        import_urls(config(manifest, timeout=10), ws,
+                    should_stop=lambda: "cancelled" if time.monotonic() - started > 1.0 else None)
+    assert time.monotonic() - started < 3.0
+    assert ledger(ws)["drip"].status == "pending"
+    parts = list((ws.root / "downloads" / "rocks").glob("*.part"))
+    assert len(parts) == 1 and parts[0].stat().st_size >= 1  # kept for a Range resume
+
+
+def test_an_attempt_past_its_deadline_fails_and_the_next_run_resumes_with_range(tmp_path, server, loopback_only):
+    body = image_bytes(71)
+    server.routes["/drip"] = trickle(body, every=0.3, first=len(body) // 2)
+    manifest = write_manifest(tmp_path / "m.csv", ["url,label", f"{server.base}/drip,x"])
+    ws = workspace(tmp_path)
+    started = time.monotonic()
+    import_urls(config(manifest, timeout=10, attempt_deadline=1.0, retries=1), ws)
+    assert time.monotonic() - started < 3.0
+    row = ledger(ws)["drip"]
+    assert row.status == "failed" and "attempt_deadline" in row.last_error
+    (part,) = (ws.root / "downloads" / "rocks").glob("*.part")
+    kept = part.stat().st_size
+    assert len(body) // 2 <= kept < len(body)
+
+    import_urls(config(manifest, retry_failed=True), ws)
+    row = ledger(ws)["drip"]
+    assert row.status == "downloaded" and Path(row.path).read_bytes() == body
+    first, second = server.requests_for("/drip")
+    assert "Range" not in first.headers and second.headers["Range"] == f"bytes={kept}-"
+    assert second.headers["If-Range"] == '"t1"'
+
+
+def test_config_takes_public_only_and_an_attempt_deadline():
+    assert UrlImportConfig(manifest="m.csv", dataset="d").public_only is False
+    assert UrlImportConfig(manifest="m.csv", dataset="d").attempt_deadline == 600
+    with pytest.raises(InputError, match="attempt_deadline"):
+        make_config(manifest="m.csv", dataset="d", attempt_deadline=0)

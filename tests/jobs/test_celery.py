@@ -183,3 +183,31 @@ def test_a_job_runs_over_redis_and_survives_its_worker_process_being_killed(job_
             _stop(worker)
     assert done.status == "finished", (done.error, (tmp_path / "worker.log").read_text()[-3000:])
     assert done.attempts == 2 and done.result["resumed"] is True
+
+
+def test_a_local_job_is_forwarded_and_a_worker_on_another_catalog_gives_it_back(job_ws, rabbitmq_url, tmp_path):
+    """`jobs submit` without --broker beside a `serve --broker`: the service forwards it; a worker started on the
+    wrong --db does not swallow it, it returns it to the queue for the right one."""
+    from handlens.core.workspace import Workspace
+    from handlens.jobs.api import forward_local_jobs
+
+    ws, catalog = job_ws
+    other = Workspace.open(tmp_path / "other-ws")
+    job = submit_job("train", tiny_train(), workspace=ws, catalog=catalog)
+    assert job.executor == "local"
+    with open(tmp_path / "worker.log", "wb") as log:
+        wrong = _worker(other, rabbitmq_url, log)
+        try:
+            time.sleep(3)  # its parent is up and consuming
+            assert forward_local_jobs(catalog=catalog, broker=rabbitmq_url) == [job.id]
+            assert get_job(job.id, catalog=catalog).executor == "celery"
+            _wait(lambda: b"goes back to the queue" in (tmp_path / "worker.log").read_bytes(), timeout=60)
+            right = _worker(ws, rabbitmq_url, log)
+            try:
+                done = _wait(lambda: _finished(catalog, job.id))
+            finally:
+                _stop(right)
+        finally:
+            _stop(wrong)
+    assert done.status == "finished", (done.error, (tmp_path / "worker.log").read_text()[-3000:])
+    assert forward_local_jobs(catalog=catalog, broker=rabbitmq_url) == []

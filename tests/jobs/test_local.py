@@ -179,3 +179,13 @@ def test_the_worker_parent_and_the_service_side_of_jobs_import_no_torch():
             "print(sorted(m for m in ('torch', 'lightning', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_only_a_queued_job_can_be_sent_again(job_ws):
+    from handlens.jobs.api import resend_job
+
+    ws, catalog = job_ws
+    job = submit_job("train", tiny_train(), workspace=ws, catalog=catalog)
+    cancel_job(job.id, catalog=catalog)
+    with pytest.raises(ConflictError, match="only a queued job"):
+        resend_job(job.id, catalog=catalog, broker="amqp://guest:guest@127.0.0.1:1//")

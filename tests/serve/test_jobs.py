@@ -61,7 +61,7 @@ def test_a_bad_job_is_a_422_that_names_the_key(jobs_client):
     answer = client.post("/api/v1/jobs", json={"kind": "train", "config": config}, headers=ORIGIN)
     assert answer.status_code == 422 and "model.backbon" in answer.json()["detail"]
     answer = client.post("/api/v1/jobs", json={"kind": "nope", "config": {}}, headers=ORIGIN)
-    assert answer.status_code == 404 and "train" in answer.json()["detail"]
+    assert answer.status_code == 422 and "train" in answer.json()["detail"]
     assert client.get("/api/v1/jobs/job-nope").status_code == 404
     assert client.get("/api/v1/jobs/job-nope/events").status_code == 404
 

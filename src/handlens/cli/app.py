@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from handlens.cli import auditing, data, explaining, jobs, serving, training, urls
+from handlens.cli import auditing, data, explaining, exporting, jobs, serving, training, urls
 from handlens.cli.options import DbOption, WorkspaceOption
 from handlens.cli.study import study_app
 
@@ -27,7 +27,7 @@ def main(ctx: typer.Context, workspace: WorkspaceOption = None, db: DbOption = N
     ctx.obj = {"workspace": workspace, "db": db}
 
 
-for group in (data, training, explaining, auditing, serving, jobs, urls):
+for group in (data, training, explaining, auditing, exporting, serving, jobs, urls):
     app.add_typer(group.app)
 app.add_typer(study_app, name="study")
 app.add_typer(data.annotate_app, name="annotate")

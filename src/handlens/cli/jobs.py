@@ -32,6 +32,11 @@ BrokerOption = Annotated[str | None, typer.Option(
     "none: the local worker of `handlens serve` (or `handlens jobs work`) runs it.")]
 
 
+WorkerBrokerOption = Annotated[str | None, typer.Option(
+    "--broker", envvar="HANDLENS_BROKER_URL", help="The Celery broker to take jobs from: amqp://... (RabbitMQ) "
+    "or redis://... (Redis); required.")]
+
+
 def _submit(ctx: typer.Context, kind: str, config: dict[str, Any], *, broker: str | None, as_json: bool) -> None:
     from handlens.jobs.api import submit_job
     from handlens.jobs.broker import broker_url
@@ -44,7 +49,8 @@ def _submit(ctx: typer.Context, kind: str, config: dict[str, Any], *, broker: st
     if as_json:
         emit_json(job.to_dict())
         return
-    where = f"the broker's {job.queue} queue" if job.executor == "celery" else "the local queue"
+    where = (f"the broker's {job.queue} queue" if job.executor == "celery" else "the catalog's local queue (run by "
+             "`handlens serve`'s local worker, forwarded by a `serve --broker`, or `handlens jobs work`)")
     stdout.print(f"{kind} job queued on {where}; watch it with `handlens jobs show {job.id} --follow`")
     print(job.id, flush=True)
 
@@ -139,8 +145,10 @@ def list_cmd(ctx: typer.Context, status: Annotated[str | None, typer.Option("--s
     if as_json:
         emit_json([job.to_dict() for job in jobs])
         return
-    stdout.print(table("jobs", ["id", "kind", "status", "attempts", "worker", "progress", "queued at", "result",
-                                "error"], [_row(job) for job in jobs]))
+    shown = table("jobs", ["id", "kind", "status", "attempts", "worker", "progress", "queued at", "result", "error"],
+                  [_row(job) for job in jobs])
+    shown.columns[0].no_wrap, shown.columns[0].min_width = True, 26  # an id is copied whole, never cut
+    stdout.print(shown)
 
 
 @jobs_app.command("show")
@@ -161,6 +169,8 @@ def show_cmd(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Job
                 else:
                     stdout.print(_event_line(event), markup=False)
         job = get_job(job_id, catalog=catalog)
+        if follow and not as_json:
+            _print_outcome(job)
     finally:
         catalog.close()
     if as_json:
@@ -172,6 +182,22 @@ def show_cmd(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Job
             stdout.print(f"{key}: {getattr(job, key)}", markup=False)
         stdout.print(f"progress: {job.progress}", markup=False)
         stdout.print(f"result: {({k: v for k, v in job.result.items() if k != 'state'})}", markup=False)
+
+
+def _print_outcome(job: Any) -> None:
+    """What a finished or stopped job left: its run and bundle, or how to continue it."""
+    result = {k: v for k, v in job.result.items() if k != "state"}
+    run_id = result.get("run_id") or job.result.get("state", {}).get("run_id")
+    if job.status == "finished":
+        for key in ("run_id", "study", "bundle", "report", "index"):
+            if result.get(key):
+                stdout.print(f"{key}: {result[key]}", markup=False)
+    elif job.status == "cancelled" and run_id and job.kind == "train":
+        stdout.print(f"run {run_id} keeps its last checkpoint: `handlens train --resume {run_id}` continues it",
+                     markup=False)
+    elif job.status == "queued" and job.executor == "local":
+        stdout.print("queued on the local queue: `handlens serve` without --broker (or `handlens jobs work`) runs it",
+                     markup=False)
 
 
 def _event_line(event: dict[str, Any]) -> str:
@@ -205,6 +231,26 @@ def cancel_cmd(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="J
                  f"{'' if job.status == 'cancelled' else 'after its current epoch'}")
 
 
+@jobs_app.command("resend")
+@handle_errors
+def resend_cmd(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Job id.")], *,
+               broker: WorkerBrokerOption = None) -> None:
+    """Publish a queued job to the broker again (its message was lost); a job a worker has taken is refused."""
+    from handlens.core.errors import InputError
+    from handlens.jobs.api import resend_job
+    from handlens.jobs.broker import broker_url
+
+    url = broker_url(broker)
+    if not url:
+        raise InputError("`jobs resend` needs the broker: pass --broker URL or set HANDLENS_BROKER_URL")
+    _, catalog = workspace_and_catalog(ctx)
+    try:
+        job = resend_job(job_id, catalog=catalog, broker=url)
+    finally:
+        catalog.close()
+    stdout.print(f"job {job.id} sent again to the broker's {job.queue} queue")
+
+
 @jobs_app.command("logs")
 @handle_errors
 def logs_cmd(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Job id.")], *,
@@ -213,9 +259,9 @@ def logs_cmd(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Job
     """The job's log (what it printed), from the shared workspace."""
     from handlens.jobs.api import follow_log, get_job
 
-    _, catalog = workspace_and_catalog(ctx)
+    ws, catalog = workspace_and_catalog(ctx)
     try:
-        for line in follow_log(get_job(job_id, catalog=catalog), catalog=catalog, follow=follow):
+        for line in follow_log(get_job(job_id, catalog=catalog), catalog=catalog, workspace=ws, follow=follow):
             print(line, flush=True)
     finally:
         catalog.close()
@@ -238,7 +284,7 @@ def work_cmd(ctx: typer.Context, *, until_idle: Annotated[bool, typer.Option(
 def worker_cmd(
     ctx: typer.Context,
     *,
-    broker: BrokerOption = None,
+    broker: WorkerBrokerOption = None,
     queues: Annotated[str, typer.Option("--queues", help="Comma-separated queues: train, explain, "
                                         "import.")] = "train,explain,import",
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Jobs at once (one process "

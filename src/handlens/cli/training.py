@@ -85,6 +85,15 @@ def train_cmd(
     ws = workspace(ctx)
     check_choice("--backbone", backbone, backbone_names())
     check_choice("--tracking", tracking, tracking_names())
+    if resume:  # a resume continues with the run's saved config: a flag given beside it would change nothing
+        given = {"--dataset": dataset, "--labelset": labelset, "--split": split, "--backbone": backbone,
+                 "--weights": weights, "--freeze": freeze, "--epochs": epochs, "--overfit-batches": overfit_batches,
+                 "--tracking": tracking, "--policy": policy, "--balance": balance, "--name": name,
+                 "--config": config, "key=value": overrides or None}
+        ignored = [flag for flag, value in given.items() if value is not None]
+        if ignored:
+            warn([f"--resume {resume} continues with the run's saved config ({', '.join(ignored)} ignored); start "
+                  "a new run to change it"])
     cfg = None if resume else run_config(config, overrides, dataset=dataset, labelset=labelset, split=split,
                                          backbone=backbone, weights=weights, freeze=freeze, epochs=epochs,
                                          overfit_batches=overfit_batches, tracking=tracking, policy=policy,

@@ -75,7 +75,9 @@ def print_url_import(report: Any) -> None:
     warn([escape(w) for w in report.warnings])
     stdout.print(f"attribution: {report.attribution}", markup=False)
     counts = ", ".join(f"{n:,} {status}" for status, n in report.counts.items() if n)
+    reasons = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in report.skipped_by_reason().items())
     stdout.print(f"Dataset '{report.dataset}': {report.downloaded:,} downloaded this run "
                  f"({report.images_per_second:,.1f} images/s, {report.bytes / 1e6:,.1f} MB in {report.seconds:.1f}s), "
-                 f"{report.added:,} added to the catalog; all {report.rows:,} manifest rows: {counts or 'none'}"
-                 f"{f', {len(report.skipped):,} not downloaded this run' if report.skipped else ''}.", markup=False)
+                 f"{report.added:,} added to the catalog. The ledger's {sum(report.counts.values()):,} URLs (of "
+                 f"{report.rows:,} manifest rows): {counts or 'none'}"
+                 f"{f'. Not downloaded this run: {reasons}' if reasons else ''}.", markup=False)

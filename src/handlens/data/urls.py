@@ -12,7 +12,17 @@ records them.
 Every manifest URL has a row in the catalog's ``url_items`` ledger (status, attempts, last error, HTTP code,
 bytes, SHA-256, file): a rerun requests only what is still pending, ``retry_failed`` also what failed, and
 nothing that was refused (not an image, a redirect that leaves the original host's address class, over the
-size limit). ``<dest>/ATTRIBUTION.csv`` lists file, URL, licence and attribution of every downloaded image.
+size limit; refusals by the licence filter or by ``public_only`` are decided again each run, as those settings
+may change). ``<dest>/ATTRIBUTION.csv`` lists file, URL, licence and attribution of every downloaded image.
+
+Addresses (server-side request forgery): a redirect is followed only when every address of its host is in the
+one address class all of the original host's addresses share (:func:`address_class`; ``0.0.0.0/8`` and ``::``
+count as loopback, IPv6 forms that embed an IPv4 address take its class). With ``public_only`` (jobs submitted
+over the API) every hop, the first included, is refused unless every address its host resolves to is public.
+
+Slow servers: ``timeout`` bounds the connect and each socket read, and ``attempt_deadline`` bounds a whole
+attempt (redirects, headers and body), so a server that trickles bytes cannot hold a download for ever; a cancel
+cuts the connections in flight at once. Both keep the ``.part`` for a ``Range`` resume.
 
 Only the standard library speaks HTTP here (``http.client`` on ``concurrent.futures`` threads). Proxies
 from the environment are not used, and a connection goes to the address that was checked, never to a
@@ -76,6 +86,10 @@ DEFAULT_MAX_BYTES = 100_000_000
 ATTRIBUTION_FILE = "ATTRIBUTION.csv"
 #: ``last_error`` of a row the licence filter refused: re-decided on every run (the filter may change)
 LICENCE_PREFIX = "licence filter: "
+#: ``last_error`` of a row refused by ``public_only``: re-decided on every run (an operator may allow private ones)
+PUBLIC_ONLY_PREFIX = "public_only: "
+PUBLIC_ONLY_HINT = ("jobs submitted over the API fetch public addresses only; an operator can allow private ones with "
+                    "`handlens serve --allow-private-urls`")
 #: files imported into the catalog per call of the importer, and the longest wait before one
 IMPORT_BATCH, IMPORT_SECONDS = 100, 5.0
 #: ledger rows written per transaction, and the longest wait before one
@@ -106,6 +120,7 @@ class UrlReason:
     LICENCE = "licence_filtered"
     DUPLICATE = "duplicate"
     REDIRECT = "redirect_refused"
+    NOT_PUBLIC = "not_public"
     TOO_MANY_REDIRECTS = "too_many_redirects"
     TOO_LARGE = "too_large"
     HTTP = "http_error"
@@ -143,6 +158,13 @@ class UrlImportConfig(BaseModel):
     dest: str | None = Field(None, description="folder for the files (default <workspace>/downloads/<dataset>); "
                                                "a relative path lies in the workspace")
     timeout: float = Field(30.0, gt=0, le=600, description="seconds to connect, and for each read")
+    attempt_deadline: float = Field(600.0, gt=0, le=86_400,
+                                    description="seconds one attempt may take in all (redirects, headers, body): a "
+                                                "server that trickles bytes fails the attempt there; it is retried "
+                                                "and resumes the bytes received with Range")
+    public_only: bool = Field(False, description="refuse every URL and redirect whose host resolves to any "
+                                                 "non-public address: loopback, private, link-local, unspecified, "
+                                                 "multicast, reserved, and IPv6 forms embedding such an IPv4")
     retries: int = Field(5, ge=1, le=20, description="attempts per URL per run")
     backoff: float = Field(0.5, ge=0, le=60, description="base of the exponential backoff, seconds")
     retry_after_cap: float = Field(60.0, ge=0, le=3600, description="longest Retry-After honoured, seconds")
@@ -347,16 +369,56 @@ def _url_row(line_no: int, fields: list[str], columns: list[str], *, manifest: P
 # --------------------------------------------------------------------------- addresses and connections
 
 
-def address_class(address: str) -> str:
-    """loopback, link-local, private (also reserved and documentation ranges) or public."""
+#: IPv6 prefixes whose last 32 bits are the IPv4 address a packet reaches: IPv4-mapped, IPv4-translated (SIIT),
+#: the well-known NAT64 prefix
+_EMBEDDING_96 = tuple(ipaddress.IPv6Network(net) for net in ("::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96"))
+#: IPv4-compatible ``::a.b.c.d`` (deprecated, still routed by some stacks); ``::`` and ``::1`` are not embeddings
+_COMPATIBLE = ipaddress.IPv6Network("::/96")
+#: local-use NAT64 (RFC 8215): where the IPv4 address sits depends on the operator's prefix, so never public
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+#: "this network": 0.0.0.0 connects to the host itself
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+#: the redirect rule's class of each non-public kind that is not itself a class
+_CLASS_OF_KIND = {"unspecified": "loopback", "multicast": "private", "reserved": "private"}
+
+
+def effective_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a connection to ``address`` reaches: the IPv4 address an IPv6 form embeds (IPv4-mapped
+    ``::ffff:a.b.c.d``, IPv4-translated, IPv4-compatible ``::a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4
+    ``2002::/16``), else the address itself (an IPv6 zone ``%eth0`` dropped)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ip
+    if any(ip in net for net in _EMBEDDING_96) or (ip in _COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return ip.sixtofour or ip
+
+
+def address_kind(address: str) -> str:
+    """``public``, or which kind of non-public address ``address`` reaches (embedded IPv4 forms unwrapped, see
+    :func:`effective_address`): unspecified (``0.0.0.0/8``, ``::``), loopback, link-local, multicast, reserved or
+    private (also documentation, shared and other ranges not globally reachable)."""
+    ip = effective_address(address)
+    if ip.is_unspecified or ip in _THIS_NETWORK:
+        return "unspecified"
     if ip.is_loopback:
         return "loopback"
     if ip.is_link_local:
         return "link-local"
-    return "public" if ip.is_global and not ip.is_multicast else "private"
+    if ip.is_multicast:
+        return "multicast"
+    if ip in _LOCAL_NAT64:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    return "public" if ip.is_global else "private"
+
+
+def address_class(address: str) -> str:
+    """loopback (also unspecified: ``0.0.0.0`` and ``::`` connect to this host), link-local, private (also
+    multicast, reserved and documentation ranges) or public; an IPv6 form embedding an IPv4 address has its class."""
+    kind = address_kind(address)
+    return _CLASS_OF_KIND.get(kind, kind)
 
 
 def resolve(host: str, port: int) -> tuple[str, ...]:
@@ -381,6 +443,23 @@ class _Target:
     @property
     def classes(self) -> frozenset[str]:
         return frozenset(address_class(a) for a in self.addresses)
+
+    def not_public(self) -> str | None:
+        """Why this host is not public (its first address that is not, and what that address is), or None."""
+        for address in self.addresses:
+            kind = address_kind(address)
+            if kind != "public":
+                where = self.host if _is_literal(self.host) else f"{self.host} resolves to {address}, which"
+                return f"{where} is {kind}"
+        return None
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _target(url: str) -> _Target:
@@ -526,6 +605,8 @@ class _Downloader:
         self.config, self.dest, self.stop = config, dest, stop
         self.known = known  # sha256 -> (image id or None while not imported, path)
         self.lock = threading.Lock()
+        #: the sockets of the attempts in flight, with their deadlines: id -> (socket, deadline)
+        self.sockets: dict[int, tuple[socket.socket, float]] = {}
         self.user_agent = _user_agent()
 
     def run(self, item: _Item) -> _Outcome:
@@ -571,15 +652,21 @@ class _Downloader:
         return random.uniform(0, min(BACKOFF_CAP, self.config.backoff * 2 ** (attempt - 1)))
 
     def _fetch(self, url: str, part: Path) -> int:
-        """Download ``url`` into ``part`` (resuming it), following redirects that stay in the original host's
-        address class; the final HTTP status."""
+        """Download ``url`` into ``part`` (resuming it) within one ``attempt_deadline``, following redirects whose
+        host's every address is in the original host's one address class; the final HTTP status. With
+        ``public_only`` every hop, the first included, must resolve to public addresses only."""
+        deadline = time.monotonic() + self.config.attempt_deadline
         try:
             origin = _target(url)
         except OSError as exc:
             raise _Retry(f"cannot resolve the host of {url}: {exc}") from None
+        self._check_public(origin, status=None, redirected_from=None)
+        # the class every address of the origin shares; none when they differ (a public name that also resolves
+        # to 127.0.0.1 must not open the way to loopback)
+        allowed = origin.classes if len(origin.classes) == 1 else frozenset()
         target = origin
         for _hop in range(MAX_REDIRECTS + 1):
-            status, location = self._request(target, part)
+            status, location = self._request(target, part, deadline=deadline)
             if location is None:
                 return status
             next_url = urljoin(target.url, location)
@@ -588,15 +675,65 @@ class _Downloader:
             except OSError as exc:
                 raise _Retry(f"cannot resolve the host of {next_url} (redirected from {url}): {exc}",
                              http_status=status) from None
-            if not target.classes <= origin.classes:
-                raise _Refuse(f"redirect from {origin.host} ({', '.join(sorted(origin.classes))}) to {target.host} "
-                              f"({', '.join(sorted(target.classes))}) refused: a redirect may not leave the original "
-                              "host's address class; it was not requested", http_status=status,
-                              reason=UrlReason.REDIRECT)
+            self._check_public(target, status=status, redirected_from=url)
+            if not target.classes <= allowed:
+                origin_classes, target_classes = ", ".join(sorted(origin.classes)), ", ".join(sorted(target.classes))
+                why = ("every address of a redirect's host must be in the original host's address class" if allowed
+                       else f"{origin.host}'s addresses are of more than one class, so no redirect from it is followed")
+                raise _Refuse(f"redirect from {origin.host} ({origin_classes}) to {target.host} ({target_classes}) "
+                              f"refused: {why}; it was not requested", http_status=status, reason=UrlReason.REDIRECT)
         raise _Fail(f"more than {MAX_REDIRECTS} redirects from {url}", reason=UrlReason.TOO_MANY_REDIRECTS)
 
-    def _request(self, target: _Target, part: Path) -> tuple[int, str | None]:
-        """One GET: (status, redirect location or None); the body is appended to ``part`` on a 206."""
+    def _check_public(self, target: _Target, *, status: int | None, redirected_from: str | None) -> None:
+        """With ``public_only``: refuse ``target`` (nothing is sent to it) unless all of its addresses are public."""
+        if not self.config.public_only:
+            return
+        problem = target.not_public()
+        if problem is None:
+            return
+        hop = f"the redirect from {redirected_from} to {target.url} was refused: " if redirected_from else ""
+        raise _Refuse(f"{PUBLIC_ONLY_PREFIX}{hop}{problem}; {PUBLIC_ONLY_HINT}; it was not requested",
+                      http_status=status, reason=UrlReason.REDIRECT if redirected_from else UrlReason.NOT_PUBLIC)
+
+    def _remaining(self, deadline: float, *, status: int | None = None) -> float:
+        """Seconds left before ``deadline``; a retryable failure once it has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise self._late(status)
+        return left
+
+    def _late(self, status: int | None) -> _Retry:
+        return _Retry(f"the attempt took longer than attempt_deadline ({self.config.attempt_deadline:g} s): the "
+                      "server is too slow; the next attempt resumes from the bytes received", http_status=status)
+
+    def _track(self, sock: socket.socket | None, deadline: float) -> None:
+        """Register the socket of an attempt, so that :meth:`reap` can cut it; stop at once if the run stops."""
+        if sock is None:
+            return
+        with self.lock:
+            self.sockets[id(sock)] = (sock, deadline)
+        if self.stop.is_set():
+            raise _Stopped
+
+    def _untrack(self, sock: socket.socket | None) -> None:
+        if sock is not None:
+            with self.lock:
+                self.sockets.pop(id(sock), None)
+
+    def reap(self) -> None:
+        """Cut the connections of attempts past their deadline, or all of them once the run stops: a read blocked
+        on a silent or trickling server (headers or body) ends now, and its worker sees the stop or the deadline.
+        Called by the scheduler's thread, a few times a second."""
+        now, stopping = time.monotonic(), self.stop.is_set()
+        with self.lock:
+            doomed = [sock for sock, deadline in self.sockets.values() if stopping or now >= deadline]
+        for sock in doomed:
+            with contextlib.suppress(OSError):  # the base method: SSLSocket.shutdown would also drop its TLS state
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def _request(self, target: _Target, part: Path, *, deadline: float) -> tuple[int, str | None]:
+        """One GET before ``deadline``: (status, redirect location or None); the body is appended to ``part`` on a
+        206."""
         offset = part.stat().st_size if part.exists() else 0
         headers = {"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
         validator = _read_validator(part) if offset else None
@@ -605,8 +742,13 @@ class _Downloader:
             if validator:
                 headers["If-Range"] = validator
         kind = _PinnedHTTPS if target.https else _PinnedHTTP
-        conn = kind(target.host, target.port, address=target.addresses[0], timeout=self.config.timeout)
+        conn = kind(target.host, target.port, address=target.addresses[0],
+                    timeout=min(self.config.timeout, self._remaining(deadline)))
+        sock: socket.socket | None = None
         try:
+            conn.connect()
+            sock = conn.sock
+            self._track(sock, deadline)
             conn.request("GET", target.path, headers=headers)
             response = conn.getresponse()
             if response.status in REDIRECT_CODES:
@@ -614,14 +756,20 @@ class _Downloader:
                 if not location:
                     raise _Fail(f"HTTP {response.status} redirect without a Location", http_status=response.status)
                 return response.status, location
-            self._body(response, part, offset)
+            self._body(response, part, offset, sock=sock, deadline=deadline)
             return response.status, None
         except (OSError, http.client.HTTPException) as exc:
+            if self.stop.is_set():  # the connection was cut because the run stops
+                raise _Stopped from None
+            if time.monotonic() >= deadline:
+                raise self._late(None) from None
             raise _Retry(f"{type(exc).__name__}: {exc or 'connection problem'}") from None
         finally:
+            self._untrack(sock)
             conn.close()
 
-    def _body(self, response: http.client.HTTPResponse, part: Path, offset: int) -> None:
+    def _body(self, response: http.client.HTTPResponse, part: Path, offset: int, *, sock: socket.socket | None,
+              deadline: float) -> None:
         """Check the answer's status and size, then stream its body into ``part``."""
         status = response.status
         _check_status(response, part, offset)
@@ -637,15 +785,18 @@ class _Downloader:
                           http_status=status, reason=UrlReason.TOO_LARGE)
         if not append:
             _write_validator(part, response)
-        received = self._stream(response, part, append=append, start=start, status=status)
+        received = self._stream(response, part, append=append, start=start, status=status, sock=sock,
+                                deadline=deadline)
         if length is not None and received < length:
             raise _Retry(f"the body was cut short: {received:,} of {length:,} bytes (the next attempt resumes)",
                          http_status=status)
 
     def _stream(self, response: http.client.HTTPResponse, part: Path, *, append: bool, start: int,
-                status: int) -> int:
-        """Append the body to ``part`` (or write it anew); the bytes received. A read's OSError (a timeout) is the
-        caller's to retry; a write's is this item's failure (:func:`_local`)."""
+                status: int, sock: socket.socket | None, deadline: float) -> int:
+        """Append the body to ``part`` (or write it anew); the bytes received. Each read returns what has arrived
+        (``read1``), so the stop and the deadline are checked between reads even when a server trickles bytes; no
+        read waits past the deadline. A read's OSError (a timeout) is the caller's to retry; a write's is this
+        item's failure (:func:`_local`)."""
         received = 0
         with _local(part):
             handle = part.open("ab" if append else "wb")
@@ -653,14 +804,20 @@ class _Downloader:
             while True:
                 if self.stop.is_set():
                     raise _Stopped
+                left = self._remaining(deadline, status=status)
+                if sock is not None:
+                    sock.settimeout(min(self.config.timeout, left))
                 try:
-                    chunk = response.read(CHUNK)
+                    chunk = response.read1(CHUNK)
                 except http.client.IncompleteRead as exc:
                     with _local(part):
                         handle.write(exc.partial)
                     raise _Retry(f"the body was cut short after {received + len(exc.partial):,} bytes (the next "
                                  "attempt resumes)", http_status=status) from None
-                if not chunk:
+                if not chunk:  # the end of the body, or a connection that reap() cut: not a complete file then
+                    if self.stop.is_set():
+                        raise _Stopped
+                    self._remaining(deadline, status=status)
                     return received
                 received += len(chunk)
                 if start + received > self.config.max_bytes:
@@ -898,19 +1055,19 @@ class _Plan:
 
 def _plan(rows: list[UrlRow], states: dict[str, _State], config: UrlImportConfig, report: UrlImportReport) -> _Plan:
     """Which rows to download now: pending ones, failed ones with ``retry_failed``; never the refused (except by
-    the licence filter, decided again each run), downloaded or duplicate ones."""
+    the licence filter or ``public_only``, decided again each run), downloaded or duplicate ones."""
     licence = re.compile(config.license_filter) if config.license_filter else None
     plan = _Plan()
     for row in rows:
         state = states[row.url]
         status = state.status
-        licence_refused = status == REFUSED and (state.last_error or "").startswith(LICENCE_PREFIX)
+        redecided = status == REFUSED and (state.last_error or "").startswith((LICENCE_PREFIX, PUBLIC_ONLY_PREFIX))
         if status == DOWNLOADED:
             plan.done_per_class[(row.labelset, row.label)] += 1
             if state.relabel and state.path:
                 plan.relabel.append(Entry(state.path, {row.labelset: row.label}, row.group))
             continue
-        if status in (DUPLICATE, REFUSED) and not licence_refused:
+        if status in (DUPLICATE, REFUSED) and not redecided:
             continue
         if status == FAILED and not config.retry_failed:
             report.failed_earlier += 1
@@ -920,7 +1077,7 @@ def _plan(rows: list[UrlRow], states: dict[str, _State], config: UrlImportConfig
             plan.changes[state.id] = {"status": REFUSED, "last_error": detail}
             report.skipped.append(Skipped(row.url, UrlReason.LICENCE, detail))
             continue
-        if licence_refused:
+        if redecided:
             plan.changes[state.id] = {"status": PENDING, "last_error": None}
         item = _Item(state.id, row.url, row.label, row.labelset, row.group, state.attempts, state.path, state.sha256,
                      state.bytes)
@@ -994,6 +1151,7 @@ class _Run:
                     if not inflight:
                         break
                     done, _ = wait(inflight, timeout=0.25, return_when=FIRST_COMPLETED)
+                    self.downloader.reap()
                     self._collect(done, inflight, progress)
                     self._flush(force=False)
             except KeyboardInterrupt:
@@ -1011,6 +1169,7 @@ class _Run:
         """Stop the downloads in flight (each ends at its next read or backoff) and keep their outcomes."""
         self.stop.set()
         while inflight:
+            self.downloader.reap()
             done, _ = wait(inflight, timeout=1.0)
             with contextlib.suppress(Exception):
                 self._collect(done, inflight, progress)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from handlens.core.workspace import Workspace
 from handlens.jobs import store
-from handlens.jobs.specs import JOB_KINDS, pin_paths, validate_config
+from handlens.jobs.specs import JOB_KINDS, pin_paths, pin_raw_paths, validate_config
 from handlens.jobs.store import JobRecord
 
 JobInfo = JobRecord
@@ -28,22 +27,52 @@ def submit_job(kind: str, config: dict[str, Any], *, workspace: Workspace, catal
     """Validate ``config`` for ``kind`` now (a typo is an error at submit, not on a worker), record the job as
     queued, and hand it to the broker's queue when one is given (else the local executor takes it).
     ``confine``: the job's files and folders must lie inside the workspace (the service's submissions)."""
-    spec = JOB_KINDS.get(kind)
-    validated = pin_paths(kind, validate_config(kind, config), root=workspace.root, confine=confine)
+    raw = pin_raw_paths(kind, config, root=workspace.root, confine=confine)  # before validation reads a file
+    validated = pin_paths(kind, validate_config(kind, raw), root=workspace.root, confine=confine)
     job_id = new_job_id()
     log_path = store.job_dir(workspace, job_id) / "log.txt"
-    job = store.insert(catalog, job_id=job_id, kind=kind, queue=spec.queue,
+    job = store.insert(catalog, job_id=job_id, kind=kind, queue=JOB_KINDS.get(kind).queue,
                        config=validated.model_dump(mode="json", exclude_unset=True),
                        executor="celery" if broker else "local", log_path=str(log_path))
     if broker:
         from handlens.jobs.broker import send
 
         try:
-            send(broker, job_id, spec.queue)
+            send(broker, job_id, job.queue)
         except Exception as exc:
             store.end(catalog, job_id, status=store.FAILED, error=str(exc))
             raise
     return job
+
+
+def forward_local_jobs(*, catalog: Any, broker: str) -> list[str]:
+    """Hand the jobs waiting on the catalog's local queue to the broker (a service with a broker runs no local
+    worker: a job submitted without ``--broker`` would otherwise wait forever). Returns their ids."""
+    from handlens.jobs.broker import send
+
+    moved = store.take_local(catalog)
+    for job_id, queue in moved:
+        try:
+            send(broker, job_id, queue)
+        except Exception:
+            store.give_back_local(catalog, job_id)  # the broker is down: kept for the next try
+            raise
+    return [job_id for job_id, _ in moved]
+
+
+def resend_job(job_id: str, *, catalog: Any, broker: str) -> JobRecord:
+    """Publish a queued job again (its message was lost: a broker's queue purged, a worker that failed to give it
+    back). A job already taken by a worker is refused, so it never runs twice."""
+    from handlens.core.errors import ConflictError
+    from handlens.jobs.broker import send
+
+    job = store.fetch(catalog, job_id)
+    if job.status != store.QUEUED:
+        raise ConflictError(f"job {job_id} is {job.status}: only a queued job can be sent again")
+    if job.executor != "celery":
+        store.set_executor(catalog, job_id, "celery")
+    send(broker, job_id, job.queue)
+    return store.fetch(catalog, job_id)
 
 
 def get_job(job_id: str, *, catalog: Any) -> JobRecord:
@@ -98,19 +127,21 @@ def events(job_id: str, *, catalog: Any, interval: float = 0.5, timeout: float |
         time.sleep(interval)
 
 
-def follow_log(job: JobRecord, *, catalog: Any, follow: bool = False, interval: float = 0.5) -> Iterator[str]:
-    """The job's log lines; with ``follow``, new lines as they come until the job ends."""
-    path = Path(job.log_path) if job.log_path else None
+def follow_log(job: JobRecord, *, catalog: Any, workspace: Workspace, follow: bool = False,
+               interval: float = 0.5) -> Iterator[str]:
+    """The job's log lines (always ``WORKSPACE/jobs/ID/log.txt``: a path stored in a shared catalog is never
+    trusted); with ``follow``, new lines as they come until the job ends."""
+    path = store.job_dir(workspace, job.id) / "log.txt"
     offset = 0
     while True:
-        if path is not None and path.is_file():
+        if path.is_file():
             with path.open("r", errors="replace") as handle:
                 handle.seek(offset)
                 chunk = handle.read()
                 offset = handle.tell()
             yield from chunk.splitlines()
         if not follow or store.fetch(catalog, job.id).status in store.TERMINAL:
-            if follow and path is not None and path.is_file() and path.stat().st_size > offset:
+            if follow and path.is_file() and path.stat().st_size > offset:
                 continue  # the last lines written as it ended
             return
         time.sleep(interval)

@@ -44,14 +44,15 @@ def broker_url(given: str | None = None) -> str | None:
 
 def make_app(broker: str) -> Any:
     from celery import Celery
-    from kombu import Queue
+    from kombu import Exchange, Queue
 
     app = Celery("handlens", broker=broker, set_as_current=False)
     app.conf.update(
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
         task_acks_on_failure_or_timeout=True, task_ignore_result=True, task_serializer="json",
         accept_content=["json"], task_default_queue="train", task_create_missing_queues=False,
-        task_queues=[Queue(name, durable=True) for name in QUEUES], task_default_delivery_mode="persistent",
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True) for name in QUEUES],
+        task_default_delivery_mode="persistent",
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT}, broker_connection_retry_on_startup=True,
         broker_connection_timeout=5, worker_hijack_root_logger=False,
         worker_send_task_events=False, worker_cancel_long_running_tasks_on_connection_loss=False,

@@ -12,6 +12,8 @@ from handlens.jobs.broker import QUEUES, TASK, make_app
 
 #: jobs one worker child runs before it is replaced (its imports paid once; its memory given back regularly)
 MAX_JOBS_PER_CHILD = 50
+#: a job this worker's catalog does not know goes back to the queue after this pause
+REJECT_PAUSE_S = 5.0
 
 
 def worker_app(broker: str) -> Any:
@@ -23,10 +25,20 @@ def worker_app(broker: str) -> Any:
 
 def _run_job(task: Any, job_id: str) -> str:
     """The Celery task: run the job from the worker's own catalog and workspace."""
+    from handlens.core.errors import NotFoundError
     from handlens.core.workspace import Workspace
     from handlens.jobs.runner import execute
 
-    outcome = execute(job_id, Workspace.open())
+    try:
+        outcome = execute(job_id, Workspace.open())
+    except NotFoundError as exc:  # this worker is on another catalog than the service: give the job back
+        import time
+
+        from celery.exceptions import Reject
+
+        print(f"error: {exc}; the job goes back to the queue for a worker on the right --db", flush=True)
+        time.sleep(REJECT_PAUSE_S)  # not a hot loop between the broker and a misconfigured worker
+        raise Reject(str(exc), requeue=True) from exc
     if outcome.retry:
         raise task.retry(countdown=2.0)
     return outcome.status

@@ -64,3 +64,36 @@ class LocalExecutor:
             self.process.kill()
             self.process.wait(timeout)
         self.process = None
+
+
+class Forwarder:
+    """With a broker, the service forwards jobs left on the catalog's local queue (a `jobs submit` without
+    ``--broker``) to it every few seconds, so that none waits forever for a local worker that does not run."""
+
+    INTERVAL_SECONDS = 3.0
+
+    def __init__(self, ws: Workspace, broker: str) -> None:
+        self.ws, self.broker = ws, broker
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="handlens-job-forwarder", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import contextlib
+
+        from handlens.data.catalog import open_catalog
+        from handlens.jobs.api import forward_local_jobs
+
+        catalog = open_catalog(self.ws.db_url)
+        try:
+            while not self._stopping.wait(self.INTERVAL_SECONDS):
+                with contextlib.suppress(Exception):  # the broker or catalog is down: try again next time
+                    forward_local_jobs(catalog=catalog, broker=self.broker)
+        finally:
+            catalog.close()
+
+    def stop(self) -> None:
+        self._stopping.set()

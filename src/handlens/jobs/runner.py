@@ -14,7 +14,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from handlens.core.errors import BusyError, ConflictError, HandlensError, InputError, NotFoundError
@@ -113,7 +112,7 @@ def _run(catalog: Any, ws: Workspace, job: store.JobRecord) -> Outcome:
     from handlens.train.run import RunInterrupted
 
     kind = JOB_KINDS.get(job.kind)
-    log_path = Path(job.log_path) if job.log_path else store.job_dir(ws, job.id) / "log.txt"
+    log_path = store.job_dir(ws, job.id) / "log.txt"  # never the row's path: a shared catalog is not trusted
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         print(f"--- attempt {job.attempts} on {store.worker_name()} at {store.now():%Y-%m-%d %H:%M:%S} UTC", flush=True)

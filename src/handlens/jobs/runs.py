@@ -27,6 +27,8 @@ def _train(config: Any, ctx: JobContext) -> dict[str, Any]:
 
     result = train(config, ctx.workspace, progress=False, epoch_hook=on_epoch, run_id=run_id,
                    should_stop=ctx.should_stop)
+    # the epochs it really took (a logistic head fits once; early stopping ends sooner): the last progress agrees
+    ctx.report(epoch=result.epochs, epochs=result.epochs, run_id=result.run_id)
     return {"run_id": result.run_id, "bundle": str(result.bundle), "metrics": _summary(result.metrics),
             "epochs": result.epochs, "best_epoch": result.best_epoch, "seconds": round(result.seconds, 2),
             "resumed": result.resumed}

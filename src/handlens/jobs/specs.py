@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -102,7 +103,12 @@ def validate_config(kind: str, config: dict[str, Any]) -> BaseModel:
     """The kind's config model from ``config``; a bad key or value is a clear :class:`InputError` now."""
     from pydantic import ValidationError
 
-    spec = JOB_KINDS.get(kind)
+    from handlens.core.errors import NotFoundError
+
+    try:
+        spec = JOB_KINDS.get(kind)
+    except NotFoundError as exc:  # a bad request, not a missing resource
+        raise InputError(str(exc)) from None
     try:
         return spec.config.model_validate(config)
     except ValidationError as exc:
@@ -112,30 +118,74 @@ def validate_config(kind: str, config: dict[str, Any]) -> BaseModel:
 
 
 def _is_run_id(name: str, value: str) -> bool:
-    return name == "bundle" and "/" not in value and "\\" not in value and not value.startswith(".")
+    return name == "bundle" and "/" not in value and "\\" not in value and not value.startswith((".", "~"))
+
+
+def _policy_file(value: str) -> bool:
+    """``augment.policy`` names a file (not a preset): it has a suffix or any path syntax."""
+    return value not in ("auto", "none", "basic") and bool(
+        Path(value).suffix or any(c in value for c in "/\\~") or value.startswith("."))
+
+
+#: run-config keys whose value may name a file read by the service or a worker, and how to tell
+RUN_FILE_KEYS: dict[str, Callable[[str], bool]] = {
+    "augment.policy": _policy_file,
+    "model.weights": lambda value: value not in ("none", "imagenet", "packaged"),
+}
+
+
+def _pinned(value: str, *, what: str, root: Any, confine: bool) -> str:
+    from handlens.core.workspace import resolve_inside
+
+    if not confine:
+        return str(Path(value).expanduser().resolve())
+    try:
+        return str(resolve_inside(Path(root), value))
+    except InputError:  # the value is not echoed: the answer must not tell which server paths exist
+        raise InputError(f"{what} names a file outside the workspace; over the API a job reads and writes only "
+                         "inside it (put the file in the workspace, or submit with `handlens jobs submit` on the "
+                         "machine)") from None
+
+
+def pin_raw_paths(kind: str, config: dict[str, Any], *, root: Any, confine: bool) -> dict[str, Any]:
+    """The files a run config names (``augment.policy`` files, ``model.weights`` files; a study's ``overrides``
+    of them), pinned like :func:`pin_paths` *before* validation (validating a run config reads its policy file).
+    """
+    import copy
+
+    out = copy.deepcopy(config)
+    if kind == "train":
+        for key, is_file in RUN_FILE_KEYS.items():
+            section, field = key.split(".")
+            value = (out.get(section) or {}).get(field) if isinstance(out.get(section), dict) else None
+            if isinstance(value, str) and is_file(value):
+                out[section][field] = _pinned(value, what=f"train job: {key}", root=root, confine=confine)
+    elif kind == "study" and isinstance(out.get("overrides"), list):
+        pinned = []
+        for item in out["overrides"]:
+            key, sep, value = str(item).partition("=")
+            if sep and key.strip() in RUN_FILE_KEYS and RUN_FILE_KEYS[key.strip()](value.strip()):
+                what = f"study job: override {key.strip()}"
+                item = f"{key}={_pinned(value.strip(), what=what, root=root, confine=confine)}"
+            pinned.append(item)
+        out["overrides"] = pinned
+    return out
 
 
 def pin_paths(kind: str, config: BaseModel, *, root: Any, confine: bool) -> BaseModel:
     """The config with its files and folders as absolute paths, fixed where it is submitted (a worker on another
     machine has another current folder). ``confine`` (the service): relative to the workspace ``root`` and
     refused outside it (symlinks resolved), so a client can make a worker read or write only inside the
-    workspace; otherwise (the CLI) relative to the current folder. A bare run id (``bundle=RUN``) stays."""
-    from pathlib import Path
-
-    from handlens.core.workspace import resolve_inside
-
+    workspace; a bare run id (``bundle=RUN``) is then the workspace's run. Otherwise (the CLI) relative to the
+    current folder, and a bare run id stays as it is."""
     pinned: dict[str, str] = {}
     for name in JOB_KINDS.get(kind).path_fields:
         value = getattr(config, name, None)
-        if not value or _is_run_id(name, str(value)):
+        if not value:
             continue
-        if not confine:
-            pinned[name] = str(Path(value).expanduser().resolve())
+        if _is_run_id(name, str(value)):
+            if confine:
+                pinned[name] = _pinned(f"runs/{value}", what=f"{kind} job: {name}", root=root, confine=True)
             continue
-        try:
-            pinned[name] = str(resolve_inside(Path(root), str(value)))
-        except InputError:
-            raise InputError(f"{kind} job: {name}={value!r} is outside the workspace; over the API a job reads "
-                             "and writes only inside it (put the file in the workspace, or submit with "
-                             "`handlens jobs submit` on the machine)") from None
+        pinned[name] = _pinned(str(value), what=f"{kind} job: {name}", root=root, confine=confine)
     return config.model_copy(update=pinned) if pinned else config

@@ -159,6 +159,27 @@ def claim_next(catalog: Any, *, queues: list[str] | None = None) -> str | None:
         return row.id
 
 
+def take_local(catalog: Any, *, limit: int = 100) -> list[tuple[str, str]]:
+    """The local queue's waiting jobs, switched to the broker: (id, queue) of each (for a forwarder to send)."""
+    with catalog.write_session() as session:
+        query = select(Job).where(Job.status == QUEUED, Job.executor == "local").order_by(Job.created_at).limit(limit)
+        if session.bind.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = session.scalars(query).all()
+        for row in rows:
+            row.executor = "celery"
+        return [(row.id, row.queue) for row in rows]
+
+
+def give_back_local(catalog: Any, job_id: str) -> None:
+    set_executor(catalog, job_id, "local")
+
+
+def set_executor(catalog: Any, job_id: str, executor: str) -> None:
+    with catalog.write_session() as session:
+        session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(executor=executor))
+
+
 def report(catalog: Any, job_id: str, progress: dict[str, Any]) -> bool:
     """Merge ``progress`` into the job's; returns whether a cancel was asked for."""
     with catalog.write_session() as session:

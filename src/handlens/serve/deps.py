@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -70,8 +71,14 @@ def parse_json(data: bytes) -> Any:
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
+    def finite(text: str) -> float:
+        number = float(text)
+        if math.isinf(number):
+            raise ValueError(f"{text[:40]} is too large for a number")
+        return number
+
     try:
-        value = json.loads(data, parse_constant=no_constants)
+        value = json.loads(data, parse_constant=no_constants, parse_float=finite)
     except RecursionError:
         raise TooLargeError(f"the JSON body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)") from None
     except (ValueError, UnicodeDecodeError) as exc:

@@ -4,6 +4,12 @@ Micro-batching: concurrent predict requests for one model wait up to ``max_wait_
 and go through the network in one forward pass of at most ``batch_size`` images. Every use of a model
 (a predict batch, an explanation) holds that model's lock: explanation hooks must never see another
 request's forward pass.
+
+Runtimes: with ``runtime="onnx"`` each model's predictions (micro-batched predict, background scoring) run on
+onnxruntime (:class:`~handlens.export.runtime.OnnxPredictor`, exported on first load into ``onnx_cache_dir``),
+with the bundle's own preprocessing; explanations need gradients and hooks, so they always run on torch. A
+model that cannot be exported is served by torch, with a warning in the log and the reason in its
+``runtime`` (``GET /api/v1/models/{id}``): one unusual model never makes the service fail.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -32,6 +39,8 @@ from handlens.models.bundle import (
     scan_bundles,
 )
 
+LOG = logging.getLogger("handlens.serve")
+RUNTIMES = ("torch", "onnx")
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -141,7 +150,9 @@ class ModelCopy:
 @dataclass
 class LoadedModel:
     """A model kept warm: the instance predictions use (micro-batched), and a second one for explanations,
-    loaded on the first explanation, so that a slow explanation never holds the lock predictions need."""
+    loaded on the first explanation, so that a slow explanation never holds the lock predictions need. When
+    onnxruntime serves predictions (``predictor``), the bundle's torch network runs no predictions, so it is
+    the explanation copy itself (with a lock of its own): no second copy is loaded."""
 
     model_id: str
     bundle: Any  # handlens.explain.api.ExplainableBundle, for predictions
@@ -150,32 +161,49 @@ class LoadedModel:
     path: Path | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     batcher: MicroBatcher | None = None
+    predictor: Any = None  # an OnnxPredictor when onnxruntime serves predictions; None: the bundle (torch)
+    runtime: str = "torch"  # what serves predictions, as GET /api/v1/models/{id} shows it
     _explainer: ModelCopy | None = None
     _explainer_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def predicts(self) -> Any:
+        """What predictions run on: the ONNX predictor when there is one, else the bundle (same methods)."""
+        return self.predictor or self.bundle
+
     def predict(self, arrays: list[np.ndarray]) -> np.ndarray:
         with self.lock:
-            return self.bundle.predict_proba(arrays, batch_size=max(1, len(arrays)))
+            return self.predicts.predict_proba(arrays, batch_size=max(1, len(arrays)))
 
     def explainer(self) -> ModelCopy:
         """The explanation copy (loaded once, off the event loop: call it from a worker thread)."""
         with self._explainer_lock:
             if self._explainer is None:
-                if self.path is None:
+                if self.predictor is not None:  # onnxruntime predicts: the torch network is free to explain
+                    self._explainer = ModelCopy(self.bundle)  # its own lock: predictions never wait for it
+                elif self.path is None:
                     self._explainer = ModelCopy(self.bundle, self.lock)  # no path to load from: share the one
                 else:
                     from handlens.explain.api import load_bundle
 
-                    self._explainer = ModelCopy(load_bundle(self.path))
-                    self.nbytes *= 2
+                    copy = load_bundle(self.path)
+                    self._explainer = ModelCopy(copy)
+                    self.nbytes += sum(p.numel() * p.element_size() for p in copy.module.parameters())
             return self._explainer
 
 
 class ModelPool:
     """Bundles of the workspace's runs, loaded on first use and kept while they fit ``memory_mb``."""
 
-    def __init__(self, runs_dir: Path, memory_mb: float, batch_size: int, max_wait_ms: float) -> None:
+    def __init__(self, runs_dir: Path, memory_mb: float, batch_size: int, max_wait_ms: float, *,
+                 runtime: str = "torch", onnx_cache_dir: Path | None = None) -> None:
+        if runtime not in RUNTIMES:
+            from handlens.core.errors import InputError
+
+            raise InputError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
         self.runs_dir = runs_dir
+        self.runtime = runtime
+        self.onnx_cache_dir = onnx_cache_dir if onnx_cache_dir is not None else runs_dir.parent / "cache" / "onnx"
         self.memory_bytes = int(memory_mb * 2**20)
         self.batch_size, self.max_wait_s = batch_size, max_wait_ms / 1000
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -205,6 +233,8 @@ class ModelPool:
             sha = bundle.manifest.get("weights_sha256") or hashlib.sha256(
                 (path / "weights.safetensors").read_bytes()).hexdigest()
             loaded = LoadedModel(model_id, bundle, str(sha), nbytes, path=path)
+            if self.runtime == "onnx":
+                self._attach_onnx(loaded)
             loaded.batcher = MicroBatcher(loaded.predict, self.batch_size, self.max_wait_s)
             self._loaded[model_id] = loaded
             total = sum(m.nbytes for m in self._loaded.values())
@@ -212,6 +242,27 @@ class ModelPool:
                 _, evicted = self._loaded.popitem(last=False)
                 total -= evicted.nbytes
             return loaded
+
+    def _attach_onnx(self, loaded: LoadedModel) -> None:
+        """Serve ``loaded``'s predictions on onnxruntime (its .onnx counted in its memory); a model that cannot be
+        exported (or whose export cannot be run) stays on torch, said in the log and in its ``runtime``."""
+        from handlens.export.runtime import OnnxPredictor
+
+        try:
+            predictor = OnnxPredictor(loaded.bundle, cache_dir=self.onnx_cache_dir)
+        except Exception as exc:  # an ExportError above all; never a failed request for a model torch can serve
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            LOG.warning("model %s: onnx export failed, served by torch: %s", loaded.model_id, reason)
+            loaded.runtime = f"torch (onnx export failed: {reason})"
+            return
+        path = predictor.model_path
+        loaded.nbytes += path.stat().st_size if path is not None and path.is_file() else loaded.nbytes
+        loaded.predictor, loaded.runtime = predictor, "onnx"
+
+    def runtime_of(self, model_id: str) -> str | None:
+        """What serves model ``model_id``'s predictions while it is loaded (None: not loaded now)."""
+        found = self._loaded.get(model_id)
+        return found.runtime if found is not None else None
 
     @property
     def loaded(self) -> list[str]:

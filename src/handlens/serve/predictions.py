@@ -91,6 +91,7 @@ class PredictionStore:
         from handlens.transforms.cache import decode_many, decode_working_many
 
         bundle = model.bundle
+        predicts = getattr(model, "predicts", bundle)  # the ONNX predictor when onnxruntime serves the model
         classes = list(bundle.classes)
         cache_dir = self.root.parent
         try:
@@ -101,11 +102,11 @@ class PredictionStore:
                     decoded: Any = decode_working_many(paths, bundle.preprocess.working_side,
                                                        bundle.preprocess.morphology, sha256s=shas, cache_dir=cache_dir)
                     with model.lock:
-                        probs = bundle.predict_working(decoded)
+                        probs = predicts.predict_working(decoded)
                 else:
                     decoded = decode_many(paths, bundle.preprocess, sha256s=shas, cache_dir=cache_dir)
                     with model.lock:
-                        probs = bundle.predict_arrays(decoded)
+                        probs = predicts.predict_arrays(decoded)
                 for row, p in zip(part, probs, strict=True):
                     best = int(np.argmax(p))
                     truth = float(p[classes.index(row["label"])]) if row["label"] in classes else 0.0

@@ -130,6 +130,9 @@ class ModelSummary(BaseModel):
     layers: list[str | None] = Field(default_factory=list)
     patch_trained: bool = False
     metrics: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
+    runtime: str | None = Field(None, description="what serves its predictions while it is loaded: 'torch', "
+                                "'onnx' (onnxruntime; explanations run on torch), or 'torch (onnx export failed: "
+                                "...)'; null when it is not loaded now")
 
 
 class ModelDetail(ModelSummary):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +27,10 @@ class ServeSettings(BaseModel):
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed")
     batch_size: int = Field(16, ge=1, description="most predict requests served by one forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a request waits for others to share its batch")
+    runtime: Literal["torch", "onnx"] = Field("torch", description="what runs predictions: torch, or onnxruntime "
+                                              "(each model exported to ONNX on first use, cached in the "
+                                              "workspace's cache/onnx; a model that cannot be exported is served "
+                                              "by torch); explanations always run on torch")
     pool_memory_mb: float = Field(2048, gt=0, description="loaded models kept warm up to this many MB (LRU)")
     explain_cache_items: int = Field(256, ge=0, description="explanations kept (overlay PNG + float16 map each)")
     explain_concurrency: int = Field(2, ge=1, description="explanations computed at once; others queue")
@@ -37,6 +42,8 @@ class ServeSettings(BaseModel):
     max_explain_tiles: int = Field(64, ge=1, description="tiles one explanation of a patch-trained model may take "
                                    "(each tile is explained at the model's input size, within the budgets above)")
     request_timeout_s: float = Field(60.0, gt=0)
+    allow_private_urls: bool = Field(False, description="import-urls jobs submitted over the API may fetch "
+                                     "loopback and private addresses (off: public addresses only)")
     broker_url: str | None = Field(None, description="Celery broker for jobs (amqp:// or redis://); none: the "
                                    "local worker the serve command starts runs them")
 

@@ -32,7 +32,8 @@ class State:
         self.settings = settings
         self.workspace = Workspace.open(settings.workspace, settings.db_url)
         self.pool = ModelPool(self.workspace.runs_dir, settings.pool_memory_mb, settings.batch_size,
-                              settings.max_wait_ms)
+                              settings.max_wait_ms, runtime=settings.runtime,
+                              onnx_cache_dir=self.workspace.cache_dir / "onnx")
         self.cache = ExplanationCache(settings.explain_cache_items)
         from handlens.serve.predictions import PredictionStore
 

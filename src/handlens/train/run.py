@@ -1041,6 +1041,9 @@ def _fit_lightning(prepared: Prepared, tracker: Any, run_dir: Path, *, run_id: s
 
     quiet_lightning()
     primary = world is None or world.rank == 0
+    if world is not None and world.rank == 0:
+        print(f"training on {world.size} processes ({world.devices} per machine x {world.nodes}, DDP over "
+              f"{world.backend}); batch size {prepared.cfg.train.batch_size} per process", file=sys.stderr, flush=True)
     cfg, module = prepared.cfg, prepared.module
     has_val = prepared.val_loader is not None
     monitor = cfg.train.monitor if has_val else cfg.train.monitor.replace("val_", "train_", 1)

@@ -101,8 +101,11 @@ async function openInInspect(job) {
   switchPage("inspect");
 }
 
+// a browser opens at most 6 connections to the service: a few streams for running jobs, the rest polled
+const MAX_STREAMS = 3;
+
 function watch(job) {
-  if (jobs.streams.has(job.id) || !ACTIVE.has(job.status)) return;
+  if (jobs.streams.has(job.id) || !ACTIVE.has(job.status) || jobs.streams.size >= MAX_STREAMS) return;
   const source = new EventSource(`${API}/jobs/${encodeURIComponent(job.id)}/events`);
   jobs.streams.set(job.id, source);
   const update = (event) => {
@@ -135,7 +138,7 @@ async function refreshJob(id) {
 
 function pollActive() {
   if ($("page-jobs").hidden) return;
-  const active = jobs.rows.filter((r) => ACTIVE.has(r.status) && !jobs.streams.has(r.id));
+  const active = jobs.rows.filter((r) => ACTIVE.has(r.status) && !jobs.streams.has(r.id)).slice(0, 10);
   active.forEach((r) => { refreshJob(r.id).then(() => watch(jobs.rows.find((x) => x.id === r.id) || r)); });
 }
 

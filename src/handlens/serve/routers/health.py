@@ -31,7 +31,12 @@ def readyz(state: StateDep) -> Any:
         with state.catalog.session() as session:
             session.execute(text("SELECT 1"))
     except Exception as exc:  # the catalog is unreachable: not ready
-        return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
+        from handlens.serve.app import public_message
+
+        # what an operator needs (the catalog's redacted URL and why), without the server's paths
+        reason = public_message(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                                [state.workspace.root])
+        return JSONResponse({"status": "unavailable", "detail": reason}, status_code=503)
     usable = sum(entry.damaged is None for entry in state.pool.manifests())
     return Ready(status="ok", models=usable, loaded=state.pool.loaded)
 

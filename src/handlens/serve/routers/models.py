@@ -1,5 +1,5 @@
 """Model resources: the workspace's bundles (damaged ones listed as damaged), their evaluations, the
-explainers, and predictions (micro-batched)."""
+explainers, and predictions (micro-batched; on torch or onnxruntime, ``runtime`` says which while loaded)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def models(state: StateDep) -> list[ModelSummary]:
         usable[entry.model_id] = manifest
         out.append(model_summary(entry.model_id, manifest))
     names = model_names(usable)
-    return [m.model_copy(update={"name": names.get(m.id, m.id)}) for m in out]
+    return [m.model_copy(update={"name": names.get(m.id, m.id), "runtime": state.pool.runtime_of(m.id)})
+            for m in out]
 
 
 def model_names(manifests: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -76,7 +77,8 @@ def model(model_id: str, state: StateDep) -> ModelDetail:
     return ModelDetail(**{**model_summary(model_id, manifest).model_dump(), "name": given or model_id,
                           "metrics": manifest.get("metrics") or {},
                           "split_membership": manifest.get("split_membership") or {},
-                          "preprocess": manifest.get("preprocess"), "config": manifest.get("config") or {}})
+                          "preprocess": manifest.get("preprocess"), "config": manifest.get("config") or {},
+                          "runtime": state.pool.runtime_of(model_id)})
 
 
 @router.get("/models/{model_id}/evaluations")
