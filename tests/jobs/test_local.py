@@ -189,3 +189,27 @@ def test_only_a_queued_job_can_be_sent_again(job_ws):
     cancel_job(job.id, catalog=catalog)
     with pytest.raises(ConflictError, match="only a queued job"):
         resend_job(job.id, catalog=catalog, broker="amqp://guest:guest@127.0.0.1:1//")
+
+
+def test_cancel_interrupts_a_study_in_a_worker_that_ignores_sigint(job_ws):
+    """A study cannot stop at an epoch: the cancel interrupts it, also in a worker process that ignores SIGINT
+    (the local worker and Celery's children do)."""
+    ws, catalog = job_ws
+    space = ws.root / "space.yaml"
+    space.write_text(json.dumps({"space": {"train.lr": {"float": [1e-4, 1e-1], "log": True}},
+                                 "fixed": {"model.backbone": "tiny_cnn", "model.weights": "none",
+                                           "model.freeze": "full", "train.epochs": 3, "train.batch_size": 8}}))
+    job = submit_job("study", {"dataset": "colours", "space": str(space), "sampler": "random", "trials": 500,
+                               "cv": 2, "tracking": "none"}, workspace=ws, catalog=catalog)
+    worker = _start_worker(ws)
+    try:
+        _wait_for(lambda: get_job(job.id, catalog=catalog).status == "running")
+        time.sleep(3)  # well inside its first trials
+        cancel_job(job.id, catalog=catalog)
+        done = _wait_for(lambda: get_job(job.id, catalog=catalog).status in store.TERMINAL and
+                         get_job(job.id, catalog=catalog), timeout=60)
+        assert worker.poll() is None  # the worker lives on for the next job
+    finally:
+        worker.kill()
+        worker.wait(10)
+    assert done.status == "cancelled", (done.status, done.error)

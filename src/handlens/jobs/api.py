@@ -51,18 +51,20 @@ def forward_local_jobs(*, catalog: Any, broker: str) -> list[str]:
     from handlens.jobs.broker import send
 
     moved = store.take_local(catalog)
-    for job_id, queue in moved:
+    for index, (job_id, queue) in enumerate(moved):
         try:
             send(broker, job_id, queue)
         except Exception:
-            store.give_back_local(catalog, job_id)  # the broker is down: kept for the next try
+            for unsent, _ in moved[index:]:  # the broker is down: every job not sent waits for the next try
+                store.give_back_local(catalog, unsent)
             raise
     return [job_id for job_id, _ in moved]
 
 
 def resend_job(job_id: str, *, catalog: Any, broker: str) -> JobRecord:
     """Publish a queued job again (its message was lost: a broker's queue purged, a worker that failed to give it
-    back). A job already taken by a worker is refused, so it never runs twice."""
+    back). A job a worker has taken is refused. A resend of a message that was not lost is delivered twice: the
+    second delivery finds the job running and counts a worker death (heartbeats would tell them apart)."""
     from handlens.core.errors import ConflictError
     from handlens.jobs.broker import send
 
@@ -132,16 +134,20 @@ def follow_log(job: JobRecord, *, catalog: Any, workspace: Workspace, follow: bo
     """The job's log lines (always ``WORKSPACE/jobs/ID/log.txt``: a path stored in a shared catalog is never
     trusted); with ``follow``, new lines as they come until the job ends."""
     path = store.job_dir(workspace, job.id) / "log.txt"
-    offset = 0
+    offset, partial = 0, ""
     while True:
         if path.is_file():
             with path.open("r", errors="replace") as handle:
                 handle.seek(offset)
-                chunk = handle.read()
+                chunk = partial + handle.read()
                 offset = handle.tell()
-            yield from chunk.splitlines()
+            lines = chunk.split("\n")
+            partial = lines.pop()  # a line still being written waits for its end
+            yield from lines
         if not follow or store.fetch(catalog, job.id).status in store.TERMINAL:
             if follow and path.is_file() and path.stat().st_size > offset:
                 continue  # the last lines written as it ended
+            if partial:
+                yield partial
             return
         time.sleep(interval)

@@ -39,8 +39,25 @@ def _run_job(task: Any, job_id: str) -> str:
         print(f"error: {exc}; the job goes back to the queue for a worker on the right --db", flush=True)
         time.sleep(REJECT_PAUSE_S)  # not a hot loop between the broker and a misconfigured worker
         raise Reject(str(exc), requeue=True) from exc
+    except Exception as exc:  # the runner could not record an end (a catalog gone, a full disk): give it back;
+        # start_attempt counts each such death and fails the job after MAX_WORKER_DEATHS
+        import time
+
+        from celery.exceptions import Reject
+
+        print(f"error: job {job_id} could not be run or recorded ({type(exc).__name__}: {exc}); back to the "
+              "queue", flush=True)
+        time.sleep(REJECT_PAUSE_S)
+        raise Reject(str(exc), requeue=True) from exc
     if outcome.retry:
-        raise task.retry(countdown=2.0)
+        from celery.exceptions import Reject, Retry
+
+        try:
+            raise task.retry(countdown=2.0)
+        except Retry:
+            raise
+        except Exception as exc:  # the retry could not be published (the broker is flapping): keep the message
+            raise Reject(str(exc), requeue=True) from exc
     return outcome.status
 
 

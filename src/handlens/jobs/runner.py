@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import signal
 import sys
 import threading
 import time
@@ -58,30 +59,48 @@ def execute(job_id: str, ws: Workspace, *, claimed: bool = False) -> Outcome:
 
 
 class _Watch:
-    """Polls the cancel flag in a thread; for a kind that cannot stop at an epoch, interrupts the main thread."""
+    """Polls the cancel flag in a thread. For a kind that cannot stop at an epoch (a study, an evaluation,
+    explanations) it interrupts the main thread: workers ignore SIGINT (Celery's children, the local worker),
+    and ``_thread.interrupt_main`` then does nothing, so while the job runs a SIGINT handler of our own is
+    installed that raises ``KeyboardInterrupt`` for a cancel only. A lock keeps a late interrupt from arriving
+    after the job ended."""
 
     def __init__(self, catalog: Any, job_id: str, *, interrupt: bool, interval: float = 1.0) -> None:
-        self.catalog, self.job_id, self.interrupt, self.interval = catalog, job_id, interrupt, interval
+        self.catalog, self.job_id, self.interval = catalog, job_id, interval
         self.cancelled = False
         self._done = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"job-{job_id}-cancel", daemon=True)
-        self._main = threading.current_thread() is threading.main_thread()
+        self.interrupt = interrupt and threading.current_thread() is threading.main_thread()
+        self._previous: Any = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.cancelled:
+            raise KeyboardInterrupt(CANCELLED_BY_USER)
 
     def __enter__(self) -> _Watch:
+        if self.interrupt:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._done.set()
+        with self._lock:
+            self._done.set()
         self._thread.join(timeout=5)
+        if self.interrupt:
+            signal.signal(signal.SIGINT, self._previous)
 
     def _loop(self) -> None:
         while not self._done.wait(self.interval):
             with contextlib.suppress(Exception):  # a busy catalog: ask again next time
                 if store.cancel_requested(self.catalog, self.job_id):
-                    self.cancelled = True
-                    if self.interrupt and self._main:
-                        _thread.interrupt_main()
+                    with self._lock:
+                        if self._done.is_set():
+                            return
+                        self.cancelled = True
+                        if self.interrupt:
+                            _thread.interrupt_main(signal.SIGINT)
                     return
 
 

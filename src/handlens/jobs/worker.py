@@ -25,6 +25,8 @@ def _alive(worker: str | None) -> bool:
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname():
         return True
+    if pid == str(os.getpid()):  # a restarted container often gets its predecessor's pid: that one is gone
+        return False
     try:
         os.kill(int(pid), 0)
     except (ValueError, ProcessLookupError):

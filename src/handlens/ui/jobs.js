@@ -41,8 +41,8 @@ function progressText(job) {
   const p = job.progress || {};
   if (job.status === "failed" || job.status === "cancelled") return job.error || job.status;
   if (p.epochs) {
-    const f1 = p.metrics && p.metrics.val_macro_f1 !== undefined ? ` · val F1 ${p.metrics.val_macro_f1.toFixed(3)}` : "";
-    const eta = p.eta_seconds !== undefined && job.status === "running" ? ` · ETA ${Math.round(p.eta_seconds)} s` : "";
+    const f1 = p.metrics && typeof p.metrics.val_macro_f1 === "number" ? ` · val F1 ${p.metrics.val_macro_f1.toFixed(3)}` : "";
+    const eta = typeof p.eta_seconds === "number" && job.status === "running" ? ` · ETA ${Math.round(p.eta_seconds)} s` : "";
     return `epoch ${p.epoch}/${p.epochs}${f1}${eta}`;
   }
   return p.message || "";
