@@ -6,6 +6,7 @@ import json
 from typer.testing import CliRunner
 
 from handlens.cli.app import app
+from handlens.jobs import store
 
 runner = CliRunner()
 TINY = ["--dataset", "colours", "--backbone", "tiny_cnn", "--weights", "none", "--freeze", "full", "--epochs", "2",
@@ -36,13 +37,17 @@ def test_submit_work_show_logs_and_list(job_ws):
 
 
 def test_bad_settings_and_cancel(job_ws):
-    ws, _ = job_ws
+    ws, catalog = job_ws
     typo = cli(ws, "jobs", "submit", "evaluate", "bundel=x")
     assert typo.exit_code == 2 and "bundel" in typo.output
     queued = cli(ws, "jobs", "submit", "evaluate", "bundle=no-such-run").stdout.strip().splitlines()[-1]
     cancelled = cli(ws, "jobs", "cancel", queued)
     assert cancelled.exit_code == 0 and "cancelled" in cancelled.stdout
     assert cli(ws, "jobs", "cancel", queued).exit_code == 4  # already ended
+    stuck = cli(ws, "jobs", "submit", "evaluate", "bundle=no-such-run").stdout.strip().splitlines()[-1]
+    assert store.claim_next(catalog) == stuck  # a worker took it, then its machine was lost
+    forced = cli(ws, "jobs", "cancel", stuck, "--force", "--json")
+    assert forced.exit_code == 0 and json.loads(forced.stdout)["status"] == "cancelled"
     assert cli(ws, "jobs", "show", "job-nope").exit_code == 3
 
 

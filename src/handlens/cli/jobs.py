@@ -214,14 +214,16 @@ def _event_line(event: dict[str, Any]) -> str:
 
 @jobs_app.command("cancel")
 @handle_errors
-def cancel_cmd(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Job id.")],
+def cancel_cmd(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Job id.")], *,
+               force: Annotated[bool, typer.Option("--force", help="Mark a running job cancelled now: for one "
+                                                   "whose worker is gone (a lost machine).")] = False,
                as_json: JsonFlag = False) -> None:
     """Cancel a job: a queued one at once, a running one within one epoch (its checkpoint kept)."""
     from handlens.jobs.api import cancel_job
 
     _, catalog = workspace_and_catalog(ctx)
     try:
-        job = cancel_job(job_id, catalog=catalog)
+        job = cancel_job(job_id, catalog=catalog, force=force)
     finally:
         catalog.close()
     if as_json:

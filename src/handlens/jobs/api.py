@@ -89,8 +89,8 @@ def list_jobs(*, catalog: Any, status: str | None = None, limit: int = 100) -> l
     return store.listing(catalog, status=status, limit=limit)
 
 
-def cancel_job(job_id: str, *, catalog: Any) -> JobRecord:
-    return store.request_cancel(catalog, job_id)
+def cancel_job(job_id: str, *, catalog: Any, force: bool = False) -> JobRecord:
+    return store.request_cancel(catalog, job_id, force=force)
 
 
 def changes(job: JobRecord, last: tuple[Any, ...] | None) -> tuple[list[dict[str, Any]], tuple[Any, ...]]:

@@ -215,8 +215,9 @@ def end(catalog: Any, job_id: str, *, status: str, result: dict[str, Any] | None
         return record(row)
 
 
-def request_cancel(catalog: Any, job_id: str) -> JobRecord:
-    """Ask a job to stop: a queued one is cancelled now; a running one stops within one epoch."""
+def request_cancel(catalog: Any, job_id: str, *, force: bool = False) -> JobRecord:
+    """Ask a job to stop: a queued one is cancelled now; a running one stops within one epoch. ``force``: a
+    running job whose worker is gone (nothing will ever end its row) is marked cancelled now."""
     with catalog.write_session() as session:
         row = _locked(session, job_id)
         if row is None:
@@ -226,6 +227,9 @@ def request_cancel(catalog: Any, job_id: str) -> JobRecord:
         row.cancel_requested = True
         if row.status == QUEUED:
             row.status, row.finished_at, row.error = CANCELLED, now(), "cancelled before it started"
+        elif force:
+            row.status, row.finished_at = CANCELLED, now()
+            row.error = f"cancelled by force while its worker ({row.worker}) was not seen to end it"
         return record(row)
 
 
