@@ -260,15 +260,18 @@ def predict_cmd(
     *,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes to show per image.")] = 3,
     tta: TtaFlag = False,
+    runtime: Annotated[str, typer.Option("--runtime", help="torch, or onnx: onnxruntime (the model exported on "
+                                         "first use, cached in the workspace).")] = "torch",
     as_json: JsonFlag = False,
 ) -> None:
     """Predict the class of images with a trained bundle."""
     from handlens.models.bundle import load_bundle
     from handlens.train.evaluate import resolve_bundle
 
+    check_choice("--runtime", runtime, ["torch", "onnx"])
     loaded = load_bundle(resolve_bundle(workspace(ctx), bundle))
     readable, problems = _readable_images(images)
-    predictions = loaded.predict(readable, top_k=top_k, tta=tta)
+    predictions = loaded.predict(readable, top_k=top_k, tta=tta, runtime=runtime)
     tta_report = _tta_report(loaded.manifest, tta)
     if as_json:
         emit_json({"predictions": [p.to_dict() for p in predictions],

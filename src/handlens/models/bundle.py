@@ -399,6 +399,10 @@ class Prediction:
                 "top": [{"class": c, "probability": p} for c, p in self.top], "probabilities": self.probabilities}
 
 
+#: entry-point group where packages above this one plug in prediction runtimes (pyproject.toml: onnx)
+RUNTIME_GROUP = "handlens.runtimes"
+
+
 class Bundle:
     """A loaded model bundle: the model in eval mode plus what is needed to feed it."""
 
@@ -508,11 +512,33 @@ class Bundle:
                 probs.append(view_probabilities(self.module, x, views))
         return mean_by_image(torch.cat(probs), torch.tensor(owners), len(images)).numpy()
 
-    def predict_proba(self, images: Sequence[Any], batch_size: int = 32, *, tta: bool = False) -> np.ndarray:
-        """Class probabilities, (N, classes); ``tta``: averaged over the views its training policy allows."""
+    def runtime(self, name: str) -> Any:
+        """The predictor of runtime ``name`` for this bundle (made once). ``torch``: the bundle itself. Other
+        runtimes plug in through the ``handlens.runtimes`` entry points (``onnx``: handlens.export's onnxruntime
+        predictor), so that this package never imports the packages above it."""
+        if name == "torch":
+            return self
+        made = self.__dict__.setdefault("_runtimes", {})
+        if name not in made:
+            from importlib.metadata import entry_points
+
+            found = {entry.name: entry for entry in entry_points(group=RUNTIME_GROUP)}
+            if name not in found:
+                raise InputError(f"unknown runtime {name!r}; choose torch or {', '.join(sorted(found)) or '(none)'}"
+                                 " (a runtime missing from the list: reinstall handlens, `pip install -e .`)")
+            made[name] = found[name].load()(self)
+        return made[name]
+
+    def predict_proba(self, images: Sequence[Any], batch_size: int = 32, *, tta: bool = False,
+                      runtime: str = "torch") -> np.ndarray:
+        """Class probabilities, (N, classes); ``tta``: averaged over the views its training policy allows;
+        ``runtime``: ``torch``, or ``onnx`` (onnxruntime, the model exported on first use: :meth:`runtime`)."""
         import torch
 
         from handlens.models.tta import tta_plan, view_probabilities
+
+        if runtime != "torch":
+            return self.runtime(runtime).predict_proba(images, batch_size, tta=tta)
 
         if self.patch_trained:
             working = [decode_working(image, self.preprocess.working_side, self.preprocess.morphology)
@@ -526,11 +552,12 @@ class Bundle:
                                                   views).numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), dtype=np.float32)
 
-    def predict(self, images: Any, top_k: int = 3, batch_size: int = 32, *, tta: bool = False) -> list[Prediction]:
-        """Top-k classes per image; ``images`` is one or several paths, PIL images or arrays; ``tta``: see
-        :meth:`predict_proba`."""
+    def predict(self, images: Any, top_k: int = 3, batch_size: int = 32, *, tta: bool = False,
+                runtime: str = "torch") -> list[Prediction]:
+        """Top-k classes per image; ``images`` is one or several paths, PIL images or arrays; ``tta`` and
+        ``runtime``: see :meth:`predict_proba`."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
-        probs = self.predict_proba(items, batch_size, tta=tta)
+        probs = self.predict_proba(items, batch_size, tta=tta, runtime=runtime)
         k = max(1, min(top_k, len(self.classes)))
         predictions = []
         for item, row in zip(items, probs, strict=True):
