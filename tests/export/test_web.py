@@ -1,7 +1,8 @@
 """The offline web page (``handlens export --format web``): the folder it writes, how it fails without
 onnxruntime-web, the bundles it refuses, and the page itself in Debian's chromium against a loopback static
 server with the network cut after the first load: the same pixels, probabilities and CAM as Python, a reload
-that works offline, refused non-images and oversized images, and the time per image (wasm, ORT, torch)."""
+that works offline, refused non-images and oversized images, the time per image (wasm, ORT, torch), and a
+patch-trained bundle tiled in the page as the service tiles it (its probabilities and its stitched map)."""
 
 from __future__ import annotations
 
@@ -90,8 +91,9 @@ def test_the_page_refuses_preprocessing_it_does_not_reproduce():
                                path="p")
 
     check_page_can_preprocess(bundle())
-    with pytest.raises(InputError, match="patches"):
-        check_page_can_preprocess(bundle(patches={"size": 16}))
+    check_page_can_preprocess(bundle(patches={"size": 16}))  # the page tiles a patch model itself
+    with pytest.raises(InputError, match=r"threshold region of interest.*--format onnx"):
+        check_page_can_preprocess(bundle(patches={"size": 16, "roi": {"source": "threshold"}}))
     with pytest.raises(InputError, match="morphology"):
         check_page_can_preprocess(bundle(morphology=[{"op": "clahe"}]))
 
@@ -350,4 +352,74 @@ def test_a_bundle_without_maps_shows_probabilities_and_says_why(browser_context,
         assert got["cam"] is None and got["predicted"] == int(ref["probs"].argmax())
         assert np.abs(np.asarray(got["probabilities"]) - ref["probs"]).max() < 1e-3
         assert "--logits-only" in page.inner_text("#maps-note") and not page.is_visible("#map-controls")
+        page.close()
+
+
+# ------------------------------------------------------------------------------------- patch-trained
+
+PATCH_TRAINING = ["preprocess.patches.enabled=true", "preprocess.patches.size=16", "preprocess.patches.max_side=64",
+                  "preprocess.patches.per_image=2", "preprocess.patches.grid_max=4", "preprocess.size=32",
+                  "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def patch_trained(tmp_path_factory) -> Path:
+    """A tiny_cnn bundle trained on 16-pixel patches of a working image of longer side 64, shown to the model at
+    32 pixels (so the page resizes patches up, tiles overlap, and the working image is a downscale)."""
+    from handlens.train.run import train
+
+    root = tmp_path_factory.mktemp("patchtrain")
+    ws = split_workspace(root, colour_tree(root / "colours", per_class=4, size=48))
+    return Path(train(tiny_config(*PATCH_TRAINING), ws).bundle)
+
+
+@needs_ort
+@needs_browser
+def test_a_patch_trained_bundle_is_tiled_in_the_page_as_the_service_tiles_it(browser_context, patch_trained,
+                                                                             tmp_path):
+    """The page's working image and grid patches equal Python's, its probabilities (mean softmax over the grid)
+    Bundle.predict_proba's within 1e-3, and its stitched map explain.tiles' Grad-CAM map at the working image's
+    resolution, normalised, within 1e-3 (the same tiles, cross-fade and bilinear steps; float32 vs float64)."""
+    from handlens.explain.api import load_bundle as load_explainable
+    from handlens.explain.tiles import tiled_explain
+    from handlens.models.bundle import load_bundle
+    from handlens.transforms.preprocess import decode_working
+
+    folder = tmp_path / "page"
+    export_web(patch_trained, folder)
+    spec = json.loads((folder / PREPROCESS_FILE).read_text())
+    assert spec["patches"]["patch_size"] == 16 and spec["input"]["shape"][0] == "batch" and spec["cam"]["available"]
+    bundle, explainable = load_bundle(patch_trained), load_explainable(patch_trained)
+    images = [write_image(tmp_path / "wide.png", 3, (120, 90)), write_image(tmp_path / "tall.png", 4, (50, 70))]
+    with Served(folder) as url:
+        page = browser_context.new_page()
+        page.goto(url)
+        wait_for(page, "window.handlensReady === true", 60)
+        for image in images:
+            got = page_predict(page, image)
+            working = decode_working(image, bundle.preprocess.working_side)
+            page_working = np.asarray(got["pixels"], dtype=np.uint8).reshape(working.shape)
+            assert np.array_equal(page_working, working)
+            grid = page.evaluate("window.handlensGrid.pixels.map((a) => Array.from(a))")
+            crops, _, boxes = bundle.grid_patches([working])
+            assert page.evaluate("window.handlensGrid.boxes") == [list(b) for b in boxes]
+            page_crops = np.asarray(grid, dtype=np.uint8).reshape(len(boxes), 32, 32, 3)
+            d_pixel = int(np.abs(page_crops.astype(int) - crops.permute(0, 2, 3, 1).numpy()).max())
+            assert d_pixel == 0, f"grid patches differ by up to {d_pixel} levels"
+            probs = bundle.predict_proba([image])[0]
+            d_prob = float(np.abs(np.asarray(got["probabilities"]) - probs).max())
+            assert d_prob < 1e-3 and got["predicted"] == int(probs.argmax()) and got["patches"] == len(boxes)
+            ref = tiled_explain(explainable, working, method="gradcam", with_probability_map=False)
+            assert ref.target == got["predicted"] and len(got["tiles"]) == len(ref.tiles)
+            cam = np.asarray(got["cam"]).reshape(got["camShape"])
+            assert cam.shape == working.shape[:2] == ref.heatmap.shape and np.isfinite(cam).all()
+            assert cam.max() == pytest.approx(1.0) and cam.min() >= 0
+            assert cam.std() > 0.02  # a map with a peak, not a flat field
+            heat = ref.heatmap / ref.heatmap.max()
+            d_cam = float(np.abs(cam - heat).max())
+            assert d_cam < 1e-3
+            assert np.unravel_index(cam.argmax(), cam.shape) == np.unravel_index(heat.argmax(), heat.shape)
+            print(f"\n{image.name} (patch model, {len(boxes)} patches, {len(ref.tiles)} tiles): d probability "
+                  f"{d_prob:.1e}, d CAM (normalised) {d_cam:.1e}, map std {cam.std():.2f}, peak "
+                  f"{tuple(int(i) for i in np.unravel_index(cam.argmax(), cam.shape))}")
         page.close()

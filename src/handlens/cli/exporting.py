@@ -48,7 +48,8 @@ def export_cmd(
     if fmt not in ("onnx", "web"):
         raise InputError(f"--format {fmt!r}: choose one of onnx, web")
     if fmt == "web" and dynamic_batch:
-        raise InputError("--dynamic-batch: the web page runs one image at a time; leave it out for --format web")
+        raise InputError("--dynamic-batch: a web export sets the batch axis itself (dynamic for a patch-trained "
+                         "model, whose patches run together; one image otherwise): leave it out for --format web")
     if ort_dir is not None and fmt != "web":
         raise InputError("--ort-dir is for --format web")
     path = resolve_bundle(workspace(ctx), bundle)

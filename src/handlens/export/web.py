@@ -25,8 +25,16 @@ still within 1e-3, the normalised CAM by up to about 1e-2 on a 32-pixel model). 
 A static server must give ``.mjs`` as JavaScript and ``.wasm`` as ``application/wasm`` (``python -m
 http.server`` does); the service worker needs a secure origin (https, or localhost / 127.0.0.1).
 
-Bundles whose preprocessing the page cannot reproduce (a patch-trained model's grid of patches, morphology
-steps) are refused with a message saying so; bundles without in-browser maps get probabilities only.
+A patch-trained bundle exports its patch model (with a dynamic batch axis, so the page runs its patches in
+batches) and the page tiles as the service does (``preprocess.json``'s ``patches`` section): the working image
+(longer side ``working_side``, PIL bicubic as :func:`~handlens.transforms.preprocess.decode_working`), the grid
+of patches of :meth:`~handlens.models.bundle.Bundle.grid_patches` resized as torchvision's antialiased bilinear
+does it on uint8 (torch's int16 fixed-point kernel), probabilities the mean of the patches' softmax; the map
+from tiles of the patch size with the service's overlap (0.25, PIL bicubic to the model input), each tile's CAM
+stitched with :func:`~handlens.explain.tiles.cross_fade` into one map over the working image, scaled to 1.
+
+Bundles whose preprocessing the page cannot reproduce (morphology steps, a patch model's threshold ROI) are
+refused with a message saying so; bundles without in-browser maps get probabilities only.
 """
 
 from __future__ import annotations
@@ -82,10 +90,11 @@ def check_page_can_preprocess(bundle: Any) -> None:
     """Refuse bundles whose preprocessing the page does not reproduce, with what to do instead."""
     pre = bundle.preprocess
     name = bundle.manifest.get("run_id") or bundle.path
-    if pre.patches:
-        raise InputError(f"model {name} was trained on patches (a grid of tiles averaged per image), which the web "
-                         "page does not reproduce; export it with --format onnx and run the grid as preprocess.json "
-                         "describes")
+    roi = (pre.patches or {}).get("roi") or {}
+    if roi.get("source") == "threshold":
+        raise InputError(f"model {name} was trained on patches with a threshold region of interest (only foreground "
+                         "patches predict), which the web page does not reproduce; export it with --format onnx and "
+                         "run the grid as preprocess.json describes")
     if pre.morphology:
         steps = ", ".join(str(step.get("op", step)) for step in pre.morphology)
         raise InputError(f"model {name} preprocesses with morphology steps ({steps}), which the web page does not "
@@ -121,14 +130,16 @@ def export_web(source: Any, out: str | Path, *, opset: int | None = None, logits
                trust: Sequence[str | Path] = (), ort_dir: str | Path | None = None) -> Any:
     """Write the offline page for ``source`` (a bundle folder or loaded bundle) into ``out``; returns the
     :class:`~handlens.export.onnx.ExportResult` with every file written. ``ort_dir``: an onnxruntime-web dist
-    folder (default: the checkout's ``web/node_modules``). The model has a fixed batch of one."""
+    folder (default: the checkout's ``web/node_modules``). The model has a fixed batch of one, except a
+    patch-trained model's (a dynamic batch: the page runs an image's patches together)."""
     from handlens.export.onnx import DEFAULT_OPSET, PREPROCESS_FILE, export_bundle, load
 
     dist = find_ort_dist(ort_dir)  # before the (slow) export: a missing runtime fails at once
     bundle = load(source)
     check_page_can_preprocess(bundle)
     out = Path(out)
-    result = export_bundle(bundle, out, opset=opset or DEFAULT_OPSET, logits_only=logits_only, trust=trust)
+    result = export_bundle(bundle, out, opset=opset or DEFAULT_OPSET, dynamic_batch=bool(bundle.preprocess.patches),
+                           logits_only=logits_only, trust=trust)
     written = list(result.files)
     for name in PAGE_FILES:
         (out / name).write_bytes(_template(name))

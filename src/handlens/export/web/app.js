@@ -2,6 +2,10 @@
 // and a class activation map, all on this device. Preprocessing follows preprocess.json exactly as handlens does
 // it in Python: decode upright, alpha on black, PIL's own resampling (Resample.c: separable convolution with
 // 22-bit fixed-point coefficients), shorter-crop / stretch / letterbox, then the normalisation, NCHW float32.
+// A patch-trained model (preprocess.json's "patches") sees the image as handlens' Bundle.predict_proba and
+// explain.tiles do: the working image (longer side working_side, PIL bicubic), its grid of patches (torchvision's
+// antialiased bilinear to the model input) averaged for the probabilities, and tiles of patch_size with the
+// service's overlap whose CAMs are stitched with its cross-fade into one map over the working image.
 'use strict';
 
 (function () {
@@ -26,8 +30,10 @@
     }},
   };
 
-  // precompute_coeffs: the (fixed-point) weights of each output pixel over input [0, in1) of inSize pixels
-  function coefficients(inSize, in1, outSize, filter) {
+  // precompute_coeffs: the (fixed-point) weights of each output pixel over input [0, in1) of inSize pixels.
+  // torchBits: torch's uint8 antialiased kernel (UpSampleKernel.cpp) instead of PIL's: the same double weights,
+  // rounded to int16 with the most fractional bits (at most 22) that keep the largest weight below 2^15
+  function coefficients(inSize, in1, outSize, filter, torchBits) {
     const scale = in1 / outSize;
     const filterscale = Math.max(scale, 1.0);
     const support = filter.support * filterscale;
@@ -35,7 +41,7 @@
     const kk = new Int32Array(outSize * ksize);
     const bounds = new Int32Array(outSize * 2);
     const ss = 1.0 / filterscale;
-    const w = new Float64Array(ksize);
+    const w = new Float64Array(ksize), norm = new Float64Array(outSize * ksize);
     for (let xx = 0; xx < outSize; xx++) {
       const center = (xx + 0.5) * scale;
       let xmin = Math.trunc(center - support + 0.5);
@@ -45,20 +51,27 @@
       xmax -= xmin;
       let ww = 0.0;
       for (let x = 0; x < xmax; x++) { w[x] = filter.f((x + xmin - center + 0.5) * ss); ww += w[x]; }
-      for (let x = 0; x < xmax; x++) {
-        const k = ww !== 0.0 ? w[x] / ww : w[x];
-        kk[xx * ksize + x] = k < 0 ? Math.trunc(-0.5 + k * (1 << PRECISION_BITS)) : Math.trunc(0.5 + k * (1 << PRECISION_BITS));
-      }
+      for (let x = 0; x < xmax; x++) norm[xx * ksize + x] = ww !== 0.0 ? w[x] / ww : w[x];
       bounds[xx * 2] = xmin;
       bounds[xx * 2 + 1] = xmax;
     }
-    return {kk, bounds, ksize};
+    let bits = PRECISION_BITS;
+    if (torchBits) {
+      let top = 0.0;
+      for (const k of norm) top = Math.max(top, k);
+      for (bits = 0; bits < 22; bits++) if (Math.trunc(0.5 + top * 2 ** (bits + 1)) >= 1 << 15) break;
+    }
+    for (let i = 0; i < norm.length; i++) {
+      const k = norm[i];
+      kk[i] = k < 0 ? Math.trunc(-0.5 + k * (1 << bits)) : Math.trunc(0.5 + k * (1 << bits));
+    }
+    return {kk, bounds, ksize, bits};
   }
 
-  function clip8(v) {
-    if (v >= 255 * (1 << PRECISION_BITS)) return 255;
+  function clip8(v, bits) {
+    if (v >= 255 * (1 << bits)) return 255;
     if (v <= 0) return 0;
-    return Math.floor(v / (1 << PRECISION_BITS));
+    return Math.floor(v / (1 << bits));
   }
 
   // PIL's ImagingReduce: the mean of each fx x fy box (partial boxes at the right and bottom edges), rounded as
@@ -127,38 +140,38 @@
     return h * h * outW > 2 * w * w * outH;
   }
 
-  function horizontal(src, w, h, boxW, outW, filter) {
-    const {kk, bounds, ksize} = coefficients(w, boxW, outW, filter);
+  function horizontal(src, w, h, boxW, outW, filter, torchBits) {
+    const {kk, bounds, ksize, bits} = coefficients(w, boxW, outW, filter, torchBits);
     const out = new Uint8Array(outW * h * 3);
     for (let y = 0; y < h; y++) {
       const row = y * w * 3;
       for (let xx = 0; xx < outW; xx++) {
         const xmin = bounds[xx * 2], xmax = bounds[xx * 2 + 1], k0 = xx * ksize;
-        let s0 = 1 << (PRECISION_BITS - 1), s1 = s0, s2 = s0;
+        let s0 = 1 << (bits - 1), s1 = s0, s2 = s0;
         for (let x = 0; x < xmax; x++) {
           const k = kk[k0 + x], p = row + (x + xmin) * 3;
           s0 += src[p] * k; s1 += src[p + 1] * k; s2 += src[p + 2] * k;
         }
         const q = (y * outW + xx) * 3;
-        out[q] = clip8(s0); out[q + 1] = clip8(s1); out[q + 2] = clip8(s2);
+        out[q] = clip8(s0, bits); out[q + 1] = clip8(s1, bits); out[q + 2] = clip8(s2, bits);
       }
     }
     return out;
   }
 
-  function vertical(src, w, h, boxH, outH, filter) {
-    const {kk, bounds, ksize} = coefficients(h, boxH, outH, filter);
+  function vertical(src, w, h, boxH, outH, filter, torchBits) {
+    const {kk, bounds, ksize, bits} = coefficients(h, boxH, outH, filter, torchBits);
     const out = new Uint8Array(w * outH * 3);
     for (let yy = 0; yy < outH; yy++) {
       const ymin = bounds[yy * 2], ymax = bounds[yy * 2 + 1], k0 = yy * ksize;
       for (let x = 0; x < w; x++) {
-        let s0 = 1 << (PRECISION_BITS - 1), s1 = s0, s2 = s0;
+        let s0 = 1 << (bits - 1), s1 = s0, s2 = s0;
         for (let y = 0; y < ymax; y++) {
           const k = kk[k0 + y], p = ((y + ymin) * w + x) * 3;
           s0 += src[p] * k; s1 += src[p + 1] * k; s2 += src[p + 2] * k;
         }
         const q = (yy * w + x) * 3;
-        out[q] = clip8(s0); out[q + 1] = clip8(s1); out[q + 2] = clip8(s2);
+        out[q] = clip8(s0, bits); out[q + 1] = clip8(s1, bits); out[q + 2] = clip8(s2, bits);
       }
     }
     return out;
@@ -224,6 +237,172 @@
     return data;
   }
 
+  // ------------------------------------------------------------------------------- patch-trained models
+  // torchvision's resize(antialias=True) of a uint8 patch (torch's native uint8 kernel): horizontal, then vertical
+  function torchBilinear(rgb, w, h, outW, outH) {
+    const filter = FILTERS.bilinear;
+    const once = outW !== w ? horizontal(rgb, w, h, w, outW, filter, true) : rgb;
+    return outH !== h ? vertical(once, outW, h, h, outH, filter, true) : once;
+  }
+
+  // decode_working: the longer side scaled to working_side (PIL bicubic; never enlarged; 0 keeps full resolution)
+  function workingImage(rgb, w, h) {
+    const side = spec.patches.working_side, scale = side ? side / Math.max(w, h) : 1.0;
+    if (scale >= 1.0) return {rgb, w, h};
+    const ow = Math.max(1, pyRound(w * scale)), oh = Math.max(1, pyRound(h * scale));
+    return {rgb: resize(rgb, w, h, ow, oh, 'bicubic', scale < 0.5 ? 3.0 : 0), w: ow, h: oh};
+  }
+
+  // np.linspace(start, stop, num).round() (half to even)
+  function linspaceRound(start, stop, num) {
+    if (num === 1) return [pyRound(start)];
+    const step = (stop - start) / (num - 1), out = [];
+    for (let i = 0; i < num; i++) out.push(pyRound(i === num - 1 ? stop : i * step + start));
+    return out;
+  }
+
+  // transforms.patches.grid_boxes without a ROI: [top, left, side] boxes, rows first, thinned to grid_max
+  function gridBoxes(h, w) {
+    const p = spec.patches, side = Math.max(1, Math.min(h, w, p.patch_size));
+    const rows = Math.ceil(h / side), cols = Math.ceil(w / side);
+    const tops = rows > 1 ? linspaceRound(0, h - side, rows) : [Math.floor((h - side) / 2)];
+    const lefts = cols > 1 ? linspaceRound(0, w - side, cols) : [Math.floor((w - side) / 2)];
+    let boxes = [];
+    for (const top of tops) for (const left of lefts) boxes.push([top, left, side]);
+    const most = p.prediction.grid_max;
+    if (boxes.length > most) boxes = linspaceRound(0, boxes.length - 1, most).map((i) => boxes[i]);
+    return boxes;
+  }
+
+  function crop(img, left, top, side) {
+    const out = new Uint8Array(side * side * 3);
+    for (let y = 0; y < side; y++) {
+      const start = ((top + y) * img.w + left) * 3;
+      out.set(img.rgb.subarray(start, start + side * 3), y * side * 3);
+    }
+    return out;
+  }
+
+  // explain.tiles.tile_origins: starts along one axis, the last tile ending at the edge
+  function tileOrigins(length, tile, overlap) {
+    if (tile >= length) return [0];
+    const stride = Math.max(1, pyRound(tile * (1 - overlap))), out = [];
+    for (let o = 0; o <= length - tile; o += stride) out.push(o);
+    if (out[out.length - 1] !== length - tile) out.push(length - tile);
+    return out;
+  }
+
+  // explain.tiles.cross_fade: outer(r, r), r falling from 1 at the centre to 1 / tile at the edges (float32)
+  function crossFade(tile) {
+    const r = new Float64Array(tile), out = new Float32Array(tile * tile);
+    for (let i = 0; i < tile; i++) r[i] = Math.min(i + 0.5, tile - i - 0.5) / (tile / 2);
+    for (let i = 0; i < tile; i++) for (let j = 0; j < tile; j++) out[i * tile + j] = r[i] * r[j];
+    return out;
+  }
+
+  // bilinear resize of an (h, w) map to (outH, outW), align_corners=false (F.interpolate)
+  function upsample(map, h, w, outH, outW) {
+    const ay = axis(outH, h), ax = axis(outW, w), out = new Float64Array(outH * outW);
+    for (let y = 0; y < outH; y++) {
+      const wy = ay.wt[y], r0 = ay.lo[y] * w, r1 = ay.hi[y] * w;
+      for (let x = 0; x < outW; x++) {
+        const wx = ax.wt[x], l = ax.lo[x], h1 = ax.hi[x];
+        out[y * outW + x] = (1 - wy) * ((1 - wx) * map[r0 + l] + wx * map[r0 + h1]) +
+          wy * ((1 - wx) * map[r1 + l] + wx * map[r1 + h1]);
+      }
+    }
+    return out;
+  }
+
+  // the model on many (3, S, S) inputs: batches of 16 where the export has a dynamic batch axis, else one by one
+  async function runMany(inputs) {
+    const size = spec.size, n3 = 3 * size * size, C = spec.classes.length, results = [];
+    const chunk = typeof spec.input.shape[0] === 'string' ? 16 : 1;
+    let ms = 0;
+    for (let start = 0; start < inputs.length; start += chunk) {
+      const part = inputs.slice(start, start + chunk), data = new Float32Array(part.length * n3);
+      part.forEach((x, i) => data.set(x, i * n3));
+      const t0 = performance.now();
+      const out = await session.run({[spec.input.name]: new ort.Tensor('float32', data, [part.length, 3, size, size])});
+      ms += performance.now() - t0;
+      for (let i = 0; i < part.length; i++) {
+        const item = {logits: Array.from(out.logits.data.subarray(i * C, (i + 1) * C))};
+        if (out.features) {
+          const [, K, fh, fw] = out.features.dims, m = K * fh * fw;
+          item.features = out.features.data.subarray(i * m, (i + 1) * m);
+          item.dims = [1, K, fh, fw];
+        }
+        results.push(item);
+      }
+    }
+    return {results, ms};
+  }
+
+  // one class's map over the working image: each tile's CAM (feature map -> model input -> tile, bilinear),
+  // cross-faded, summed, divided by the summed weights (explain.tiles.tiled_explain), then scaled to max 1
+  function stitch(tiles, cls) {
+    if (tiles.stitched[cls]) return tiles.stitched[cls];
+    const {w, h, tile, origins, maps, fh, fw} = tiles, size = spec.size, fade = crossFade(tile);
+    const heat = new Float64Array(w * h), weight = new Float64Array(w * h);
+    origins.forEach(([x, y], t) => {
+      let m = upsample(maps[t][cls], fh, fw, size, size);
+      if (tile !== size) m = upsample(m, size, size, tile, tile);
+      for (let i = 0; i < tile; i++) {
+        for (let j = 0; j < tile; j++) {
+          const q = (y + i) * w + x + j, f = fade[i * tile + j];
+          heat[q] += m[i * tile + j] * f; weight[q] += f;
+        }
+      }
+    });
+    let top = 0;
+    for (let q = 0; q < heat.length; q++) { heat[q] /= weight[q]; top = Math.max(top, heat[q]); }
+    if (top > 0) for (let q = 0; q < heat.length; q++) heat[q] /= top;
+    tiles.stitched[cls] = heat;
+    return heat;
+  }
+
+  async function predictPatches(file) {
+    const t0 = performance.now();
+    const decoded = await decode(file);
+    const img = workingImage(decoded.rgb, decoded.w, decoded.h), size = spec.size;
+    const boxes = gridBoxes(img.h, img.w);
+    const gridPixels = boxes.map(([top, left, side]) => {
+      const c = crop(img, left, top, side);
+      return side === size ? c : torchBilinear(c, side, side, size, size);
+    });
+    const tPre = performance.now();
+    const grid = await runMany(gridPixels.map(normalise));
+    const probs = new Array(spec.classes.length).fill(0);
+    for (const r of grid.results) softmax(r.logits).forEach((p, i) => { probs[i] += p; });
+    for (let i = 0; i < probs.length; i++) probs[i] /= grid.results.length;
+    const top = probs.indexOf(Math.max(...probs));
+    let tiles = null, ms = grid.ms;
+    if (spec.cam && spec.cam.available) {
+      const tile = Math.min(spec.patches.patch_size, img.h, img.w), overlap = spec.patches.explanation.overlap;
+      const origins = [];
+      for (const y of tileOrigins(img.h, tile, overlap)) for (const x of tileOrigins(img.w, tile, overlap)) origins.push([x, y]);
+      const run = await runMany(origins.map(([x, y]) => {
+        const c = crop(img, x, y, tile);
+        return normalise(tile === size ? c : resize(c, tile, tile, size, size, 'bicubic'));
+      }));
+      ms += run.ms;
+      const [, , fh, fw] = run.results[0].dims;
+      tiles = {w: img.w, h: img.h, tile, origins, fh, fw, stitched: {},
+        maps: run.results.map((r) => cams(r.features, r.dims))};
+    }
+    last = {patchMode: true, img, probs, tiles, top};
+    window.handlensGrid = {boxes, pixels: gridPixels};
+    const map = tiles ? stitch(tiles, top) : null;
+    window.handlensResult = {file: file.name, width: decoded.w, height: decoded.h, probabilities: probs, predicted: top,
+      class: spec.classes[top], cam: map ? Array.from(map) : null, camShape: map ? [img.h, img.w] : null,
+      pixels: Array.from(img.rgb), workingShape: [img.h, img.w], patches: boxes.length,
+      tiles: tiles ? tiles.origins : null, inferenceMs: ms, preprocessMs: tPre - t0, totalMs: performance.now() - t0};
+    render();
+    $('timing').textContent = `${decoded.w} x ${decoded.h} image, ${img.w} x ${img.h} working; ${boxes.length} patches` +
+      `${tiles ? `, ${tiles.origins.length} map tiles` : ''}; model ${ms.toFixed(1)} ms (WebAssembly)`;
+    return window.handlensResult;
+  }
+
   // ------------------------------------------------------------------------------------------ decoding
   async function decode(file) {
     if (!file) throw new Error('No file was given.');
@@ -276,6 +455,7 @@
 
   async function predict(file) {
     showError('');
+    if (spec.patches) return predictPatches(file);
     const t0 = performance.now();
     const {rgb, w, h} = await decode(file);
     const pixels = modelPixels(rgb, w, h);
@@ -316,9 +496,34 @@
     return {lo, hi, wt};
   }
 
+  // a patch-trained model's result: the working image, with the stitched map of the chosen class over it
+  function renderPatches(ctx, canvas, cls) {
+    const {img, tiles} = last, D = canvas.width, Dh = Math.max(1, Math.round((D * img.h) / img.w));
+    if (canvas.height !== Dh) canvas.height = Dh;
+    const map = tiles ? stitch(tiles, cls) : null, alpha = Number($('opacity').value), image = ctx.createImageData(D, Dh);
+    for (let y = 0; y < Dh; y++) {
+      const sy = Math.min(img.h - 1, Math.floor((y * img.h) / Dh));
+      for (let x = 0; x < D; x++) {
+        const sx = Math.min(img.w - 1, Math.floor((x * img.w) / D)), p = (sy * img.w + sx) * 3, q = (y * D + x) * 4;
+        let r = img.rgb[p], g = img.rgb[p + 1], b = img.rgb[p + 2];
+        if (map) {
+          const v = map[sy * img.w + sx], [cr, cg, cb] = colour(v), a = alpha * Math.min(1, v * 1.5);
+          r = r * (1 - a) + cr * a; g = g * (1 - a) + cg * a; b = b * (1 - a) + cb * a;
+        }
+        image.data[q] = r; image.data[q + 1] = g; image.data[q + 2] = b; image.data[q + 3] = 255;
+      }
+    }
+    ctx.putImageData(image, 0, 0);
+  }
+
   function render() {
     if (!last) return;
     $('result').hidden = false;
+    if (last.patchMode) {
+      renderPatches($('canvas').getContext('2d'), $('canvas'), Number($('class').value || last.top));
+      probabilityTable();
+      return;
+    }
     const size = spec.size, canvas = $('canvas'), D = canvas.width;
     const ctx = canvas.getContext('2d');
     const image = ctx.createImageData(D, D), px = last.pixels, cls = Number($('class').value || last.top);
@@ -342,6 +547,10 @@
       }
     }
     ctx.putImageData(image, 0, 0);
+    probabilityTable();
+  }
+
+  function probabilityTable() {
     const body = $('probabilities').querySelector('tbody');
     body.replaceChildren(...spec.classes.map((name, i) => {
       const tr = document.createElement('tr');
