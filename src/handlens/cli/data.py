@@ -10,6 +10,7 @@ import typer
 from handlens.cli.context import workspace, workspace_and_catalog
 from handlens.cli.options import DatasetArg, JsonFlag, SeedOption
 from handlens.cli.output import ProgressBar, emit_json, fmt, handle_errors, stdout, table, warn
+from handlens.core.errors import InputError
 
 app = typer.Typer()
 annotate_app = typer.Typer(help="Expert regions (masks or polygons) on catalog images.", no_args_is_help=True)
@@ -119,10 +120,18 @@ def stats_cmd(
     with catalog.session() as session:
         ds = find_dataset(session, dataset)
         stats = dataset_stats(session, ds, find_labelset(session, ds, labelset))
+    from handlens.data.boxes import box_stats
+
+    stats["boxes"] = box_stats(catalog, dataset)
+    catalog.close()
     if as_json:
         emit_json(stats)
         return
     _print_stats(stats)
+    if stats["boxes"]["boxes"]:
+        from handlens.cli.boxes import print_box_stats
+
+        print_box_stats(stats["boxes"])
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
@@ -224,30 +233,42 @@ def print_split(summary: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- demo
 
+#: images the sigma-clasts demo generates unless --images says otherwise
+SIGMA_DEMO_IMAGES = 12
+
 
 @app.command("demo")
 @handle_errors
 def demo_cmd(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Embedded demo dataset.")] = "textures",
+    name: Annotated[str, typer.Argument(help="Embedded demo dataset: textures, or sigma-clasts (generated "
+                                        "images with boxed clasts; crops imported, nothing trained).")] = "textures",
     *,
     seed: SeedOption = 0,
-    train_model: Annotated[bool, typer.Option("--train/--no-train", help="Also train, evaluate and "
-                                              "predict.")] = True,
+    images: Annotated[int | None, typer.Option("--images", min=1, help="sigma-clasts only: how many images "
+                                               f"to generate (default {SIGMA_DEMO_IMAGES}).")] = None,
+    train_model: Annotated[bool | None, typer.Option("--train/--no-train", help="Also train, evaluate and "
+                                                     "predict (textures; the default there).")] = None,
     epochs: Annotated[int | None, typer.Option(
         "--epochs", min=1, help="Epochs for the demo model (a gradient-trained head: model.head=linear; the "
         "default logistic head has none).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """The main job on embedded data: build a demo dataset offline, import, split, train, evaluate, predict."""
+    if name == "sigma-clasts":
+        _sigma_demo(ctx, images=images or SIGMA_DEMO_IMAGES, seed=seed, train_model=train_model, epochs=epochs,
+                    as_json=as_json)
+        return
     from handlens.train.demo import demo_recipe, prepare_demo, train_demo
 
+    if images is not None:
+        raise InputError(f"--images is for the sigma-clasts demo; the {name} demo has a fixed size (drop --images)")
     ws = workspace(ctx)
     data = prepare_demo(ws, name, seed=seed)
     if not as_json:
         _print_demo_data(data)
     training = None
-    if train_model:
+    if train_model is not False:
         if not as_json:
             stdout.print(f"\nTraining {demo_recipe(epochs)}...")
         training = train_demo(ws, data.dataset, seed=seed, epochs=epochs)
@@ -262,6 +283,31 @@ def demo_cmd(
         stdout.print(f"bundle:    {bundle}\n"
                      f"tracking:  mlflow ui --backend-store-uri {training.result.tracking_uri}\n"
                      f"next:      handlens --workspace {ws.root} predict {bundle} YOUR_IMAGE.png")
+
+
+def _sigma_demo(ctx: typer.Context, *, images: int, seed: int, train_model: bool | None, epochs: int | None,
+                as_json: bool) -> None:
+    """Generate the sigma-clast images, import their crops; no training (no detector exists yet)."""
+    from handlens.data.sigma import prepare_sigma_demo
+
+    if train_model or epochs is not None:
+        raise InputError("the sigma-clasts demo trains nothing (there is no detector yet); drop --train/--epochs "
+                         f"and train the crop classifier with: handlens train --dataset sigma-crops-{seed}")
+    ws = workspace(ctx)
+    demo = prepare_sigma_demo(ws, images=images, seed=seed)
+    if as_json:
+        emit_json({"workspace": str(ws.root), "catalog": ws.db_url, **demo.to_dict()})
+        return
+    report = demo.report
+    print_import(demo.imported)
+    counts = report.counts()
+    stdout.print(f"Generated {len(report.images)} images ({report.size[0]}x{report.size[1]}) with "
+                 f"{len(report.clasts)} sigma clasts: {counts['cw']} cw, {counts['ccw']} ccw.")
+    stdout.print(f"\nworkspace: {ws.root}\ncatalog:   {ws.db_url}\nimages:    {report.out / 'images'}\n"
+                 f"boxes:     {report.csv} (path,x0,y0,x1,y1,label)\n"
+                 f"coco:      {report.coco}\ncrops:     {report.crops} (dataset '{demo.dataset}')\n"
+                 f"next:      handlens --workspace {ws.root} split {demo.dataset}, then "
+                 f"handlens --workspace {ws.root} train --dataset {demo.dataset} (the crop classifier)")
 
 
 def _print_demo_data(data: Any) -> None:

@@ -4,6 +4,8 @@ from handlens.data.catalog.db import Catalog, CatalogBusyError, open_catalog
 from handlens.data.catalog.schema import (
     SCHEMA_VERSION,
     Annotation,
+    Box,
+    BoxLabel,
     Dataset,
     Image,
     ImportRecord,
@@ -20,6 +22,8 @@ from handlens.data.catalog.schema import (
 __all__ = [
     "SCHEMA_VERSION",
     "Annotation",
+    "Box",
+    "BoxLabel",
     "Catalog",
     "CatalogBusyError",
     "Dataset",

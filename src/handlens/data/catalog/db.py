@@ -36,13 +36,14 @@ def busy_error(exc: BaseException, timeout: float) -> CatalogBusyError | None:
 
 
 def _add_new_tables(engine: Engine) -> None:
-    """1 -> 2 (``runs``), 2 -> 3 (``annotations``), 3 -> 4 (``jobs``, ``url_items``): new tables, created by
-    ``create_all``."""
+    """1 -> 2 (``runs``), 2 -> 3 (``annotations``), 3 -> 4 (``jobs``, ``url_items``), 4 -> 5 (``boxes``,
+    ``box_labels``): new tables, created by ``create_all``."""
     Base.metadata.create_all(engine)
 
 
 #: version -> step that upgrades a catalog from ``version`` to ``version + 1``.
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {1: _add_new_tables, 2: _add_new_tables, 3: _add_new_tables}
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {1: _add_new_tables, 2: _add_new_tables, 3: _add_new_tables,
+                                                   4: _add_new_tables}
 
 
 @dataclass

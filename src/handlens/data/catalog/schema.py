@@ -2,7 +2,8 @@
 
 Images stay where they are: a row holds the absolute path, the SHA-256 of the file's bytes and what
 decoding told us (size, mode, format). Labels live in *labelsets* so that one image can carry
-several label schemes (e.g. Dunham and Lucia classes for the same thin section).
+several label schemes (e.g. Dunham and Lucia classes for the same thin section). Boxes (regions to
+find before classifying) carry their own labelsets, by name, in ``box_labels``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -25,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 #: Bump when the tables change, and add a step to ``db.MIGRATIONS``.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def utcnow() -> datetime:
@@ -249,3 +251,41 @@ class UrlItem(Base):
     path: Mapped[str | None] = mapped_column(Text, nullable=True)
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Box(Base):
+    """An axis-aligned box on one image (schema version 5), in the image's pixel coordinates.
+
+    ``x0 < x1`` and ``y0 < y1``, inside ``0..width`` and ``0..height`` (checked at import). Its labels live in
+    :class:`BoxLabel`, one per labelset, so one box can be a "sigma-clast" for detection and "cw" for a
+    rotation classifier.
+    """
+
+    __tablename__ = "boxes"
+    __table_args__ = (Index("ix_boxes_image", "image_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), nullable=False)
+    x0: Mapped[float] = mapped_column(Float, nullable=False)
+    y0: Mapped[float] = mapped_column(Float, nullable=False)
+    x1: Mapped[float] = mapped_column(Float, nullable=False)
+    y1: Mapped[float] = mapped_column(Float, nullable=False)
+    #: the annotation file the box came from
+    source: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    labels: Mapped[list[BoxLabel]] = relationship(back_populates="box", cascade="all, delete-orphan")
+
+
+class BoxLabel(Base):
+    """A box's label in one labelset (schema version 5). Box labelsets are named here, not rows of
+    ``labelsets``: those are per dataset and describe whole images, which splits and training read."""
+
+    __tablename__ = "box_labels"
+    __table_args__ = (UniqueConstraint("box_id", "labelset", name="uq_box_label_per_labelset"),
+                      Index("ix_box_labels_labelset", "labelset"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    box_id: Mapped[int] = mapped_column(ForeignKey("boxes.id", ondelete="CASCADE"), nullable=False)
+    labelset: Mapped[str] = mapped_column(String(200), nullable=False)
+    label: Mapped[str] = mapped_column(String(200), nullable=False)
+
+    box: Mapped[Box] = relationship(back_populates="labels")
