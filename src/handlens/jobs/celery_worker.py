@@ -6,7 +6,7 @@ See :mod:`handlens.jobs.broker` for the settings and the faults they answer.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 from handlens.jobs.broker import QUEUES, TASK, make_app
 
@@ -23,6 +23,18 @@ def worker_app(broker: str) -> Any:
     return app
 
 
+def _give_back(exc: Exception, message: str) -> NoReturn:
+    """Say why, pause (never a hot loop between the broker and a worker that cannot run the job), and return the
+    message to the queue for another delivery."""
+    import time
+
+    from celery.exceptions import Reject
+
+    print(message, flush=True)
+    time.sleep(REJECT_PAUSE_S)
+    raise Reject(str(exc), requeue=True) from exc
+
+
 def _run_job(task: Any, job_id: str) -> str:
     """The Celery task: run the job from the worker's own catalog and workspace."""
     from handlens.core.errors import NotFoundError
@@ -31,24 +43,12 @@ def _run_job(task: Any, job_id: str) -> str:
 
     try:
         outcome = execute(job_id, Workspace.open())
-    except NotFoundError as exc:  # this worker is on another catalog than the service: give the job back
-        import time
-
-        from celery.exceptions import Reject
-
-        print(f"error: {exc}; the job goes back to the queue for a worker on the right --db", flush=True)
-        time.sleep(REJECT_PAUSE_S)  # not a hot loop between the broker and a misconfigured worker
-        raise Reject(str(exc), requeue=True) from exc
-    except Exception as exc:  # the runner could not record an end (a catalog gone, a full disk): give it back;
-        # start_attempt counts each such death and fails the job after MAX_WORKER_DEATHS
-        import time
-
-        from celery.exceptions import Reject
-
-        print(f"error: job {job_id} could not be run or recorded ({type(exc).__name__}: {exc}); back to the "
-              "queue", flush=True)
-        time.sleep(REJECT_PAUSE_S)
-        raise Reject(str(exc), requeue=True) from exc
+    except NotFoundError as exc:  # this worker is on another catalog than the service
+        _give_back(exc, f"error: {exc}; the job goes back to the queue for a worker on the right --db")
+    except Exception as exc:  # the runner could not record an end (a catalog gone, a full disk): start_attempt
+        # counts each such death and fails the job after MAX_WORKER_DEATHS
+        _give_back(exc, f"error: job {job_id} could not be run or recorded ({type(exc).__name__}: {exc}); back "
+                   "to the queue")
     if outcome.retry:
         from celery.exceptions import Reject, Retry
 

@@ -143,18 +143,20 @@ def _run(catalog: Any, ws: Workspace, job: store.JobRecord) -> Outcome:
         except (KeyboardInterrupt, RunInterrupted) as exc:
             if not watch.cancelled and not store.cancel_requested(catalog, job.id):
                 raise  # a real Ctrl-C or SIGTERM of the worker: the job stays running, to be delivered again
-            print(f"cancelled: {exc}", flush=True)
-            store.end(catalog, job.id, status=store.CANCELLED, error=CANCELLED_BY_USER)
-            return Outcome(store.CANCELLED, error=CANCELLED_BY_USER)
+            return _cancelled(catalog, job, exc)
         except Exception as exc:
             if watch.cancelled or store.cancel_requested(catalog, job.id):  # a kind's own stop on cancel
-                print(f"cancelled: {exc}", flush=True)
-                store.end(catalog, job.id, status=store.CANCELLED, error=CANCELLED_BY_USER)
-                return Outcome(store.CANCELLED, error=CANCELLED_BY_USER)
+                return _cancelled(catalog, job, exc)
             return _failed(catalog, job, exc)
         print(f"finished: {result}", flush=True)
     store.end(catalog, job.id, status=store.FINISHED, result=result)
     return Outcome(store.FINISHED)
+
+
+def _cancelled(catalog: Any, job: store.JobRecord, exc: BaseException) -> Outcome:
+    print(f"cancelled: {exc}", flush=True)
+    store.end(catalog, job.id, status=store.CANCELLED, error=CANCELLED_BY_USER)
+    return Outcome(store.CANCELLED, error=CANCELLED_BY_USER)
 
 
 def _failed(catalog: Any, job: store.JobRecord, exc: Exception) -> Outcome:

@@ -113,6 +113,27 @@ def _locked(session: Any, job_id: str) -> Job | None:
     return session.scalars(query).first()
 
 
+def _local_queue(session: Any, *, limit: int, queues: list[str] | None = None) -> Any:
+    """The oldest jobs waiting on the catalog's local queue (of ``queues``), locked for this transaction; on
+    PostgreSQL rows another worker holds are skipped, not waited for."""
+    query = select(Job).where(Job.status == QUEUED, Job.executor == "local").order_by(Job.created_at).limit(limit)
+    if queues:
+        query = query.where(Job.queue.in_(queues))
+    if session.bind.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return query
+
+
+def _start(row: Job) -> None:
+    """This worker's attempt at ``row`` begins."""
+    row.status, row.attempts, row.worker = RUNNING, row.attempts + 1, worker_name()
+    row.started_at, row.heartbeat_at = row.started_at or now(), now()
+
+
+def _cancel_unstarted(row: Job) -> None:
+    row.status, row.finished_at, row.error = CANCELLED, now(), "cancelled before it started"
+
+
 def start_attempt(catalog: Any, job_id: str) -> tuple[str, JobRecord]:
     """Mark the job running for this worker. Returns what to do: ``run``, ``skip`` (already ended, or
     cancelled while queued) or ``dead`` (its workers died :data:`MAX_WORKER_DEATHS` times: now failed).
@@ -127,45 +148,34 @@ def start_attempt(catalog: Any, job_id: str) -> tuple[str, JobRecord]:
         if row.status in TERMINAL:
             return "skip", record(row)
         if row.cancel_requested:
-            row.status, row.finished_at, row.error = CANCELLED, now(), "cancelled before it started"
+            _cancel_unstarted(row)
             return "skip", record(row)
         if row.status == RUNNING and row.attempts >= MAX_WORKER_DEATHS:
             row.status, row.finished_at = FAILED, now()
             row.error = (f"its worker died {row.attempts} times (last: {row.worker}), e.g. killed for memory; "
                          "not delivered again. Check the worker's log, then submit it again")
             return "dead", record(row)
-        row.status, row.attempts, row.worker = RUNNING, row.attempts + 1, worker_name()
-        row.started_at = row.started_at or now()
-        row.heartbeat_at = now()
+        _start(row)
         return "run", record(row)
 
 
 def claim_next(catalog: Any, *, queues: list[str] | None = None) -> str | None:
     """The oldest queued job (of ``queues``), taken by this worker: its id, or None when none waits."""
     with catalog.write_session() as session:
-        query = select(Job).where(Job.status == QUEUED, Job.executor == "local").order_by(Job.created_at).limit(1)
-        if queues:
-            query = query.where(Job.queue.in_(queues))
-        if session.bind.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        row = session.scalars(query).first()
+        row = session.scalars(_local_queue(session, limit=1, queues=queues)).first()
         if row is None:
             return None
         if row.cancel_requested:
-            row.status, row.finished_at, row.error = CANCELLED, now(), "cancelled before it started"
+            _cancel_unstarted(row)
             return None
-        row.status, row.attempts, row.worker = RUNNING, row.attempts + 1, worker_name()
-        row.started_at, row.heartbeat_at = row.started_at or now(), now()
+        _start(row)
         return row.id
 
 
 def take_local(catalog: Any, *, limit: int = 100) -> list[tuple[str, str]]:
     """The local queue's waiting jobs, switched to the broker: (id, queue) of each (for a forwarder to send)."""
     with catalog.write_session() as session:
-        query = select(Job).where(Job.status == QUEUED, Job.executor == "local").order_by(Job.created_at).limit(limit)
-        if session.bind.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        rows = session.scalars(query).all()
+        rows = session.scalars(_local_queue(session, limit=limit)).all()
         for row in rows:
             row.executor = "celery"
         return [(row.id, row.queue) for row in rows]
@@ -226,7 +236,7 @@ def request_cancel(catalog: Any, job_id: str, *, force: bool = False) -> JobReco
             raise ConflictError(f"job {job_id} already ended ({row.status}); nothing to cancel")
         row.cancel_requested = True
         if row.status == QUEUED:
-            row.status, row.finished_at, row.error = CANCELLED, now(), "cancelled before it started"
+            _cancel_unstarted(row)
         elif force:
             row.status, row.finished_at = CANCELLED, now()
             row.error = f"cancelled by force while its worker ({row.worker}) was not seen to end it"
