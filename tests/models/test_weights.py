@@ -1,4 +1,6 @@
-"""Weight sources: the packaged EfficientNet-Lite0 is real ImageNet; local files load without pickle."""
+"""Weight sources: the packaged EfficientNet-Lite0 is real ImageNet; local files load without pickle.
+
+The other packaged backbones are in test_packaged_weights.py."""
 
 import pickle
 
@@ -51,8 +53,9 @@ def test_packaged_weights_reach_the_classifier_backbone(imagenet_lite0):
         assert torch.equal(value, reference[key]), key
 
 
-def test_packaged_weights_only_for_lite0():
-    with pytest.raises(InputError, match="no packaged weights ship for resnet18"):
+def test_no_packaged_weights_for_resnet18():
+    with pytest.raises(InputError, match="no packaged weights ship for resnet18; packaged weights exist for "
+                                         "efficientnet_lite0, "):
         create_classifier("resnet18", 3, weights="packaged")
 
 

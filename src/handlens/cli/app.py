@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from handlens.cli import auditing, boxes, data, explaining, exporting, jobs, serving, training, urls
+from handlens.cli import auditing, boxes, data, detecting, explaining, exporting, jobs, serving, training, urls
 from handlens.cli.options import DbOption, WorkspaceOption
 from handlens.cli.study import study_app
 
@@ -33,6 +33,7 @@ app.add_typer(study_app, name="study")
 app.add_typer(data.annotate_app, name="annotate")
 app.add_typer(jobs.jobs_app, name="jobs")
 app.add_typer(boxes.boxes_app, name="boxes")
+app.add_typer(detecting.detect_app, name="detect")
 
 
 def run() -> None:

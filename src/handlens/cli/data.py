@@ -287,12 +287,15 @@ def demo_cmd(
 
 def _sigma_demo(ctx: typer.Context, *, images: int, seed: int, train_model: bool | None, epochs: int | None,
                 as_json: bool) -> None:
-    """Generate the sigma-clast images, import their crops; no training (no detector exists yet)."""
+    """Generate the sigma-clast images, import the scenes with their boxes and the crops; no training here (a
+    detector takes minutes: the next steps are printed)."""
     from handlens.data.sigma import prepare_sigma_demo
 
     if train_model or epochs is not None:
-        raise InputError("the sigma-clasts demo trains nothing (there is no detector yet); drop --train/--epochs "
-                         f"and train the crop classifier with: handlens train --dataset sigma-crops-{seed}")
+        raise InputError("the sigma-clasts demo trains nothing itself (a detector takes minutes); drop "
+                         f"--train/--epochs, then run `handlens detect train --dataset sigma-clasts-{seed} --labelset "
+                         f"detection` and `handlens train --dataset sigma-crops-{seed}` (after `handlens split "
+                         f"sigma-crops-{seed}`)")
     ws = workspace(ctx)
     demo = prepare_sigma_demo(ws, images=images, seed=seed)
     if as_json:
@@ -306,8 +309,12 @@ def _sigma_demo(ctx: typer.Context, *, images: int, seed: int, train_model: bool
     stdout.print(f"\nworkspace: {ws.root}\ncatalog:   {ws.db_url}\nimages:    {report.out / 'images'}\n"
                  f"boxes:     {report.csv} (path,x0,y0,x1,y1,label)\n"
                  f"coco:      {report.coco}\ncrops:     {report.crops} (dataset '{demo.dataset}')\n"
-                 f"next:      handlens --workspace {ws.root} split {demo.dataset}, then "
-                 f"handlens --workspace {ws.root} train --dataset {demo.dataset} (the crop classifier)")
+                 f"scenes:    dataset '{demo.scenes}', {demo.boxes.added} boxes added (box labelsets detection, "
+                 f"rotation)\n"
+                 f"next:      handlens --workspace {ws.root} detect train --dataset {demo.scenes} --labelset detection "
+                 f"(the detector); handlens --workspace {ws.root} split {demo.dataset}, then "
+                 f"handlens --workspace {ws.root} train --dataset {demo.dataset} (the crop classifier); then "
+                 f"handlens --workspace {ws.root} detect run DETECTOR IMAGE... --classifier CLASSIFIER")
 
 
 def _print_demo_data(data: Any) -> None:

@@ -183,22 +183,54 @@ def trust_cmd(
                                                      "head down (default: all).")] = None,
     roi: Annotated[str, typer.Option("--roi", help="Measure on the specimen only: none, threshold (the model's ROI "
                                      "rule, else Otsu) or annotations (expert regions in the catalog).")] = "none",
+    consistency: Annotated[bool, typer.Option("--consistency", help="Check mirror consistency instead of the maps: "
+                                              "predict(mirror(x)) == swap(predict(x)), the swap from --swap or the "
+                                              "training policy's label map; with neither, mirror invariance. "
+                                              "Consistent at >= 0.95 agreement.")] = False,
+    swap: Annotated[list[str] | None, typer.Option("--swap", help="With --consistency: classes a mirror swaps, "
+                                                   "A=B (repeatable), e.g. --swap cw=ccw.")] = None,
+    mirror: Annotated[str, typer.Option("--mirror", help="With --consistency: hflip (left-right) or vflip "
+                                        "(up-down).")] = "hflip",
     as_json: JsonFlag = False,
 ) -> None:
     """Can the maps be trusted? Deletion/insertion AUC beside a random map, and the randomisation sanity check.
 
     A patch-trained model is measured on what it sees: the grid patches of each image, at its patch scale.
+    --consistency checks the predictions instead: is a mirror image predicted as the mirror changes the class?
     """
-    from handlens.explain.trust import trust_report
     from handlens.train.evaluate import resolve_bundle
 
     ws = workspace(ctx)
-    report = trust_report(resolve_bundle(ws, bundle), images, workspace=ws, method=method, layer=layer,
-                          baseline=baseline, steps=steps, sanity_steps=sanity_steps, roi=roi)
-    if as_json:
-        emit_json(report.to_dict())
+    if not consistency:
+        if swap or mirror != "hflip":
+            raise InputError("--swap and --mirror go with --consistency (the mirror-consistency check)")
+        from handlens.explain.trust import trust_report
+
+        report = trust_report(resolve_bundle(ws, bundle), images, workspace=ws, method=method, layer=layer,
+                              baseline=baseline, steps=steps, sanity_steps=sanity_steps, roi=roi)
+        if as_json:
+            emit_json(report.to_dict())
+            return
+        _print_trust(report)
         return
-    _print_trust(report)
+    from handlens.explain.consistency import consistency_report
+
+    checked = consistency_report(resolve_bundle(ws, bundle), images, swap=swap or (), mirror=mirror)
+    if as_json:
+        emit_json(checked.to_dict())
+        return
+    _print_consistency(checked)
+
+
+def _print_consistency(report: Any) -> None:
+    stdout.print(f"checks: {report.expects} ({report.swap_source}), on {report.n} {report.inputs}", markup=False)
+    if report.disagreements:
+        stdout.print(table(f"Images whose mirror image is not predicted as expected ({len(report.disagreements)})",
+                           ["image", "pred", "mirrored pred", "expected"],
+                           [[Path(d["image"]).name, d["pred"], d["mirrored_pred"], d["expected"]]
+                            for d in report.disagreements]))
+    stdout.print(f"agreement: {report.agreement:.3f} (n={report.n})", markup=False)
+    stdout.print(f"verdict: {report.sentence}", markup=False)
 
 
 def _print_trust(report: Any) -> None:

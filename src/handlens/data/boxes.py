@@ -420,3 +420,62 @@ def box_stats(catalog: Catalog, dataset: str) -> dict[str, Any]:
         "area": _spread([w * h for w, h in zip(widths, heights, strict=True)]),
         "boxes_per_image": _spread([float(n) for n in per_image.values()]),
     }
+
+
+@dataclass(frozen=True)
+class BoxedImage:
+    """One image with its boxes in one box labelset: what a detector trains and is scored on."""
+
+    image_id: int
+    path: str
+    sha256: str
+    width: int
+    height: int
+    group: str | None
+    boxes: list[tuple[float, float, float, float]]
+    labels: list[str]
+
+
+def box_labelsets(catalog: Catalog, dataset: str) -> list[str]:
+    """The box labelsets of a dataset, sorted."""
+    with catalog.session() as session:
+        ds = find_dataset(session, dataset)
+        rows = session.scalars(select(BoxLabel.labelset).join(Box, BoxLabel.box_id == Box.id)
+                               .join(Image, Box.image_id == Image.id).where(Image.dataset_id == ds.id).distinct())
+        return sorted(rows)
+
+
+def resolve_box_labelset(catalog: Catalog, dataset: str, labelset: str | None) -> str:
+    """``labelset`` if the dataset's boxes have it, else the only one they have; a clear error otherwise."""
+    names = box_labelsets(catalog, dataset)
+    if not names:
+        raise InputError(f"dataset {dataset!r} has no labelled boxes; import some with `handlens boxes import "
+                         f"{dataset} FILE --labelset NAME` (COCO, labelme or CSV)")
+    if labelset is None:
+        if len(names) > 1:
+            raise InputError(f"dataset {dataset!r} has boxes in several labelsets ({', '.join(names)}); choose one "
+                             "with --labelset")
+        return names[0]
+    if labelset not in names:
+        raise InputError(f"dataset {dataset!r} has no boxes in labelset {labelset!r}; its box labelsets are: "
+                         f"{', '.join(names)}")
+    return labelset
+
+
+def boxed_images(catalog: Catalog, dataset: str, labelset: str, *, with_empty: bool = True) -> list[BoxedImage]:
+    """Every image of ``dataset`` (by id) with its boxes labelled in ``labelset``; images without any such box
+    are included when ``with_empty`` (a detector learns from empty images too: nothing to find there)."""
+    with catalog.session() as session:
+        ds = find_dataset(session, dataset)
+        images = list(session.scalars(select(Image).where(Image.dataset_id == ds.id).order_by(Image.id)))
+        rows = list(session.execute(select(Box.image_id, Box.x0, Box.y0, Box.x1, Box.y1, BoxLabel.label)
+                                    .join(BoxLabel, BoxLabel.box_id == Box.id).join(Image, Box.image_id == Image.id)
+                                    .where(Image.dataset_id == ds.id, BoxLabel.labelset == labelset)
+                                    .order_by(Box.id)))
+        found: dict[int, list[Any]] = defaultdict(list)
+        for row in rows:
+            found[row.image_id].append(row)
+        return [BoxedImage(image_id=img.id, path=img.path, sha256=img.sha256, width=img.width, height=img.height,
+                           group=img.group, boxes=[(r.x0, r.y0, r.x1, r.y1) for r in found[img.id]],
+                           labels=[r.label for r in found[img.id]])
+                for img in images if with_empty or found[img.id]]

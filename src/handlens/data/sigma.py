@@ -196,30 +196,55 @@ def crop_box(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int
 
 @dataclass(frozen=True)
 class SigmaDemo:
-    """The sigma-clast demo in a workspace: what was generated and the import of its crops."""
+    """The sigma-clast demo in a workspace: what was generated, the import of its crops (the classifier's
+    dataset) and of its large images with their boxes (the detector's)."""
 
     dataset: str
     report: SigmaReport
     imported: Any
+    scenes: str = ""
+    scenes_imported: Any = None
+    boxes: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, **self.report.to_dict(), "import": self.imported.to_dict()}
+        out = {"dataset": self.dataset, **self.report.to_dict(), "import": self.imported.to_dict()}
+        if self.scenes:
+            out |= {"scenes": self.scenes, "scenes_import": self.scenes_imported.to_dict(),
+                    "boxes_import": self.boxes.to_dict()}
+        return out
+
+
+#: the large images' one image-level label (a catalog image has a label); their boxes carry the classes
+SCENE_LABELSET, SCENE_LABEL = "scene", "sigma-clasts"
+#: the box labelsets of the scenes: the COCO category, and the sense from each annotation's attributes
+DETECTION_LABELSET, ROTATION_LABELSET = "detection", "rotation"
 
 
 def prepare_sigma_demo(workspace: Any, *, images: int, seed: int, size: tuple[int, int] = (2000, 1500)) -> SigmaDemo:
-    """Generate ``images`` sigma-clast images into ``<workspace>/demo/sigma-clasts-<seed>/`` and import their
-    crops as dataset ``sigma-crops-<seed>`` (labels cw/ccw). Running it again imports nothing new."""
+    """Generate ``images`` sigma-clast images into ``<workspace>/demo/sigma-clasts-<seed>/``; import their crops
+    as dataset ``sigma-crops-<seed>`` (labels cw/ccw) and the large images as ``sigma-clasts-<seed>`` with their
+    boxes in box labelsets ``detection`` (sigma-clast) and ``rotation`` (cw/ccw). Running it again imports
+    nothing new."""
+    from handlens.data.boxes import import_boxes
     from handlens.data.catalog import open_catalog
     from handlens.data.importer import import_path
 
     report = generate_sigma_clasts(workspace.demo_dir / f"sigma-clasts-{seed}", images=images, seed=seed, size=size)
-    dataset = f"sigma-crops-{seed}"
+    manifest = report.out / "images.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "labelset"])
+        writer.writerows([name, SCENE_LABEL, SCENE_LABELSET] for name in report.images)
+    dataset, scenes = f"sigma-crops-{seed}", f"sigma-clasts-{seed}"
     catalog = open_catalog(workspace.db_url)
     try:
         imported = import_path(catalog, report.crops, dataset)
+        scenes_imported = import_path(catalog, report.out, scenes, csv_file=manifest)
+        boxes = import_boxes(catalog, scenes, report.coco, fmt="coco", labelset=DETECTION_LABELSET)
     finally:
         catalog.close()
-    return SigmaDemo(dataset=dataset, report=report, imported=imported)
+    return SigmaDemo(dataset=dataset, report=report, imported=imported, scenes=scenes,
+                     scenes_imported=scenes_imported, boxes=boxes)
 
 
 # --------------------------------------------------------------------------- drawing
@@ -340,7 +365,7 @@ def _write_coco(report: SigmaReport) -> None:
     annotations = [{"id": number, "image_id": ids[c.image], "category_id": 1,
                     "bbox": [c.box[0], c.box[1], c.box[2] - c.box[0], c.box[3] - c.box[1]],
                     "area": (c.box[2] - c.box[0]) * (c.box[3] - c.box[1]), "iscrowd": 0,
-                    "attributes": {"rotation": c.label, "shear_plane_deg": round(c.shear_deg, 3), "crop": c.crop}}
+                    "attributes": {"rotation": c.label, "shear_plane_deg": round(c.shear_deg, 3)}, "crop": c.crop}
                    for number, c in enumerate(report.clasts, start=1)]
     document = {"info": {"description": "handlens synthetic sigma clasts", "seed": report.seed},
                 "images": [{"id": ids[name], "file_name": name, "width": width, "height": height}

@@ -13,6 +13,11 @@
   share of the image (what a uniform map would put there), by the same paired one-sided test: ``agrees with
   the experts`` when the maps put significantly more energy inside, ``looks away from the experts``
   when significantly less, else ``no better than chance``.
+* **Mirror consistency** (``trust --consistency``, :mod:`handlens.explain.consistency`): the share of images
+  whose mirror image is predicted as expected (the swapped class for a chiral pair, else the same class):
+  ``consistent`` at :data:`CONSISTENCY_THRESHOLD` (0.95) or more, else ``not consistent``. A fixed share
+  rather than a test: the claim is exact (a mirror changes the truth in a known way), so every miss counts;
+  with fewer than :data:`CONSISTENCY_MIN_IMAGES` images one miss is more than 5 points and the sentence says so.
 * **Learning** (``--overfit-batches``) is judged where training is: :mod:`handlens.train.sanity`.
 """
 
@@ -32,6 +37,10 @@ CHANCE = "no better than chance"
 AWAY = "looks away from the experts"
 SANITY_PASSES = "passes"
 SANITY_FAILS = "fails"
+CONSISTENT = "consistent"
+NOT_CONSISTENT = "not consistent"
+CONSISTENCY_THRESHOLD = 0.95  # the share of images whose mirror image must be predicted as expected
+CONSISTENCY_MIN_IMAGES = 20  # below it a single disagreement moves the share by more than 1 - threshold
 ALPHA = 0.05
 MIN_IMAGES = 5  # the fewest pairs for which a one-sided Wilcoxon p can fall below 0.05 (1/32)
 
@@ -154,3 +163,18 @@ def agreement_verdict(images: list[dict[str, Any]], *, alpha: float = ALPHA) -> 
     if n < MIN_IMAGES:
         sentence += f": too few to tell (a paired test needs at least {MIN_IMAGES})"
     return {"verdict": words, "gap": median, "p": decided, "sentence": sentence, "empty_maps": len(empty)}
+
+
+def consistency_verdict(agreeing: int, n: int, *, mirror: str, swapped: bool,
+                        threshold: float = CONSISTENCY_THRESHOLD) -> dict[str, Any]:
+    """``consistent`` / ``not consistent`` and a sentence, from how many of ``n`` images' mirror images
+    (``mirror`` in words, e.g. "a left-right mirror") were predicted as expected; ``swapped``: whether the
+    expectation is the swapped class (else the same class: mirror invariance)."""
+    share = agreeing / n if n else float("nan")
+    words = CONSISTENT if n and share >= threshold else NOT_CONSISTENT
+    rule = "the swapped class" if swapped else "the same class (mirror-invariant)"
+    sentence = (f"{words} · {agreeing} of {n} image{'s' if n != 1 else ''} ({share:.2f}) predicted as {rule} after "
+                f"{mirror} (threshold {threshold:g})")
+    if n < CONSISTENCY_MIN_IMAGES:
+        sentence += f": few images (with under {CONSISTENCY_MIN_IMAGES}, one disagreement decides)"
+    return {"verdict": words, "agreement": share, "sentence": sentence}

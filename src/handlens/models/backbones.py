@@ -35,7 +35,7 @@ class BackboneSpec:
     #: the default layer is pooled by global *average* pooling straight into the head, so closed-form
     #: CAM applies there (not for ViT's class token, ConvNeXt's post-pool norm or VGG's MLP)
     closed_form_cam: bool = False
-    #: weight sources besides none / imagenet / a local file
+    #: offline ImageNet weights ship in a package (``--weights packaged``; the files are in models.weights)
     packaged_weights: bool = False
     builder: Callable[[], Any] | None = None
 
@@ -52,12 +52,26 @@ for spec in (
     BackboneSpec("resnet50", "resnet50", "ResNet-50 (25 M)", stem_entries=1, closed_form_cam=True),
     BackboneSpec("vgg11", "vgg11", "VGG-11 (133 M; slow on CPU)", interpolation="bilinear"),
     BackboneSpec("vgg19", "vgg19", "VGG-19 (143 M; slow on CPU)", interpolation="bilinear"),
-    BackboneSpec("mobilenetv2", "mobilenetv2_100", "MobileNetV2 1.0 (3.5 M)",
-                 extra_layers={"conv_head": "bn2"}, default_layer="conv_head", closed_form_cam=True),
+    BackboneSpec("mobilenetv2", "mobilenetv2_100",
+                 "MobileNetV2 1.0 (3.5 M); offline ImageNet weights (torchvision's) with --weights packaged",
+                 extra_layers={"conv_head": "bn2"}, default_layer="conv_head", packaged_weights=True,
+                 closed_form_cam=True),
     BackboneSpec("efficientnet_lite0", "efficientnet_lite0",
                  "EfficientNet-Lite0 (4.7 M); offline ImageNet weights with --weights packaged",
                  extra_layers={"conv_head": "bn2"}, default_layer="conv_head", packaged_weights=True,
                  closed_form_cam=True),
+    # Lite1/2 are timm's TF-faithful variants ("same" padding, BN eps 1e-3) with TF's inception-style
+    # normalisation: their packaged weights are converted from TF's checkpoints, and only these reproduce the
+    # reference model's logits exactly (timm's efficientnet_lite1/2 differ by up to ~4 logits and have no
+    # pretrained weights of their own, so --weights imagenet would have nothing to download)
+    BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1",
+                 "EfficientNet-Lite1 (5.4 M; 240x240 input); offline ImageNet weights with --weights packaged",
+                 input_size=240, mean=_HALF, std=_HALF, extra_layers={"conv_head": "bn2"}, default_layer="conv_head",
+                 packaged_weights=True, closed_form_cam=True),
+    BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2",
+                 "EfficientNet-Lite2 (6.1 M; 260x260 input); offline ImageNet weights with --weights packaged",
+                 input_size=260, mean=_HALF, std=_HALF, extra_layers={"conv_head": "bn2"}, default_layer="conv_head",
+                 packaged_weights=True, closed_form_cam=True),
     BackboneSpec("inception_v3", "inception_v3", "Inception v3 (24 M; 299x299 input)", input_size=299,
                  mean=_HALF, std=_HALF, closed_form_cam=True),
     BackboneSpec("convnext", "convnext_atto", "ConvNeXt-Atto (3.7 M), the smallest ConvNeXt"),

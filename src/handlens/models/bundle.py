@@ -132,6 +132,7 @@ class BundleManifest(_Strict):
     """``bundle.json``, validated: the keys handlens reads, typed; any other key kept as it is."""
 
     schema_version: int
+    kind: Literal["classifier"] = "classifier"
     backbone: str = Field(min_length=1)
     classes: list[str] = Field(min_length=2)
     preprocess: PreprocessManifest
@@ -164,6 +165,52 @@ class BundleManifest(_Strict):
         return classes
 
 
+class DetectorInputManifest(_Strict):
+    """How a detector sees an image: resized by ``scale`` (working pixels per image pixel), cut into tiles of
+    ``tile`` working pixels overlapping by ``overlap``, normalised with ``mean``/``std`` (0..1 pixels)."""
+
+    scale: float = Field(gt=0, le=4)
+    tile: int = Field(ge=32, le=4096)
+    overlap: float = Field(0.25, ge=0, lt=1)
+    mean: list[FiniteFloat] = Field(min_length=3, max_length=3)
+    std: list[PositiveFloat] = Field(min_length=3, max_length=3)
+
+
+class DetectorManifest(_Strict):
+    """``bundle.json`` of a detector (``kind: detector``): a torchvision detection head on a registered backbone.
+    ``classes`` are the box labels (background excluded); ``architecture`` names the detection head."""
+
+    schema_version: int
+    kind: Literal["detector"]
+    architecture: str = Field(min_length=1)
+    backbone: str = Field(min_length=1)
+    classes: list[str] = Field(min_length=1)
+    input: DetectorInputManifest
+    fpn_channels: int = Field(gt=0)
+    score_threshold: float = Field(0.3, ge=0, le=1)
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    max_detections: int = Field(300, gt=0)
+    freeze: str = "full"
+    weights: str | None = None
+    run_id: str | None = None
+    dataset: str | None = None
+    labelset: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+    split_membership: dict[str, list[int]] = Field(default_factory=dict)
+    training_sha256: list[str] = Field(default_factory=list)
+    weights_sha256: str | None = None
+
+
+class NotAClassifierError(InputError):
+    """A detector bundle given where a classifier is needed (predict, evaluate, explain, export)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is a detector bundle (kind: detector), not a classifier: it finds boxes, it "
+                         "does not name an image's class. Use `handlens detect run DETECTOR IMAGE... --classifier "
+                         "BUNDLE`, or give a classifier bundle here")
+
+
 def _validation_reason(exc: ValidationError, shown: int = 4) -> str:
     errors = exc.errors()
     parts = []
@@ -175,7 +222,7 @@ def _validation_reason(exc: ValidationError, shown: int = 4) -> str:
     return "; ".join(parts)
 
 
-def parse_manifest(path: Path, text: str) -> tuple[dict[str, Any], BundleManifest]:
+def parse_manifest(path: Path, text: str) -> tuple[dict[str, Any], BundleManifest | DetectorManifest]:
     """The raw manifest dict and its validated model, from the text of bundle ``path``'s ``bundle.json``;
     raises :class:`DamagedBundleError` saying what is wrong."""
     if not text.strip():
@@ -192,18 +239,29 @@ def parse_manifest(path: Path, text: str) -> tuple[dict[str, Any], BundleManifes
         raise DamagedBundleError(path, f"it has schema version {version!r}; this handlens reads version "
                                        f"{BUNDLE_SCHEMA_VERSION}",
                                  "upgrade handlens to load it" if newer else "train the model again")
+    kind = data.get("kind", "classifier")
+    if kind not in ("classifier", "detector"):
+        raise DamagedBundleError(path, f"its kind {kind!r} is not one this handlens knows (classifier, detector)",
+                                 "upgrade handlens to load it")
     try:
-        return data, BundleManifest.model_validate(data)
+        return data, (DetectorManifest if kind == "detector" else BundleManifest).model_validate(data)
     except ValidationError as exc:
         raise DamagedBundleError(path, _validation_reason(exc)) from None
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The validated manifest of bundle directory ``path`` (as the dict in the file, extra keys included)."""
-    return read_bundle_manifest(path)[0]
+def read_manifest(path: Path, *, kind: str | None = "classifier") -> dict[str, Any]:
+    """The validated manifest of bundle directory ``path`` (as the dict in the file, extra keys included).
+    ``kind``: the kind the caller needs (a detector where a classifier is needed is a clear error); None: any."""
+    data, manifest = read_bundle_manifest(path)
+    if kind == "classifier" and isinstance(manifest, DetectorManifest):
+        raise NotAClassifierError(Path(path))
+    if kind == "detector" and not isinstance(manifest, DetectorManifest):
+        raise InputError(f"{path} is a classifier bundle, not a detector: `handlens detect run` needs a bundle "
+                         "from `handlens detect train` first (give the classifier with --classifier)")
+    return data
 
 
-def read_bundle_manifest(path: Path) -> tuple[dict[str, Any], BundleManifest]:
+def read_bundle_manifest(path: Path) -> tuple[dict[str, Any], BundleManifest | DetectorManifest]:
     """(raw dict, validated model) of bundle directory ``path``'s manifest; :class:`NotFoundError` if it is not a
     bundle, :class:`DamagedBundleError` if its manifest is damaged."""
     path = Path(path)
@@ -235,8 +293,12 @@ class BundleEntry:
 
     model_id: str
     path: Path
-    manifest: BundleManifest | None
+    manifest: BundleManifest | DetectorManifest | None
     damaged: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return getattr(self.manifest, "kind", "classifier")
 
 
 def scan_bundles(runs_dir: Path) -> list[BundleEntry]:

@@ -79,7 +79,7 @@ def symmetry_generators(policy: Policy | None) -> list[Matrix]:
     """The flips and quarter turns a policy's geometric steps contain (steps with p > 0)."""
     generators: list[Matrix] = []
     for step in policy.image_steps if policy is not None else ():
-        if step.p <= 0:
+        if step.p <= 0 or step.labels:  # a step with a label map changes the class: no view to average over
             continue
         if step.op == "hflip":
             generators.append(_HFLIP)

@@ -235,7 +235,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
     subsets_ = {name: s for name, s in data.subsets.items() if len(s)}
     preprocess = build_preprocess(cfg, spec)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    augmenter = build_augmenter(cfg.augment)
+    augmenter = build_augmenter(cfg.augment, classes=data.classes)
     mixer = batch_mixer(policy.batch_steps, len(data.classes)) if policy is not None else None
     started = time.perf_counter()
     if patches:

@@ -2,15 +2,17 @@
 
 Every kind goes through the augmentation engine (``transforms.engine``): ``basic`` is a policy built from
 ``augment.crop_scale/hflip/vflip`` (random resized crop, then flips), any other name is a preset or a
-policy YAML file.
+policy YAML file. A policy whose steps carry label maps (``labels:``, see ``transforms.policy``) permutes the
+targets of the samples its mirrors and turns fire for; the augmenter then takes and returns the labels.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from handlens.transforms.engine import as_sources, augment_sources
-from handlens.transforms.policy import Policy, Step, load_policy
+from handlens.core.errors import InputError
+from handlens.transforms.engine import as_sources, augment_sources, augment_with_labels
+from handlens.transforms.policy import Policy, Step, label_permutations, load_policy
 
 
 def basic_policy(hflip: bool = True, vflip: bool = False, crop_scale: float = 0.8) -> Policy:
@@ -41,24 +43,50 @@ def policy_for(config: Any) -> Policy | None:
     return policy
 
 
+#: why images augmented without their labels cannot use a policy with label maps, and what to do instead
+LABELS_DROPPED = ("augmentation policy {name!r} changes class labels when its {ops} steps fire (labels:), but these "
+                  "images are augmented without their labels: cached augmented feature views (train.views > 0 on a "
+                  "frozen backbone, also in studies) keep each image's own label. Train on the images instead "
+                  "(train.views=0 train.feature_cache=off, or a backbone that learns), or remove labels: from the "
+                  "policy")
+
+
 class PolicyAugmenter:
     """``images, generator=None -> batch``: a uint8 batch or a list of sources (``transforms.engine``) in,
     a float32 batch in 0..255 out, ready for ``normalize_batch``.
-    A plain object (not a closure) so loader worker processes can receive it under any start method."""
+    A plain object (not a closure) so loader worker processes can receive it under any start method.
 
-    def __init__(self, policy: Policy) -> None:
+    A policy with label maps needs the run's ``classes`` (the maps name classes; the loader's targets are
+    indices, translated once here) and is called with ``labels=``: it then returns (batch, permuted labels).
+    Called without labels it refuses (:data:`LABELS_DROPPED`) rather than let a mirrored sample keep a label
+    that its mirror image contradicts."""
+
+    def __init__(self, policy: Policy, classes: list[str] | None = None) -> None:
         self.policy = policy
+        self.permutes_labels = policy.has_label_maps
+        self.perms = label_permutations(policy, list(classes)) if self.permutes_labels and classes is not None \
+            else None
 
-    def __call__(self, images: Any, generator: Any = None) -> Any:
+    def __call__(self, images: Any, generator: Any = None, labels: Any = None) -> Any:
         import torch
 
         seed = int(torch.randint(2**31, (1,), generator=generator)) if generator is not None else None
-        return augment_sources(as_sources(images), self.policy, seed)
+        if not self.permutes_labels:
+            batch = augment_sources(as_sources(images), self.policy, seed)
+            return batch if labels is None else (batch, labels)
+        if labels is None:
+            ops = "/".join(sorted({s.op for s in self.policy.steps if s.labels}))
+            raise InputError(LABELS_DROPPED.format(name=self.policy.name, ops=ops))
+        if self.perms is None:
+            raise InputError(f"augmentation policy {self.policy.name!r} has label maps (labels:), which name classes: "
+                             "build its augmenter with the run's classes (build_augmenter(config, classes=...))")
+        return augment_with_labels(as_sources(images), labels, self.policy, perms=self.perms, seed=seed)
 
 
-def build_augmenter(config: Any) -> PolicyAugmenter | None:
-    """The augmenter for the config's per-image steps (None when there are none)."""
+def build_augmenter(config: Any, *, classes: list[str] | None = None) -> PolicyAugmenter | None:
+    """The augmenter for the config's per-image steps (None when there are none). ``classes``: the run's, in
+    index order; needed (and checked against the maps' names) when the policy has label maps."""
     policy = policy_for(config)
     if policy is None or not policy.image_steps:
         return None
-    return PolicyAugmenter(policy)
+    return PolicyAugmenter(policy, classes)

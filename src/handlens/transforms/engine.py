@@ -38,10 +38,12 @@ from handlens.transforms.policy import (
     Policy,
     Step,
     Symmetry,
+    apply_matrices,
     blur_samples,
     draw_factor,
     draw_sigma,
     grey_means,
+    label_power,
     scratch,
     symmetric_view,
     symmetry_of,
@@ -121,18 +123,33 @@ def pixel_batch(sources: Sequence[Source], symmetries: Sequence[Symmetry] | None
     return batch
 
 
-def _geometric_run(sources: Sequence[Source], steps: Sequence[Step], rng: random.Random) -> Any:
+#: a step's label map as class indices (``policy.label_permutations``), None for a step without one
+Permutation = tuple[int, ...] | None
+
+
+def _relabel(labels: list[int], i: int, perm: tuple[int, ...], times: int) -> None:
+    """Sample ``i``'s label through a fired step's map, ``times`` times (``policy.label_power``)."""
+    for _ in range(times):
+        labels[i] = perm[labels[i]]
+
+
+def _geometric_run(sources: Sequence[Source], steps: Sequence[Step], rng: random.Random, *,
+                   labels: list[int] | None = None, perms: Sequence[Permutation] = ()) -> Any:
     """The float batch after the leading geometric steps: symmetries applied while copying, the other
-    samples resampled once through their composed matrix."""
+    samples resampled once through their composed matrix. ``labels`` (changed in place) go through the
+    ``perms`` of the steps (aligned with them) that fire for each sample."""
     import torch
 
     n = len(sources)
     h, w = sources[0].shape
     matrices: list[np.ndarray | None] = [None] * n
-    for step in steps:
+    for number, step in enumerate(steps):
         draw = GEOMETRIC_DRAWS.get(step.op)
+        perm = perms[number] if labels is not None else None
         for i in [i for i in range(n) if rng.random() < step.p]:
             drawn = draw(rng, h, w, **step.params)
+            if perm is not None:
+                _relabel(labels, i, perm, label_power(step, drawn))  # type: ignore[arg-type]
             previous = matrices[i]
             matrices[i] = drawn if previous is None else previous @ drawn  # output -> input: first step leftmost
     symmetries: list[Symmetry | None] = [IDENTITY if m is None else symmetry_of(m, h == w) for m in matrices]
@@ -194,6 +211,40 @@ def augment_sources(sources: Sequence[Source], policy: Policy | None, seed: int 
     return batch.clamp_(0, 255)
 
 
+def augment_with_labels(sources: Sequence[Source], labels: Any, policy: Policy, *, perms: Sequence[Permutation],
+                        seed: int | None = None) -> tuple[Any, Any]:
+    """(augmented batch, labels after the label maps of the steps that fired for each sample): the pixels and
+    random draws of :func:`augment_sources` with the same seed. ``labels``: (N,) class indices (a tensor or
+    a sequence); ``perms``: one per image step of ``policy`` (``policy.label_permutations``)."""
+    import torch
+
+    rng = random.Random(seed if seed is not None else int(torch.randint(2**31, (1,))))
+    steps = list(policy.image_steps)
+    if len(perms) != len(steps):
+        raise ValueError(f"{len(perms)} label permutations for {len(steps)} image steps")
+    out = [int(v) for v in labels]
+    if len(out) != len(sources):
+        raise ValueError(f"{len(out)} labels for {len(sources)} samples")
+    geometric, middle, photometric = split_steps(steps)
+    batch = _geometric_run(sources, geometric, rng, labels=out, perms=perms[:len(geometric)])
+    h, w = batch.shape[-2:]
+    for step, perm in zip(middle, perms[len(geometric):len(geometric) + len(middle)], strict=True):
+        chosen = [i for i in range(batch.shape[0]) if rng.random() < step.p]
+        if not chosen:
+            continue
+        if perm is None:
+            batch = AUGMENT_OPS.get(step.op)(batch, rng, chosen, **step.params)
+            continue
+        matrices = [GEOMETRIC_DRAWS.get(step.op)(rng, h, w, **step.params) for _ in chosen]  # the op's own draws
+        batch = apply_matrices(batch, chosen, matrices)
+        for i, matrix in zip(chosen, matrices, strict=True):
+            _relabel(out, i, perm, label_power(step, matrix))
+    if photometric:
+        batch = _photometric_run(batch, photometric, rng)
+    dtype = labels.dtype if isinstance(labels, torch.Tensor) else torch.int64
+    return batch.clamp_(0, 255), torch.tensor(out, dtype=dtype)
+
+
 def augment_float(batch: Any, policy: Policy | None, seed: int | None = None) -> Any:
     """(N, 3, H, W) uint8 -> augmented float32 copy in 0..255 (see :func:`augment_sources`); it feeds
     ``normalize_batch`` directly."""
@@ -215,7 +266,9 @@ class AugmentingCollate:
     given. It runs in the loader's worker processes when there are any, beside the model.
 
     Returns (images, targets, ...): float32 0..255 in-process, uint8 from a worker process (a quarter of the
-    bytes to pass), uint8 without augmentation; a picklable object, as worker processes need.
+    bytes to pass), uint8 without augmentation; a picklable object, as worker processes need. An augmenter
+    whose policy has label maps (``permutes_labels``) is given the targets too, and its permuted targets
+    (a mirrored clockwise sample becomes anticlockwise) are the ones returned.
     """
 
     def __init__(self, augment: Callable[..., Any] | None) -> None:
@@ -228,7 +281,11 @@ class AugmentingCollate:
         rest = tuple(torch.stack([torch.as_tensor(s[i]) for s in samples]) for i in range(1, len(samples[0])))
         if self.augment is None:
             return (pixel_batch(sources), *rest)
-        images = self.augment(sources)
+        if getattr(self.augment, "permutes_labels", False) and rest:  # a policy with label maps: targets follow
+            images, targets = self.augment(sources, labels=rest[0])
+            rest = (targets, *rest[1:])
+        else:
+            images = self.augment(sources)
         if torch.utils.data.get_worker_info() is not None:  # uint8: a quarter of the bytes between processes
             images = images.round_().to(torch.uint8)
         return (images, *rest)

@@ -20,6 +20,16 @@ run uses it unless its own config sets that key.
 Presets ship as plain YAML files users can copy and edit: ``natural-photo``, ``xray`` (no vertical
 flip, no hue, mild rotation, percentile normalisation), ``thin-section`` (any rotation, both flips: a
 thin section has no up; patch sampling on), ``microscopy``.
+
+A geometric step that is an exact mirror or turn may carry a *label map*: ``{op: hflip, p: 0.5, labels:
+{cw: ccw, ccw: cw}}`` says that mirroring an image turns a clockwise sample into an anticlockwise one.
+When the step fires for a sample, its label goes through the map (a permutation of the names it lists;
+other classes keep theirs); maps of the steps that fire compose in order, so ``hflip`` then ``vflip``
+(a half turn) gives back the label. On ``rotate`` with ``degrees: right_angles`` the map is one quarter
+turn's (anticlockwise on screen), applied once per quarter turn drawn. Maps are checked here (only on
+``hflip``, ``vflip`` and right-angle ``rotate``; a permutation) and against a run's classes by
+:func:`label_permutations`. Images augmented without their labels (cached feature views) cannot use them:
+``transforms.augment.PolicyAugmenter`` refuses.
 """
 
 from __future__ import annotations
@@ -36,12 +46,17 @@ from handlens.core.registry import Registry
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
+#: ops that are an exact mirror or turn whenever they fire (``rotate`` only with ``degrees: right_angles``): the
+#: only ones a label map (``labels:``) can go with
+LABEL_MAP_OPS = ("hflip", "vflip", "rotate")
+
 
 @dataclass(frozen=True)
 class Step:
     op: str
     p: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # class name -> class name when the step fires
 
 
 @dataclass(frozen=True)
@@ -59,9 +74,22 @@ class Policy:
     def batch_steps(self) -> tuple[Step, ...]:
         return tuple(s for s in self.steps if s.op in BATCH_OPS)
 
+    @property
+    def has_label_maps(self) -> bool:
+        """Whether any step changes labels when it fires (then augmentation must see the labels)."""
+        return any(s.labels for s in self.steps)
+
+    def without_label_maps(self) -> Policy:
+        """The same steps with no label maps: for what looks at pixels only (a preview)."""
+        from dataclasses import replace
+
+        return replace(self, steps=tuple(replace(s, labels={}) for s in self.steps))
+
     def to_dict(self) -> dict[str, Any]:
+        """The YAML mapping :func:`parse_policy` reads back into this policy."""
         data = {"name": self.name, "description": self.description,
-                "steps": [{"op": s.op, "p": s.p, **s.params} for s in self.steps]}
+                "steps": [{"op": s.op, "p": s.p, **s.params, **({"labels": dict(s.labels)} if s.labels else {})}
+                          for s in self.steps]}
         if self.preprocess:
             data["preprocess"] = self.preprocess
         return data
@@ -160,6 +188,27 @@ def symmetric_view(image: Any, symmetry: Symmetry) -> Any:
     return view.flip(dims) if dims else view
 
 
+def apply_matrices(batch: Any, chosen: list[int], matrices: list[Any]) -> Any:
+    """The chosen samples of a float batch through their drawn (3, 3) matrices, in place: turns and flips
+    exactly, one warp for the others."""
+    import numpy as np
+    import torch
+
+    h, w = batch.shape[-2:]
+    resampled = []
+    for i, matrix in zip(chosen, matrices, strict=True):
+        symmetry = symmetry_of(matrix, h == w)
+        if symmetry is None:
+            resampled.append((i, matrix[:2]))
+        elif symmetry != IDENTITY:  # exact; a copy, as the view may alias the sample it replaces
+            batch[i] = symmetric_view(batch[i], symmetry).clone()
+    if resampled:
+        index = torch.tensor([i for i, _ in resampled])
+        theta = np.stack([matrix for _, matrix in resampled])
+        batch.index_copy_(0, index, warp(batch.index_select(0, index), theta))
+    return batch
+
+
 def _geometric(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a matrix draw, and as the batch op of the same name (for a geometric step after a colour step):
     the chosen samples' turns and flips applied exactly, one warp for the others."""
@@ -168,23 +217,8 @@ def _geometric(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         GEOMETRIC_DRAWS.register(name, draw)
 
         def batch_op(batch: Any, rng: Any, chosen: list[int], **params: Any) -> Any:
-            import numpy as np
-            import torch
-
             h, w = batch.shape[-2:]
-            matrices = [draw(rng, h, w, **params) for _ in chosen]
-            resampled = []
-            for i, matrix in zip(chosen, matrices, strict=True):
-                symmetry = symmetry_of(matrix, h == w)
-                if symmetry is None:
-                    resampled.append((i, matrix[:2]))
-                elif symmetry != IDENTITY:  # exact; a copy, as the view may alias the sample it replaces
-                    batch[i] = symmetric_view(batch[i], symmetry).clone()
-            if resampled:
-                index = torch.tensor([i for i, _ in resampled])
-                theta = np.stack([matrix for _, matrix in resampled])
-                batch.index_copy_(0, index, warp(batch.index_select(0, index), theta))
-            return batch
+            return apply_matrices(batch, chosen, [draw(rng, h, w, **params) for _ in chosen])
 
         AUGMENT_OPS.register(name, batch_op)
         return draw
@@ -366,11 +400,13 @@ def parse_policy(data: dict[str, Any], name: str = "custom") -> Policy:
     for index, raw in enumerate(data["steps"], start=1):
         if not isinstance(raw, dict) or "op" not in raw:
             raise InputError(f"policy {name!r}, step {index}: write it as {{op: NAME, p: PROBABILITY, ...}}")
-        params = {k: v for k, v in raw.items() if k not in ("op", "p")}
+        params = {k: v for k, v in raw.items() if k not in ("op", "p", "labels")}
         op = str(raw["op"])
         if op not in AUGMENT_OPS and op not in BATCH_OPS:
             raise InputError(f"policy {name!r}, step {index}: unknown op {op!r}; ops: "
                              f"{', '.join([*AUGMENT_OPS.names(), *BATCH_OPS])}")
+        labels = parse_label_map(raw["labels"], op, params, where=f"policy {name!r}, step {index}") \
+            if "labels" in raw else {}
         if op in BATCH_OPS and set(params) - {"alpha"}:
             raise InputError(f"policy {name!r}, step {index}: {op} takes only alpha (e.g. alpha: 0.2)")
         p = float(raw.get("p", 1.0))
@@ -379,11 +415,72 @@ def parse_policy(data: dict[str, Any], name: str = "custom") -> Policy:
         for key in ("scale", "ratio", "sigma"):
             if key in params:
                 params[key] = tuple(params[key])
-        steps.append(Step(op, p, params))
+        steps.append(Step(op, p, params, labels))
     recommended = data.get("preprocess") or {}
     if not isinstance(recommended, dict):
         raise InputError(f"policy {name!r}: 'preprocess' must be a mapping, e.g. {{normalize: percentile}}")
     return Policy(str(data.get("name", name)), tuple(steps), str(data.get("description", "")), recommended)
+
+
+def parse_label_map(raw: Any, op: str, params: dict[str, Any], *, where: str) -> dict[str, str]:
+    """A step's ``labels:`` map, checked: only on an exact mirror or turn, and a permutation of the names it
+    lists (each name it maps from is mapped to exactly once), so that no class is lost or merged."""
+    example = "e.g. {op: hflip, p: 0.5, labels: {cw: ccw, ccw: cw}}"
+    if op not in LABEL_MAP_OPS:
+        raise InputError(f"{where}: labels: on {op} makes no sense: a label map says how an exact mirror or "
+                         "turn changes a class, so it goes on hflip, vflip or rotate with degrees: right_angles "
+                         f"({example})")
+    if op == "rotate" and params.get("degrees", 15.0) != "right_angles":
+        raise InputError(f"{where}: labels: on a free-angle rotate (degrees: {params.get('degrees', 15.0)}) makes no "
+                         "sense: an arbitrary angle is no exact symmetry; use degrees: right_angles (the map is then "
+                         "one quarter turn's), or move the map to a hflip or vflip step")
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(f"{where}: labels: must map class names to class names ({example})")
+    mapping = {str(k): str(v) for k, v in raw.items()}
+    targets = list(mapping.values())
+    repeated = sorted({t for t in targets if targets.count(t) > 1})
+    if repeated:
+        raise InputError(f"{where}: labels: is not a permutation: {', '.join(map(repr, repeated))} is the image of "
+                         "several classes (two classes would merge); map each name to a different one")
+    if set(targets) != set(mapping):
+        missing = sorted(set(targets) - set(mapping))
+        raise InputError(f"{where}: labels: is not a permutation: {', '.join(map(repr, missing))} is mapped to but "
+                         f"not from; list every name it touches both ways ({example})")
+    return mapping
+
+
+def label_permutations(policy: Policy, classes: list[str]) -> tuple[tuple[int, ...] | None, ...]:
+    """Each image step's label map as class indices of ``classes`` (None for a step without one): index ``i`` goes
+    to ``perm[i]``. A name that is not one of ``classes`` is an error naming it (with the closest class)."""
+    import difflib
+
+    index = {c: i for i, c in enumerate(classes)}
+    out: list[tuple[int, ...] | None] = []
+    for number, step in enumerate(policy.image_steps, start=1):
+        if not step.labels:
+            out.append(None)
+            continue
+        for label in step.labels:
+            if label not in index:
+                close = difflib.get_close_matches(label, classes, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise InputError(f"augmentation policy {policy.name!r}, step {number} ({step.op}): labels: names "
+                                 f"{label!r}{hint}, which is not a class of this run ({', '.join(classes)}); "
+                                 "fix the name in the policy or train on the labelset it was written for")
+        perm = list(range(len(classes)))
+        for source, target in step.labels.items():
+            perm[index[source]] = index[target]
+        out.append(tuple(perm))
+    return tuple(out)
+
+
+def label_power(step: Step, matrix: Any) -> int:
+    """How many times a fired step's label map applies for this drawn matrix: once for a flip; the number of
+    quarter turns (0..3, as ``_rotate`` draws them) for a right-angle rotate."""
+    if step.op != "rotate":
+        return 1
+    a, c = float(matrix[0][0]), float(matrix[1][0])  # cos and (a positive multiple of) sin of the turn
+    return {(1, 0): 0, (0, 1): 1, (-1, 0): 2, (0, -1): 3}[(round(a), int(math.copysign(1, c)) if abs(c) > 0.5 else 0)]
 
 
 def preset_names() -> list[str]:

@@ -97,7 +97,7 @@ def augment_preview(sources: Sequence[PreviewSource], *, policy: str = "basic", 
         batch = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()
     if chosen is not None and chosen.image_steps:
         generator = torch.Generator().manual_seed(seed)
-        batch = PolicyAugmenter(chosen)(batch, generator=generator).round().to(torch.uint8)
+        batch = PolicyAugmenter(chosen.without_label_maps())(batch, generator=generator).round().to(torch.uint8)
     augmented = np.ascontiguousarray(batch.permute(0, 2, 3, 1).numpy())
     return AugmentPreview(policy=policy, picks=picks, originals=originals, augmented=augmented)
 
