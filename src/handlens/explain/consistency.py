@@ -96,14 +96,16 @@ def policy_swap(manifest: dict[str, Any], mirror: str, classes: Sequence[str]) -
     """(swap, where it comes from) from the label map the bundle's training policy puts on its ``mirror`` step;
     an empty swap when the policy has none (a plain flip, or no such step). A policy that cannot be read here is
     an error that says to give ``--swap`` (its name is all a bundle records)."""
+    from handlens.transforms.augment import recorded_policy
     from handlens.transforms.policy import load_policy
 
     augment = (manifest.get("config") or {}).get("augment") or {}
     name = str(augment.get("policy", "basic"))
-    if name in ("none", "auto", "basic"):
+    policy = recorded_policy(manifest)  # the steps as trained, when the bundle records them
+    if policy is None and name in ("none", "auto", "basic"):
         return {}, f"policy {name!r} has no label maps"
     try:
-        policy = load_policy(name)
+        policy = policy or load_policy(name)
     except InputError as exc:
         raise InputError(f"the bundle's training policy {name!r} cannot be read here ({exc}); give the label map "
                          "with --swap A=B, or put the policy file back where the bundle's config says") from None

@@ -106,6 +106,11 @@ def _policy_of(manifest: dict[str, Any]) -> tuple[str, Policy | None, str | None
         return name, None, "the model trained without augmentation (augment.policy=none)"
     if name == "auto" and _trained_on_cached_features(manifest):
         return name, None, "augment.policy=auto on a frozen backbone's cached features trains without augmentation"
+    from handlens.transforms.augment import recorded_policy
+
+    recorded = recorded_policy(manifest)
+    if recorded is not None:  # the steps as trained (a policy file may have changed since)
+        return name, recorded, None
     if name in ("basic", "auto"):  # auto: basic wherever images are augmented (``transforms.augment.policy_for``)
         return name, basic_policy(bool(augment.get("hflip", True)), bool(augment.get("vflip", False)),
                                   float(augment.get("crop_scale", 0.8))), None

@@ -1164,12 +1164,22 @@ def _manifest(cfg: RunConfig, prepared: Prepared, metrics: dict[str, Any], run_i
         "fold": data.fold,
         "preprocess": prepared.preprocess.to_dict(),
         "config": cfg.model_dump(mode="json"),
+        "augment_policy": _policy_as_trained(cfg),
         "metrics": _jsonable(metrics),
         "split_membership": data.membership(),
         # what the model learnt from, by content: evaluate's leak check when the catalog does not know the ids
         "training_sha256": sorted({sha for name in ("train", "val") if name in data.subsets
                                    for sha in data.subsets[name].sha256s}),
     }
+
+
+def _policy_as_trained(cfg: RunConfig) -> dict[str, Any] | None:
+    """The training policy's steps as they were (label maps included): the file a config names may change or
+    move later, and test-time augmentation and ``trust --consistency`` read the policy from the bundle."""
+    from handlens.transforms.augment import policy_for
+
+    policy = policy_for(cfg.augment)
+    return policy.to_dict() if policy is not None else None
 
 
 def _jsonable(value: Any) -> Any:

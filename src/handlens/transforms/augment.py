@@ -27,6 +27,15 @@ def basic_policy(hflip: bool = True, vflip: bool = False, crop_scale: float = 0.
     return Policy("basic", tuple(steps), "random resized crop and flips")
 
 
+def recorded_policy(manifest: dict[str, Any]) -> Policy | None:
+    """The policy a bundle recorded as it trained (``augment_policy``: its steps, label maps included), or None
+    when the bundle is older than that record (then its config's policy name is all there is)."""
+    from handlens.transforms.policy import parse_policy
+
+    data = manifest.get("augment_policy")
+    return parse_policy(data, str(data.get("name", "recorded"))) if isinstance(data, dict) else None
+
+
 def policy_for(config: Any) -> Policy | None:
     """The config's policy (None for ``policy: none``), with ``augment.mixup``/``cutmix`` as batch steps."""
     if config.policy == "none":
