@@ -87,3 +87,30 @@ def test_an_import_urls_job_downloads_into_the_catalog(job_ws):
     finally:
         server.shutdown()
     assert done.result["added"] == 6 or done.result.get("counts", {}).get("downloaded") == 6, done.result
+
+
+def test_a_detect_train_job_trains_a_detector_and_confines_its_weights_file(sigma_workspace, tmp_path):
+    import shutil
+
+    import pytest
+
+    from handlens.core.errors import InputError
+    from handlens.core.workspace import Workspace
+    from handlens.data.catalog import open_catalog
+    from handlens.jobs.specs import pin_raw_paths
+    from tests.conftest import tiny_detector_config
+
+    shutil.copytree(sigma_workspace["workspace"].root, tmp_path / "ws")
+    ws = Workspace.open(tmp_path / "ws")
+    catalog = open_catalog(ws.db_url)
+    try:
+        done = _run_one(ws, catalog, "detect-train", tiny_detector_config().model_dump(mode="json"))
+    finally:
+        catalog.close()
+    bundle = Path(done.result["bundle"])
+    assert json.loads((bundle / "bundle.json").read_text())["kind"] == "detector"
+    assert done.result["epochs"] == 1 and done.progress["epoch"] == 1 and "map_50" in done.result["metrics"]["val"]
+    with pytest.raises(InputError, match="outside the workspace"):
+        pin_raw_paths("detect-train", {"dataset": "d", "weights": "/etc/hostname"}, root=ws.root, confine=True)
+    assert pin_raw_paths("detect-train", {"dataset": "d", "weights": "packaged"}, root=ws.root,
+                         confine=True)["weights"] == "packaged"

@@ -91,7 +91,8 @@ def test_submitting_needs_the_key_when_one_is_set(job_ws):
 def test_job_kinds_list_their_config_schema(jobs_client):
     client, _ = jobs_client
     kinds = {k["name"]: k for k in client.get("/api/v1/job-kinds").json()}
-    assert set(kinds) == {"train", "study", "evaluate", "explain", "import-urls"}
+    assert set(kinds) == {"train", "study", "evaluate", "explain", "import-urls", "detect-train"}
+    assert "tiles_per_image" in kinds["detect-train"]["config_schema"]["properties"]
     assert "model" in kinds["train"]["config_schema"]["properties"]
     assert kinds["import-urls"]["queue"] == "import"
 
@@ -103,7 +104,8 @@ def test_over_the_api_a_job_reads_and_writes_only_inside_the_workspace(jobs_clie
     for kind, config in (("import-urls", {"manifest": str(outside), "dataset": "web"}),
                          ("import-urls", {"manifest": "m.csv", "dataset": "web", "dest": "../../out"}),
                          ("explain", {"bundle": "/etc", "subset": "test"}),
-                         ("evaluate", {"bundle": "RUN", "images": "/tmp"})):
+                         ("evaluate", {"bundle": "RUN", "images": "/tmp"}),
+                         ("detect-train", {"dataset": "d", "weights": str(outside)})):
         answer = client.post("/api/v1/jobs", json={"kind": kind, "config": config}, headers=ORIGIN)
         assert answer.status_code == 422, (kind, answer.text)
         assert "outside the workspace" in answer.json()["detail"]

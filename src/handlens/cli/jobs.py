@@ -119,7 +119,8 @@ def _generic(kind: str, doc: str) -> None:
 for _kind, _doc in (("study", "Queue a study (the settings of `study run`: dataset=D preset=quick trials=10 ...)."),
                     ("evaluate", "Queue an evaluation (bundle=RUN subset=test tta=true ...)."),
                     ("explain", "Queue explanations of a subset (bundle=RUN subset=test method=gradcam ...)."),
-                    ("import-urls", "Queue a URL import (manifest=FILE.csv dataset=D concurrency=8 ...).")):
+                    ("import-urls", "Queue a URL import (manifest=FILE.csv dataset=D concurrency=8 ...)."),
+                    ("detect-train", "Queue a detector's training (dataset=D labelset=L epochs=12 ...).")):
     _generic(_kind, _doc)
 
 

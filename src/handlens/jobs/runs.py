@@ -58,6 +58,31 @@ def _study(config: Any, ctx: JobContext) -> dict[str, Any]:
     return {"study": name, "bundle": out["bundle"], "winner": out["winner"], "verdict": out.get("verdict", "")}
 
 
+def _detect_train(config: Any, ctx: JobContext) -> dict[str, Any]:
+    from handlens.detect.train import train_detector
+    from handlens.train.run import new_run_id
+
+    run_id = ctx.state.get("run_id")
+    if run_id is None:
+        run_id = new_run_id()
+        ctx.remember("run_id", run_id)
+    bundle = ctx.workspace.runs_dir / run_id / "bundle"
+    if (bundle / "bundle.json").is_file():  # the worker died after the run finished, before the job was marked so
+        return {"run_id": run_id, "bundle": str(bundle), "resumed": True}
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        metrics = {k: v for k, v in record.items() if k in ("loss", "map_50", "map")}
+        ctx.report(epoch=record.get("epoch"), epochs=config.epochs, metrics=metrics, run_id=run_id)
+
+    result = train_detector(config, ctx.workspace, run_id=run_id, progress=False, epoch_hook=on_epoch,
+                            should_stop=ctx.should_stop)
+    ctx.report(epoch=result.epochs, epochs=result.epochs, run_id=result.run_id)
+    val = result.metrics.get("val", {})
+    return {"run_id": result.run_id, "bundle": str(result.bundle), "epochs": result.epochs,
+            "best_epoch": result.best_epoch, "metrics": {"val": {k: val.get(k) for k in ("map_50", "map", "f1")}},
+            "seconds": round(result.seconds, 2), "resumed": result.resumed, "stopped": result.stopped}
+
+
 def _evaluate(config: Any, ctx: JobContext) -> dict[str, Any]:
     from handlens.train.evaluate import evaluate
 
@@ -101,4 +126,5 @@ def _import_urls(config: Any, ctx: JobContext) -> dict[str, Any]:
 #: kind -> the function that runs one job of it
 RUNNERS: dict[str, Callable[[Any, JobContext], dict[str, Any]]] = {
     "train": _train, "study": _study, "evaluate": _evaluate, "explain": _explain, "import-urls": _import_urls,
+    "detect-train": _detect_train,
 }

@@ -78,6 +78,7 @@ class ExplainJob(BaseModel):
 
 def _register() -> None:
     from handlens.data.urls import UrlImportConfig
+    from handlens.detect.config import DetectTrainConfig
     from handlens.search.config import StudyConfig
     from handlens.train.config import RunConfig
 
@@ -90,6 +91,8 @@ def _register() -> None:
                 path_fields=("bundle", "images")),
         JobKind("explain", ExplainJob, "explain", description="explain every image of a subset",
                 path_fields=("bundle", "out")),
+        JobKind("detect-train", DetectTrainConfig, "train", cooperative_cancel=True,
+                description="train a detector on a dataset's boxes"),
         JobKind("import-urls", UrlImportConfig, "import", cooperative_cancel=True,
                 description="download a URL manifest into a dataset", path_fields=("manifest", "dest")),
     ):
@@ -160,6 +163,10 @@ def pin_raw_paths(kind: str, config: dict[str, Any], *, root: Any, confine: bool
             value = (out.get(section) or {}).get(field) if isinstance(out.get(section), dict) else None
             if isinstance(value, str) and is_file(value):
                 out[section][field] = _pinned(value, what=f"train job: {key}", root=root, confine=confine)
+    elif kind == "detect-train":
+        value = out.get("weights")
+        if isinstance(value, str) and RUN_FILE_KEYS["model.weights"](value):
+            out["weights"] = _pinned(value, what="detect-train job: weights", root=root, confine=confine)
     elif kind == "study" and isinstance(out.get("overrides"), list):
         pinned = []
         for item in out["overrides"]:
