@@ -39,6 +39,10 @@ def test_the_bundle_records_what_it_is_and_what_it_saw(sigma_workspace) -> None:
 
 
 def test_a_cancelled_run_resumes_without_repeating_an_epoch(sigma_copy) -> None:
+    """...and ends with the very weights an uninterrupted run has (tiles, order and optimiser state restored)."""
+    from safetensors.torch import load_file
+
+    whole = train_detector(tiny_detector_config(epochs=2), sigma_copy, progress=False)
     asked = []
 
     def stop_before_second() -> str | None:
@@ -54,6 +58,8 @@ def test_a_cancelled_run_resumes_without_repeating_an_epoch(sigma_copy) -> None:
     assert result.resumed and result.epochs == 2
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+    resumed, uninterrupted = (load_file(str(r.bundle / "weights.safetensors")) for r in (result, whole))
+    assert all(resumed[k].equal(uninterrupted[k]) for k in uninterrupted)
     with pytest.raises(Exception, match="already finished"):
         train_detector(None, sigma_copy, resume=run_id, progress=False)
 

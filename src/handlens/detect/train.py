@@ -186,7 +186,6 @@ def train_detector(cfg: DetectTrainConfig | None, workspace: Workspace | None = 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, best, first_epoch = list(state["history"]), dict(state["best"]), int(state["epoch"]) + 1
-        loader.generator.manual_seed(cfg.seed + first_epoch)
     stopped = None
     for epoch in range(first_epoch, cfg.epochs + 1):
         reason = should_stop() if should_stop is not None else None
@@ -230,7 +229,8 @@ def train_detector(cfg: DetectTrainConfig | None, workspace: Workspace | None = 
 def _epoch(net: DetectorNet, loader: Any, *, optimizer: Any, scheduler: Any, data: _Data, cfg: DetectTrainConfig,
            epoch: int) -> dict[str, Any]:
     started = time.perf_counter()
-    data.train.epoch = epoch
+    data.train.epoch = epoch  # the epoch's tiles and their order depend on (seed, epoch) only: a resume redraws them
+    loader.generator.manual_seed(cfg.seed * 100003 + epoch)
     net.train()
     losses = []
     for images, targets in loader:
