@@ -84,3 +84,18 @@ def test_pipeline_writes_boxes_crops_maps_and_json(sigma_workspace, sigma_classi
     stem = first.files["overlay"].removesuffix(".overlay.png")
     assert (out / first.files["overlay"]).is_file() and (out / first.files["map"]).is_file()
     assert len(list((out / stem).glob("box_*.png"))) == len(first.boxes)
+
+
+def test_a_flat_map_is_said_and_not_drawn_as_cold(monkeypatch) -> None:
+    import handlens.explain.image as image_module
+    from handlens.detect.pipeline import ImageResult
+    from handlens.detect.render import draw_result
+
+    monkeypatch.setattr(image_module, "explain_image", lambda classifier, crop, **_: type(
+        "E", (), {"heatmap": np.zeros(crop.shape[:2], np.float32), "signed": False})())
+    picture = np.full((100, 200, 3), 128, np.uint8)
+    boxes = [BoxResult(box=(20, 20, 60, 60), score=0.9, detected="clast", crop=(10, 10, 70, 70))]
+    heat, _ = classify_boxes(Constant(), picture, boxes, method="gradcam")
+    assert boxes[0].map_peak == 0 and boxes[0].to_dict()["flat_map"] is True
+    drawn = draw_result(picture, ImageResult(image="x", size=(200, 100), boxes=boxes, tiles=1, heatmap=heat))
+    assert (drawn[35:45, 35:45] == 128).all()  # inside the box, away from its outline and label: untouched

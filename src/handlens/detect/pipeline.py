@@ -44,6 +44,8 @@ class BoxResult:
     label: str | None = None  # the classifier's class
     probabilities: dict[str, float] | None = None
     explained: bool = False
+    #: the crop's map peak before its normalisation (0: a flat map, which shows no evidence at all)
+    map_peak: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"box": [round(v, 2) for v in self.box], "score": round(self.score, 4),
@@ -51,6 +53,8 @@ class BoxResult:
         if self.label is not None:
             probabilities = {k: round(v, 6) for k, v in (self.probabilities or {}).items()}
             out |= {"label": self.label, "probabilities": probabilities}
+        if self.map_peak is not None:
+            out |= {"map_peak": float(f"{self.map_peak:.4g}"), "flat_map": self.map_peak == 0}
         return out
 
 
@@ -125,6 +129,7 @@ def classify_boxes(classifier: Any, picture: np.ndarray, boxes: list[BoxResult],
         signed = explained.signed
         local = np.asarray(explained.heatmap, dtype=np.float32)
         peak = float(np.abs(local).max()) if signed else float(local.max() - min(0.0, local.min()))
+        box.map_peak = peak
         local = local / peak if peak > 0 else np.zeros_like(local)
         if not signed:
             local = (local - min(0.0, local.min())).clip(0, 1)

@@ -31,20 +31,32 @@ def draw_result(picture: np.ndarray, result: Any, *, opacity: float = 0.5) -> np
         for box in result.boxes:
             x0, y0, x1, y1 = box.crop
             local = result.heatmap[y0:y1, x0:x1]
-            if local.size:
+            if local.size and box.map_peak:  # a flat map is not drawn as if it were cold everywhere
                 canvas[y0:y1, x0:x1] = overlay(picture[y0:y1, x0:x1], local, opacity, result.signed)
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
     classes = sorted({b.label for b in result.boxes if b.label is not None})
     width = max(2, round(max(result.size) / 600))
+    font = _font(max(11, round(max(result.size) / 80)))
     for box in result.boxes:
         colour = box_colour(box.label, classes)
         draw.rectangle([round(v) for v in box.box], outline=colour, width=width)
-        text = f"{box.label or box.detected} {box.score:.2f}"
-        x, y = box.box[0], max(0.0, box.box[1] - 12)
-        draw.rectangle([x, y, x + 7 * len(text), y + 11], fill=(0, 0, 0))
-        draw.text((x + 1, y), text, fill=colour)
+        text = f"{box.label or box.detected} {box.score:.2f}" + (" flat map" if box.map_peak == 0 else "")
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        x, y = box.box[0], max(0.0, box.box[1] - (bottom - top) - 2 * width)
+        draw.rectangle([x, y, x + right - left + 2 * width, y + bottom - top + 2 * width], fill=(0, 0, 0))
+        draw.text((x + width - left, y + width - top), text, fill=colour, font=font)
     return np.asarray(image)
+
+
+def _font(size: int) -> Any:
+    """Pillow's own font at ``size`` pixels (a scalable one where Pillow has FreeType), never a system file."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # an old Pillow or one without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
 
 
 def _stem(path: Any) -> str:
