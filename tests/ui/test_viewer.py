@@ -377,3 +377,89 @@ def test_the_api_docs_render_with_the_network_off(page, path, rendered):
         assert outside == [] and not blocked, (outside, messages)
     finally:
         context.close()
+
+
+@pytest.fixture(scope="module")
+def detect_service(sigma_workspace, sigma_classifier, tmp_path_factory):
+    """The service on a copy of the sigma demo's workspace (its tiny detector and crop classifier)."""
+    root = tmp_path_factory.mktemp("viewer-detect")
+    shutil.copytree(sigma_workspace["workspace"].root, root / "ws")
+    port = free_port()
+    log = (root / "service.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "handlens.cli.main", "--workspace", str(root / "ws"), "serve",
+                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/livez", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.25)
+    else:
+        process.kill()
+        pytest.fail(f"the service did not start: {(root / 'service.log').read_text()[-2000:]}")
+    yield url, sigma_workspace, sigma_classifier.parent.name
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+def test_inspect_draws_a_detectors_boxes_with_their_labels_and_maps(page, detect_service, shots):
+    """A detector chosen beside the model: each image's boxes drawn over it with their labels and scores, each
+    box's map inside it (under the opacity slider); detectors are never offered where a classifier is needed."""
+    url, sigma, classifier = detect_service
+    detector, scenes = sigma["detector_run"], sigma["demo"].scenes
+    shared, _, _ = page  # the module's browser (one Playwright per module), a context of this test's own
+    # bypass_csp: wait_for_function evaluates in the page (see the page fixture); the CSP has its own test
+    context = shared.context.browser.new_context(viewport={"width": 1200, "height": 800}, bypass_csp=True)
+    page = context.new_page()
+    problems = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    try:
+        page.goto(url)
+        page.wait_for_function("document.getElementById('detector').options.length === 2", timeout=30_000)
+        for select in ("#model", "#cmp-a", "#cmp-b", "#box-classifier"):
+            assert detector not in page.locator(f"{select} option").evaluate_all("o => o.map(x => x.value)")
+        assert page.locator(".detect-only").first.is_hidden()
+        page.select_option("#dataset", scenes)
+        page.wait_for_function("document.getElementById('image-name').textContent.startsWith('sigma_')",
+                               timeout=30_000)
+        page.select_option("#detector", detector)
+        assert page.locator(".detect-only").first.is_visible() and page.locator("#target").is_disabled()
+        page.fill("#box-score", "0")  # the tiny detector's scores are low: every box it finds
+        page.select_option("#box-classifier", classifier)  # labelled and explained (gradcam) from here
+        boxes = "document.querySelectorAll('#box-outlines rect').length"
+        for _ in range(3):  # the first scene may hold no box the tiny detector finds: the next ones do
+            try:
+                page.wait_for_function(f"{boxes} > 0", timeout=20_000)
+                break
+            except Exception:
+                name = page.locator("#image-name").inner_text()
+                page.locator("#stage").focus()
+                page.keyboard.press("ArrowRight")
+                page.wait_for_function(f"document.getElementById('image-name').textContent !== {name!r}")
+        count = page.evaluate(boxes)
+        assert count > 0, (page.locator("#status").inner_text(), problems)
+        page.wait_for_function(f"document.querySelectorAll('#box-maps image').length === {count}")
+        labels = page.locator("#box-outlines text").all_text_contents()
+        assert len(labels) == count and all(t.split(" ")[0] in ("cw", "ccw") for t in labels), labels
+        assert all(0 <= float(t.split(" ")[1]) <= 1 for t in labels)
+        assert page.locator("#box-list li").count() == count
+        assert page.locator("#predicted").inner_text() == f"{count} box{'' if count == 1 else 'es'}"
+        assert not page.locator("#heat").get_attribute("src")  # no whole-image map under the boxes
+        page.locator("#opacity").evaluate("e => { e.value = 0.2; e.oninput(); }")
+        assert page.locator("#box-maps").evaluate("e => getComputedStyle(e).opacity") == "0.2"
+        page.locator("#show-map").uncheck()
+        assert page.locator("#box-maps").evaluate("e => getComputedStyle(e).opacity") == "0"
+        page.locator("#show-map").check()
+        page.screenshot(path=str(shots / "viewer-detect.png"))
+        page.select_option("#box-classifier", "")  # boxes only: the detector's class, no maps, no method
+        page.wait_for_function("[...document.querySelectorAll('#box-outlines text')].length > 0 && "
+                               "[...document.querySelectorAll('#box-outlines text')].every(t => "
+                               "t.textContent.startsWith('sigma-clast '))", timeout=20_000)
+        assert page.locator("#box-maps image").count() == 0 and page.locator("#method").is_disabled()
+        assert not problems, problems
+    finally:
+        context.close()

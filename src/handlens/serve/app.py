@@ -29,7 +29,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     """The service for one workspace; see ``ServeSettings`` for limits, batching and the names it answers to."""
     from fastapi.staticfiles import StaticFiles
 
-    from handlens.serve.routers import browse, catalog, explain, health, jobs, models, runs
+    from handlens.serve.routers import browse, catalog, detect, explain, health, jobs, models, runs
     from handlens.serve.security import BodyLimit, HostGuard, SecurityHeaders
 
     settings = settings or ServeSettings()
@@ -53,7 +53,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     app.add_exception_handler(OperationalError, _catalog_error)
     for router in (health.router, catalog.router, models.router, browse.router, runs.router, explain.router,
-                   jobs.router):
+                   detect.router, jobs.router):
         app.include_router(router)
     app.mount(health.DOCS_ASSETS, StaticFiles(directory=health.docs_assets()), name="docs-assets")
     app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")

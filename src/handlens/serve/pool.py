@@ -10,6 +10,11 @@ onnxruntime (:class:`~handlens.export.runtime.OnnxPredictor`, exported on first 
 with the bundle's own preprocessing; explanations need gradients and hooks, so they always run on torch. A
 model that cannot be exported is served by torch, with a warning in the log and the reason in its
 ``runtime`` (``GET /api/v1/models/{id}``): one unusual model never makes the service fail.
+
+Detectors (bundles of ``kind: detector``) share the pool and its memory budget, loaded by
+:meth:`ModelPool.get_detector` for ``POST .../detect``; each use holds the detector's lock. A detector's id where
+a classifier is needed (predict, explain, browse), or a classifier's where a detector is, is a 422 naming the
+route that fits, never a 500.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from handlens.core.errors import NotFoundError
+from handlens.core.errors import InputError, NotFoundError
 from handlens.core.workspace import resolve_inside
 from handlens.models.bundle import (
     MANIFEST_FILE,
     BundleEntry,
     DamagedBundleError,
     check_weights_file,
+    read_bundle_manifest,
     read_manifest,
     scan_bundles,
 )
@@ -54,14 +60,38 @@ def bundle_dir(runs_dir: Path, model_id: str) -> Path:
     return path
 
 
-def read_model_manifest(runs_dir: Path, model_id: str) -> dict[str, Any]:
+def read_model_manifest(runs_dir: Path, model_id: str, *, kind: str | None = "classifier") -> dict[str, Any]:
     """Model ``model_id``'s validated manifest (the dict in its ``bundle.json``); its weights file must be
-    there. :class:`NotFoundError` for no such model, :class:`DamagedBundleError` for a damaged one."""
+    there. :class:`NotFoundError` for no such model, :class:`DamagedBundleError` for a damaged one, and
+    :class:`WrongKindError` when it is not of ``kind`` (None: either kind)."""
     path = bundle_dir(runs_dir, model_id)
     with named_model(model_id):
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, kind=None)
         check_weights_file(path)
+    check_kind(model_id, model_kind(manifest), kind)
     return manifest
+
+
+def model_kind(manifest: dict[str, Any]) -> str:
+    """``classifier`` or ``detector``: what a bundle's manifest says it is (older bundles: classifiers)."""
+    return str(manifest.get("kind") or "classifier")
+
+
+class WrongKindError(InputError):
+    """A detector's id where a classifier is needed, or a classifier's where a detector is."""
+
+
+def check_kind(model_id: str, kind: str, wanted: str | None) -> None:
+    """Refuse model ``model_id`` of ``kind`` where a ``wanted`` one is needed, naming the route that fits."""
+    if wanted is None or kind == wanted:
+        return
+    if kind == "detector":
+        raise WrongKindError(f"model {model_id!r} is a detector: it finds boxes, it does not classify an image; "
+                             f"send the image to POST /api/v1/models/{model_id}/detect (with ?classifier= to label "
+                             "each box), or pick a classifier (GET /api/v1/models shows each model's kind)")
+    raise WrongKindError(f"model {model_id!r} is a classifier, not a detector: /detect needs a detector bundle "
+                         "(handlens detect train); give this classifier as ?classifier= to label each box, "
+                         "or send the image to its own /predict or /explain")
 
 
 @contextlib.contextmanager
@@ -192,21 +222,33 @@ class LoadedModel:
             return self._explainer
 
 
+@dataclass
+class LoadedDetector:
+    """A detector kept warm (``handlens.detect.infer.Detector``) and the lock every detection on it holds."""
+
+    model_id: str
+    detector: Any
+    sha256: str
+    nbytes: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    runtime: str = "torch"
+    batcher: None = None  # detections are not micro-batched: one request's tiles are its own batch
+
+
 class ModelPool:
-    """Bundles of the workspace's runs, loaded on first use and kept while they fit ``memory_mb``."""
+    """Bundles of the workspace's runs (classifiers and detectors), loaded on first use and kept while they fit
+    ``memory_mb`` together (least recently used first out)."""
 
     def __init__(self, runs_dir: Path, memory_mb: float, batch_size: int, max_wait_ms: float, *,
                  runtime: str = "torch", onnx_cache_dir: Path | None = None) -> None:
         if runtime not in RUNTIMES:
-            from handlens.core.errors import InputError
-
             raise InputError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
         self.runs_dir = runs_dir
         self.runtime = runtime
         self.onnx_cache_dir = onnx_cache_dir if onnx_cache_dir is not None else runs_dir.parent / "cache" / "onnx"
         self.memory_bytes = int(memory_mb * 2**20)
         self.batch_size, self.max_wait_s = batch_size, max_wait_ms / 1000
-        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._loaded: OrderedDict[str, LoadedModel | LoadedDetector] = OrderedDict()
         self._lock = threading.Lock()
 
     def manifests(self) -> list[BundleEntry]:
@@ -214,17 +256,58 @@ class ModelPool:
         with ``damaged`` saying why (one damaged bundle never hides the others)."""
         return [entry for entry in scan_bundles(self.runs_dir) if MODEL_ID.match(entry.model_id)]
 
-    def manifest(self, model_id: str) -> dict[str, Any]:
-        """Model ``model_id``'s validated manifest; raises :class:`DamagedBundleError` for a damaged bundle."""
-        return read_model_manifest(self.runs_dir, model_id)
+    def manifest(self, model_id: str, *, kind: str | None = "classifier") -> dict[str, Any]:
+        """Model ``model_id``'s validated manifest; raises :class:`DamagedBundleError` for a damaged bundle and
+        :class:`WrongKindError` for one not of ``kind`` (None: either)."""
+        return read_model_manifest(self.runs_dir, model_id, kind=kind)
 
-    def get(self, model_id: str) -> LoadedModel:
+    def _cached(self, model_id: str, wanted: str) -> LoadedModel | LoadedDetector | None:
+        """The loaded model ``model_id`` (now the most recently used), refused if it is not of ``wanted`` kind;
+        None when it is not loaded. Call with ``self._lock`` held."""
+        found = self._loaded.get(model_id)
+        if found is None:
+            return None
+        check_kind(model_id, "detector" if isinstance(found, LoadedDetector) else "classifier", wanted)
+        self._loaded.move_to_end(model_id)
+        return found
+
+    def _keep(self, model_id: str, loaded: LoadedModel | LoadedDetector) -> None:
+        """Keep ``loaded``; evict the least recently used models while they all exceed the memory budget."""
+        self._loaded[model_id] = loaded
+        total = sum(m.nbytes for m in self._loaded.values())
+        while total > self.memory_bytes and len(self._loaded) > 1:
+            _, evicted = self._loaded.popitem(last=False)
+            total -= evicted.nbytes
+
+    def get_detector(self, model_id: str) -> LoadedDetector:
+        """Detector ``model_id``, loaded on first use (a classifier's id: :class:`WrongKindError`)."""
         path = bundle_dir(self.runs_dir, model_id)
         with self._lock:
-            found = self._loaded.get(model_id)
+            found = self._cached(model_id, "detector")
             if found is not None:
-                self._loaded.move_to_end(model_id)
-                return found
+                return found  # type: ignore[return-value]
+            manifest = read_model_manifest(self.runs_dir, model_id, kind="detector")
+            from handlens.detect.infer import load_detector
+
+            with named_model(model_id):
+                detector = load_detector(path)
+            nbytes = sum(p.numel() * p.element_size() for p in detector.net.parameters())
+            sha = manifest.get("weights_sha256") or hashlib.sha256(
+                (path / "weights.safetensors").read_bytes()).hexdigest()
+            loaded = LoadedDetector(model_id, detector, str(sha), nbytes)
+            self._keep(model_id, loaded)
+            return loaded
+
+    def get(self, model_id: str) -> LoadedModel:
+        """Classifier ``model_id``, loaded on first use (a detector's id: :class:`WrongKindError`)."""
+        path = bundle_dir(self.runs_dir, model_id)
+        with self._lock:
+            found = self._cached(model_id, "classifier")
+            if found is not None:
+                return found  # type: ignore[return-value]
+            with named_model(model_id):
+                _, checked = read_bundle_manifest(path)
+            check_kind(model_id, str(getattr(checked, "kind", "classifier")), "classifier")
             from handlens.explain.api import load_bundle
 
             with named_model(model_id):
@@ -236,11 +319,7 @@ class ModelPool:
             if self.runtime == "onnx":
                 self._attach_onnx(loaded)
             loaded.batcher = MicroBatcher(loaded.predict, self.batch_size, self.max_wait_s)
-            self._loaded[model_id] = loaded
-            total = sum(m.nbytes for m in self._loaded.values())
-            while total > self.memory_bytes and len(self._loaded) > 1:
-                _, evicted = self._loaded.popitem(last=False)
-                total -= evicted.nbytes
+            self._keep(model_id, loaded)
             return loaded
 
     def _attach_onnx(self, loaded: LoadedModel) -> None:

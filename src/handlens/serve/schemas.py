@@ -117,6 +117,8 @@ class RegionCreated(BaseModel):
 
 class ModelSummary(BaseModel):
     id: str
+    kind: Literal["classifier", "detector"] = Field("classifier", description="classifier: predict, explain, "
+                                                   "browse; detector: finds boxes (POST .../detect)")
     name: str = Field("", description="the run's --name, else what differs from the other models of its dataset "
                       "and labelset (e.g. 'pool=gem · size=320'), else its id")
     damaged: str | None = Field(None, description="why the bundle cannot be loaded; null for a usable model")
@@ -129,7 +131,9 @@ class ModelSummary(BaseModel):
     classes: list[str] = Field(default_factory=list)
     layers: list[str | None] = Field(default_factory=list)
     patch_trained: bool = False
-    metrics: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
+    metrics: dict[str, dict[str, float | int | None]] = Field(default_factory=dict, description="per subset: a "
+                                                              "classifier's accuracy, macro_f1, roc_auc, n; a "
+                                                              "detector's val map_50 (mAP@0.5), map, f1, images")
     runtime: str | None = Field(None, description="what serves its predictions while it is loaded: 'torch', "
                                 "'onnx' (onnxruntime; explanations run on torch), or 'torch (onnx export failed: "
                                 "...)'; null when it is not loaded now")
@@ -223,6 +227,47 @@ class TrustAnswer(MapAnswer):
     cached: bool
 
 
+class DetectedBox(BaseModel):
+    """One box found on the image, in the image's own pixels; with a classifier, its label, and with a method,
+    its map."""
+
+    box: list[float] = Field(description="x0, y0, x1, y1")
+    score: float = Field(description="the detector's confidence")
+    detected: str = Field(description="the detector's class")
+    crop: list[int] = Field(description="x0, y0, x1, y1: the box grown by the margin, clipped to the image; what "
+                            "the classifier saw")
+    label: str | None = Field(None, description="the classifier's class (null without a classifier)")
+    probabilities: dict[str, float] | None = None
+    explained: bool = Field(False, description="false without a method, or past the service's limit on boxes "
+                            "explained per image (the highest-scoring boxes are explained first)")
+    map_png: str | None = Field(None, description="base64 RGBA PNG of this box's map over its crop (draw it "
+                                "stretched to the crop), at most 96 px on its long side: the colour ramp for an "
+                                "unsigned map; green for, red against, as strong as the evidence, for a signed one")
+
+
+class Detection(BaseModel):
+    """The boxes a detector finds on one image, each classified and explained when a classifier (and method)
+    is given."""
+
+    model: str
+    classifier: str | None
+    method: str | None
+    image_sha256: str
+    image_id: int | None
+    size: list[int] = Field(description="the image's width and height, the pixels boxes are in")
+    tiles: int = Field(description="tiles the detector looked at")
+    score_threshold: float
+    margin: float
+    signed: bool = Field(description="the maps are signed (for and against the box's label)")
+    count: int
+    explained: int = Field(description="boxes with a map")
+    boxes: list[DetectedBox]
+    seconds: float
+    cached: bool
+    overlay_png: str | None = Field(None, description="base64 PNG of the image with every box, its label and its "
+                                    "map drawn in (overlay=true), at most 1024 px on its long side")
+
+
 OUTPUTS = Literal["png", "array", "both"]
 
 
@@ -245,6 +290,14 @@ IMAGE_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+#: the body of detect: the image only (its options are query parameters)
+DETECT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+    "application/json": {"schema": {"type": "object", "properties": {
+        "image_id": {"type": "integer", "minimum": 1, "maximum": 2**53}}, "required": ["image_id"]}}}}}
 
 
 MAX_TRUST_STEPS = 50

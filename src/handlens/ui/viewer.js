@@ -3,7 +3,7 @@
 
 const API = "/api/v1";
 const $ = (id) => document.getElementById(id);
-const state = { images: [], index: 0, models: [], zoom: 1, panX: 0, panY: 0, offset: 0, page: [], predicting: false };
+const state = { images: [], index: 0, models: [], detectors: [], zoom: 1, panX: 0, panY: 0, offset: 0, page: [], predicting: false };
 
 async function api(path, options) {
   const response = await fetch(API + path, options);
@@ -30,14 +30,18 @@ function fill(select, values, labels) {
 }
 
 function currentModel() { return state.models.find((m) => m.id === $("model").value); }
+function currentDetector() { return state.detectors.find((d) => d.id === $("detector").value); }
 function currentImage() { return state.images[state.index]; }
 
 // ------------------------------------------------------------------ selectors
 
 async function loadSelectors() {
   const [datasets, models, explainers] = await Promise.all([api("/datasets"), api("/models"), api("/explainers")]);
-  state.models = models;
+  // detectors find boxes: never a choice where a classifier is needed (model, compare, runs, browse)
+  state.models = models.filter((m) => m.kind !== "detector");
+  state.detectors = models.filter((m) => m.kind === "detector" && !m.damaged);
   state.explainers = explainers;
+  fillDetectors();
   fill($("dataset"), datasets.map((d) => d.name));
   fill($("method"), explainers.map((e) => e.name));
   if (explainers.some((e) => e.name === "gradcam")) $("method").value = "gradcam";
@@ -78,6 +82,37 @@ function fillModelDetails() {
   renderLosses().catch(() => {});
 }
 
+function fillDetectors() {
+  const metric = (d) => d.metrics.val && typeof d.metrics.val.map_50 === "number" ?
+    ` · mAP@0.5 ${d.metrics.val.map_50.toFixed(2)}` : "";
+  const detectors = state.detectors;
+  fill($("detector"), ["", ...detectors.map((d) => d.id)],
+    ["none", ...detectors.map((d) => `${d.name || d.id} · ${d.dataset}${metric(d)}`)]);
+  $("detector").disabled = !detectors.length;
+  const classifiers = state.models.filter((m) => !m.damaged);  // a box's crop may be of another dataset's kind
+  fill($("box-classifier"), ["", ...classifiers.map((m) => m.id)],
+    ["none: boxes only", ...classifiers.map((m) => `${m.name || m.id} · ${m.dataset}/${m.labelset}`)]);
+  setDetectMode();
+}
+
+function setDetectMode() {
+  // with a detector, Inspect and Upload find boxes; the method explains the box classifier's label in each box
+  const on = Boolean(currentDetector());
+  document.querySelectorAll(".detect-only").forEach((e) => { e.hidden = !on; });
+  $("target").disabled = on;
+  $("target").title = on ? "each box is explained for its own label" : "";
+  if (on) {
+    $("layer").disabled = true;
+    $("method").disabled = !$("box-classifier").value;
+    $("method").title = $("method").disabled ? "a method explains a classifier's label: pick a box classifier" : "";
+  } else {
+    $("method").disabled = false;
+    $("method").title = "";
+  }
+}
+
+function refresh() { return currentDetector() ? detectCurrent() : explainCurrent(); }
+
 async function loadImages() {
   const params = new URLSearchParams({ dataset: $("dataset").value, labelset: $("labelset").value, limit: 1000 });
   const model = currentModel();
@@ -106,6 +141,9 @@ function clearAnswer() {
   $("right-wrong").textContent = "";
   $("legend").innerHTML = "";
   $("unseen-note").textContent = "";
+  $("box-maps").innerHTML = "";
+  $("box-outlines").innerHTML = "";
+  $("box-list").innerHTML = "";
 }
 
 function showVerdictMark(predicted, truth) {
@@ -155,7 +193,7 @@ async function showImage() {
   $("split-badge").className = `badge ${split}`;
   $("base").src = `${API}/images/${image.id}/file`;
   drawRegions(detail);
-  await explainCurrent();
+  await refresh();
 }
 
 function drawRegions(detail) {
@@ -227,6 +265,104 @@ async function explainCurrent() {
   }
 }
 
+// ------------------------------------------------------------------ detect
+
+// the outline colours of the boxes' labels (as handlens.detect.render draws them); boxes without a label: white
+const PALETTE = ["#ffd700", "#00c8ff", "#ff50a0", "#78ff78", "#ff8c00", "#b478ff"];
+
+function detectQuery(extra) {
+  // the detection's options travel as query parameters; the body is the image alone
+  const params = new URLSearchParams(extra || {});
+  const classifier = $("box-classifier").value;
+  if (classifier) {
+    params.set("classifier", classifier);
+    if ($("method").value) params.set("method", $("method").value);
+  }
+  const score = $("box-score").value.trim();
+  if (score !== "") params.set("score", score);
+  return params;
+}
+
+async function detectCurrent() {
+  const detector = currentDetector();
+  const image = currentImage();
+  if (!detector || !image) return;
+  setDetectMode();
+  status("detecting...");
+  const query = detectQuery();
+  const asked = ["detect", detector.id, image.id, query.toString()].join("|");
+  state.asked = asked;
+  try {
+    const result = await api(`/models/${encodeURIComponent(detector.id)}/detect?${query}`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ image_id: image.id }),
+    });
+    if (state.asked !== asked) return;  // the user moved on: a newer request owns the view
+    $("heat").removeAttribute("src");
+    $("probs").innerHTML = "";
+    drawBoxes(result);
+    showBoxList($("box-list"), result);
+    $("predicted").textContent = `${result.count} box${result.count === 1 ? "" : "es"}`;
+    $("right-wrong").textContent = "";
+    if (result.method) showLegend({ signed: result.signed, target: "each box's label" });
+    $("explain-info").textContent = `${detector.name || detector.id}: ${result.tiles} tile(s), score ≥ ` +
+      `${result.score_threshold.toFixed(2)}` + (result.classifier ? ` · labelled by ${result.classifier}` : "") +
+      (result.method ? ` · ${result.method} in ${result.explained} of ${result.count} boxes` : "") +
+      `${result.cached ? " (cached)" : ""} · ${result.seconds}s`;
+    status("ready");
+  } catch (error) {
+    if (state.asked === asked) clearAnswer();
+    status(error.message);
+  }
+}
+
+function svgElement(name, attributes) {
+  const element = document.createElementNS("http://www.w3.org/2000/svg", name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  return element;
+}
+
+function drawBoxes(result) {
+  // in the image's pixels, over the image as it is shown: each box's map inside its crop, then the outlines
+  const [width, height] = result.size;
+  const svg = $("boxes");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
+  const maps = $("box-maps");
+  const outlines = $("box-outlines");
+  maps.innerHTML = "";
+  outlines.innerHTML = "";
+  const font = Math.max(10, Math.round(Math.max(width, height) / 45));
+  const classes = [...new Set(result.boxes.map((b) => b.label).filter(Boolean))].sort();
+  result.boxes.forEach((box, index) => {
+    if (box.map_png) {
+      const [cx0, cy0, cx1, cy1] = box.crop;
+      maps.appendChild(svgElement("image", { href: `data:image/png;base64,${box.map_png}`, x: cx0, y: cy0,
+        width: cx1 - cx0, height: cy1 - cy0, preserveAspectRatio: "none" }));
+    }
+    const [x0, y0, x1, y1] = box.box;
+    const colour = box.label ? PALETTE[classes.indexOf(box.label) % PALETTE.length] : "#ffffff";
+    const rect = svgElement("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, stroke: colour,
+      "data-index": index, "data-label": box.label || box.detected });
+    outlines.appendChild(rect);
+    const text = svgElement("text", { x: x0, y: Math.max(font, y0 - 3), fill: colour, "font-size": font });
+    text.textContent = `${box.label || box.detected} ${box.score.toFixed(2)}`;
+    outlines.appendChild(text);
+  });
+  applyView();
+}
+
+function showBoxList(list, result) {
+  list.innerHTML = "";
+  for (const box of result.boxes) {
+    const item = document.createElement("li");
+    const sure = box.probabilities ? ` (${(box.probabilities[box.label] * 100).toFixed(0)}%)` : "";
+    item.textContent = `${box.label || box.detected}${sure} · score ${box.score.toFixed(2)}` +
+      (result.method && !box.explained ? " · not explained (over the service's limit)" : "");
+    list.appendChild(item);
+  }
+  if (!result.boxes.length) list.innerHTML = "<li>no box above the score threshold</li>";
+}
+
 async function trustCurrent(asked) {
   const badge = $("trust-badge");
   const [modelId, imageId, method, layer, target] = asked;
@@ -264,6 +400,7 @@ function renderBars(container, probabilities) {
 
 function applyView() {
   $("heat").style.opacity = $("show-map").checked ? $("opacity").value : 0;
+  $("box-maps").style.opacity = $("show-map").checked ? $("opacity").value : 0;  // the per-box maps alike
   $("layers").style.transform = `translate(${state.panX}px, ${state.panY}px) scale(${state.zoom})`;
 }
 
@@ -448,15 +585,18 @@ async function renderLosses() {
 
 async function uploadFile(file) {
   const model = currentModel();
-  if (!model || !file) return;
+  const detector = currentDetector();
+  if ((!model && !detector) || !file) return;
   $("upload-error").textContent = "";
   // never the previous upload's answer beside this file's name
   $("upload-overlay").removeAttribute("src");
   $("upload-probs").innerHTML = "";
   $("upload-pred").textContent = "-";
   $("upload-name").textContent = file.name;
+  $("upload-boxes").innerHTML = "";
   const form = new FormData();
   form.append("file", file);
+  if (detector) return detectUpload(detector, form);
   form.append("method", $("method").value);
   try {
     const result = await api(`/models/${encodeURIComponent(model.id)}/explain`, { method: "POST", body: form });
@@ -464,6 +604,20 @@ async function uploadFile(file) {
     renderBars($("upload-probs"), result.probabilities);
     const top = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1])[0];
     $("upload-pred").textContent = `${top[0]} (${(top[1] * 100).toFixed(1)}%) · ${result.method} for ${result.target}`;
+  } catch (error) {
+    $("upload-error").textContent = error.message;
+  }
+}
+
+async function detectUpload(detector, form) {
+  // the service draws the boxes, labels and maps into the overlay for an upload (it is not in the catalog)
+  try {
+    const result = await api(`/models/${encodeURIComponent(detector.id)}/detect?${detectQuery({ overlay: "true" })}`,
+      { method: "POST", body: form });
+    $("upload-overlay").src = `data:image/png;base64,${result.overlay_png}`;
+    $("upload-pred").textContent = `${result.count} box${result.count === 1 ? "" : "es"} · ${detector.name || detector.id}` +
+      (result.method ? ` · ${result.method} in each box` : "");
+    showBoxList($("upload-boxes"), result);
   } catch (error) {
     $("upload-error").textContent = error.message;
   }
@@ -504,7 +658,10 @@ function setup() {
   $("dataset").onchange = loadLabelsets;
   $("labelset").onchange = () => { fillModels(); loadImages(); };
   $("model").onchange = () => { fillModelDetails(); loadImages(); };
-  for (const id of ["method", "layer", "target"]) $(id).onchange = explainCurrent;
+  for (const id of ["method", "layer", "target"]) $(id).onchange = refresh;
+  for (const id of ["detector", "box-classifier", "box-score"]) {
+    $(id).onchange = () => { setDetectMode(); clearAnswer(); refresh(); };
+  }
   for (const id of ["f-class", "f-split", "f-result", "f-pred", "f-conf", "f-name"]) {
     $(id).onchange = () => { state.offset = 0; browse(); };
   }

@@ -15,10 +15,23 @@ from handlens.serve.schemas import ERRORS, IMAGE_BODY, ExplainerInfo, ModelDetai
 router = APIRouter(prefix="/api/v1", tags=["models"], responses=ERRORS)
 
 
+#: what a model's summary shows of its metrics, per subset, by kind (a detector's: mAP@0.5 first)
+SUMMARY_METRICS = {"classifier": ("accuracy", "macro_f1", "roc_auc", "n"),
+                   "detector": ("map_50", "map", "f1", "images")}
+
+
 def model_summary(model_id: str, manifest: dict[str, Any]) -> ModelSummary:
     from handlens.models.bundle import explainable_layers
+    from handlens.serve.pool import model_kind
 
     metrics = manifest.get("metrics") or {}
+    kind = model_kind(manifest)
+    if kind == "detector":  # boxes, not an image's class: no layers, no preprocessing, no split of its own
+        return ModelSummary(
+            id=model_id, kind="detector", backbone=manifest.get("backbone"), freeze=manifest.get("freeze"),
+            frozen=str(manifest.get("freeze", "")).startswith("frozen"), dataset=manifest.get("dataset"),
+            labelset=manifest.get("labelset"), classes=list(manifest.get("classes") or []),
+            metrics=_summarised(metrics, SUMMARY_METRICS[kind]))
     layers = explainable_layers(manifest.get("layers") or {})
     return ModelSummary(
         id=model_id, backbone=manifest.get("backbone"), freeze=manifest.get("freeze"),
@@ -26,8 +39,16 @@ def model_summary(model_id: str, manifest: dict[str, Any]) -> ModelSummary:
         labelset=manifest.get("labelset"), split=manifest.get("split"), classes=list(manifest.get("classes") or []),
         layers=[manifest.get("default_layer"), *[n for n in layers if n != manifest.get("default_layer")]],
         patch_trained=bool((manifest.get("preprocess") or {}).get("patches")),
-        metrics={s: {k: metrics[s].get(k) for k in ("accuracy", "macro_f1", "roc_auc", "n")}
-                 for s in ("val", "test") if isinstance(metrics.get(s), dict)})
+        metrics=_summarised(metrics, SUMMARY_METRICS[kind]))
+
+
+def _summarised(metrics: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The val and test subsets' ``keys`` (numbers only: a damaged value is shown as null, not a 500)."""
+    def number(value: Any) -> Any:
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    return {s: {k: number(metrics[s].get(k)) for k in keys} for s in ("val", "test")
+            if isinstance(metrics.get(s), dict)}
 
 
 def as_dict(manifest: Any) -> dict[str, Any]:
@@ -36,7 +57,8 @@ def as_dict(manifest: Any) -> dict[str, Any]:
 
 @router.get("/models")
 def models(state: StateDep) -> list[ModelSummary]:
-    """Every bundle of the workspace; a damaged one is listed with ``damaged`` saying why, and hides no other."""
+    """Every bundle of the workspace, classifiers and detectors (``kind``); a damaged one is listed with
+    ``damaged`` saying why, and hides no other."""
     out, usable = [], {}
     for entry in state.pool.manifests():
         if entry.damaged or entry.manifest is None:
@@ -53,12 +75,13 @@ def models(state: StateDep) -> list[ModelSummary]:
 
 
 def model_names(manifests: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Names that tell models apart (``core.names``), among the models of the same dataset and labelset."""
+    """Names that tell models apart (``core.names``), among the models of the same kind, dataset and labelset."""
     from handlens.core.names import run_names
 
-    groups: dict[tuple[Any, Any], dict[str, dict[str, Any]]] = {}
+    groups: dict[tuple[Any, Any, Any], dict[str, dict[str, Any]]] = {}
     for model_id, manifest in manifests.items():
-        groups.setdefault((manifest.get("dataset"), manifest.get("labelset")), {})[model_id] = manifest
+        group = (manifest.get("kind") or "classifier", manifest.get("dataset"), manifest.get("labelset"))
+        groups.setdefault(group, {})[model_id] = manifest
     names: dict[str, str] = {}
     for group in groups.values():
         names.update(run_names({i: m.get("config") or {} for i, m in group.items()},
@@ -72,7 +95,8 @@ def is_sanity_run(manifest: dict[str, Any]) -> bool:
 
 @router.get("/models/{model_id}")
 def model(model_id: str, state: StateDep) -> ModelDetail:
-    manifest = state.pool.manifest(model_id)
+    """One model in full: its metrics per subset, split membership, preprocessing (a classifier's) and config."""
+    manifest = state.pool.manifest(model_id, kind=None)
     given = str(((manifest.get("config") or {}).get("tracking") or {}).get("name") or "")
     return ModelDetail(**{**model_summary(model_id, manifest).model_dump(), "name": given or model_id,
                           "metrics": manifest.get("metrics") or {},
@@ -87,7 +111,7 @@ def evaluations(model_id: str, state: StateDep) -> list[dict[str, Any]]:
     from handlens.serve.pool import bundle_dir
 
     run_dir = bundle_dir(state.workspace.runs_dir, model_id).parent
-    metrics = state.pool.manifest(model_id).get("metrics") or {}
+    metrics = state.pool.manifest(model_id, kind=None).get("metrics") or {}
     out = [{"source": f"training: {subset}", **values} for subset, values in metrics.items()
            if isinstance(values, dict)]
     for report in sorted(run_dir.glob("eval_report_*.json")):

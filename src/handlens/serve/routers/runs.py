@@ -22,7 +22,7 @@ def _seconds(run: Any) -> float | None:
 def run_rows(state: Any, dataset: str | None, labelset: str | None) -> list[RunRow]:
     """Every usable model of the workspace (optionally of one dataset and labelset) with what tells it apart:
     backbone, freeze, pool, input size, the study's CV mean ± std where a study chose it, val and test
-    macro-F1, training time."""
+    macro-F1, training time. Classifiers only: the page compares their maps (detectors: GET /api/v1/models)."""
     from sqlalchemy import select
 
     from handlens.data.catalog import Run
@@ -30,7 +30,7 @@ def run_rows(state: Any, dataset: str | None, labelset: str | None) -> list[RunR
 
     manifests = {}
     for entry in state.pool.manifests():
-        if entry.damaged or entry.manifest is None:
+        if entry.damaged or entry.manifest is None or entry.kind != "classifier":
             continue
         manifest = as_dict(entry.manifest)
         if is_sanity_run(manifest) or (dataset and manifest.get("dataset") != dataset) or (
