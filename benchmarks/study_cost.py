@@ -11,7 +11,13 @@ In a fresh temporary workspace (import, split 0.7/0.15/0.15 seed 1):
 
 Target (issue 11): (b) <= 2x the feature pass of (a).
 
+``--compare-src DIR`` also runs (b) with another copy of the package first on the path (e.g. the committed code,
+``git archive HEAD src | tar -x -C DIR``), in a third fresh workspace, in the same run: its wall time and ratio,
+and whether its trials (params, status, CV mean) and winner equal this code's. Each trial's values are kept in
+the result (``trial_values``) for that check.
+
     python benchmarks/study_cost.py            # ~5-10 minutes on 2 cores
+    python benchmarks/study_cost.py --compare-src /tmp/old   # the old code's ratio beside the new one's
 """
 
 from __future__ import annotations
@@ -46,23 +52,27 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=LITHOLOGY)
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--compare-src", type=Path, default=None,
+                        help="a src/ folder with another copy of handlens: run the study with it too")
     args = parser.parse_args()
     hl = handlens_exe()
     root = Path(tempfile.mkdtemp(prefix="handlens-study-cost-"))
     log = root / "log.txt"
     try:
-        one, many = root / "one", root / "many"
+        one, many, other = root / "one", root / "many", root / "other"
         prepare(one, args.data, log=log)
         prepare(many, args.data, log=log)
+        if args.compare_src:
+            prepare(other, args.data, log=log)
         train = timed([hl, "--workspace", str(one), "train", "--dataset", DATASET, "--tracking", "none", "--json"],
                       log=log)
         timings = parse_json(train.stdout)["timings"]
         feature_pass = float(timings["features"]) + float(timings.get("decode", 0.0))
         space = root / "space.yaml"
         space.write_text(SPACE)
-        study = timed([hl, "--workspace", str(many), "study", "run", "--dataset", DATASET, "--space", str(space),
-                       "--sampler", "random", "--trials", str(args.trials), "--cv", "5", "--tracking", "none",
-                       "--name", "cost", "--json"], log=log)
+        study_argv = ["study", "run", "--dataset", DATASET, "--space", str(space), "--sampler", "random",
+                      "--trials", str(args.trials), "--cv", "5", "--tracking", "none", "--name", "cost", "--json"]
+        study = timed([hl, "--workspace", str(many), *study_argv], log=log)
         report = parse_json(study.stdout)
         statuses: dict[str, int] = {}
         for trial in report["trials"]:
@@ -74,7 +84,28 @@ def main() -> None:
             "trials": statuses, "same_as_earlier": sum(1 for t in report["trials"] if t["note"].startswith("same as")),
             "ratio_study_to_feature_pass": round(study.wall_s / feature_pass, 3),
             "target": "<= 2.0", "winner_cv": report["winner"]["cv_mean"] if report["winner"] else None,
+            "winner_trial": report["winner"]["number"] if report["winner"] else None,
+            "trial_values": trial_values(report),
         }
+        if args.compare_src:
+            before = os.environ.get("PYTHONPATH")
+            os.environ["PYTHONPATH"] = str(args.compare_src.resolve())
+            try:
+                old = timed([hl, "--workspace", str(other), *study_argv], log=log)
+            finally:
+                if before is None:
+                    os.environ.pop("PYTHONPATH")
+                else:
+                    os.environ["PYTHONPATH"] = before
+            old_report = parse_json(old.stdout)
+            result["compare"] = {
+                "src": str(args.compare_src), "study_wall_s": old.wall_s,
+                "ratio_study_to_feature_pass": round(old.wall_s / feature_pass, 3),
+                "winner_cv": old_report["winner"]["cv_mean"] if old_report["winner"] else None,
+                "winner_trial": old_report["winner"]["number"] if old_report["winner"] else None,
+                "same_trial_values": trial_values(old_report) == result["trial_values"],
+                "trial_values": trial_values(old_report),
+            }
         words = "meets" if result["ratio_study_to_feature_pass"] <= 2.0 else "misses"
         result["verdict"] = (f"{words} the target: {args.trials} frozen trials took "
                              f"{result['ratio_study_to_feature_pass']:.2f}x one feature pass")
@@ -83,6 +114,11 @@ def main() -> None:
         print(json.dumps(result, indent=1))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def trial_values(report: dict) -> list[list]:
+    """Each trial's number, status, params and CV mean: what two runs of one study must agree on."""
+    return [[t["number"], t["status"], t["params"], t["cv_mean"]] for t in report["trials"]]
 
 
 if __name__ == "__main__":

@@ -116,6 +116,59 @@ def test_a_non_finite_loss_is_named_when_stacked(blobs):
         fit_fold_heads(x, y, five_folds(y), plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train)
 
 
+@pytest.mark.parametrize("overrides", [
+    ("model.head=mlp", "model.hidden=16", "model.dropout=0.3", "train.early_stopping=2"),
+    ("model.head=linear", "model.dropout=0.2", "data.balance=oversample"),
+    ("model.head=linear", "data.balance=sampler", "train.loss=focal"),
+])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_lead_fold_trained_first_gives_the_heads_of_one_stacked_fit(blobs, overrides, ragged):
+    """The first fold trained alone, then the other four stacked: each fold's history and weights are those of
+    the fit of all five (same epochs, padding, dropout masks), so a study's trial values do not move."""
+    x, y = blobs(n_per_class=(40, 25, 40))
+    cfg = config(*overrides)
+    folds = five_folds(y, ragged=ragged)
+    together = fit_fold_heads(x, y, folds, plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
+                              data_cfg=cfg.data)
+    led = fit_fold_heads(x, y, folds, plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
+                         data_cfg=cfg.data, lead=1)
+    for one, other in zip(together, led, strict=True):
+        assert one.best_epoch == other.best_epoch
+        assert [r["val_loss"] for r in one.history] == [r["val_loss"] for r in other.history]
+        assert [r["train_loss"] for r in one.history] == [r["train_loss"] for r in other.history]
+        for mine, theirs in zip(one.head.state_dict().values(), other.head.state_dict().values(), strict=True):
+            assert torch.equal(mine, theirs)
+
+
+def test_a_trial_stopped_after_the_lead_fold_trains_no_other(blobs, monkeypatch):
+    from handlens.train import fold_heads
+
+    x, y = blobs(n_per_class=(40, 40, 40))
+    cfg = config("model.head=linear")
+    trained = []
+    real = fold_heads._StackedFit.run
+
+    def spy(self):
+        trained.append(list(self.only))
+        return real(self)
+
+    class Stop(Exception):
+        pass
+
+    def prune(index, fit):
+        raise Stop
+
+    monkeypatch.setattr(fold_heads._StackedFit, "run", spy)
+    with pytest.raises(Stop):
+        fit_fold_heads(x, y, five_folds(y), plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
+                       after_fold=prune, lead=1)
+    assert trained == [[0]]
+    seen = []
+    fit_fold_heads(x, y, five_folds(y), plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
+                   after_fold=lambda index, fit: seen.append(index), lead=1)
+    assert trained == [[0], [0], [1, 2, 3, 4]] and seen == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_stacked_cross_entropy_is_pytorchs_per_batch(smoothing, weighted):

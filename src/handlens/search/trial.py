@@ -222,7 +222,8 @@ def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_in
             after_fold(step, score.mean)
 
     fit_fold_heads(rows, pool_targets, data, plain=plain, n_classes=len(classes), model_cfg=cfg.model,
-                   train_cfg=cfg.train, data_cfg=cfg.data, classes=classes, after_fold=done)
+                   train_cfg=cfg.train, data_cfg=cfg.data, classes=classes, after_fold=done,
+                   lead=1 if after_fold is not None else 0)  # a trial pruned after fold 1 trains no other
     return score.settle()
 
 

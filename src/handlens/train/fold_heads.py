@@ -68,12 +68,17 @@ class FoldData:
 
 def fit_fold_heads(x: torch.Tensor, y: np.ndarray, folds: list[FoldData], *, plain: torch.Tensor, n_classes: int,
                    model_cfg: Any, train_cfg: Any, data_cfg: Any = None, classes: list[str] | None = None,
-                   after_fold: Callable[[int, HeadFit], None] | None = None) -> list[HeadFit]:
+                   after_fold: Callable[[int, HeadFit], None] | None = None, lead: int = 0) -> list[HeadFit]:
     """A head per fold on rows of ``x`` ((N, F), or (N, V, F) augmented views) validated on rows of ``plain``
     ((N, F)), ``y`` the int64 class of every row. Gradient heads train stacked (see the module's docstring);
     a plateau schedule (its learning rate follows each fold's own metric) and a logistic head fit fold by
     fold with :func:`~handlens.train.head.fit_head`. ``after_fold(index, fit)`` is called once per fold, in
     order, when its fit is done (all of them at the end when stacked); whatever it raises propagates.
+
+    ``lead`` > 0 trains the first ``lead`` folds stacked on their own and reports them before the others
+    start: a pruner that stops the trial after them (most prune after the first fold) saves the other folds'
+    training. Each fold's head is the one a fit of all folds at once gives (the same epochs, padding and
+    dropout draws); only the extra per-step cost of a second stacked fit is paid.
     """
     names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
     kind = resolve_head(model_cfg, train_cfg, on_features=True)
@@ -88,13 +93,19 @@ def fit_fold_heads(x: torch.Tensor, y: np.ndarray, folds: list[FoldData], *, pla
             if after_fold is not None:
                 after_fold(index, fit)
         return fits
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(train_cfg.seed)
-        fits = _StackedFit(x, y, folds, plain=plain, kind=kind, names=names, model_cfg=model_cfg,
-                           train_cfg=train_cfg, data_cfg=data_cfg).run()
-    if after_fold is not None:
-        for index, fit in enumerate(fits):
-            after_fold(index, fit)
+    stages = [list(range(len(folds)))]
+    if 0 < lead < len(folds):
+        stages = [list(range(lead)), list(range(lead, len(folds)))]
+    fits = []
+    for stage in stages:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train_cfg.seed)  # the seeded head every fold starts from, in every stage
+            done = _StackedFit(x, y, folds, plain=plain, kind=kind, names=names, model_cfg=model_cfg,
+                               train_cfg=train_cfg, data_cfg=data_cfg, only=stage).run()
+        for index, fit in zip(stage, done, strict=True):
+            fits.append(fit)
+            if after_fold is not None:
+                after_fold(index, fit)
     return fits
 
 
@@ -106,7 +117,13 @@ class _StackedFit:
     """The training loop of ``_fit_gradient``, over K folds at once."""
 
     def __init__(self, x: torch.Tensor, y: np.ndarray, folds: list[FoldData], *, plain: torch.Tensor, kind: str,
-                 names: list[str], model_cfg: Any, train_cfg: Any, data_cfg: Any) -> None:
+                 names: list[str], model_cfg: Any, train_cfg: Any, data_cfg: Any,
+                 only: list[int] | None = None) -> None:
+        """``only``: the folds (consecutive indices into ``folds``) this fit trains. Every fold still shapes the
+        epochs (the steps of the longest fold, its padding), the dropout draws and the stacked parameters (the
+        others' slices get a zero gradient and are never read), so a fold trains as in a fit of all, to the bit:
+        the fused AdamW step vectorises over the whole tensor, and a tensor of another length rounds some
+        elements otherwise."""
         from handlens.models.classifier import build_head
 
         self.x, self.plain, self.kind, self.names, self.cfg = x.float(), plain.float(), kind, names, train_cfg
@@ -115,7 +132,12 @@ class _StackedFit:
         self.rng = np.random.default_rng(train_cfg.seed)
         self.template = build_head(int(x.shape[-1]), len(names), head=kind, hidden=model_cfg.hidden,
                                    dropout=model_cfg.dropout)
-        k = len(folds)
+        self.only = list(range(len(folds))) if only is None else list(only)
+        self.total = len(folds)
+        if self.only != list(range(self.only[0], self.only[-1] + 1)):
+            raise ValueError(f"a stacked fit trains consecutive folds, got {self.only}")
+        self.lo, self.hi = self.only[0], self.only[-1] + 1
+        k = self.total
         self.params: list[torch.Tensor] = []
         for linear in _linears(self.template):  # (K, in, out) weights and (K, 1, out) biases, every fold alike
             self.params.append(linear.weight.detach().t().unsqueeze(0).repeat(k, 1, 1).requires_grad_())
@@ -143,6 +165,13 @@ class _StackedFit:
         weights = [fold.class_weights for fold in folds]
         self.class_weights = (torch.tensor([w or [1.0] * len(names) for w in weights], dtype=torch.float32)
                               if any(weights) else None)
+        self.all_lengths = [len(rows) for rows in self.train_rows]  # every fold's epoch, trained here or not
+        pick = self.only
+        self.train_rows, self.targets = [self.train_rows[i] for i in pick], [self.targets[i] for i in pick]
+        self.loss_fns, self.val = [self.loss_fns[i] for i in pick], [self.val[i] for i in pick]
+        self.draw_weights, self.generators = [self.draw_weights[i] for i in pick], [self.generators[i] for i in pick]
+        if self.class_weights is not None:
+            self.class_weights = self.class_weights[pick]
 
     # -- the model
     def forward(self, xb: torch.Tensor, params: list[torch.Tensor], training: bool) -> torch.Tensor:
@@ -162,11 +191,14 @@ class _StackedFit:
         Bernoulli draw, which took a third of a stacked linear head's step."""
         if not training or not self.dropout:
             return h
-        keep = torch.from_numpy(self.rng.random(tuple(h.shape), dtype=np.float32) >= self.dropout)
+        # drawn for every fold (those of another fit too): the masks a fit of all folds would draw
+        draw = self.rng.random((self.total, *h.shape[1:]), dtype=np.float32)
+        keep = torch.from_numpy((draw if len(self.only) == self.total else draw[self.only]) >= self.dropout)
         return h * keep * (1.0 / (1.0 - self.dropout))
 
     def fold_params(self, k: int) -> list[torch.Tensor]:
-        return [p[k:k + 1] for p in self.params]
+        """Fold ``only[k]``'s (1, in, out) weight and (1, 1, out) bias slices."""
+        return [p[self.lo + k:self.lo + k + 1] for p in self.params]
 
     def module(self, state: list[torch.Tensor]) -> nn.Module:
         """Fold weights ((1, in, out) slices) as the head module ``build_head`` makes, in eval mode."""
@@ -182,7 +214,7 @@ class _StackedFit:
         """Every fold's shuffled epoch (the draws fit_head makes), padded to the longest: global row indices
         (K, L), view indices (K, L) or None, targets (K, L), and each fold's length."""
         lengths = [len(rows) for rows in self.train_rows]
-        longest = max(lengths)
+        longest = max(self.all_lengths)
         index = torch.zeros(len(lengths), longest, dtype=torch.long)
         views = torch.zeros(len(lengths), longest, dtype=torch.long) if self.views else None
         targets = torch.zeros(len(lengths), longest, dtype=torch.long)
@@ -201,7 +233,8 @@ class _StackedFit:
         cfg = self.cfg
         if cfg.loss == "ce":
             return stacked_cross_entropy(logits, targets, self.class_weights, mask, label_smoothing=cfg.label_smoothing)
-        return torch.stack([self.loss_fns[k](logits[k, :n], targets[k, :n]) if n else logits.new_zeros(())
+        # a fold without rows: 0 with a (zero) gradient, so a step no fold of this fit has rows for still steps
+        return torch.stack([self.loss_fns[k](logits[k, :n], targets[k, :n]) if n else logits[k, :0].sum()
                             for k, n in enumerate(counts)])
 
     def train_epoch(self, optimizer: torch.optim.Optimizer, active: list[int], epoch: int) -> list[dict[str, Any]]:
@@ -209,7 +242,7 @@ class _StackedFit:
         index, views, targets, lengths = self._epoch_plan()
         include = torch.zeros(k_all)
         include[active] = 1.0
-        steps = max(math.ceil(n / cfg.batch_size) for n in lengths)
+        steps = max(math.ceil(n / cfg.batch_size) for n in self.all_lengths)
         logits_seen, loss_sum = [], torch.zeros(k_all)
         for step in range(steps):
             lo, hi = step * cfg.batch_size, (step + 1) * cfg.batch_size
@@ -218,7 +251,7 @@ class _StackedFit:
             batch = self.x[rows] if views is None else self.x[rows, views[:, lo:hi]]
             step_targets = targets[:, lo:hi]
             mask = torch.arange(rows.shape[1]).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
-            logits = self.forward(batch, self.params, training=True)
+            logits = self.forward(batch, [p[self.lo:self.hi] for p in self.params], training=True)
             losses = self._loss(logits, step_targets, mask, counts)
             total = (losses * include).sum()
             value = total.item()
@@ -227,7 +260,7 @@ class _StackedFit:
                     f"the training loss became {value} at epoch {epoch}, step {step}; lower the learning "
                     f"rate (e.g. train.lr={cfg.lr / 10:g}) or check the data")
             sitting_out = [k for k in active if not counts[k]]
-            saved = [[p[k].detach().clone() for p in self.params] for k in sitting_out]
+            saved = [[p[self.lo + k].detach().clone() for p in self.params] for k in sitting_out]
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -235,7 +268,7 @@ class _StackedFit:
                 with torch.no_grad():
                     for k, state in zip(sitting_out, saved, strict=True):
                         for p, value_k in zip(self.params, state, strict=True):
-                            p[k].copy_(value_k)
+                            p[self.lo + k].copy_(value_k)
             logits_seen.append(logits.detach())
             loss_sum += losses.detach() * torch.tensor(counts, dtype=torch.float32)
         seen = torch.cat(logits_seen, 1)
