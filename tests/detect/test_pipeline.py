@@ -99,3 +99,20 @@ def test_a_flat_map_is_said_and_not_drawn_as_cold(monkeypatch) -> None:
     assert boxes[0].map_peak == 0 and boxes[0].to_dict()["flat_map"] is True
     drawn = draw_result(picture, ImageResult(image="x", size=(200, 100), boxes=boxes, tiles=1, heatmap=heat))
     assert (drawn[35:45, 35:45] == 128).all()  # inside the box, away from its outline and label: untouched
+
+
+def test_tta_reaches_the_classifier_and_needs_one(monkeypatch) -> None:
+    asked = []
+
+    class Recording(Constant):
+        def predict_proba(self, crops, **options):
+            asked.append(options)
+            return super().predict_proba(crops)
+
+    picture = np.zeros((50, 50, 3), np.uint8)
+    boxes = [BoxResult(box=(5, 5, 20, 20), score=0.9, detected="clast", crop=(0, 0, 25, 25))]
+    classify_boxes(Recording(), picture, boxes, method=None, tta=True)
+    classify_boxes(Recording(), picture, boxes, method=None)
+    assert asked == [{"tta": True}, {}]
+    with pytest.raises(InputError, match="--tta"):
+        run_pipeline(object(), [], tta=True)

@@ -312,8 +312,10 @@ def _sigma_demo(ctx: typer.Context, *, images: int, seed: int, train_model: bool
                  f"scenes:    dataset '{demo.scenes}', {demo.boxes.added} boxes added (box labelsets detection, "
                  f"rotation)\n"
                  f"next:      handlens --workspace {ws.root} detect train --dataset {demo.scenes} --labelset detection "
-                 f"(the detector); handlens --workspace {ws.root} split {demo.dataset}, then "
-                 f"handlens --workspace {ws.root} train --dataset {demo.dataset} (the crop classifier); then "
+                 f"(the detector); handlens --workspace {ws.root} split {demo.dataset} --ratios 0.8,0.2 "
+                 f"--group-regex '^(sigma_\\d+)_', then handlens --workspace {ws.root} train --dataset {demo.dataset} "
+                 f"--freeze partial:4 --policy {report.out / 'chiral-sigma.yaml'} --epochs 20 preprocess.size=96 "
+                 f"train.lr=0.003 (the crop classifier: frozen ImageNet features cannot tell a mirror image); then "
                  f"handlens --workspace {ws.root} detect run DETECTOR IMAGE... --classifier CLASSIFIER")
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from handlens.cli.context import workspace
-from handlens.cli.options import JsonFlag
+from handlens.cli.options import JsonFlag, TtaFlag
 from handlens.cli.output import emit_json, handle_errors, stderr, stdout, table
 
 detect_app = typer.Typer(help="Detectors: train one on the catalog's boxes; run it, then classify and explain "
@@ -106,6 +106,7 @@ def detect_run_cmd(
                                               "of slicing it (fast, misses small objects).")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for overlays, crops, maps and "
                                              "result.json.")] = None,
+    tta: TtaFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Detect objects on each image; with --classifier, classify and explain each box's crop."""
@@ -128,7 +129,7 @@ def detect_run_cmd(
     if not as_json:
         stderr.print(f"detecting on {len(paths)} image(s) with {found}...")
     report = run_pipeline(found, paths, classifier=model, method=method, layer=layer, margin=margin,
-                          score_threshold=score, single_pass=single_pass, out=out)
+                          score_threshold=score, single_pass=single_pass, out=out, tta=tta)
     if as_json:
         emit_json(report.to_dict())
         return

@@ -214,6 +214,16 @@ class SigmaDemo:
         return out
 
 
+#: the crop classifier's augmentation: a mirror swaps the sense, a turn keeps it (written beside the demo data)
+CHIRAL_POLICY = """name: chiral-sigma
+description: sigma clasts; a mirror swaps cw and ccw, a turn keeps the sense
+steps:
+  - {op: resized_crop, p: 1.0, scale: [0.8, 1.0]}
+  - {op: hflip, p: 0.5, labels: {cw: ccw, ccw: cw}}
+  - {op: vflip, p: 0.5, labels: {cw: ccw, ccw: cw}}
+  - {op: rotate, p: 0.5, degrees: right_angles}
+"""
+
 #: the large images' one image-level label (a catalog image has a label); their boxes carry the classes
 SCENE_LABELSET, SCENE_LABEL = "scene", "sigma-clasts"
 #: the box labelsets of the scenes: the COCO category, and the sense from each annotation's attributes
@@ -230,6 +240,7 @@ def prepare_sigma_demo(workspace: Any, *, images: int, seed: int, size: tuple[in
     from handlens.data.importer import import_path
 
     report = generate_sigma_clasts(workspace.demo_dir / f"sigma-clasts-{seed}", images=images, seed=seed, size=size)
+    (report.out / "chiral-sigma.yaml").write_text(CHIRAL_POLICY)
     manifest = report.out / "images.csv"
     with manifest.open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -47,7 +47,7 @@ class DetectTrainConfig(BaseModel):
     #: flip and turn training tiles (a detector's classes must not depend on mirror or turn: see the README)
     flips: bool = True
     seed: int = 0
-    #: wall-time budget in minutes: no epoch starts that the last epoch's pace says would not fit
+    #: wall-time budget in minutes: no epoch starts that the slowest epoch so far says would not fit
     max_minutes: float | None = Field(None, gt=0)
     workers: int = Field(0, ge=0, le=16)
 

@@ -108,14 +108,16 @@ def check_pipeline(*, classifier: Any, method: str | None, margin: float) -> Non
 
 
 def classify_boxes(classifier: Any, picture: np.ndarray, boxes: list[BoxResult], *, method: str | None,
-                   layer: str | None = None, params: Any = None) -> tuple[np.ndarray | None, bool]:
-    """Label each box with the classifier (and explain it with ``method``); returns the pasted per-box map."""
+                   layer: str | None = None, params: Any = None, tta: bool = False) -> tuple[np.ndarray | None, bool]:
+    """Label each box with the classifier (and explain it with ``method``); returns the pasted per-box map.
+    ``tta``: each crop's probabilities averaged over the views the classifier's training policy allows (a
+    mirror that swaps labels is no such view); the map explains the crop as it is, for the label chosen."""
     from handlens.explain.image import explain_image
 
     if not boxes:
         return (np.zeros(picture.shape[:2], np.float32) if method else None), False
     crops = [picture[b.crop[1]:b.crop[3], b.crop[0]:b.crop[2]] for b in boxes]
-    probabilities = classifier.predict_proba(crops)
+    probabilities = classifier.predict_proba(crops, tta=True) if tta else classifier.predict_proba(crops)
     for box, probs in zip(boxes, probabilities, strict=True):
         box.probabilities = dict(zip(classifier.classes, map(float, probs), strict=True))
         box.label = list(classifier.classes)[int(np.argmax(probs))]
@@ -143,7 +145,7 @@ def classify_boxes(classifier: Any, picture: np.ndarray, boxes: list[BoxResult],
 def detect_image(detector: Detector, image: Any, *, classifier: Any = None, method: str | None = None,
                  layer: str | None = None, margin: float = DEFAULT_MARGIN, score_threshold: float | None = None,
                  single_pass: bool = False, params: Any = None, max_tiles: int | None = None,
-                 name: str = "") -> ImageResult:
+                 name: str = "", tta: bool = False) -> ImageResult:
     """One image through the pipeline (see the module docstring); no detection is an empty result."""
     from handlens.transforms.preprocess import load_rgb
 
@@ -159,7 +161,8 @@ def detect_image(detector: Detector, image: Any, *, classifier: Any = None, meth
     heat, signed = None, False
     if classifier is not None:
         started = time.perf_counter()
-        heat, signed = classify_boxes(classifier, picture, boxes, method=method, layer=layer, params=params)
+        heat, signed = classify_boxes(classifier, picture, boxes, method=method, layer=layer, params=params,
+                                      tta=tta)
         timings["classify_explain"] = time.perf_counter() - started
     return ImageResult(image=name or (str(image) if isinstance(image, str | Path) else "upload"), size=size,
                        boxes=boxes, tiles=found.tiles, heatmap=heat, signed=signed, timings=timings)
@@ -167,9 +170,12 @@ def detect_image(detector: Detector, image: Any, *, classifier: Any = None, meth
 
 def run_pipeline(detector: Detector, images: list[str], *, classifier: Any = None, method: str | None = None,
                  layer: str | None = None, margin: float = DEFAULT_MARGIN, score_threshold: float | None = None,
-                 single_pass: bool = False, out: Path | None = None, params: Any = None) -> PipelineReport:
+                 single_pass: bool = False, out: Path | None = None, params: Any = None,
+                 tta: bool = False) -> PipelineReport:
     """Every image through the pipeline; with ``out``, each image's overlay, crops and map, and ``result.json``."""
     check_pipeline(classifier=classifier, method=method, margin=margin)
+    if tta and classifier is None:
+        raise InputError("--tta averages the classifier's views of each crop: give --classifier BUNDLE too")
     if classifier is not None and method is not None and layer is not None:
         from handlens.explain.image import check_request
 
@@ -177,7 +183,8 @@ def run_pipeline(detector: Detector, images: list[str], *, classifier: Any = Non
     results = []
     for path in images:
         result = detect_image(detector, path, classifier=classifier, method=method, layer=layer, margin=margin,
-                              score_threshold=score_threshold, single_pass=single_pass, params=params, name=str(path))
+                              score_threshold=score_threshold, single_pass=single_pass, params=params, name=str(path),
+                              tta=tta)
         if out is not None:
             from handlens.detect.render import write_image_outputs
 

@@ -195,7 +195,7 @@ def train_detector(cfg: DetectTrainConfig | None, workspace: Workspace | None = 
             raise RunInterrupted(f"detector run {run_id} stopped before epoch {epoch}: {reason}; `handlens detect "
                                  f"train --resume {run_id}` continues it")
         if cfg.max_minutes is not None and history:
-            pace = history[-1]["seconds"]
+            pace = max(h["seconds"] for h in history)  # the slowest epoch: a loaded machine's pace swings
             if time.perf_counter() - started + pace > cfg.max_minutes * 60:
                 stopped = f"budget: {cfg.max_minutes:g} min would be passed by epoch {epoch}"
                 break
