@@ -52,6 +52,9 @@ import numpy as np
 
 from frozen_speed import handlens_exe, machine, parse_json, timed, write_result
 
+# mirrors swap the rotation sense, right-angle turns keep it: the demo's own policy (written beside its data)
+from handlens.data.sigma import CHIRAL_POLICY
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "detect_quality.json"
 DEFAULT_WORKDIR = Path("/tmp/detq/run")
@@ -60,15 +63,6 @@ SENSE_TARGET = 0.95
 CLASSIFIER_LIMIT_S = 300  # the issue's <= 5 min of crop-classifier training, per candidate
 #: epochs of the 96-pixel candidate: 24 took 274 s of training beside another benchmark; 20 keep a margin
 SMALL_EPOCHS = 20
-#: mirrors swap the rotation sense, right-angle turns keep it: the augmentation a partial fine-tune may use
-CHIRAL_POLICY = """name: chiral-sigma
-description: sigma clasts; a mirror swaps cw and ccw, a turn keeps the sense
-steps:
-  - {op: resized_crop, p: 1.0, scale: [0.8, 1.0]}
-  - {op: hflip, p: 0.5, labels: {cw: ccw, ccw: cw}}
-  - {op: vflip, p: 0.5, labels: {cw: ccw, ccw: cw}}
-  - {op: rotate, p: 0.5, degrees: right_angles}
-"""
 
 
 @dataclass

@@ -46,21 +46,7 @@ def service(tmp_path_factory):
     catalog.close()
     train(tiny_config(), ws)
     train(tiny_config("train.epochs=1", "train.seed=1"), ws)  # a second model, for Compare
-    port = free_port()
-    log = (root / "service.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "handlens.cli.main", "--workspace", str(ws.root), "serve",
-                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/livez", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.25)
-    else:
-        process.kill()
-        pytest.fail(f"the service did not start: {(root / 'service.log').read_text()[-2000:]}")
+    url, process, log = start_service(ws.root, root)
     yield url, root
     process.terminate()
     process.wait(timeout=10)
@@ -379,26 +365,30 @@ def test_the_api_docs_render_with_the_network_off(page, path, rendered):
         context.close()
 
 
-@pytest.fixture(scope="module")
-def detect_service(sigma_workspace, sigma_classifier, tmp_path_factory):
-    """The service on a copy of the sigma demo's workspace (its tiny detector and crop classifier)."""
-    root = tmp_path_factory.mktemp("viewer-detect")
-    shutil.copytree(sigma_workspace["workspace"].root, root / "ws")
+def start_service(workspace, root):
+    """``handlens serve`` on ``workspace`` in a subprocess (its log in ``root``), once it answers /livez."""
     port = free_port()
     log = (root / "service.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "handlens.cli.main", "--workspace", str(root / "ws"), "serve",
+    process = subprocess.Popen([sys.executable, "-m", "handlens.cli.main", "--workspace", str(workspace), "serve",
                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
             urllib.request.urlopen(f"{url}/livez", timeout=1)
-            break
+            return url, process, log
         except OSError:
             time.sleep(0.25)
-    else:
-        process.kill()
-        pytest.fail(f"the service did not start: {(root / 'service.log').read_text()[-2000:]}")
+    process.kill()
+    pytest.fail(f"the service did not start: {(root / 'service.log').read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def detect_service(sigma_workspace, sigma_classifier, tmp_path_factory):
+    """The service on a copy of the sigma demo's workspace (its tiny detector and crop classifier)."""
+    root = tmp_path_factory.mktemp("viewer-detect")
+    shutil.copytree(sigma_workspace["workspace"].root, root / "ws")
+    url, process, log = start_service(root / "ws", root)
     yield url, sigma_workspace, sigma_classifier.parent.name
     process.terminate()
     process.wait(timeout=10)
