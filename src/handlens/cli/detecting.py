@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from handlens.cli.context import workspace
-from handlens.cli.options import JsonFlag, TtaFlag
+from handlens.cli.options import JsonFlag, TtaFlag, flags_model
 from handlens.cli.output import emit_json, handle_errors, stderr, stdout, table
 
 detect_app = typer.Typer(help="Detectors: train one on the catalog's boxes; run it, then classify and explain "
@@ -43,8 +43,6 @@ def detect_train_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """Train a detector (FCOS by default) on a dataset's boxes; the last line printed is the bundle's path."""
-    from pydantic import ValidationError
-
     from handlens.core.errors import InputError
     from handlens.detect.config import DetectTrainConfig
     from handlens.detect.train import train_detector
@@ -53,13 +51,9 @@ def detect_train_cmd(
         raise InputError("give --dataset (a dataset with boxes), or --resume RUN")
     cfg = None
     if resume is None:
-        try:
-            cfg = DetectTrainConfig(dataset=dataset, labelset=labelset, backbone=backbone, weights=weights,
-                                    architecture=architecture, freeze=freeze, epochs=epochs, tile=tile,  # type: ignore[arg-type]
-                                    scale=_scale(scale), max_minutes=max_minutes, seed=seed)
-        except ValidationError as exc:
-            raise InputError("; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
-                                       for e in exc.errors())) from None
+        cfg = flags_model(DetectTrainConfig, dataset=dataset, labelset=labelset, backbone=backbone, weights=weights,
+                          architecture=architecture, freeze=freeze, epochs=epochs, tile=tile, scale=_scale(scale),
+                          max_minutes=max_minutes, seed=seed)
     result = train_detector(cfg, workspace(ctx), resume=resume)
     if as_json:
         emit_json(result.to_dict())

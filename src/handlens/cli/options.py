@@ -96,3 +96,15 @@ ConfigOption = Annotated[Path | None, typer.Option(
 
 # --------------------------------------------------------------------------- explanations
 MethodOption = Annotated[str, typer.Option("--method", help="Explanation method.")]
+
+
+def flags_model(model: Any, **values: Any) -> Any:
+    """``model(**values)`` for a command's flags: a validation error becomes one :class:`InputError` naming each
+    flag (``--max-minutes: ...``), not a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        raise InputError("; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                                   for e in exc.errors())) from None

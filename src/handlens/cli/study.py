@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from handlens.cli.context import workspace
-from handlens.cli.options import JSON_OPTION
+from handlens.cli.options import JSON_OPTION, flags_model
 from handlens.cli.output import emit_json, handle_errors, stdout, table
 from handlens.core.errors import InputError
 
@@ -82,19 +82,12 @@ def run_cmd(
 
 def _study_config(model: Any, **values: Any) -> Any:
     """The StudyConfig of the flags; on --resume only the flags given (others keep the study's own)."""
-    from pydantic import ValidationError
-
     if values.get("resume"):
         fields = model.model_fields
         values = {k: v for k, v in values.items()
                   if k in ("name", "resume") or v != (fields[k].default_factory() if fields[k].default_factory
                                                       else fields[k].default)}
-    try:
-        return model(**values)
-    except ValidationError as exc:
-        problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
-                             for e in exc.errors())
-        raise InputError(problems) from None
+    return flags_model(model, **values)
 
 
 def _refit_line(refit: dict[str, Any]) -> str:

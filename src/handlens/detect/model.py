@@ -38,13 +38,13 @@ class DetectorBody(nn.Module):
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
         super().__init__()
-        self.body, widths = _features(spec)
+        self.body, widths, self.indices = _features(spec)
         self.fpn = FeaturePyramidNetwork(widths, channels, extra_blocks=extra)
         self.out_channels = channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         features = self.body(x)
-        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
+        return self.fpn(OrderedDict((str(n), features[i]) for n, i in enumerate(self.indices)))
 
     def train(self, mode: bool = True) -> DetectorBody:
         super().train(mode)
@@ -67,20 +67,23 @@ class _IntermediateBody(nn.Module):
         return self.model.forward_intermediates(x, self.indices)[1]
 
 
-def _features(spec: BackboneSpec) -> tuple[nn.Module, list[int]]:
+def _features(spec: BackboneSpec) -> tuple[nn.Module, list[int], list[int]]:
+    """(body, widths of the stages the pyramid takes, their indices among the body's outputs). A timm body gives
+    every stage (the stride-32 one needs the earlier ones computed anyway); the pyramid takes strides 8-32."""
     if spec.builder is not None:
         model = spec.builder()
-        return _IntermediateBody(model), [entry["num_chs"] for entry in model.feature_info]
+        widths = [entry["num_chs"] for entry in model.feature_info]
+        return _IntermediateBody(model), widths, list(range(len(widths)))
     import timm
 
-    probe = timm.create_model(spec.timm_name, pretrained=False, features_only=True)
-    reductions = probe.feature_info.reduction()
+    body = timm.create_model(spec.timm_name, pretrained=False, features_only=True)
+    reductions = body.feature_info.reduction()
     indices = [i for i, r in enumerate(reductions) if r in OUT_STRIDES]
     if len(indices) != len(OUT_STRIDES):
         raise InputError(f"backbone {spec.name} has no stride 8/16/32 stages to detect with (its strides: "
                          f"{reductions}); choose a convolutional backbone such as efficientnet_lite0")
-    body = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=indices)
-    return body, list(body.feature_info.channels())
+    widths = body.feature_info.channels()
+    return body, [widths[i] for i in indices], indices
 
 
 class DetectorNet(nn.Module):

@@ -9,13 +9,21 @@ from typing import Any
 from handlens.jobs.specs import JobContext
 
 
-def _train(config: Any, ctx: JobContext) -> dict[str, Any]:
-    from handlens.train.run import new_run_id, run_finished, train
+def _job_run_id(ctx: JobContext) -> str:
+    """The run id this job trains, fixed at its first attempt: a redelivered job resumes that run."""
+    from handlens.train.run import new_run_id
 
     run_id = ctx.state.get("run_id")
     if run_id is None:
         run_id = new_run_id()
         ctx.remember("run_id", run_id)
+    return run_id
+
+
+def _train(config: Any, ctx: JobContext) -> dict[str, Any]:
+    from handlens.train.run import run_finished, train
+
+    run_id = _job_run_id(ctx)
     run_dir = ctx.workspace.runs_dir / run_id
     if run_finished(run_dir):  # the worker died after the run finished, before the job was marked so
         return {"run_id": run_id, "bundle": str(run_dir / "bundle"), "resumed": True}
@@ -60,12 +68,8 @@ def _study(config: Any, ctx: JobContext) -> dict[str, Any]:
 
 def _detect_train(config: Any, ctx: JobContext) -> dict[str, Any]:
     from handlens.detect.train import train_detector
-    from handlens.train.run import new_run_id
 
-    run_id = ctx.state.get("run_id")
-    if run_id is None:
-        run_id = new_run_id()
-        ctx.remember("run_id", run_id)
+    run_id = _job_run_id(ctx)
     bundle = ctx.workspace.runs_dir / run_id / "bundle"
     if (bundle / "bundle.json").is_file():  # the worker died after the run finished, before the job was marked so
         return {"run_id": run_id, "bundle": str(bundle), "resumed": True}
