@@ -86,6 +86,9 @@ def main() -> None:
             "target": "<= 2.0", "winner_cv": report["winner"]["cv_mean"] if report["winner"] else None,
             "winner_trial": report["winner"]["number"] if report["winner"] else None,
             "trial_values": trial_values(report),
+            "trial_seconds": [[t["number"], t["params"].get("model.head"), t["seconds"], t["note"]]
+                              for t in report["trials"]],
+            "refit_s": (report.get("refit") or {}).get("seconds"),
         }
         if args.compare_src:
             before = os.environ.get("PYTHONPATH")

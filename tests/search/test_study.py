@@ -318,3 +318,47 @@ def test_a_logistic_winner_is_refitted_at_the_c_its_folds_chose(trained_workspac
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["logistic_c"] == chosen
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["head_fit"]["C"] == chosen and metrics["head_fit"]["cv"]["folds"] == 0
+
+
+class _Trial:
+    """What the epoch pruner asks of an Optuna trial: reports, a verdict, attributes."""
+
+    def __init__(self, prune: bool) -> None:
+        self.reports: list[tuple[float, int]] = []
+        self.asked: list[int] = []
+        self.user_attrs: dict = {}
+        self.prune = prune
+
+    def report(self, value: float, step: int) -> None:
+        self.reports.append((value, step))
+
+    def should_prune(self) -> bool:
+        self.asked.append(self.reports[-1][1])
+        return self.prune
+
+    def set_user_attr(self, key: str, value) -> None:
+        self.user_attrs[key] = value
+
+
+@pytest.mark.parametrize(("epochs", "warmup"), [(8, 3), (30, 8)])
+def test_the_first_folds_epochs_are_reported_best_so_far_and_judged_after_the_warmup(epochs, warmup):
+    from types import SimpleNamespace
+
+    from handlens.search.study import _Objective
+
+    objective = _Objective.__new__(_Objective)
+    objective.ctx = SimpleNamespace(metric="macro_f1")
+    cfg = SimpleNamespace(train=SimpleNamespace(epochs=epochs))
+    kept = _Trial(prune=False)
+    report = objective._epoch_pruner(kept, cfg)
+    for epoch, value in enumerate([0.5, 0.7, 0.6, 0.65, 0.8], start=1):
+        report({"epoch": epoch, "val_macro_f1": value})
+    assert kept.reports == [(0.5, 1), (0.7, 2), (0.7, 3), (0.7, 4), (0.8, 5)]  # monotone: the best so far
+    assert kept.asked == [e for e in range(1, 6) if e >= warmup]
+    pruned = _Trial(prune=True)
+    report = objective._epoch_pruner(pruned, cfg)
+    with pytest.raises(optuna.TrialPruned):
+        for epoch in range(1, epochs + 1):
+            report({"epoch": epoch, "val_macro_f1": 0.5})
+    assert pruned.reports[-1][1] == warmup
+    assert pruned.user_attrs["pruned_by"] == f"median pruner at epoch {warmup} of fold 1"

@@ -170,9 +170,9 @@ def test_a_trial_stopped_after_the_lead_fold_trains_no_other(blobs, monkeypatch)
     trained = []
     real = fold_heads._StackedFit.run
 
-    def spy(self):
+    def spy(self, **kwargs):
         trained.append(list(self.only))
-        return real(self)
+        return real(self, **kwargs)
 
     class Stop(Exception):
         pass
@@ -260,3 +260,35 @@ def test_closed_form_gradients_are_autograds(head, smoothing, weighted):
     for mine, theirs in zip(got, expected, strict=True):
         assert torch.allclose(mine, theirs, atol=1e-6)
     assert got[0][4].abs().sum() == 0 and got[0][3].abs().sum() == 0  # left out; no rows
+
+
+def test_the_lead_folds_epochs_are_reported_and_a_stop_there_trains_no_other_fold(blobs, monkeypatch):
+    from handlens.train import fold_heads
+
+    x, y = blobs(n_per_class=(40, 40, 40))
+    cfg = config("model.head=linear", "train.epochs=4")
+    trained, epochs = [], []
+    real = fold_heads._StackedFit.run
+
+    def spy(self, **kwargs):
+        trained.append(list(self.only))
+        return real(self, **kwargs)
+
+    class Stop(Exception):
+        pass
+
+    def after_epoch(record):
+        epochs.append(record["epoch"])
+        assert "val_macro_f1" in record
+        if record["epoch"] == 2:
+            raise Stop
+
+    monkeypatch.setattr(fold_heads._StackedFit, "run", spy)
+    with pytest.raises(Stop):
+        fit_fold_heads(x, y, five_folds(y), plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
+                       lead=1, lead_epoch=after_epoch)
+    assert trained == [[0]] and epochs == [1, 2]
+    epochs.clear()
+    fit_fold_heads(x, y, five_folds(y), plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
+                   lead=1, lead_epoch=lambda record: epochs.append(record["epoch"]))
+    assert epochs == [1, 2, 3, 4] and trained[-1] == [1, 2, 3, 4]  # the other folds report no epoch

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import sys
@@ -79,11 +80,23 @@ def _sampler(name: str, seed: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
 
 
-def _pruner(name: str) -> Any:
+#: a fold's report is at step FOLD_STEP + fold index in a study that prunes by epoch too (the first fold's epochs
+#: are reported at steps 1, 2, ...): Optuna's pruners judge a trial at its latest step, so folds come after epochs
+FOLD_STEP = 100_000
+#: the median pruner judges the first fold's epochs from epoch max(PRUNE_WARMUP_EPOCHS, PRUNE_WARMUP_SHARE x the
+#: trial's epochs) on: an epoch or two says little, and a slow learner should have a quarter of its epochs
+PRUNE_WARMUP_EPOCHS = 3
+PRUNE_WARMUP_SHARE = 0.25
+
+
+def _pruner(name: str, *, by_epoch: bool = True) -> Any:
     import optuna
 
-    if name == "median":  # per fold: a trial whose running CV mean is below the median at that fold stops
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+    if name == "median":
+        # by epoch in the first fold (after the warm-up), then by fold: a trial whose best validation score so
+        # far, or whose running CV mean, is below the median of the finished trials' at that step stops.
+        # A study made before epochs were reported prunes by fold only, from the first fold.
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=PRUNE_WARMUP_EPOCHS if by_epoch else 0)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1)
     return optuna.pruners.NopPruner()
@@ -194,7 +207,8 @@ def _create_context(cfg: StudyConfig, ws: Workspace, catalog: Any, space: Search
     folds = cv_folds(pool_ids, targets, k=cfg.cv, repeats=cfg.repeats, seed=cfg.seed, groups=groups,
                      classes=data.classes)
     settings = cfg.model_dump(mode="json")
-    settings.update(dataset=data.dataset, labelset=data.labelset, split=data.split, grouped=groups is not None)
+    settings.update(dataset=data.dataset, labelset=data.labelset, split=data.split, grouped=groups is not None,
+                    prune_epochs=cfg.pruner == "median")  # a study made before this reports folds only
     return StudyContext(name=str(cfg.name), settings=settings, space=space, base=_base_config(cfg, data),
                         classes=data.classes, pool_ids=pool_ids, pool_targets=targets,
                         test_ids=list(data.subsets["test"].ids), folds=folds, user=_user_settings(cfg, space),
@@ -253,6 +267,7 @@ class _Objective:
         self.ctx, self.ws = ctx, ws
         self.features: PoolFeatures | None = None
         self.grid = ctx.settings["sampler"] == "grid"
+        self.prune_epochs = bool(ctx.settings.get("prune_epochs"))
         self.pool_index = {image_id: row for row, image_id in enumerate(ctx.pool_ids)}
 
     def _pool_features(self) -> Any:
@@ -330,7 +345,7 @@ class _Objective:
         started = time.perf_counter()
 
         def after_fold(step: int, running_mean: float) -> None:
-            trial.report(running_mean, step)
+            trial.report(running_mean, FOLD_STEP + step if self.prune_epochs else step)
             if step + 1 < len(self.ctx.folds):
                 if self.ctx.deadline is not None and time.time() > self.ctx.deadline:
                     trial.set_user_attr("pruned_by", "budget spent between folds")
@@ -345,7 +360,8 @@ class _Objective:
             if kind == "frozen":
                 score = score_frozen(cfg, self.ctx.folds, features=self._pool_features(), pool_index=self.pool_index,
                                      pool_targets=self.ctx.pool_targets, classes=self.ctx.classes,
-                                     metric=self.ctx.metric, after_fold=after_fold)
+                                     metric=self.ctx.metric, after_fold=after_fold,
+                                     lead_epoch=self._epoch_pruner(trial, cfg) if self.prune_epochs else None)
             else:
                 score = score_training(cfg, self.ctx.folds, ws=self.ws, metric=self.ctx.metric,
                                        after_fold=after_fold, after_epoch=self._epoch_guard(trial, cfg))
@@ -368,15 +384,41 @@ class _Objective:
             if status != "finished":
                 record.finish(status, None, time.perf_counter() - started)
 
+    def _epoch_pruner(self, trial: Any, cfg: Any) -> Any:
+        """After each epoch of the first fold: report the fold's best validation score so far at step ``epoch``
+        and, from the warm-up epoch on (:data:`PRUNE_WARMUP_SHARE`), stop the trial (pruned) when the median
+        pruner says so. A head below the median of the finished trials at the same epoch of the same fold stops
+        there, not after all its epochs."""
+        import optuna
+
+        key, best = f"val_{self.ctx.metric}", [-math.inf]
+        warmup = max(PRUNE_WARMUP_EPOCHS, math.ceil(PRUNE_WARMUP_SHARE * cfg.train.epochs))
+
+        def report(record: dict[str, Any]) -> None:
+            if key not in record:
+                return
+            best[0] = max(best[0], float(record[key]))
+            epoch = int(record["epoch"])
+            trial.report(best[0], epoch)
+            if epoch >= warmup and trial.should_prune():
+                trial.set_user_attr("pruned_by", f"median pruner at epoch {epoch} of fold 1")
+                raise optuna.TrialPruned()
+
+        return report
+
     def _epoch_guard(self, trial: Any, cfg: Any) -> Any:
         """After each epoch of a fold: record the epoch's time, and stop the trial (pruned) once what it still
-        has to train (this fold's epochs left, then every further fold) no longer fits in the budget."""
+        has to train (this fold's epochs left, then every further fold) no longer fits in the budget. In a study
+        that prunes by epoch, the first fold's epochs also go to :meth:`_epoch_pruner`."""
         import optuna
 
         folds, epochs = len(self.ctx.folds), cfg.train.epochs
         times: list[float] = []
+        pruner = self._epoch_pruner(trial, cfg) if self.prune_epochs else None
 
         def guard(step: int, record: dict[str, Any]) -> None:
+            if step == 0 and pruner is not None:
+                pruner(record)
             times.append(float(record.get("epoch_seconds") or 0.0))
             per_epoch = float(np.median(times))
             trial.set_user_attr("epoch_seconds", per_epoch)
@@ -573,7 +615,7 @@ def _work(ctx: StudyContext, ws: Workspace, storage: Any, trials_wanted: int | N
     existing = len(storage.get_all_trials(storage.get_study_id_from_name(ctx.name), deepcopy=False))
     seed = ctx.settings["seed"] + existing + (0 if worker_index is None else 1000 * (worker_index + 1))
     study = optuna.load_study(study_name=ctx.name, storage=storage, sampler=_sampler(ctx.settings["sampler"], seed),
-                              pruner=_pruner(ctx.settings["pruner"]))
+                              pruner=_pruner(ctx.settings["pruner"], by_epoch=bool(ctx.settings.get("prune_epochs"))))
     objective = _Objective(ctx, ws)
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state.is_finished() and not t.user_attrs.get("skipped")]

@@ -188,11 +188,13 @@ def effective_key(cfg: Any) -> str:
 
 def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_index: dict[int, int],
                  pool_targets: np.ndarray, classes: list[str], metric: str,
-                 after_fold: Callable[[int, float], None] | None = None) -> TrialScore:
+                 after_fold: Callable[[int, float], None] | None = None,
+                 lead_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrialScore:
     """CV on cached features: a head per fold, fitted on rows of the study's shared features. Gradient heads
     of all folds train at once (:func:`~handlens.train.fold_heads.fit_fold_heads`); a logistic head's C is
     chosen on these folds (:func:`score_logistic`). Grouped folds need nothing more here: the groups
-    decided the folds, and no head fit holds out images of its own."""
+    decided the folds, and no head fit holds out images of its own. ``lead_epoch(record)`` is called after
+    each epoch of the first fold (trained alone first) and may raise to stop the trial there."""
     from handlens.train.fold_heads import FoldData, fit_fold_heads
     from handlens.train.head import resolve_head
 
@@ -222,8 +224,8 @@ def score_frozen(cfg: Any, folds: list[Fold], *, features: PoolFeatures, pool_in
             after_fold(step, score.mean)
 
     fit_fold_heads(rows, pool_targets, data, plain=plain, n_classes=len(classes), model_cfg=cfg.model,
-                   train_cfg=cfg.train, data_cfg=cfg.data, classes=classes, after_fold=done,
-                   lead=1 if after_fold is not None else 0)  # a trial pruned after fold 1 trains no other
+                   train_cfg=cfg.train, data_cfg=cfg.data, classes=classes, after_fold=done, lead_epoch=lead_epoch,
+                   lead=1 if after_fold is not None or lead_epoch is not None else 0)  # pruned: no other fold
     return score.settle()
 
 

@@ -77,7 +77,8 @@ class FoldData:
 
 def fit_fold_heads(x: torch.Tensor, y: np.ndarray, folds: list[FoldData], *, plain: torch.Tensor, n_classes: int,
                    model_cfg: Any, train_cfg: Any, data_cfg: Any = None, classes: list[str] | None = None,
-                   after_fold: Callable[[int, HeadFit], None] | None = None, lead: int = 0) -> list[HeadFit]:
+                   after_fold: Callable[[int, HeadFit], None] | None = None, lead: int = 0,
+                   lead_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[HeadFit]:
     """A head per fold on rows of ``x`` ((N, F), or (N, V, F) augmented views) validated on rows of ``plain``
     ((N, F)), ``y`` the int64 class of every row. Gradient heads train stacked (see the module's docstring);
     a plateau schedule (its learning rate follows each fold's own metric) and a logistic head fit fold by
@@ -88,6 +89,8 @@ def fit_fold_heads(x: torch.Tensor, y: np.ndarray, folds: list[FoldData], *, pla
     start: a pruner that stops the trial after them (most prune after the first fold) saves the other folds'
     training. Each fold's head is the one a fit of all folds at once gives (the same epochs, padding and
     dropout draws; float rounding aside), and the lead stage costs about a fold's share of one stacked fit.
+    ``lead_epoch(record)`` is called with the first fold's history record after each of its epochs when that
+    fold trains alone (``lead`` = 1); whatever it raises propagates, and no other fold trains.
     """
     names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
     kind = resolve_head(model_cfg, train_cfg, on_features=True)
@@ -110,7 +113,8 @@ def fit_fold_heads(x: torch.Tensor, y: np.ndarray, folds: list[FoldData], *, pla
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train_cfg.seed)  # the seeded head every fold starts from, in every stage
             done = _StackedFit(x, y, folds, plain=plain, kind=kind, names=names, model_cfg=model_cfg,
-                               train_cfg=train_cfg, data_cfg=data_cfg, only=stage).run()
+                               train_cfg=train_cfg, data_cfg=data_cfg, only=stage,
+                               ).run(after_epoch=lead_epoch if stage == [0] else None)
         for index, fit in zip(stage, done, strict=True):
             fits.append(fit)
             if after_fold is not None:
@@ -237,14 +241,16 @@ class _StackedFit:
     def _mask(self, shape: torch.Size) -> torch.Tensor | None:
         """Inverted dropout's multiplier, from each fold's own PCG64 generator as raw 16-bit draws: a row is kept
         when its draw is at least round(p * 65536), and kept rows are scaled by 1 / (1 - that threshold / 65536),
-        so the expectation is exact and the rate within 1e-5 of p. Raw bits are 4x cheaper than uniform floats,
-        which were in turn 4x cheaper than torch's CPU Bernoulli draw (then a third of a linear head's step)."""
+        so the expectation is exact and the rate within 1e-5 of p. The generator's raw 64-bit output, read as four
+        16-bit draws, is 4x cheaper than uniform floats (measured: 38 us against 165 us for a 32 x 1280 mask), which
+        were in turn 4x cheaper than torch's CPU Bernoulli draw (then a third of a linear head's step)."""
         if not self.dropout:
             return None
         cut = min(65535, round(self.dropout * 65536))
         scale = np.float32(65536.0 / (65536 - cut))
         size = int(np.prod(shape[1:]))
-        masks = [np.frombuffer(rng.bytes(2 * size), dtype=np.uint16) >= cut for rng in self.drop_rngs]
+        words = -(-size // 4)  # four 16-bit draws per raw 64-bit output
+        masks = [rng.bit_generator.random_raw(words).view(np.uint16)[:size] >= cut for rng in self.drop_rngs]
         keep = np.stack(masks).reshape(tuple(shape)).astype(np.float32)
         keep *= scale
         return torch.from_numpy(keep)
@@ -380,7 +386,8 @@ class _StackedFit:
         return _stage_metrics([torch.softmax(logits, 1)], targets, loss, self.names)
 
     # -- the loop
-    def run(self) -> list[HeadFit]:
+    def run(self, after_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[HeadFit]:
+        """Train every fold of this fit; ``after_epoch(record)`` gets the first fold's record after each epoch."""
         cfg, k_all = self.cfg, len(self.train_rows)
         started_fit = time.perf_counter()
         optimizer = build_optimizer(self.params, cfg, cfg.lr)
@@ -405,6 +412,8 @@ class _StackedFit:
                 record = _record(epoch, train[k], val, lr=lr, started=started, train_seconds=train_seconds)
                 record["epoch_seconds"] = (time.perf_counter() - started) / len(active)
                 history[k].append(record)
+                if k == 0 and after_epoch is not None:
+                    after_epoch(record)
                 candidate = (record.get(monitor, math.nan), record["val_loss"])
                 if better(candidate, best[k], cfg.monitor_mode):
                     best[k] = candidate
