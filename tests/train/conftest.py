@@ -18,3 +18,19 @@ def blobs():
         return torch.tensor(x, dtype=torch.float32), y
 
     return make
+
+
+@pytest.fixture
+def stages_trained(monkeypatch):
+    """The folds each stacked fit of fit_fold_heads trains, in order (``_StackedFit.run`` watched)."""
+    from handlens.train import fold_heads
+
+    trained = []
+    real = fold_heads._StackedFit.run
+
+    def spy(self, **kwargs):
+        trained.append(list(self.only))
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(fold_heads._StackedFit, "run", spy)
+    return trained

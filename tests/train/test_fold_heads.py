@@ -162,17 +162,10 @@ def test_a_folds_dropout_masks_do_not_depend_on_its_stage():
     assert 0.45 < kept < 0.75 and torch.allclose(every[every > 0], torch.tensor(1 / 0.6), atol=1e-4)
 
 
-def test_a_trial_stopped_after_the_lead_fold_trains_no_other(blobs, monkeypatch):
-    from handlens.train import fold_heads
-
+def test_a_trial_stopped_after_the_lead_fold_trains_no_other(blobs, stages_trained):
     x, y = blobs(n_per_class=(40, 40, 40))
     cfg = config("model.head=linear")
-    trained = []
-    real = fold_heads._StackedFit.run
-
-    def spy(self, **kwargs):
-        trained.append(list(self.only))
-        return real(self, **kwargs)
+    trained = stages_trained
 
     class Stop(Exception):
         pass
@@ -180,7 +173,6 @@ def test_a_trial_stopped_after_the_lead_fold_trains_no_other(blobs, monkeypatch)
     def prune(index, fit):
         raise Stop
 
-    monkeypatch.setattr(fold_heads._StackedFit, "run", spy)
     with pytest.raises(Stop):
         fit_fold_heads(x, y, five_folds(y), plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
                        after_fold=prune, lead=1)
@@ -262,17 +254,10 @@ def test_closed_form_gradients_are_autograds(head, smoothing, weighted):
     assert got[0][4].abs().sum() == 0 and got[0][3].abs().sum() == 0  # left out; no rows
 
 
-def test_the_lead_folds_epochs_are_reported_and_a_stop_there_trains_no_other_fold(blobs, monkeypatch):
-    from handlens.train import fold_heads
-
+def test_the_lead_folds_epochs_are_reported_and_a_stop_there_trains_no_other_fold(blobs, stages_trained):
     x, y = blobs(n_per_class=(40, 40, 40))
     cfg = config("model.head=linear", "train.epochs=4")
-    trained, epochs = [], []
-    real = fold_heads._StackedFit.run
-
-    def spy(self, **kwargs):
-        trained.append(list(self.only))
-        return real(self, **kwargs)
+    trained, epochs = stages_trained, []
 
     class Stop(Exception):
         pass
@@ -283,7 +268,6 @@ def test_the_lead_folds_epochs_are_reported_and_a_stop_there_trains_no_other_fol
         if record["epoch"] == 2:
             raise Stop
 
-    monkeypatch.setattr(fold_heads._StackedFit, "run", spy)
     with pytest.raises(Stop):
         fit_fold_heads(x, y, five_folds(y), plain=x, n_classes=3, model_cfg=cfg.model, train_cfg=cfg.train,
                        lead=1, lead_epoch=after_epoch)

@@ -43,7 +43,8 @@ def run_cmd(
     preset: str | None = typer.Option(None, "--preset", help="A shipped space: quick (frozen, cheap; the default) "
                                       "or thorough (adds partial and full fine-tuning)."),
     sampler: str = typer.Option("tpe", "--sampler", help="grid, random, tpe or gp."),
-    pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none (per fold)."),
+    pruner: str = typer.Option("median", "--pruner",
+                               help="median (by epoch in the first fold, then by fold), hyperband (by fold) or none."),
     trials: int | None = typer.Option(None, "--trials", min=1, help="Trials to finish (default: the whole grid, "
                                       "else 20, or as many as the budget allows)."),
     budget: str | None = typer.Option(None, "--budget", help="Wall time, e.g. 20m: no trial starts that would "
