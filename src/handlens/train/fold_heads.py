@@ -29,6 +29,7 @@ a gradient head's epoch count: on the folds, and the refit uses it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -342,12 +343,8 @@ class _StackedFit:
             batch = self.x[rows] if views is None else self.x[rows, views[:, lo:hi]]
             step_targets = targets[:, lo:hi]
             mask = torch.arange(rows.shape[1]).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
-            if fused is not None:
-                with torch.no_grad():
-                    logits, inputs, gates = self._forward(batch, self.params, training=True)
-                    losses = self._loss(logits, step_targets, mask, counts)
-            else:
-                logits = self.forward(batch, self.params, training=True)
+            with torch.no_grad() if fused is not None else contextlib.nullcontext():  # no graph: closed-form
+                logits, inputs, gates = self._forward(batch, self.params, training=True)
                 losses = self._loss(logits, step_targets, mask, counts)
             total = (losses * include).sum()
             value = total.item()
