@@ -58,12 +58,33 @@ def execute(job_id: str, ws: Workspace, *, claimed: bool = False) -> Outcome:
         catalog.close()
 
 
+#: modules an interrupt must not land in (see :class:`_Watch`), and how soon it is asked for again
+UNSAFE_MODULES = ("sqlalchemy", "sqlite3", "psycopg", "psycopg2", "optuna.storages", "alembic")
+SAFE_POINT_RETRY_S = 0.05
+
+
+def _unsafe_to_interrupt(frame: Any) -> bool:
+    """Whether ``frame`` or a caller is in database code or in the import machinery."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__") or ""
+        if frame.f_code.co_filename.startswith("<frozen importlib") or module.startswith("importlib") or any(
+                module == name or module.startswith(name + ".") for name in UNSAFE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _Watch:
     """Polls the cancel flag in a thread. For a kind that cannot stop at an epoch (a study, an evaluation,
     explanations) it interrupts the main thread: workers ignore SIGINT (Celery's children, the local worker),
     and ``_thread.interrupt_main`` then does nothing, so while the job runs a SIGINT handler of our own is
     installed that raises ``KeyboardInterrupt`` for a cancel only. A lock keeps a late interrupt from arriving
-    after the job ended."""
+    after the job ended.
+
+    The interrupt waits for a safe point: raised inside a database call it would leave the query's SQLite
+    cursor alive in the traceback, and with it a lock on the catalog file, so the job could not even be
+    marked cancelled ("database is locked"); raised inside an import it would leave a library half
+    initialised in a worker that runs the next job. In either place the handler asks again a moment later."""
 
     def __init__(self, catalog: Any, job_id: str, *, interrupt: bool, interval: float = 1.0) -> None:
         self.catalog, self.job_id, self.interval = catalog, job_id, interval
@@ -75,8 +96,19 @@ class _Watch:
         self._previous: Any = None
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.cancelled:
-            raise KeyboardInterrupt(CANCELLED_BY_USER)
+        if not self.cancelled:
+            return
+        if _unsafe_to_interrupt(frame):
+            retry = threading.Timer(SAFE_POINT_RETRY_S, self._interrupt_main)
+            retry.daemon = True
+            retry.start()
+            return
+        raise KeyboardInterrupt(CANCELLED_BY_USER)
+
+    def _interrupt_main(self) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                _thread.interrupt_main(signal.SIGINT)
 
     def __enter__(self) -> _Watch:
         if self.interrupt:
