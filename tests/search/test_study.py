@@ -85,6 +85,25 @@ def test_frozen_grid_study_shares_features_refits_on_train_val_and_never_sees_te
     assert [t.number for t in shown.trials] == [0, 1, 2, 3] and shown.bundle == result.bundle
 
 
+def test_a_second_study_on_one_workspace_reads_its_features_without_decoding_or_a_backbone(trained_workspace,
+                                                                                            tmp_path, monkeypatch):
+    from handlens.search.trial import PoolFeatures
+    from handlens.train import features
+
+    ws = trained_workspace
+    space = {"model.head": ["linear"], "train.lr": [0.01]}
+    first = run_study(study_cfg(tmp_path, space, sampler="grid"), ws)
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded the pool although its features are stored")
+
+    monkeypatch.setattr(PoolFeatures, "_images_for", no_decode)
+    images = features.FEATURE_IMAGES
+    second = run_study(study_cfg(tmp_path, space, sampler="grid", name="s2"), ws)
+    assert images == features.FEATURE_IMAGES and second.feature_passes == 1  # loaded, not computed
+    assert second.trials[0].cv_mean == pytest.approx(first.trials[0].cv_mean)  # the same rows, the same score
+
+
 def test_existing_name_refused_and_resume_keeps_trials(trained_workspace, tmp_path):
     ws = trained_workspace
     space = {"train.lr": {"float": [1e-3, 1e-1], "log": True}}

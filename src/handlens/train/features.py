@@ -217,6 +217,19 @@ def feature_rows(model: Any, images: torch.Tensor, sha256s: list[str], *, key_pa
     return rows[torch.tensor([index[sha] for sha in sha256s], dtype=torch.long)]
 
 
+def stored_rows(sha256s: list[str], *, key_parts: dict[str, Any], cache_dir: Path | None,
+                views: int = 0) -> torch.Tensor | None:
+    """The rows :func:`feature_rows` would return when its store already holds every image of ``sha256s``,
+    read without images or a model (a study run again on one workspace decodes nothing and builds no
+    backbone); None when any image is missing (or there is no store), so the caller computes them."""
+    if cache_dir is None:
+        return None
+    index, rows = _read_store(cache_dir / "features" / f"rows-{store_key(key_parts, views)}.safetensors")
+    if rows is None or not sha256s or any(sha not in index for sha in sha256s):
+        return None
+    return rows[torch.tensor([index[sha] for sha in sha256s], dtype=torch.long)]
+
+
 def cached_features(cache_dir: Path | None, key: str, compute: Any) -> torch.Tensor:
     """Load features for ``key`` from the cache, or ``compute()`` and store them."""
     from safetensors.torch import load_file, save_file
