@@ -186,7 +186,7 @@ def feature_rows(model: Any, images: torch.Tensor, sha256s: list[str], *, key_pa
     """
     if len(images) != len(sha256s):
         raise ValueError(f"{len(images)} images but {len(sha256s)} sha256s")
-    path = cache_dir / "features" / f"rows-{store_key(key_parts, views)}.safetensors" if cache_dir else None
+    path = _store_path(cache_dir, key_parts, views) if cache_dir else None
     index, rows = _read_store(path) if path is not None else ({}, None)
     seed = int(key_parts.get("seed") or 0)
 
@@ -214,6 +214,15 @@ def feature_rows(model: Any, images: torch.Tensor, sha256s: list[str], *, key_pa
             _write_store(path, index, rows)
     if rows is None:
         return torch.zeros((0, 0))
+    return _pick(rows, index, sha256s)
+
+
+def _store_path(cache_dir: Path, key_parts: dict[str, Any], views: int) -> Path:
+    return cache_dir / "features" / f"rows-{store_key(key_parts, views)}.safetensors"
+
+
+def _pick(rows: torch.Tensor, index: dict[str, int], sha256s: list[str]) -> torch.Tensor:
+    """The store's rows of ``sha256s``, in their order."""
     return rows[torch.tensor([index[sha] for sha in sha256s], dtype=torch.long)]
 
 
@@ -224,10 +233,10 @@ def stored_rows(sha256s: list[str], *, key_parts: dict[str, Any], cache_dir: Pat
     backbone); None when any image is missing (or there is no store), so the caller computes them."""
     if cache_dir is None:
         return None
-    index, rows = _read_store(cache_dir / "features" / f"rows-{store_key(key_parts, views)}.safetensors")
+    index, rows = _read_store(_store_path(cache_dir, key_parts, views))
     if rows is None or not sha256s or any(sha not in index for sha in sha256s):
         return None
-    return rows[torch.tensor([index[sha] for sha in sha256s], dtype=torch.long)]
+    return _pick(rows, index, sha256s)
 
 
 def cached_features(cache_dir: Path | None, key: str, compute: Any) -> torch.Tensor:
