@@ -59,16 +59,16 @@ def execute(job_id: str, ws: Workspace, *, claimed: bool = False) -> Outcome:
 
 
 #: modules an interrupt must not land in (see :class:`_Watch`), and how soon it is asked for again
-UNSAFE_MODULES = ("sqlalchemy", "sqlite3", "psycopg", "psycopg2", "optuna.storages", "alembic")
+UNSAFE_MODULES = ("sqlalchemy", "sqlite3", "psycopg", "psycopg2", "optuna.storages", "alembic", "importlib")
 SAFE_POINT_RETRY_S = 0.05
 
 
 def _unsafe_to_interrupt(frame: Any) -> bool:
-    """Whether ``frame`` or a caller is in database code or in the import machinery."""
+    """Whether ``frame`` or a caller is in database code or in the import machinery (whose frozen frames are
+    modules ``importlib._bootstrap`` and ``importlib._bootstrap_external``)."""
     while frame is not None:
         module = frame.f_globals.get("__name__") or ""
-        if frame.f_code.co_filename.startswith("<frozen importlib") or module.startswith("importlib") or any(
-                module == name or module.startswith(name + ".") for name in UNSAFE_MODULES):
+        if any(module == name or module.startswith(name + ".") for name in UNSAFE_MODULES):
             return True
         frame = frame.f_back
     return False
