@@ -118,3 +118,26 @@ def test_a_fixed_logistic_c_is_fitted_as_given_and_refused_where_it_has_no_effec
     assert result.metrics["head_fit"]["C"] == 0.05 and result.metrics["head_fit"]["cv"]["folds"] == 0
     with pytest.raises(InputError, match=r"model\.logistic_c has no effect with model\.head=linear"):
         train(tiny_config(FROZEN, "model.head=linear", "model.logistic_c=0.05"), trained_workspace)
+
+
+def test_a_repeated_frozen_run_reads_every_feature_from_the_store_without_decoding(trained_workspace, monkeypatch):
+    """A second run with another head (or a study's refit) on features the store already holds decodes no image
+    and computes no feature; a run whose images are not all stored still decodes them."""
+    import handlens.train.run as run_module
+
+    first = train(tiny_config(FROZEN, "model.head=linear", "train.epochs=2"), trained_workspace)
+    decoded = []
+    real_decode = run_module._whole_inputs
+
+    def counting_decode(*args, **kwargs):
+        decoded.append(1)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_whole_inputs", counting_decode)
+    images = features.FEATURE_IMAGES
+    again = train(tiny_config(FROZEN, "model.head=linear", "train.epochs=2"), trained_workspace)
+    assert decoded == [] and images == features.FEATURE_IMAGES
+    assert again.timings["decode"] < 0.5
+    assert again.metrics["test"]["macro_f1"] == pytest.approx(first.metrics["test"]["macro_f1"])
+    other = train(tiny_config(FROZEN, "model.head=linear", "preprocess.size=40"), trained_workspace)
+    assert decoded == [1] and images < features.FEATURE_IMAGES and other.epochs == 2

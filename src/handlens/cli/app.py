@@ -38,7 +38,24 @@ app.add_typer(detecting.detect_app, name="detect")
 
 def run() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    finally:
+        skip_final_collection()
+
+
+def skip_final_collection() -> None:
+    """Leave the objects alive at exit out of the interpreter's final garbage collections.
+
+    A command that imported torch, timm (and with it torchvision and torch._dynamo), scikit-learn and Optuna
+    holds millions of tracked objects; the collections Python runs while it shuts down walk them all, 1.3 s of
+    every such command's wall time (measured: 1.5 s -> 0.24 s from the last line to the process's end). The
+    command's work is done and its output flushed by then; files are closed by the code that opened them
+    (``with``), and atexit handlers (logging's flush among them) still run. ``gc.freeze`` only moves objects
+    to the permanent generation: nothing is freed early, and a library's own clean-up is not skipped."""
+    import gc
+
+    gc.freeze()
 
 
 if __name__ == "__main__":

@@ -237,8 +237,12 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
     generator = torch.Generator().manual_seed(cfg.train.seed)
     augmenter = build_augmenter(cfg.augment, classes=data.classes)
     mixer = batch_mixer(policy.batch_steps, len(data.classes)) if policy is not None else None
+    stored = (_stored_features(cfg, ws, spec, preprocess=preprocess, subsets=subsets_)
+              if on_features and not patches and cfg.preprocess.normalize != "dataset" else None)
     started = time.perf_counter()
-    if patches:
+    if stored is not None:  # every image's features are in the store: nothing to decode
+        inputs: dict[str, Any] = {}
+    elif patches:
         inputs = _patch_inputs(cfg, ws, catalog, subsets_, preprocess=preprocess)
     else:
         inputs = _whole_inputs(cfg, ws, subsets_, preprocess)
@@ -254,7 +258,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
         started = time.perf_counter()
         datasets, eval_inputs, features = _feature_datasets(cfg, ws, spec, model, preprocess=preprocess,
                                                             subsets=subsets_, images=inputs, augmenter=augmenter,
-                                                            generator=generator)
+                                                            generator=generator, stored=stored)
         timings["features"] = time.perf_counter() - started
         if not for_lightning and not cfg.train.overfit_batches:  # fit_head trains it: no Lightning at all
             return Prepared(cfg, data, model, None, preprocess, None, None, eval_inputs, on_features, timings,
@@ -475,18 +479,38 @@ def _image_datasets(cfg: RunConfig, preprocess: Any, subsets: dict[str, Any],
     return datasets, eval_inputs
 
 
+def _stored_features(cfg: RunConfig, ws: Workspace, spec: Any, *, preprocess: Any,
+                     subsets: dict[str, Any]) -> dict[str, Any] | None:
+    """Every subset's features read from the per-image store when it holds all of them (a run repeated with
+    another head, a study's refit), else None: the caller decodes and computes."""
+    from handlens.train.features import stored_rows
+
+    found: dict[str, Any] = {}
+    for name, subset in subsets.items():
+        views = cfg.train.views if name == "train" else 0
+        rows = stored_rows(subset.sha256s, key_parts=feature_key_parts(cfg, spec, preprocess, views),
+                           cache_dir=ws.cache_dir, views=views)
+        if rows is None:
+            return None
+        found[name] = rows
+    return found
+
+
 def _feature_datasets(cfg: RunConfig, ws: Workspace, spec: Any, model: Any, *, preprocess: Any,
-                      subsets: dict[str, Any], images: dict[str, Any], augmenter: Any,
-                      generator: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+                      subsets: dict[str, Any], images: dict[str, Any], augmenter: Any, generator: Any,
+                      stored: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Backbone features per subset (frozen backbones) from the per-image feature store: datasets for a
-    Lightning head, what the final metrics evaluate, and subset -> (features, targets) for ``fit_head``."""
+    Lightning head, what the final metrics evaluate, and subset -> (features, targets) for ``fit_head``.
+    ``stored``: the features already read from the store (:func:`_stored_features`; ``images`` is then empty)."""
     import torch
 
     from handlens.train.balance import balanced_indices
     from handlens.train.features import ViewDataset, feature_rows
 
-    feats: dict[str, Any] = {}
+    feats: dict[str, Any] = dict(stored or {})
     for name, subset in subsets.items():
+        if name in feats:
+            continue
         views = cfg.train.views if name == "train" else 0
         parts = feature_key_parts(cfg, spec, preprocess, views)
         feats[name] = feature_rows(model, images[name], subset.sha256s, key_parts=parts, cache_dir=ws.cache_dir,
