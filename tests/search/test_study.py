@@ -246,7 +246,7 @@ def test_killed_study_run_resumes_with_its_finished_trials(trained_workspace, tm
 
     ws = trained_workspace
     space = write_space(tmp_path / "space.yaml", {"train.lr": {"float": [1e-3, 1e-1], "log": True}},
-                        {"model.head": "linear", "train.epochs": 200})
+                        {"model.head": "linear", "train.epochs": 500})  # long trials: the kill seldom lands between two
     command = [sys.executable, "-m", "handlens.cli.main", "--workspace", str(ws.root), "study", "run",
                "--dataset", "colours", "--space", space, "--sampler", "random", "--trials", "40", "--cv", "3",
                "--pruner", "none", "--tracking", "none", "--name", "killed"]
