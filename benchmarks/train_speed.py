@@ -138,8 +138,9 @@ def main() -> None:
         # ---- 1. frozen: feature cache on vs off
         ws = Workspace.open(tmp / "frozen")
         make_dataset(ws, args.frozen_images, source)
-        common = [f"model.backbone={args.backbone}", "model.freeze=frozen", f"train.epochs={args.epochs}",
-                  "train.batch_size=32"]
+        # a gradient head on both sides (the frozen default, a logistic head, fits once: it has no later epochs)
+        common = [f"model.backbone={args.backbone}", "model.freeze=frozen", "model.head=linear",
+                  f"train.epochs={args.epochs}", "train.batch_size=32"]
         run_train(ws, [*common, "train.feature_cache=off", "train.epochs=1"])  # warm the decode cache
         off = run_train(ws, [*common, "train.feature_cache=off"])
         shutil.rmtree(ws.cache_dir / "features", ignore_errors=True)
