@@ -120,12 +120,15 @@ def test_a_fixed_logistic_c_is_fitted_as_given_and_refused_where_it_has_no_effec
         train(tiny_config(FROZEN, "model.head=linear", "model.logistic_c=0.05"), trained_workspace)
 
 
-def test_a_repeated_frozen_run_reads_every_feature_from_the_store_without_decoding(trained_workspace, monkeypatch):
+@pytest.mark.parametrize("views", [[], ["train.views=2", "augment.policy=basic"]], ids=["plain", "views"])
+def test_a_repeated_frozen_run_reads_every_feature_from_the_store_without_decoding(trained_workspace, monkeypatch,
+                                                                                  views):
     """A second run with another head (or a study's refit) on features the store already holds decodes no image
-    and computes no feature; a run whose images are not all stored still decodes them."""
+    and computes no feature (with augmented views: the train subset's from their own store); a run whose images
+    are not all stored still decodes them."""
     import handlens.train.run as run_module
 
-    first = train(tiny_config(FROZEN, "model.head=linear", "train.epochs=2"), trained_workspace)
+    first = train(tiny_config(FROZEN, "model.head=linear", "train.epochs=2", *views), trained_workspace)
     decoded = []
     real_decode = run_module._whole_inputs
 
@@ -135,9 +138,9 @@ def test_a_repeated_frozen_run_reads_every_feature_from_the_store_without_decodi
 
     monkeypatch.setattr(run_module, "_whole_inputs", counting_decode)
     images = features.FEATURE_IMAGES
-    again = train(tiny_config(FROZEN, "model.head=linear", "train.epochs=2"), trained_workspace)
+    again = train(tiny_config(FROZEN, "model.head=linear", "train.epochs=2", *views), trained_workspace)
     assert decoded == [] and images == features.FEATURE_IMAGES
     assert again.timings["decode"] < 0.5
     assert again.metrics["test"]["macro_f1"] == pytest.approx(first.metrics["test"]["macro_f1"])
-    other = train(tiny_config(FROZEN, "model.head=linear", "preprocess.size=40"), trained_workspace)
+    other = train(tiny_config(FROZEN, "model.head=linear", "preprocess.size=40", *views), trained_workspace)
     assert decoded == [1] and images < features.FEATURE_IMAGES and other.epochs == 2

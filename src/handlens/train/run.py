@@ -485,14 +485,16 @@ def _stored_features(cfg: RunConfig, ws: Workspace, spec: Any, *, preprocess: An
     another head, a study's refit), else None: the caller decodes and computes."""
     from handlens.train.features import stored_rows
 
+    by_views: dict[int, list[str]] = {}  # subsets of one store are read from it together, the file once
+    for name in subsets:
+        by_views.setdefault(cfg.train.views if name == "train" else 0, []).append(name)
     found: dict[str, Any] = {}
-    for name, subset in subsets.items():
-        views = cfg.train.views if name == "train" else 0
-        rows = stored_rows(subset.sha256s, key_parts=feature_key_parts(cfg, spec, preprocess, views),
-                           cache_dir=ws.cache_dir, views=views)
+    for views, names in by_views.items():
+        rows = stored_rows([sha for name in names for sha in subsets[name].sha256s], cache_dir=ws.cache_dir,
+                           key_parts=feature_key_parts(cfg, spec, preprocess, views), views=views)
         if rows is None:
             return None
-        found[name] = rows
+        found.update(zip(names, rows.split([len(subsets[name]) for name in names]), strict=True))
     return found
 
 
