@@ -22,7 +22,8 @@ FROZEN = {"model.backbone": "tiny_cnn", "model.weights": "none", "model.freeze":
 
 
 def write_space(path: Path, space: dict, fixed: dict | None = None) -> str:
-    path.write_text(json.dumps({"space": space, "fixed": {**FROZEN, **(fixed or {})}}))  # JSON is YAML
+    base = {key: value for key, value in FROZEN.items() if key not in space}  # a searched key is not fixed
+    path.write_text(json.dumps({"space": space, "fixed": {**base, **(fixed or {})}}))  # JSON is YAML
     return str(path)
 
 
@@ -303,6 +304,36 @@ def test_a_fine_tuning_trial_that_cannot_fit_the_budget_stops_after_its_first_ep
     trial = stored(trained_workspace).trials[0]
     assert trial.state.name == "PRUNED" and trial.user_attrs["pruned_by"].startswith("budget: ")
     assert trial.user_attrs["epoch_seconds"] > 0
+
+
+def test_a_space_mixing_frozen_and_fine_tuning_runs_frozen_trials_first(trained_workspace, tmp_path):
+    """Frozen trials first (half of --trials here), their other keys still sampled; a grid puts its frozen points
+    first. The median pruner then has finished trials to judge a fine-tuning trial against."""
+    ws = trained_workspace
+    space = {"model.freeze": ["full", "frozen"], "train.lr": [0.01, 0.003]}
+    run_study(study_cfg(tmp_path, space, fixed={"train.epochs": 1}, sampler="random", trials=4, cv=2), ws)
+    trials = stored(ws).trials
+    assert [t.params["model.freeze"] for t in trials[:2]] == ["frozen", "frozen"]
+    assert all(t.user_attrs["kind"] == "frozen" for t in trials[:2])
+    run_study(study_cfg(tmp_path, space, fixed={"train.epochs": 1}, sampler="grid", cv=2, name="g"), ws)
+    assert [t.params["model.freeze"] for t in stored(ws, "g").trials] == ["frozen", "frozen", "full", "full"]
+    # a space that does not search the freeze enqueues nothing
+    run_study(study_cfg(tmp_path, {"train.lr": [0.01, 0.003]}, sampler="random", trials=2, cv=2, name="r"), ws)
+    storage = open_storage(ws.db_url)
+    assert not any(storage.get_trial_system_attrs(t._trial_id).get("fixed_params") for t in stored(ws, "r").trials)
+
+
+def test_once_a_trial_finished_no_trial_may_take_more_than_half_the_budget(trained_workspace, tmp_path):
+    """A fine-tuning trial that would fit in what is left, but would take more than half of the budget, stops after
+    its first epoch once a frozen trial (a logistic head: no epochs) has finished; the frozen trial wins."""
+    cfg = study_cfg(tmp_path, {"model.freeze": ["frozen", "full"]}, fixed={"train.epochs": 100_000}, cv=2,
+                    sampler="grid", budget=600)
+    result = run_study(cfg, trained_workspace)
+    frozen, tuned = stored(trained_workspace).trials[:2]
+    assert frozen.state.name == "COMPLETE" and frozen.params["model.freeze"] == "frozen"
+    assert tuned.state.name == "PRUNED"
+    assert "more than 50% of the study's 10.0 min" in tuned.user_attrs["pruned_by"]
+    assert result.winner.number == frozen.number
 
 
 def test_folds_of_a_grouped_split_keep_its_groups_together(trained_workspace, tmp_path):
