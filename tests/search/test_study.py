@@ -313,14 +313,35 @@ def test_a_space_mixing_frozen_and_fine_tuning_runs_frozen_trials_first(trained_
     space = {"model.freeze": ["full", "frozen"], "train.lr": [0.01, 0.003]}
     run_study(study_cfg(tmp_path, space, fixed={"train.epochs": 1}, sampler="random", trials=4, cv=2), ws)
     trials = stored(ws).trials
-    assert [t.params["model.freeze"] for t in trials[:2]] == ["frozen", "frozen"]
-    assert all(t.user_attrs["kind"] == "frozen" for t in trials[:2])
+    assert [t.params["model.freeze"] for t in trials[:3]] == ["frozen", "frozen", "full"]
+    assert [t.user_attrs["kind"] for t in trials[:3]] == ["frozen", "frozen", "train"]
     run_study(study_cfg(tmp_path, space, fixed={"train.epochs": 1}, sampler="grid", cv=2, name="g"), ws)
     assert [t.params["model.freeze"] for t in stored(ws, "g").trials] == ["frozen", "frozen", "full", "full"]
     # a space that does not search the freeze enqueues nothing
     run_study(study_cfg(tmp_path, {"train.lr": [0.01, 0.003]}, sampler="random", trials=2, cv=2, name="r"), ws)
     storage = open_storage(ws.db_url)
     assert not any(storage.get_trial_system_attrs(t._trial_id).get("fixed_params") for t in stored(ws, "r").trials)
+
+
+def test_the_cheapest_fine_tuning_config_follows_the_frozen_trials():
+    """After the frozen trials: the cheapest freeze with the space's lowest epochs and input size (the rest
+    sampled); a grid is ordered the same way, cheapest first."""
+    from handlens.search.space import parse_space
+    from handlens.search.study import FROZEN_FIRST, _cheap_first, _cost_key
+
+    space = parse_space({"space": {"model.freeze": ["full", "frozen", "partial:3"], "preprocess.size": [288, 224],
+                                   "train.epochs": {"int": [6, 18], "step": 6}, "train.lr": [0.01, 0.001]}})
+    queue = _cheap_first(space, None)
+    assert queue[:FROZEN_FIRST] == [{"model.freeze": "frozen"}] * FROZEN_FIRST
+    assert queue[FROZEN_FIRST:] == [{"model.freeze": "partial:3", "train.epochs": 6, "preprocess.size": 224}]
+    # a short study: at most half of it frozen first, and the fine-tune only when a sampled trial is left after it
+    assert [q["model.freeze"] for q in _cheap_first(space, 5)] == ["frozen", "frozen", "partial:3"]
+    assert _cheap_first(space, 2) == [{"model.freeze": "frozen"}]
+    order = sorted(space.grid(), key=_cost_key)
+    assert [(p["model.freeze"], p["train.epochs"], p["preprocess.size"]) for p in order[:2]] == [
+        ("frozen", 6, 224), ("frozen", 6, 224)]
+    assert order[-1]["model.freeze"] == "full" and order[-1]["train.epochs"] == 18
+    assert _cheap_first(parse_space({"space": {"train.lr": [0.01]}}), None) == []
 
 
 def test_once_a_trial_finished_no_trial_may_take_more_than_half_the_budget(trained_workspace, tmp_path):
