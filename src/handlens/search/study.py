@@ -748,7 +748,7 @@ def _cheap_first(space: SearchSpace, trials: int | None) -> list[dict[str, Any]]
     cheapest: dict[str, Any] = {"model.freeze": tuned}
     for key in CHEAP_KEYS:
         param = params.get(key)
-        if param is not None:
+        if param is not None:  # both keys are numbers (the run config checked the space's values)
             cheapest[key] = min(param.choices) if param.kind == "categorical" else (
                 int(param.low) if param.kind == "int" else float(param.low))
     return [*queue, cheapest]
