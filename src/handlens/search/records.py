@@ -148,9 +148,13 @@ def trial_rows(study: Any) -> list[TrialRow]:
 COST_ORDER = {"frozen": 0, "partial": 1, "full": 2}
 
 
+def freeze_cost(params: dict[str, Any]) -> int:
+    """How dear a config's freeze is: frozen 0, partial:N 1, full 2 (:data:`COST_ORDER`)."""
+    return COST_ORDER.get(str(params.get("model.freeze", "frozen")).split(":")[0], 1)
+
+
 def _cost(row: TrialRow) -> tuple[int, float]:
-    freeze = str(row.params.get("model.freeze", "frozen")).split(":")[0]
-    return COST_ORDER.get(freeze, 1), row.seconds or 0.0
+    return freeze_cost(row.params), row.seconds or 0.0
 
 
 def scored_trials(rows: list[TrialRow]) -> list[TrialRow]:

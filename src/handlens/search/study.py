@@ -44,6 +44,7 @@ from handlens.search.records import (  # noqa: F401  (re-exported: the CLI and t
     _row,
     choose,
     export_study,
+    freeze_cost,
     importances,
     list_studies,
     load_study,
@@ -725,9 +726,8 @@ def create_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyC
 
 def _cost_key(params: dict[str, Any]) -> tuple[float, ...]:
     """What orders configs from cheap to dear: the freeze (frozen, partial, full), then epochs, then input size."""
-    freeze = str(params.get("model.freeze", "frozen")).split(":")[0]
     values = [params.get(key, 0) for key in CHEAP_KEYS]
-    return (COST_ORDER.get(freeze, 1), *(float(v) if isinstance(v, int | float) else 0.0 for v in values))
+    return (freeze_cost(params), *(float(v) if isinstance(v, int | float) else 0.0 for v in values))
 
 
 def _cheap_first(space: SearchSpace, trials: int | None) -> list[dict[str, Any]]:
