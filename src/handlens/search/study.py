@@ -726,8 +726,7 @@ def create_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyC
 
 def _cost_key(params: dict[str, Any]) -> tuple[float, ...]:
     """What orders configs from cheap to dear: the freeze (frozen, partial, full), then epochs, then input size."""
-    values = [params.get(key, 0) for key in CHEAP_KEYS]
-    return (freeze_cost(params), *(float(v) if isinstance(v, int | float) else 0.0 for v in values))
+    return (freeze_cost(params), *(float(params.get(key, 0)) for key in CHEAP_KEYS))  # numbers: the run config's check
 
 
 def _cheap_first(space: SearchSpace, trials: int | None) -> list[dict[str, Any]]:
@@ -744,7 +743,7 @@ def _cheap_first(space: SearchSpace, trials: int | None) -> list[dict[str, Any]]
     queue: list[dict[str, Any]] = [{"model.freeze": "frozen"} for _ in range(count)]
     if trials is not None and trials <= count + 1:
         return queue
-    tuned = min((c for c in freeze.choices if c != "frozen"), key=lambda c: _cost_key({"model.freeze": c}))
+    tuned = min((c for c in freeze.choices if c != "frozen"), key=lambda c: freeze_cost({"model.freeze": c}))
     cheapest: dict[str, Any] = {"model.freeze": tuned}
     for key in CHEAP_KEYS:
         param = params.get(key)
