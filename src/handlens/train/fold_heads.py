@@ -44,6 +44,8 @@ from torch import nn
 
 from handlens.train.head import (
     C_GRID,
+    FLUSH_EVERY,
+    FLUSH_EVERY_SQ,
     HeadFit,
     NonFiniteLossError,
     _fit_quietly,
@@ -53,6 +55,7 @@ from handlens.train.head import (
     _rows,
     _stage_metrics,
     _standardise,
+    after_step,
     balance_mode,
     better,
     build_optimizer,
@@ -60,6 +63,7 @@ from handlens.train.head import (
     check_logistic,
     epoch_pool,
     fit_head,
+    flush_tiny,
     resolve_head,
     row_weights,
     threadpool_limits,
@@ -134,6 +138,7 @@ class _FusedAdamW:
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
         self.steps = [torch.tensor(0.0) for _ in self.params]
+        self.taken = 0
 
     @staticmethod
     def usable(optimizer: torch.optim.Optimizer) -> bool:
@@ -145,6 +150,9 @@ class _FusedAdamW:
         group = self.group
         beta1, beta2 = group["betas"]
         torch._foreach_add_(self.steps, 1)
+        self.taken += 1
+        if self.taken % FLUSH_EVERY == 0:
+            flush_tiny(self.exp_avgs + (self.exp_avg_sqs if self.taken % FLUSH_EVERY_SQ == 0 else []))
         torch._fused_adamw_(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, amsgrad=False,
                             lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
                             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), maximize=False,
@@ -173,6 +181,7 @@ class _StackedFit:
         self.template = build_head(int(x.shape[-1]), len(names), head=kind, hidden=model_cfg.hidden,
                                    dropout=model_cfg.dropout)
         self.only = list(range(len(folds))) if only is None else list(only)
+        self.steps_done = 0  # optimizer steps taken by the autograd path (see after_step)
         k = len(self.only)
         # a dropout generator per fold, seeded by (train.seed, fold): a fold's masks do not depend on its stage
         self.drop_rngs = [np.random.default_rng([train_cfg.seed, index]) for index in self.only]
@@ -361,6 +370,8 @@ class _StackedFit:
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
+                self.steps_done += 1
+                after_step(optimizer, self.steps_done)
             if sitting_out:
                 with torch.no_grad():
                     for k, state in zip(sitting_out, saved, strict=True):

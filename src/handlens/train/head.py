@@ -214,6 +214,40 @@ def _record(epoch: int, train: dict[str, Any], val: dict[str, Any] | None, *, lr
     return record
 
 
+#: how often (optimizer steps) a head's optimizer moments below TINY_MOMENT are set to zero (see flush_tiny): a
+#: first moment (beta1 0.9) every FLUSH_EVERY steps, Adam's second moment (beta2 0.999) every FLUSH_EVERY_SQ
+FLUSH_EVERY = 16
+FLUSH_EVERY_SQ = 256
+TINY_MOMENT = 1e-30
+
+
+def flush_tiny(tensors: list[torch.Tensor]) -> None:
+    """Set to zero, in place, every element of ``tensors`` (an optimizer's moments) smaller than TINY_MOMENT in size.
+
+    Why: about half of a pooled CNN feature table is exact zeros (ReLU), so a first-layer weight whose input
+    channel is zero in most images rarely gets a gradient, and AdamW's first moment for it shrinks by beta1 (0.9)
+    a step: in ~700 steps it is a denormal float, on which every CPU operation is ~25x slower (measured on the
+    lithology features: an MLP head's fused AdamW step on (5, 1280, 256) weights took 2.1 ms against 0.3 ms
+    flushed, and a 5-fold MLP trial 14.0 s against 7.8 s, the same CV score; torch's flush-to-zero mode does not
+    reach the threads its pool already runs). Flushed every FLUSH_EVERY steps, a first moment cannot fall from
+    above 1e-30 into the denormal range (below 1.2e-38) in between (0.9 ** 16 is 0.19), nor a second moment in
+    FLUSH_EVERY_SQ steps (0.999 ** 256 is 0.77). What it changes: a weight's update lr * m / (sqrt(v) + eps)
+    moves by at most lr * 1e-30 / eps."""
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.masked_fill_(tensor.abs() < TINY_MOMENT, 0.0)
+
+
+def after_step(optimizer: torch.optim.Optimizer, steps: int) -> None:
+    """What follows ``optimizer``'s ``steps``-th step: its tiny moments flushed (:func:`flush_tiny`)."""
+    if steps % FLUSH_EVERY:
+        return
+    slow = steps % FLUSH_EVERY_SQ == 0
+    flush_tiny([value for state in optimizer.state.values() for key, value in state.items()
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0
+                and (slow or key != "exp_avg_sq")])
+
+
 def _fit_gradient(x: torch.Tensor, y: np.ndarray, kind: str, *, n_classes: int, names: list[str], model_cfg: Any,
                   train_cfg: Any, class_weights: list[float] | None, sampler: bool,
                   val: tuple[torch.Tensor, np.ndarray] | None, early_stopping: bool,
@@ -242,7 +276,7 @@ def _fit_gradient(x: torch.Tensor, y: np.ndarray, kind: str, *, n_classes: int, 
     best: tuple[float, float] | None = None
     best_state, best_epoch = None, 0
     stop_best: float | None = None
-    waited, stopped = 0, False
+    waited, stopped, steps_done = 0, False, 0
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
         head.train()
@@ -264,6 +298,8 @@ def _fit_gradient(x: torch.Tensor, y: np.ndarray, kind: str, *, n_classes: int, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            steps_done += 1
+            after_step(optimizer, steps_done)
             probs.append(logits.detach())
             loss_sum += value * len(batch_y)
         train_seconds = time.perf_counter() - started
