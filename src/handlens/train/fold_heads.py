@@ -325,6 +325,15 @@ class _StackedFit:
                 views[k, :n] = torch.randint(self.views, (n,), generator=generator)[order]
         return index, views, targets, lengths
 
+    def _gather(self, rows: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+        """(K, B, F) training rows (of view ``views`` when the features hold augmented views): ``x[rows]``, by
+        ``index_select`` on the flattened table (measured: 21 us against 52 us for (5, 32, 1280) a step)."""
+        width = self.x.shape[-1]
+        if views is None:
+            return self.x.index_select(0, rows.reshape(-1)).view(*rows.shape, width)
+        flat = self.x.reshape(-1, width)  # (N * V, F): row r's view v is row r * V + v
+        return flat.index_select(0, (rows * self.views + views).reshape(-1)).view(*rows.shape, width)
+
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """(K,) the folds' losses on this step's rows (0 for a fold with none)."""
         cfg = self.cfg
@@ -344,41 +353,40 @@ class _StackedFit:
         include = torch.zeros(k_all)
         include[active] = 1.0
         steps = max(math.ceil(n / cfg.batch_size) for n in self.all_lengths)
+        valid = torch.arange(index.shape[1]).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # (K, L) real rows
         logits_seen, loss_sum = [], torch.zeros(k_all)
-        for step in range(steps):
-            lo, hi = step * cfg.batch_size, (step + 1) * cfg.batch_size
-            counts = [max(0, min(n, hi) - lo) for n in lengths]
-            rows = index[:, lo:hi]
-            batch = self.x[rows] if views is None else self.x[rows, views[:, lo:hi]]
-            step_targets = targets[:, lo:hi]
-            mask = torch.arange(rows.shape[1]).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
-            with torch.no_grad() if fused is not None else contextlib.nullcontext():  # no graph: closed-form
+        with torch.no_grad() if fused is not None else contextlib.nullcontext():  # no graph: closed-form gradients
+            for step in range(steps):
+                lo, hi = step * cfg.batch_size, (step + 1) * cfg.batch_size
+                counts = [max(0, min(n, hi) - lo) for n in lengths]
+                rows, step_targets, mask = index[:, lo:hi], targets[:, lo:hi], valid[:, lo:hi]
+                batch = self._gather(rows, None if views is None else views[:, lo:hi])
                 logits, inputs, gates = self._forward(batch, self.params, training=True)
                 losses = self._loss(logits, step_targets, mask, counts)
-            total = (losses * include).sum()
-            value = total.item()
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"the training loss became {value} at epoch {epoch}, step {step}; lower the learning "
-                    f"rate (e.g. train.lr={cfg.lr / 10:g}) or check the data")
-            sitting_out = [k for k in active if not counts[k]]
-            saved = [[p[k].detach().clone() for p in self.params] for k in sitting_out]
-            if fused is not None:
-                with torch.no_grad():
-                    fused.step(self._gradients(logits, inputs, gates, targets=step_targets, mask=mask, include=include))
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                self.steps_done += 1
-                after_step(optimizer, self.steps_done)
-            if sitting_out:
-                with torch.no_grad():
-                    for k, state in zip(sitting_out, saved, strict=True):
-                        for p, value_k in zip(self.params, state, strict=True):
-                            p[k].copy_(value_k)
-            logits_seen.append(logits.detach())
-            loss_sum += losses.detach() * torch.tensor(counts, dtype=torch.float32)
+                total = (losses * include).sum()
+                value = total.item()
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"the training loss became {value} at epoch {epoch}, step {step}; lower the learning "
+                        f"rate (e.g. train.lr={cfg.lr / 10:g}) or check the data")
+                sitting_out = [k for k in active if not counts[k]]
+                saved = [[p[k].detach().clone() for p in self.params] for k in sitting_out]
+                if fused is not None:
+                    fused.step(self._gradients(logits, inputs, gates, targets=step_targets, mask=mask,
+                                               include=include))
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    optimizer.step()
+                    self.steps_done += 1
+                    after_step(optimizer, self.steps_done)
+                if sitting_out:
+                    with torch.no_grad():
+                        for k, state in zip(sitting_out, saved, strict=True):
+                            for p, value_k in zip(self.params, state, strict=True):
+                                p[k].copy_(value_k)
+                logits_seen.append(logits.detach())
+                loss_sum += losses.detach() * torch.tensor(counts, dtype=torch.float32)
         seen = torch.cat(logits_seen, 1)
         return [_stage_metrics([torch.softmax(seen[k, :lengths[k]].float(), 1)], targets[k, :lengths[k]],
                                float(loss_sum[k]), self.names) if k in active else {} for k in range(k_all)]
