@@ -262,7 +262,8 @@ def test_killed_study_run_resumes_with_its_finished_trials(trained_workspace, tm
             except Exception:  # the study is not made yet, or the catalog is busy this instant
                 continue
             states = [t.state.name for t in trials]
-            if states.count("COMPLETE") >= 2 and "RUNNING" in states:
+            begun = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("worker")]
+            if states.count("COMPLETE") >= 2 and begun:  # a trial made but not begun is the next test's
                 break
         assert process.poll() is None, "the study ended before it could be killed mid-trial"
         process.send_signal(signal.SIGKILL)
@@ -419,6 +420,7 @@ def test_the_first_folds_epochs_are_reported_best_so_far_and_judged_after_the_wa
 
     objective = _Objective.__new__(_Objective)
     objective.ctx = SimpleNamespace(metric="macro_f1")
+    objective.finished = None  # judged by the trial's own should_prune
     cfg = SimpleNamespace(train=SimpleNamespace(epochs=epochs))
     kept = _Trial(prune=False)
     report = objective._epoch_pruner(kept, cfg)
@@ -467,3 +469,20 @@ def test_the_median_pruner_judged_on_the_trials_finished_at_start_agrees_with_op
     assert len(finished.get_trials(deepcopy=False, states=complete)) == 3
     assert len(study.get_trials(deepcopy=False, states=complete)) == 4
     assert finished.direction == study.direction  # the rest is the study's own
+
+
+def test_a_trial_made_but_never_begun_by_a_killed_process_is_marked_failed_on_resume(monkeypatch):
+    """A kill between Optuna making a trial and the objective claiming it (its worker attribute) leaves a running
+    trial with no worker: once UNCLAIMED_AFTER_S has passed it is failed; a claimed trial of a live process is not."""
+    from handlens.search import study as study_module
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="s")
+    unclaimed, claimed = study.ask(), study.ask()
+    claimed.set_user_attr("worker", f"{study_module.socket.gethostname()}:{os.getpid()}")
+    assert study_module._interrupted_trials(storage, study) == 0  # just made: a worker may still claim it
+    monkeypatch.setattr(study_module, "UNCLAIMED_AFTER_S", 0.0)
+    assert study_module._interrupted_trials(storage, study) == 1
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {unclaimed.number: "FAIL", claimed.number: "RUNNING"}
+    assert "before the trial began" in study.get_trials()[unclaimed.number].user_attrs["error"]

@@ -140,9 +140,10 @@ def should_prune(trial: Any, finished: _Finished | None) -> bool:
     pruner (other pruners, Hyperband's brackets, read the study themselves)."""
     import optuna
 
-    pruner = trial.study.pruner
-    if finished is None or type(pruner) not in (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner):
+    if finished is None or type(trial.study.pruner) not in (optuna.pruners.MedianPruner,
+                                                              optuna.pruners.PercentilePruner):
         return bool(trial.should_prune())
+    pruner = trial.study.pruner
     return bool(pruner.prune(finished, trial._get_latest_trial()))  # the frozen trial should_prune passes
 
 
@@ -644,8 +645,14 @@ def params_line(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in params.items())
 
 
+#: a running trial that no worker has claimed (its "worker" attribute, written the moment a trial begins) this many
+#: seconds after it was made was left by a process stopped between making it and beginning it
+UNCLAIMED_AFTER_S = 60.0
+
+
 def _interrupted_trials(storage: Any, study: Any) -> int:
-    """Mark this machine's trials whose worker process is gone as failed (a killed ``study run``)."""
+    """Mark as failed this machine's trials whose worker process is gone (a killed ``study run``), and trials no
+    worker claimed within UNCLAIMED_AFTER_S of being made (a process killed in between)."""
     import optuna
 
     host = socket.gethostname()
@@ -653,12 +660,18 @@ def _interrupted_trials(storage: Any, study: Any) -> int:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get("worker", ""))
         name, _, pid = worker.rpartition(":")
-        if name == host and pid.isdigit() and not _alive(int(pid)):
+        started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+        if not worker and time.time() - started > UNCLAIMED_AFTER_S:
+            storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: its process was stopped before "
+                                                                  "the trial began")
+        elif name == host and pid.isdigit() and not _alive(int(pid)):
             storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: its worker process was stopped")
-            storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
-            if study.user_attrs.get("settings", {}).get("sampler") == "grid" and trial.params:
-                study.enqueue_trial(dict(trial.params))  # the point still has to run
-            count += 1
+        else:
+            continue
+        storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+        if study.user_attrs.get("settings", {}).get("sampler") == "grid" and trial.params:
+            study.enqueue_trial(dict(trial.params))  # the point still has to run
+        count += 1
     return count
 
 
