@@ -253,31 +253,51 @@ def score_logistic(cfg: Any, folds: list[Fold], data: list[Any], *, rows: Any, p
     each C on its held-out images; the C with the best mean over folds (ties: the lower mean log loss) is the
     trial's, every fold is scored at it, and the refit fits that C (``model.logistic_c``). This replaces a
     nested 5-fold search for C inside each fold, 5x the fits; C is then chosen on the folds as a gradient
-    head's epoch count is. While folds run, pruning sees the mean at the C best so far."""
+    head's epoch count is. While folds run, pruning sees the mean at the C best so far.
+
+    The folds' paths are independent single-threaded L-BFGS fits: up to ``torch.get_num_threads()`` of them run at
+    once (measured: 5 folds of the lithology features 3.0 s one by one, 2.1 s two at a time on 2 cores); they are
+    scored and reported in fold order, and a pruned trial cancels the folds not begun."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from handlens.train.fold_heads import logistic_c_path
+    from handlens.train.head import threadpool_limits
     from handlens.train.metrics import classification_metrics
+
+    def fit(fold: Any) -> Any:
+        return logistic_c_path(rows[fold.train_rows], pool_targets[fold.train_rows], plain[fold.val_rows],
+                               n_classes=len(classes), train_cfg=cfg.train, data_cfg=cfg.data,
+                               class_weights=fold.class_weights)
 
     per_fold: list[tuple[list[float], list[float]]] = []  # (metric per C, log loss per C)
     grid: tuple[float, ...] = ()
-    for step, fold in enumerate(data):
-        started = time.perf_counter()
-        y_val = pool_targets[fold.val_rows]
-        path = logistic_c_path(rows[fold.train_rows], pool_targets[fold.train_rows], plain[fold.val_rows],
-                               n_classes=len(classes), train_cfg=cfg.train, data_cfg=cfg.data,
-                               class_weights=fold.class_weights)
-        grid = path.grid
-        values = [float(classification_metrics(torch.from_numpy(p), torch.from_numpy(y_val), classes)[metric])
-                  for p in path.val_probs]
-        losses = [float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-15, 1.0)).mean()) for p in path.val_probs]
-        per_fold.append((values, losses))
-        chosen = _best_c(per_fold)
-        score.folds.append(FoldScore(folds[step].name, values[chosen], 1, time.perf_counter() - started))
-        for done, (fold_values, _) in zip(score.folds, per_fold, strict=True):
-            done.score = fold_values[chosen]
-        if after_fold is not None:
-            after_fold(step, score.mean)
+    threads = max(1, min(len(data), torch.get_num_threads()))
+    # one BLAS thread for all the fits at once: a fit's own limit, undone while another fit runs, would lift it
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(fit, fold) for fold in data]
+        try:
+            started = time.perf_counter()
+            for step, future in enumerate(futures):
+                path = future.result()
+                y_val = pool_targets[data[step].val_rows]
+                grid = path.grid
+                values = [float(classification_metrics(torch.from_numpy(p), torch.from_numpy(y_val), classes)[metric])
+                          for p in path.val_probs]
+                losses = [float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-15, 1.0)).mean())
+                          for p in path.val_probs]
+                per_fold.append((values, losses))
+                chosen = _best_c(per_fold)
+                score.folds.append(FoldScore(folds[step].name, values[chosen], 1, time.perf_counter() - started))
+                started = time.perf_counter()
+                for done, (fold_values, _) in zip(score.folds, per_fold, strict=True):
+                    done.score = fold_values[chosen]
+                if after_fold is not None:
+                    after_fold(step, score.mean)
+        finally:
+            for future in futures:
+                future.cancel()  # pruned or failed: the folds not begun never run (a running one finishes)
     score.refit_set = {"model.logistic_c": grid[_best_c(per_fold)]}
     return score
 
