@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -51,18 +52,27 @@ def test_logistic_folds_fitted_at_once_score_as_one_by_one(blob_folds):
 def test_a_logistic_trial_pruned_after_its_first_fold_fits_no_fold_not_begun(blob_folds, monkeypatch):
     import handlens.train.fold_heads as fold_heads
 
+    x, _, data, _ = blob_folds
     fitted, real = [], fold_heads.logistic_c_path
 
     def slow_after_the_first(*args, **kwargs):
-        begun = len(fitted)
-        fitted.append(begun)
-        if begun:
-            time.sleep(0.3)  # the first fold is back (and prunes) while the second still runs
+        first = torch.equal(args[2], x[data[0].val_rows])  # the first fold's held-out rows
+        fitted.append(first)
+        if first:  # the first fold is back (and prunes) once the second runs beside it, and while it runs
+            deadline = time.time() + 10
+            while len(fitted) < 2 and time.time() < deadline:
+                time.sleep(0.001)
+        else:  # the others end only after the trial was pruned
+            pruned.wait(timeout=10)
+            time.sleep(0.2)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fold_heads, "logistic_c_path", slow_after_the_first)
 
+    pruned = threading.Event()
+
     def prune(step, mean):
+        pruned.set()
         raise RuntimeError("pruned")
 
     before = torch.get_num_threads()
@@ -72,5 +82,5 @@ def test_a_logistic_trial_pruned_after_its_first_fold_fits_no_fold_not_begun(blo
             _score(blob_folds, after_fold=prune)
     finally:
         torch.set_num_threads(before)
-    # the first, the one beside it, perhaps the one the first's thread took next; the fourth never began
-    assert 2 <= len(fitted) <= 3
+    # the first, the one beside it, and the one the first's thread took next; the fourth never began
+    assert len(fitted) == 3
