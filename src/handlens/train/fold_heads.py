@@ -44,8 +44,6 @@ from torch import nn
 
 from handlens.train.head import (
     C_GRID,
-    FLUSH_EVERY,
-    FLUSH_EVERY_SQ,
     HeadFit,
     NonFiniteLossError,
     _fit_quietly,
@@ -63,7 +61,7 @@ from handlens.train.head import (
     check_logistic,
     epoch_pool,
     fit_head,
-    flush_tiny,
+    flush_moments,
     resolve_head,
     row_weights,
     threadpool_limits,
@@ -151,8 +149,7 @@ class _FusedAdamW:
         beta1, beta2 = group["betas"]
         torch._foreach_add_(self.steps, 1)
         self.taken += 1
-        if self.taken % FLUSH_EVERY == 0:
-            flush_tiny(self.exp_avgs + (self.exp_avg_sqs if self.taken % FLUSH_EVERY_SQ == 0 else []))
+        flush_moments(self.taken, self.exp_avgs, self.exp_avg_sqs)
         torch._fused_adamw_(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, amsgrad=False,
                             lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
                             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), maximize=False,

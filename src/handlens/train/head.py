@@ -238,14 +238,21 @@ def flush_tiny(tensors: list[torch.Tensor]) -> None:
             tensor.masked_fill_(tensor.abs() < TINY_MOMENT, 0.0)
 
 
+def flush_moments(steps: int, first: list[torch.Tensor], second: list[torch.Tensor]) -> None:
+    """After an optimizer's ``steps``-th step: its first moments (and momentum buffers) flushed every FLUSH_EVERY
+    steps, its second moments every FLUSH_EVERY_SQ (:func:`flush_tiny`)."""
+    if steps % FLUSH_EVERY == 0:
+        flush_tiny(first + (second if steps % FLUSH_EVERY_SQ == 0 else []))
+
+
 def after_step(optimizer: torch.optim.Optimizer, steps: int) -> None:
-    """What follows ``optimizer``'s ``steps``-th step: its tiny moments flushed (:func:`flush_tiny`)."""
+    """What follows ``optimizer``'s ``steps``-th step: its tiny moments flushed (:func:`flush_moments`)."""
     if steps % FLUSH_EVERY:
         return
-    slow = steps % FLUSH_EVERY_SQ == 0
-    flush_tiny([value for state in optimizer.state.values() for key, value in state.items()
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0
-                and (slow or key != "exp_avg_sq")])
+    moments = [(key, value) for state in optimizer.state.values() for key, value in state.items()
+               if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0]
+    flush_moments(steps, [v for key, v in moments if key != "exp_avg_sq"],
+                  [v for key, v in moments if key == "exp_avg_sq"])
 
 
 def _fit_gradient(x: torch.Tensor, y: np.ndarray, kind: str, *, n_classes: int, names: list[str], model_cfg: Any,
