@@ -163,6 +163,51 @@ def test_browse_grid_confusion_and_top_losses(page, shots):
     page.screenshot(path=str(shots / "viewer-browse.png"))
 
 
+def test_a_slow_answer_for_an_older_filter_never_overwrites_the_newer_page(page):
+    """The answer to a browse request made before the filter changed is held until the newer request's page
+    is shown, then released: the page stays the newer filter's (it was overwritten before, which made the
+    thousand-image test fail when predictions finished while a name filter was typed)."""
+    page, _, _ = page
+    page.click("header nav button[data-page=browse]")
+    for select in ("#f-class", "#f-result", "#f-pred", "#f-split"):  # as the earlier tests left them: all
+        page.select_option(select, "")
+    page.wait_for_function("/^1-\\d+ of 48 images$/.test(document.getElementById('covers').textContent)",
+                           timeout=30_000)
+    held = []
+
+    def hold_the_older(route):
+        if "q=no_such_image" in route.request.url:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/browse?*", hold_the_older)
+    try:
+        page.fill("#f-name", "no_such_image")
+        page.dispatch_event("#f-name", "change")
+        deadline = time.monotonic() + 10
+        while not held and time.monotonic() < deadline:
+            page.wait_for_timeout(50)
+        assert held, "the name filter's browse request was never made"
+        page.fill("#f-name", "")
+        page.select_option("#f-split", "test")  # the newer request: its page is shown while the older is held
+        page.wait_for_function("document.getElementById('covers').textContent === '1-12 of 12 images'")
+        page.evaluate("""() => { window.coversShown = [];
+            new MutationObserver(() => window.coversShown.push(document.getElementById('covers').textContent))
+                .observe(document.getElementById('covers'), { childList: true, characterData: true, subtree: true });
+        }""")
+        with page.expect_response(lambda r: "q=no_such_image" in r.url):
+            held[0].continue_()
+        page.wait_for_timeout(300)  # the older answer's JSON parsed and (before the fix) drawn
+        assert "0 of 0 images" not in page.evaluate("window.coversShown")
+        assert page.locator("#covers").text_content() == "1-12 of 12 images"
+        assert page.locator("#grid figure").count() == 12
+    finally:
+        page.unroute("**/browse?*")
+        page.select_option("#f-split", "")
+        page.wait_for_function("document.getElementById('covers').textContent === '1-48 of 48 images'")
+
+
 def test_upload_and_compare(page, tmp_path, shots):
     from PIL import Image
 

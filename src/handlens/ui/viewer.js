@@ -3,7 +3,7 @@
 
 const API = "/api/v1";
 const $ = (id) => document.getElementById(id);
-const state = { images: [], index: 0, models: [], detectors: [], zoom: 1, panX: 0, panY: 0, offset: 0, page: [], predicting: false };
+const state = { images: [], index: 0, models: [], detectors: [], zoom: 1, panX: 0, panY: 0, offset: 0, page: [], predicting: false, browsing: 0 };
 
 async function api(path, options) {
   const response = await fetch(API + path, options);
@@ -465,7 +465,11 @@ function browseParams(extra) {
 async function browse() {
   const model = currentModel();
   if (!model) return;
+  // answers can come back out of order (a page asked for before a filter changed, while the server scores):
+  // only the latest request's answer is shown, so a slow earlier one never overwrites a newer filter's page
+  const asked = ++state.browsing;
   const page = await api(`/models/${encodeURIComponent(model.id)}/browse?${browseParams()}`);
+  if (asked !== state.browsing) return;
   state.page = page.items;
   $("covers").textContent = page.covers;
   $("page-prev").disabled = state.offset === 0;
