@@ -41,6 +41,16 @@ def test_study_run_show_list_export(trained_workspace, tmp_path):
     assert bad.exit_code != 0 and "did you mean train.lr" in bad.output
 
 
+def test_an_errors_bracketed_example_is_printed_as_written(trained_workspace, tmp_path):
+    """Error messages carry examples in brackets ({float: [low, high]}): printed as written, not eaten as rich
+    markup (the fix the message gives was lost)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space:\n  train.lr: {float: [1.0e-3, 1.0e-2], lgo: true}\n")
+    ran = cli(trained_workspace, "study", "run", "--dataset", "colours", "--space", str(bad))
+    assert ran.exit_code != 0 and "write [choices], {float: [low, high], log: true}" in ran.output, ran.output
+    assert "unknown field(s) lgo" in ran.output
+
+
 def test_budget_words():
     assert parse_budget("20m") == 1200 and parse_budget("1h30m") == 5400 and parse_budget("90s") == 90
     assert parse_budget("600") == 600

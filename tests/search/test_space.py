@@ -59,6 +59,10 @@ def test_bad_values_and_distributions_are_refused() -> None:
         parse_space({"fixed": {"train.lr": 0.2}})
     with pytest.raises(InputError, match=r"freeze"):
         parse_space({"space": {"model.freeze": ["frozen", "parital:2"]}})
+    with pytest.raises(InputError, match=r"step 20 is wider than the range \[5, 15\], so only 5 would be tried"):
+        parse_space({"space": {"train.epochs": {"int": [5, 15], "step": 20}}})
+    with pytest.raises(InputError, match=r"unknown section\(s\) 'spcae' \(did you mean 'space'\?\)"):
+        parse_space({"spcae": {"train.lr": [0.1]}})
 
 
 def test_space_file(tmp_path) -> None:

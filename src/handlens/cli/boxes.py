@@ -44,18 +44,17 @@ def boxes_import_cmd(
 
 def print_box_import(report: Any) -> None:
     """Skipped rows (the first 25), labels per labelset, then one line that sums the import up."""
-    from rich.markup import escape
 
     if report.skipped:
-        rows = [[escape(s.reason), escape(s.where), escape(s.image), escape(s.detail)] for s in report.skipped[:25]]
+        rows = [[str(s.reason), str(s.where), str(s.image), str(s.detail)] for s in report.skipped[:25]]
         stdout.print(table("Skipped", ["reason", "where", "image", "detail"], rows, justify_numbers=False))
         if len(report.skipped) > 25:
             stdout.print(f"... and {len(report.skipped) - 25} more (use --json for all)")
     for labelset, counts in report.labels.items():
-        stdout.print(table(f"Labelset '{escape(labelset)}'", ["class", "boxes"],
-                           [[escape(c), n] for c, n in counts.items()]))
+        stdout.print(table(f"Labelset '{labelset!s}'", ["class", "boxes"],
+                           [[str(c), n] for c, n in counts.items()]))
     reasons = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in report.skipped_by_reason().items())
-    stdout.print(f"Dataset '{escape(report.dataset)}' ({report.format}): {report.added:,} boxes added, "
+    stdout.print(f"Dataset '{report.dataset!s}' ({report.format}): {report.added:,} boxes added, "
                  f"{report.labelled:,} labels added and {report.relabelled:,} changed on boxes already there, "
                  f"{report.unchanged:,} unchanged, {len(report.skipped):,} skipped"
                  + (f" ({reasons})" if reasons else ""))
@@ -86,14 +85,13 @@ def _spread(values: dict[str, Any]) -> str:
 
 def print_box_stats(stats: dict[str, Any]) -> None:
     """The tables of :func:`handlens.data.boxes.box_stats` (also for ``stats`` to show under its own)."""
-    from rich.markup import escape
 
     for name, info in stats["labelsets"].items():
-        rows = [[escape(c), n] for c, n in info["classes"].items()]
+        rows = [[str(c), n] for c, n in info["classes"].items()]
         if info["unlabelled"]:
             rows.append(["(no label)", info["unlabelled"]])
-        stdout.print(table(f"Boxes, labelset '{escape(name)}'", ["class", "boxes"], rows))
-    stdout.print(table(f"Boxes in '{escape(stats['dataset'])}': {stats['boxes']:,}", ["measure", "min/med/max"],
+        stdout.print(table(f"Boxes, labelset '{name!s}'", ["class", "boxes"], rows))
+    stdout.print(table(f"Boxes in '{stats['dataset']!s}': {stats['boxes']:,}", ["measure", "min/med/max"],
                        [["width px", _spread(stats["width"])], ["height px", _spread(stats["height"])],
                         ["area px²", _spread(stats["area"])],
                         ["boxes per image (with boxes)", _spread(stats["boxes_per_image"])]]))

@@ -11,15 +11,19 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from handlens.core.errors import HandlensError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-stdout = Console(highlight=False, soft_wrap=True)
+# markup off: messages carry examples in brackets ("write {float: [low, high]}") that rich's markup would eat
+stdout = Console(highlight=False, soft_wrap=True, markup=False)
 if not stdout.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
     stdout.width = max(stdout.width, 140)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+ERROR = Text("error:", style="bold red")
+WARNING = Text("warning:", style="yellow")
 
 
 def emit_json(document: Any) -> None:
@@ -36,7 +40,7 @@ def handle_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except HandlensError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}")
+            stderr.print(ERROR, str(exc))
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -91,4 +95,4 @@ def fmt(value: Any) -> str:
 
 def warn(messages: list[str]) -> None:
     for message in messages:
-        stdout.print(f"[yellow]warning:[/] {message}")
+        stdout.print(WARNING, message)

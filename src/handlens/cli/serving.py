@@ -8,7 +8,7 @@ import typer
 
 from handlens.cli.context import workspace
 from handlens.cli.options import check_choice
-from handlens.cli.output import handle_errors, stderr
+from handlens.cli.output import WARNING, handle_errors, stderr
 
 app = typer.Typer()
 
@@ -68,7 +68,7 @@ def serve_cmd(
                              max_pixels_in_flight=max_pixels_in_flight, broker_url=broker, runtime=runtime,
                              allow_private_urls=allow_private_urls)
     if not settings.loopback and not api_key:
-        stderr.print(f"[yellow]warning:[/] serving on {host} without --api-key: read-only endpoints are open to "
+        stderr.print(WARNING, f"serving on {host} without --api-key: read-only endpoints are open to "
                      "the network and mutating ones are refused")
     os.environ[SETTINGS_ENV] = settings.model_dump_json()  # each worker process builds its app from it
     stderr.print(f"handlens serving {ws.root} on http://{host}:{port} (API docs at /docs)"

@@ -62,17 +62,16 @@ def import_urls_cmd(
 
 def print_url_import(report: Any) -> None:
     """Skipped URLs, classes per labelset, warnings; the last line sums the run up."""
-    from rich.markup import escape
 
     if report.skipped:
-        rows = [[escape(s.reason), escape(s.path), escape(s.detail)] for s in report.skipped[:25]]
+        rows = [[str(s.reason), str(s.path), str(s.detail)] for s in report.skipped[:25]]
         stdout.print(table("Not downloaded", ["reason", "url", "detail"], rows, justify_numbers=False))
         if len(report.skipped) > 25:
             stdout.print(f"... and {len(report.skipped) - 25} more (use --json for all)")
     for labelset, counts in report.class_counts.items():
-        stdout.print(table(f"Labelset '{escape(labelset)}'", ["class", "images"],
-                           [[escape(c), n] for c, n in counts.items()]))
-    warn([escape(w) for w in report.warnings])
+        stdout.print(table(f"Labelset '{labelset!s}'", ["class", "images"],
+                           [[str(c), n] for c, n in counts.items()]))
+    warn([str(w) for w in report.warnings])
     stdout.print(f"attribution: {report.attribution}", markup=False)
     counts = ", ".join(f"{n:,} {status}" for status, n in report.counts.items() if n)
     reasons = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in report.skipped_by_reason().items())

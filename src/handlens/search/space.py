@@ -16,6 +16,7 @@ or a value the run config refuses is one error naming the key, with a did-you-me
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -132,12 +133,15 @@ def load_space(path: str | Path | None = None, *, preset: str | None = None) -> 
 
 def parse_space(data: Any, *, source: str = "") -> SearchSpace:
     """Parse and check a space mapping (``space:`` and optional ``fixed:``)."""
+    sections = ("space", "fixed", "description")
+    unknown = sorted(str(key) for key in set(data) - set(sections)) if isinstance(data, dict) else []
+    if unknown:  # before the 'space:' check, so that a misspelt 'spcae:' is named as such
+        close = [difflib.get_close_matches(key, sections, 1) for key in unknown]
+        hints = [f"{key!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for key, c in zip(unknown, close, strict=True)]
+        raise InputError(f"search space {source}: unknown section(s) {', '.join(hints)}; use space, fixed")
     if not isinstance(data, dict) or not isinstance(data.get("space"), dict) or not data["space"]:
         raise InputError(f"search space {source}: write a mapping with a non-empty 'space:' section of "
                          "key: [choices] or key: {float|int: [low, high], log: true}")
-    unknown = sorted(set(data) - {"space", "fixed", "description"})
-    if unknown:
-        raise InputError(f"search space {source}: unknown section(s) {', '.join(unknown)}; use space, fixed")
     params = [_param(str(key), spec) for key, spec in data["space"].items()]
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
@@ -185,6 +189,9 @@ def _param(key: str, spec: Any) -> Param:
         raise InputError(f"{where}: int bounds must be whole numbers")
     if step is not None and (not isinstance(step, (int, float)) or step <= 0):
         raise InputError(f"{where}: step must be a positive number")
+    if step is not None and low + step > high:  # the range would hold its low end alone: one value searched
+        raise InputError(f"{where}: step {step} is wider than the range [{low}, {high}], so only {low} would be "
+                         f"tried; use a step of at most {high - low} or list the value(s)")
     return Param(key, kind, low=low, high=high, log=log, step=step)
 
 
