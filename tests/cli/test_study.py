@@ -35,6 +35,12 @@ def test_study_run_show_list_export(trained_workspace, tmp_path):
     assert [r["train.lr"] for r in rows] == ["0.03", "0.01"] and all(r["cv_mean"] for r in rows)
     again = cli(trained_workspace, "study", "run", "--dataset", "colours", "--space", str(space), "--name", "cli")
     assert again.exit_code != 0 and "--resume cli" in again.output
+    # on --resume a given option that differs from the study's is refused, its default value too
+    for flag, value in (("--cv", "5"), ("--sampler", "tpe")):
+        changed = cli(trained_workspace, "study", "run", "--resume", "cli", flag, value)
+        assert changed.exit_code != 0 and f"made with its own {flag}" in changed.output, changed.output
+    same = cli(trained_workspace, "study", "run", "--resume", "cli", "--cv", "3", "--tracking", "none")
+    assert same.exit_code == 0 and same.stdout.strip().splitlines()[-1].endswith("/bundle"), same.output
     typo = tmp_path / "typo.yaml"
     typo.write_text(json.dumps({"space": {"train.lrr": [0.1]}}))
     bad = cli(trained_workspace, "study", "run", "--dataset", "colours", "--space", str(typo))

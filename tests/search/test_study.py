@@ -486,3 +486,74 @@ def test_a_trial_made_but_never_begun_by_a_killed_process_is_marked_failed_on_re
     states = {t.number: t.state.name for t in study.get_trials()}
     assert states == {unclaimed.number: "FAIL", claimed.number: "RUNNING"}
     assert "before the trial began" in study.get_trials()[unclaimed.number].user_attrs["error"]
+
+
+def test_ctrl_c_while_optuna_records_a_trial_stops_the_study_after_it():
+    """Ctrl-C outside a trial's training (Optuna recording a trial) only asks the study to stop: the step goes on
+    and KeyboardInterrupt comes once optimize returns; inside training it is raised at once. The handler is put
+    back after."""
+    import signal
+
+    from handlens.search.study import _deferred_interrupts
+
+    class Study:
+        stopped = 0
+
+        def stop(self):
+            self.stopped += 1
+
+    class Objective:
+        training = False
+
+    study, objective, went_on = Study(), Objective(), []
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), _deferred_interrupts(study, objective):
+        signal.raise_signal(signal.SIGINT)
+        went_on.append("the step after the signal ran")
+    assert went_on and study.stopped == 1 and signal.getsignal(signal.SIGINT) is before
+    objective.training = True
+    with pytest.raises(KeyboardInterrupt), _deferred_interrupts(study, objective):
+        signal.raise_signal(signal.SIGINT)
+        went_on.append("not reached")
+    assert len(went_on) == 1 and study.stopped == 1 and signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_of_study_run_says_how_to_resume_and_keeps_the_trials(trained_workspace, tmp_path):
+    """SIGINT of a real `handlens study run` mid-trial: exit 130, one line naming --resume, no traceback; the
+    finished trials are kept and none is left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ws = trained_workspace
+    space = write_space(tmp_path / "space.yaml", {"train.lr": {"float": [1e-3, 1e-1], "log": True}},
+                        {"model.head": "linear", "train.epochs": 500})
+    command = [sys.executable, "-m", "handlens.cli.main", "--workspace", str(ws.root), "study", "run",
+               "--dataset", "colours", "--space", space, "--sampler", "random", "--trials", "40", "--cv", "3",
+               "--pruner", "none", "--tracking", "none", "--name", "ctrl"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = open_storage(ws.db_url)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+            try:
+                trials = optuna.load_study(study_name="ctrl", storage=storage).get_trials()
+            except Exception:
+                continue
+            states = [t.state.name for t in trials]
+            if states.count("COMPLETE") >= 2 and any(t.state.name == "RUNNING" and t.user_attrs.get("worker")
+                                                     for t in trials):
+                break
+        assert process.poll() is None, "the study ended before it could be interrupted mid-trial"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "interrupted (Ctrl-C)" in err and "handlens study run --resume ctrl" in err
+    trials = stored(ws, "ctrl").get_trials()
+    assert sum(t.state.name == "COMPLETE" for t in trials) >= 2
+    assert not [t for t in trials if t.state.name == "RUNNING"]

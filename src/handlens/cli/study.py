@@ -66,7 +66,8 @@ def run_cmd(
     """Run a study; the last line printed is the winning (refitted) bundle's path."""
     from handlens.search.study import StudyConfig, run_study
 
-    cfg = _study_config(StudyConfig, dataset=dataset or "", labelset=labelset, split=split, name=resume or name,
+    cfg = _study_config(StudyConfig, _given(ctx), dataset=dataset or "", labelset=labelset, split=split,
+                        name=resume or name,
                         space=str(space) if space else None, preset=preset, sampler=sampler, pruner=pruner,
                         trials=trials, budget=parse_budget(budget), cv=cv, repeats=repeats, objective=objective,
                         one_se=one_se, ensemble=ensemble, workers=workers, config=str(config) if config else None,
@@ -81,13 +82,18 @@ def run_cmd(
     print(result.bundle, flush=True)
 
 
-def _study_config(model: Any, **values: Any) -> Any:
-    """The StudyConfig of the flags; on --resume only the flags given (others keep the study's own)."""
+def _given(ctx: typer.Context) -> set[str]:
+    """The options given on the command line (or by environment), not left at their defaults."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}  # click's ParameterSource
+    return {name for name, source in sources.items() if source is not None and source.name not in ("DEFAULT",
+                                                                                                 "DEFAULT_MAP")}
+
+
+def _study_config(model: Any, given: set[str], **values: Any) -> Any:
+    """The StudyConfig of the flags; on --resume only the flags given (the others keep the study's own, and one
+    given that differs from the study's is refused: a default value too, e.g. --cv 5 on a study made with 3)."""
     if values.get("resume"):
-        fields = model.model_fields
-        values = {k: v for k, v in values.items()
-                  if k in ("name", "resume") or v != (fields[k].default_factory() if fields[k].default_factory
-                                                      else fields[k].default)}
+        values = {k: v for k, v in values.items() if k in ("name", "resume") or k in given}
     return flags_model(model, **values)
 
 

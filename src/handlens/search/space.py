@@ -137,7 +137,8 @@ def parse_space(data: Any, *, source: str = "") -> SearchSpace:
     unknown = sorted(str(key) for key in set(data) - set(sections)) if isinstance(data, dict) else []
     if unknown:  # before the 'space:' check, so that a misspelt 'spcae:' is named as such
         close = [difflib.get_close_matches(key, sections, 1) for key in unknown]
-        hints = [f"{key!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for key, c in zip(unknown, close, strict=True)]
+        hints = [f"{key!r}" + (f" (did you mean {c[0]!r}?)" if c else "")
+                 for key, c in zip(unknown, close, strict=True)]
         raise InputError(f"search space {source}: unknown section(s) {', '.join(hints)}; use space, fixed")
     if not isinstance(data, dict) or not isinstance(data.get("space"), dict) or not data["space"]:
         raise InputError(f"search space {source}: write a mapping with a non-empty 'space:' section of "

@@ -17,6 +17,7 @@ worker; a worker that finds the queue empty stops).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -316,6 +317,7 @@ class _Objective:
         self.prune_epochs = bool(ctx.settings.get("prune_epochs"))
         self.pool_index = {image_id: row for row, image_id in enumerate(ctx.pool_ids)}
         self.finished: _Finished | None = None  # the running trial's view of the finished ones (should_prune)
+        self.training = False  # a trial's training runs (Ctrl-C then stops it at once: _deferred_interrupts)
 
     def _pool_features(self) -> Any:
         from handlens.data.catalog import Image, open_catalog
@@ -369,9 +371,13 @@ class _Objective:
                 raise optuna.TrialPruned()
         from handlens.train.run import RunInterrupted
 
+        self.training = True
         try:
             return self._score(trial, cfg, params)
         except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:  # Ctrl-C while a frozen trial's heads trained: the study stops
+            trial.set_user_attr("error", "interrupted: Ctrl-C")
             raise
         except RunInterrupted:  # Ctrl-C inside a fold's training: stop the study, not just this trial
             import signal
@@ -382,6 +388,8 @@ class _Objective:
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
             raise
+        finally:
+            self.training = False
 
     def _score(self, trial: Any, cfg: Any, params: dict[str, Any]) -> float:
         import optuna
@@ -704,9 +712,52 @@ def _work(ctx: StudyContext, ws: Workspace, storage: Any, trials_wanted: int | N
     if (trials_wanted is not None and len(finished) >= trials_wanted) or (
             ctx.deadline is not None and time.time() >= ctx.deadline):
         return objective  # optimize would run one trial before its callback can stop it
-    study.optimize(objective, catch=(Exception,), callbacks=[_progress, _stop_when_done(ctx, trials_wanted)],
-                   gc_after_trial=False)
+    try:
+        with _deferred_interrupts(study, objective):
+            study.optimize(objective, catch=(Exception,), callbacks=[_progress, _stop_when_done(ctx, trials_wanted)],
+                           gc_after_trial=False)
+    except KeyboardInterrupt:
+        kept = sum(1 for t in study.get_trials(deepcopy=False)
+                   if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+        raise StudyInterrupted(f"study {ctx.name} interrupted (Ctrl-C): its {kept} finished trial(s) are kept; "
+                               f"continue it with `handlens study run --resume {ctx.name}`") from None
     return objective
+
+
+class StudyInterrupted(HandlensError):
+    """The user stopped a study (Ctrl-C): its finished trials are kept for ``--resume``."""
+
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def _deferred_interrupts(study: Any, objective: _Objective) -> Any:
+    """Ctrl-C during ``study.optimize``: raised at once while a trial trains (its training stops, the trial is
+    recorded as failed), but only asked for while Optuna records a trial or picks the next (a KeyboardInterrupt
+    inside its ``tell`` broke its bookkeeping: an UnboundLocalError traceback, seen by a user) — the study is
+    then stopped after that step and KeyboardInterrupt raised once ``optimize`` has returned. Outside the main
+    thread (no signal handlers there) nothing changes; the previous handler is restored in ``finally``."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    asked: list[int] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        asked.append(signum)
+        if getattr(objective, "training", False):
+            raise KeyboardInterrupt
+        study.stop()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if asked:
+        raise KeyboardInterrupt
 
 
 def _worker_main(name: str, ws_root: str, db_url: str, trials: int | None, deadline: float | None,  # noqa: PLR0917
@@ -720,7 +771,10 @@ def _worker_main(name: str, ws_root: str, db_url: str, trials: int | None, deadl
     ctx = _load_context(load_study(storage, name))
     ctx.deadline = deadline
     ctx.budget = deadline - time.time() if deadline is not None else None
-    _work(ctx, ws, storage, trials, worker_index=index)
+    try:
+        _work(ctx, ws, storage, trials, worker_index=index)
+    except StudyInterrupted:  # Ctrl-C reaches every process of the group: the parent says what to do
+        return
 
 
 #: what a resumed study keeps from when it was made (the refit's --ensemble and --one-se may change)
@@ -729,9 +783,7 @@ FIXED_ON_RESUME = ("dataset", "labelset", "split", "space", "preset", "sampler",
 
 
 def _refuse_changes_on_resume(cfg: StudyConfig, settings: dict[str, Any]) -> None:
-    changed = [key for key in FIXED_ON_RESUME
-               if key in cfg.model_fields_set and getattr(cfg, key) != StudyConfig.model_fields[key].default
-               and getattr(cfg, key) != settings.get(key)]
+    changed = [key for key in FIXED_ON_RESUME if key in cfg.model_fields_set and getattr(cfg, key) != settings.get(key)]
     if changed:
         raise InputError(f"study {cfg.name} was made with its own {', '.join('--' + k for k in changed)}: a resumed "
                          "study keeps them; start a new study (--name) to change them")
@@ -865,20 +917,6 @@ def work_study(name: str, workspace: Workspace | None = None, *, budget: float |
 def _default_name(cfg: StudyConfig) -> str:
     source = cfg.preset or (Path(cfg.space).stem if cfg.space else "quick")
     return f"{cfg.dataset}-{source}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-
-
-# ----------------------------------------------------------------------------------------------- choosing
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------- refit
