@@ -557,3 +557,19 @@ def test_ctrl_c_of_study_run_says_how_to_resume_and_keeps_the_trials(trained_wor
     trials = stored(ws, "ctrl").get_trials()
     assert sum(t.state.name == "COMPLETE" for t in trials) >= 2
     assert not [t for t in trials if t.state.name == "RUNNING"]
+
+
+def test_an_unknown_backbone_or_weights_it_lacks_is_one_error_before_any_trial(trained_workspace, tmp_path):
+    """A misspelt backbone (searched, fixed or overridden) or packaged weights for a backbone that has none: one
+    error naming the fix, and no study is made."""
+    from handlens.search.study import study_names
+
+    ws = trained_workspace
+    with pytest.raises(InputError, match=r"'model\.backbone' = 'tiny_cnnn'.*did you mean 'tiny_cnn'"):
+        run_study(study_cfg(tmp_path, {"model.backbone": ["tiny_cnn", "tiny_cnnn"]}, sampler="grid"), ws)
+    with pytest.raises(InputError, match=r"model\.backbone=resnt18.*did you mean 'resnet18'"):
+        run_study(study_cfg(tmp_path, {"train.lr": [0.01]}, overrides=["model.backbone=resnt18"]), ws)
+    with pytest.raises(InputError, match=r"no packaged weights ship for resnet18.*set model\.weights=imagenet"):
+        run_study(study_cfg(tmp_path, {"train.lr": [0.01]}, fixed={"model.backbone": "resnet18",
+                                                                   "model.weights": "packaged"}), ws)
+    assert study_names(open_storage(ws.db_url)) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -36,7 +37,9 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "(none)"
-            raise NotFoundError(f"unknown {self.kind} {name!r}; choose one of: {known}") from None
+            close = difflib.get_close_matches(str(name), list(self._entries), 1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise NotFoundError(f"unknown {self.kind} {name!r}{hint}; choose one of: {known}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -241,6 +241,35 @@ def _pool_groups(catalog: Any, split_name: str, dataset: str, ids: list[int]) ->
         return split_groups(session, find_dataset(session, dataset).id, split_name, ids)
 
 
+def _check_buildable(ctx: StudyContext) -> None:
+    """Every backbone a trial can get is a known one, with the weights it is given: one clear error before any
+    trial runs (otherwise every trial with it failed, and a grid study half of whose points could not be built
+    still ended with a winner). Run-config values are checked by :func:`~handlens.search.space.check_space`;
+    this is the one check that needs the model registry, over the searched backbones and weights."""
+    import itertools
+
+    from handlens.models.backbones import BACKBONES
+
+    searched = {p.key: list(p.choices) for p in ctx.space.params if p.key in ("model.backbone", "model.weights")}
+    base = {p.key: p.samples()[0] for p in ctx.space.params}
+    for values in itertools.product(*searched.values()):
+        point = {**base, **dict(zip(searched, values, strict=True))}
+        cfg = ctx.trial_config(point)
+        where = (f"search space key 'model.backbone' = {cfg.model.backbone!r}" if "model.backbone" in searched
+                 else f"model.backbone={cfg.model.backbone}")
+        try:
+            spec = BACKBONES.get(cfg.model.backbone)
+        except NotFoundError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        if cfg.model.weights == "packaged" and not spec.packaged_weights:
+            from handlens.models.weights import packaged_backbones
+
+            raise InputError(f"{where} with model.weights=packaged: no packaged weights ship for {spec.name} "
+                             f"(they exist for {', '.join(packaged_backbones())}); set model.weights=imagenet "
+                             "(needs internet) or a weights file, in the space's fixed: section or as an "
+                             "override, or search packaged backbones only")
+
+
 def _create_context(cfg: StudyConfig, ws: Workspace, catalog: Any, space: SearchSpace) -> StudyContext:
     from handlens.search.folds import cv_folds
     from handlens.train.data import load_split_data
@@ -812,6 +841,7 @@ def create_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyC
         ctx = _create_context(cfg, ws, catalog, space)
     finally:
         catalog.close()
+    _check_buildable(ctx)
     study = optuna.create_study(study_name=cfg.name, storage=storage, direction="maximize",
                                 sampler=_sampler(cfg.sampler, cfg.seed), pruner=_pruner(cfg.pruner))
     _store_context(study, ctx)
