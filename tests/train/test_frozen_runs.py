@@ -113,9 +113,12 @@ def test_logistic_needs_cached_features(trained_workspace):
         train(tiny_config(FROZEN, "model.head=logistic", "train.label_smoothing=0.1"), trained_workspace)
 
 
-def test_a_fixed_logistic_c_is_fitted_as_given_and_refused_where_it_has_no_effect(trained_workspace):
+def test_a_fixed_logistic_c_is_fitted_as_given_and_refused_where_it_has_no_effect(trained_workspace, capsys):
     result = train(tiny_config(FROZEN, "model.logistic_c=0.05"), trained_workspace)
     assert result.metrics["head_fit"]["C"] == 0.05 and result.metrics["head_fit"]["cv"]["folds"] == 0
+    # said as given, not as a data problem (a study's refit said "a class has fewer than 2 training images")
+    err = capsys.readouterr().err
+    assert "C=0.05 as given (model.logistic_c)" in err and "fewer than 2" not in err
     with pytest.raises(InputError, match=r"model\.logistic_c has no effect with model\.head=linear"):
         train(tiny_config(FROZEN, "model.head=linear", "model.logistic_c=0.05"), trained_workspace)
 

@@ -435,10 +435,12 @@ def _choose_c(rows: np.ndarray, row_y: np.ndarray, owner: np.ndarray, weights: n
     counts = np.bincount(y, minlength=n_classes)
     k = min(cv_folds, int(counts[counts > 0].min()))
     image_fold, k = image_folds(y, k, seed, groups) if k >= 2 else (None, k)
+    if len(c_grid) == 1:  # model.logistic_c given (a study chose it on its own folds): nothing to choose here
+        return float(c_grid[0]), {"folds": 0, "note": "as given (model.logistic_c)"}
     if k < 2 or len(c_grid) < 2:
         chosen = float(c_grid[len(c_grid) // 2]) if len(c_grid) else 1.0
-        return chosen, {"folds": 0, "note": "no cross-validation: a class has fewer than 2 training images "
-                        f"(or groups, or one C given); C={chosen:g}"}
+        return chosen, {"folds": 0, "note": "(no cross-validation: a class has fewer than 2 training "
+                        "images or groups)"}
     row_fold = image_fold[owner]
     oof = np.zeros((len(c_grid), len(y), n_classes))
     converged = True
