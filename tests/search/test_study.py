@@ -572,4 +572,6 @@ def test_an_unknown_backbone_or_weights_it_lacks_is_one_error_before_any_trial(t
     with pytest.raises(InputError, match=r"no packaged weights ship for resnet18.*set model\.weights=imagenet"):
         run_study(study_cfg(tmp_path, {"train.lr": [0.01]}, fixed={"model.backbone": "resnet18",
                                                                    "model.weights": "packaged"}), ws)
+    with pytest.raises(InputError, match=r"augment\.vflip=True has no effect on a frozen backbone's cached"):
+        run_study(study_cfg(tmp_path, {"train.lr": [0.01]}, overrides=["augment.vflip=true"]), ws)
     assert study_names(open_storage(ws.db_url)) == []

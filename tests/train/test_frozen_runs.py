@@ -106,6 +106,21 @@ def test_a_policy_that_cannot_reach_cached_features_is_refused_with_the_fix(trai
     assert learning.epochs == 2
 
 
+def test_the_basic_policys_settings_are_refused_where_the_basic_policy_is_not_applied(trained_workspace):
+    """augment.vflip (hflip, crop_scale) tune the basic policy: on cached features without views, or with
+    another policy, they would change nothing, silently."""
+    with pytest.raises(InputError, match=r"augment\.vflip=True has no effect on a frozen backbone's cached "
+                                         r"features \(no image is augmented\): add train\.views=4"):
+        train(tiny_config(FROZEN, "augment.vflip=true"), trained_workspace)
+    with pytest.raises(InputError, match=r"augment\.hflip=False, augment\.crop_scale=0\.5 have no effect with "
+                                         r"augment\.policy=none: it tunes the basic policy only"):
+        train(tiny_config("augment.policy=none", "augment.hflip=false", "augment.crop_scale=0.5"), trained_workspace)
+    views = train(tiny_config(FROZEN, "augment.vflip=true", "augment.policy=basic", "train.views=2"),
+                  trained_workspace)
+    assert saved(views)["augment"]["vflip"] is True
+    assert train(tiny_config("augment.vflip=true"), trained_workspace).epochs == 2  # auto is basic here
+
+
 def test_logistic_needs_cached_features(trained_workspace):
     with pytest.raises(InputError, match=r"model\.head=logistic is fitted on a frozen backbone's cached features"):
         train(tiny_config("model.head=logistic"), trained_workspace)

@@ -242,19 +242,27 @@ def _pool_groups(catalog: Any, split_name: str, dataset: str, ids: list[int]) ->
 
 
 def _check_buildable(ctx: StudyContext) -> None:
-    """Every backbone a trial can get is a known one, with the weights it is given: one clear error before any
+    """Every backbone a trial can get is a known one, with the weights it is given, and augmentation settings
+    take effect (:func:`~handlens.train.run.check_policy_has_effect`): one clear error before any
     trial runs (otherwise every trial with it failed, and a grid study half of whose points could not be built
     still ended with a winner). Run-config values are checked by :func:`~handlens.search.space.check_space`;
     this is the one check that needs the model registry, over the searched backbones and weights."""
     import itertools
 
     from handlens.models.backbones import BACKBONES
+    from handlens.search.trial import on_cached_features
 
     searched = {p.key: list(p.choices) for p in ctx.space.params if p.key in ("model.backbone", "model.weights")}
     base = {p.key: p.samples()[0] for p in ctx.space.params}
+    # with the freeze, views, cache or augmentation searched, whether an augmentation setting counts depends on
+    # the point: such a trial fails on its own, with the same message, and the others run
+    mixed = any(p.key.startswith("augment.") or p.key in ("model.freeze", "train.views", "train.feature_cache")
+                for p in ctx.space.params)
     for values in itertools.product(*searched.values()):
         point = {**base, **dict(zip(searched, values, strict=True))}
         cfg = ctx.trial_config(point)
+        if not mixed:  # an augmentation setting that would change nothing: refused as train refuses it
+            on_cached_features(cfg)
         where = (f"search space key 'model.backbone' = {cfg.model.backbone!r}" if "model.backbone" in searched
                  else f"model.backbone={cfg.model.backbone}")
         try:

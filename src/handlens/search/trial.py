@@ -78,12 +78,14 @@ class TrialScore:
 
 def on_cached_features(cfg: Any) -> bool:
     """True when ``cfg`` trains only a head on fixed backbone features (the fast, shared path)."""
+    from handlens.train.run import check_policy_has_effect, resolve_policy
     from handlens.train.run import on_cached_features as cached
-    from handlens.train.run import resolve_policy
     from handlens.transforms.augment import policy_for
 
     resolve_policy(cfg)
-    return cached(cfg, policy_for(cfg.augment))
+    answer = cached(cfg, policy_for(cfg.augment))
+    check_policy_has_effect(cfg, answer)  # as train refuses it (the refit would): an augmentation that does nothing
+    return answer
 
 
 class PoolFeatures:

@@ -131,12 +131,31 @@ def feature_key_parts(cfg: RunConfig, spec: Any, preprocess: Any, views: int) ->
     return {**base, "augment": cfg.augment.model_dump(), "seed": cfg.train.seed} if views else base
 
 
+#: the basic policy's own settings (their defaults): they shape ``augment.policy=basic`` and nothing else
+BASIC_POLICY_KNOBS = {"hflip": True, "vflip": False, "crop_scale": 0.8}
+
+
 def check_policy_has_effect(cfg: RunConfig, on_features: bool) -> None:
-    """An explicit policy on cached features without views would change nothing: say how to make it count."""
+    """An explicit policy on cached features without views would change nothing: say how to make it count. The
+    basic policy's settings (augment.hflip, vflip, crop_scale) changed where the basic policy is not the one
+    applied (a frozen run without views augments nothing; a preset or ``none`` has steps of its own) would be
+    ignored silently: refused the same way. ``cfg.augment.policy`` is the resolved one (:func:`resolve_policy`)."""
     if on_features and cfg.train.views == 0 and cfg.augment.policy not in ("none", "auto"):
         raise InputError(f"augment.policy={cfg.augment.policy} has no effect on a frozen backbone's cached "
                          "features: add train.views=4 to cache 4 augmented views per image, or set "
                          "augment.policy=none")
+    tuned = [f"augment.{key}={getattr(cfg.augment, key)}" for key, default in BASIC_POLICY_KNOBS.items()
+             if getattr(cfg.augment, key) != default]
+    if not tuned or cfg.augment.policy == "basic":
+        return
+    has = "has" if len(tuned) == 1 else "have"
+    if on_features and cfg.train.views == 0:
+        raise InputError(f"{', '.join(tuned)} {has} no effect on a frozen backbone's cached features (no image is "
+                         "augmented): add train.views=4 augment.policy=basic to cache 4 augmented views per "
+                         "image, or drop it")
+    raise InputError(f"{', '.join(tuned)} {has} no effect with augment.policy={cfg.augment.policy}: it tunes the basic "
+                     "policy only; use augment.policy=basic, or put the step in your own policy file (see "
+                     "`handlens augment-preview`), or drop it")
 
 
 def regroup_subsets(data: Any, subsets: dict[str, list[int]]) -> Any:
