@@ -29,6 +29,8 @@ def test_study_run_show_list_export(trained_workspace, tmp_path):
     assert lines[-1].endswith("/bundle") and any(line.startswith("verdict:") for line in lines)
     shown = cli(trained_workspace, "study", "show", "cli", "--top", "1")
     assert shown.exit_code == 0 and "the best 1 of 2 trials" in shown.stdout
+    misspelt = cli(trained_workspace, "study", "show", "clu")
+    assert misspelt.exit_code != 0 and "no study 'clu' (did you mean 'cli'?)" in misspelt.output
     listed = json.loads(cli(trained_workspace, "study", "list", "--json").stdout)
     assert [s["name"] for s in listed] == ["cli"] and listed[0]["trials"] == {"complete": 2}
     rows = list(csv.DictReader(io.StringIO(cli(trained_workspace, "study", "export", "cli", "--csv").stdout)))

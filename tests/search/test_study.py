@@ -225,6 +225,7 @@ def test_two_study_work_processes_share_one_grid_study_on_postgresql(tmp_path, p
 
 
 def test_one_standard_error_rule_picks_the_cheaper_config_near_the_best():
+    from handlens.search.records import verdict
     from handlens.search.study import TrialRow, choose
 
     def row(number, mean, std, *, freeze, seconds):
@@ -234,8 +235,14 @@ def test_one_standard_error_rule_picks_the_cheaper_config_near_the_best():
             row(2, 0.80, 0.01, freeze="frozen", seconds=5.0)]
     assert choose(rows).number == 0
     assert choose(rows, one_se=True).number == 1  # within 0.05/sqrt(5) = 0.022 of the best, and frozen
+    assert verdict(choose(rows, one_se=True), rows, one_se=True) == (
+        "winner trial 1: CV 0.880 ± 0.040, the cheapest configuration within one standard error (0.022) of the "
+        "best, trial 0 (0.900; --one-se)")
     rows[1] = row(1, 0.85, 0.04, freeze="frozen", seconds=10.0)
     assert choose(rows, one_se=True).number == 0  # 0.05 below: outside one standard error
+    assert verdict(rows[0], rows, one_se=True).endswith(
+        "; --one-se kept it: no cheaper configuration is within one standard error (0.022)")
+    assert "--one-se" not in verdict(rows[0], rows)
 
 
 def test_killed_study_run_resumes_with_its_finished_trials(trained_workspace, tmp_path):
@@ -575,3 +582,16 @@ def test_an_unknown_backbone_or_weights_it_lacks_is_one_error_before_any_trial(t
     with pytest.raises(InputError, match=r"augment\.vflip=True has no effect on a frozen backbone's cached"):
         run_study(study_cfg(tmp_path, {"train.lr": [0.01]}, overrides=["augment.vflip=true"]), ws)
     assert study_names(open_storage(ws.db_url)) == []
+
+
+def test_a_model_based_sampler_with_too_few_trials_is_said_to_be_a_random_search(trained_workspace, tmp_path,
+                                                                                 capsys):
+    from handlens.search.study import _note_random_start
+
+    assert _note_random_start("tpe", 20) is None and _note_random_start("random", 2) is None
+    assert _note_random_start("gp", None) is None  # a budget: how many trials is not known
+    assert "--sampler gp draws its first 10 trials at random: with 10 trial(s)" in _note_random_start("gp", 10)
+    run_study(study_cfg(tmp_path, {"train.lr": [0.01, 0.1]}, fixed={"model.head": "logistic"}, sampler="tpe",
+                        trials=1), trained_workspace)
+    assert ("warning: --sampler tpe draws its first 8 trials at random: with 1 trial(s) this study is a random "
+            "search; give --trials 20 or more") in capsys.readouterr().err

@@ -141,6 +141,31 @@ def test_cli_evaluate_prints_the_verdict_and_the_pairs(leaky):
     assert val["verdict"].startswith("not checked:")
 
 
+def test_scores_on_images_the_model_learnt_from_lead_with_what_they_are_worth(leaky, tmp_path):
+    """The train subset is not held out, val is optimistic, test is held out; after a study's refit (val images
+    moved into train) val is not held out either, and the CLI says so before the scores."""
+    ws, bundle, _ = leaky
+    for subset, verdict in (("train", "not held out"), ("val", "optimistic"), ("test", "held out")):
+        held = evaluate(bundle, ws, subset=subset)["held_out"]
+        assert held["verdict"] == verdict, (subset, held)
+    n_val = evaluate(bundle, ws, subset="val")["n"]
+    refitted = tmp_path / "refitted"
+    shutil.copytree(bundle, refitted)
+    manifest = json.loads((refitted / "bundle.json").read_text())
+    members = manifest["split_membership"]
+    manifest["split_membership"] = {"train": members["train"] + members["val"], "test": members["test"]}
+    manifest["study"] = {"name": "s", "refitted": True}
+    (refitted / "bundle.json").write_text(json.dumps(manifest))
+    held = evaluate(refitted, ws, subset="val")["held_out"]
+    assert (held["verdict"], held["trained_on"], held["n"]) == ("not held out", n_val, n_val)
+    result = runner.invoke(app, ["--workspace", str(ws.root), "evaluate", str(refitted), "--split", "val"])
+    assert result.exit_code == 0, result.output
+    first = result.stdout.index(f"warning: not an estimate for new images: the model trained on {n_val} of these "
+                                f"{n_val} images (a study refitted it on all train+val images)")
+    assert first < result.stdout.index("macro-F1")
+    assert "held out" not in runner.invoke(app, ["--workspace", str(ws.root), "evaluate", str(bundle)]).stdout
+
+
 def test_tta_in_evaluate_and_predict_uses_the_policy_flips(leaky, tmp_path):
     ws, bundle, tree = leaky  # tiny_config trains with the basic policy: horizontal flips only
     report = evaluate(bundle, ws, tta=True)

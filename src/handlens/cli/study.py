@@ -97,12 +97,16 @@ def _study_config(model: Any, given: set[str], **values: Any) -> Any:
     return flags_model(model, **values)
 
 
+def _epochs(n: Any) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def _refit_line(refit: dict[str, Any]) -> str:
     if "members" in refit:
-        return "ensemble of " + ", ".join(f"trial {m['trial']} ({m['epochs']} epochs)" for m in refit["members"])
+        return "ensemble of " + ", ".join(f"trial {m['trial']} ({_epochs(m['epochs'])})" for m in refit["members"])
     if not refit:
         return "-"
-    return (f"trial {refit['trial']} retrained on all train+val images for {refit['epochs']} epochs "
+    return (f"trial {refit['trial']} retrained on all train+val images for {_epochs(refit['epochs'])} "
             f"(run {refit['run_id']})")
 
 

@@ -118,8 +118,13 @@ def study_names(storage: Any) -> list[str]:
 def load_study(storage: Any, name: str) -> Any:
     import optuna
 
-    if name not in study_names(storage):
-        raise NotFoundError(f"no study {name!r}; see `handlens study list`")
+    names = study_names(storage)
+    if name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(name, names, 1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise NotFoundError(f"no study {name!r}{hint}; see `handlens study list`")
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -175,10 +180,24 @@ def choose(rows: list[TrialRow], *, one_se: bool = False) -> TrialRow | None:
     return min(near, key=lambda r: (_cost(r), -r.cv_mean))
 
 
-def verdict(winner: TrialRow | None, rows: list[TrialRow]) -> str:
-    """In words: how sure the CV is that the winner beats the runner-up."""
+def verdict(winner: TrialRow | None, rows: list[TrialRow], *, one_se: bool = False) -> str:
+    """In words: how sure the CV is that the winner beats the runner-up; with ``one_se``, whether the
+    one-standard-error rule changed the pick (from which trial) or kept the best."""
     if winner is None:
         return "no trial finished"
+    best = choose(rows)
+    if one_se and best is not None:
+        se = (best.cv_std or 0.0) / np.sqrt(max(best.folds, 1))
+        if best.number != winner.number:
+            return (f"winner trial {winner.number}: CV {winner.cv_mean:.3f} ± {winner.cv_std:.3f}, the cheapest "
+                    f"configuration within one standard error ({se:.3f}) of the best, trial {best.number} "
+                    f"({best.cv_mean:.3f}; --one-se)")
+        rule = f"; --one-se kept it: no cheaper configuration is within one standard error ({se:.3f})"
+        return _against_runner_up(winner, rows) + rule
+    return _against_runner_up(winner, rows)
+
+
+def _against_runner_up(winner: TrialRow, rows: list[TrialRow]) -> str:
     others = [r for r in scored_trials(rows) if r.number != winner.number]
     if not others:
         return (f"winner trial {winner.number}: CV {winner.cv_mean:.3f} ± {winner.cv_std:.3f} "
@@ -229,10 +248,11 @@ def show_study(name: str, workspace: Workspace | None = None, *, storage: Any = 
     if not study.user_attrs.get(STUDY_TAG):
         raise NotFoundError(f"study {name!r} was not made by handlens")
     rows = trial_rows(study)
-    winner = choose(rows, one_se=bool((study.user_attrs.get("settings") or {}).get("one_se")))
+    one_se = bool((study.user_attrs.get("settings") or {}).get("one_se"))
+    winner = choose(rows, one_se=one_se)
     bundle = study.user_attrs.get("bundle")
     return StudyResult(name=name, bundle=Path(bundle) if bundle else None, winner=winner, trials=rows,
-                       importances=importances(study), seconds=0.0, verdict=verdict(winner, rows))
+                       importances=importances(study), seconds=0.0, verdict=verdict(winner, rows, one_se=one_se))
 
 
 def list_studies(workspace: Workspace | None = None, *, storage: Any = None) -> list[dict[str, Any]]:

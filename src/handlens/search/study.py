@@ -90,7 +90,21 @@ def _sampler(name: str, seed: int) -> Any:
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS["tpe"])
+
+
+#: trials a model-based sampler draws at random before it models the space (Optuna's GPSampler default: 10)
+STARTUP_TRIALS = {"tpe": 8, "gp": 10}
+
+
+def _note_random_start(sampler: str, trials: int | None) -> str | None:
+    """A study too short for its sampler to model anything is a random search: say so, not silently."""
+    startup = STARTUP_TRIALS.get(sampler)
+    if startup is None or trials is None or trials > startup:
+        return None
+    return (f"--sampler {sampler} draws its first {startup} trials at random: with {trials} trial(s) this study is a "
+            f"random search; give --trials {2 * startup + 4} or more for {sampler} to model the space, or say "
+            "--sampler random")
 
 
 #: a fold's report is at step FOLD_STEP + fold index in a study that prunes by epoch too (the first fold's epochs
@@ -914,6 +928,9 @@ def run_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyResu
         None if ctx.settings["sampler"] == "grid" or cfg.budget else 20)
     ctx.deadline = started + cfg.budget if cfg.budget else None
     ctx.budget = cfg.budget
+    note = _note_random_start(ctx.settings["sampler"], trials_wanted)
+    if note:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     processes = []
     if cfg.workers > 1:
         spawn = multiprocessing.get_context("spawn")
@@ -987,7 +1004,7 @@ def finish_study(ctx: StudyContext, ws: Workspace, storage: Any, *, one_se: bool
     study.set_user_attr("winner", winner.number)
     return StudyResult(name=ctx.name, bundle=bundle, winner=winner, trials=rows, importances=importances(study),
                        seconds=time.time() - started, feature_passes=feature_passes, refit=refit_info,
-                       members=[m.number for m in members], verdict=verdict(winner, rows))
+                       members=[m.number for m in members], verdict=verdict(winner, rows, one_se=one_se))
 
 
 def _ensemble_members(ctx: StudyContext, rows: list[TrialRow], winner: TrialRow, k: int) -> list[TrialRow]:

@@ -153,6 +153,7 @@ def evaluate(
     judged = judge(bundle_ref, ws, dataset=dataset, subset=subset, split=split, images=images, tta=tta)
     bundle, path, paths, probs, targets = judged.bundle, judged.path, judged.paths, judged.probs, judged.targets
     metrics = classification_metrics(torch.from_numpy(probs), torch.from_numpy(targets), bundle.classes)
+    held = held_out(bundle.manifest, judged.image_ids, n=len(paths)) if judged.image_ids is not None else None
     if images is None and subset != "test":
         leakage: dict[str, Any] = {"verdict": f"not checked: the model trained on (or was selected on) the {subset} "
                                    "subset; the leak check is for test subsets and --images", "pairs": []}
@@ -171,10 +172,34 @@ def evaluate(
                   f"{judged.source}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
     report = {"bundle": str(path), "source": judged.source, "classes": bundle.classes, **metrics,
               "confusion_png": str(png), "top_losses": top_losses(probs, targets, paths, bundle.classes, count=top),
-              "leakage": leakage, "tta": tta_report}
+              "held_out": held, "leakage": leakage, "tta": tta_report}
     report_file = png.with_name(png.stem.replace("eval_confusion_", "eval_report_") + ".json")
     report_file.write_text(json.dumps(report, indent=1, default=float))  # for people, and the service
     return {**report, "report": str(report_file)}
+
+
+def held_out(manifest: dict[str, Any], image_ids: list[int], *, n: int) -> dict[str, Any]:
+    """Whether catalog images judged by a bundle were kept from it, by the image ids it records
+    (``split_membership``): a score on images the model trained on (the train subset; val too after a study's
+    refit on train+val) says nothing about new images, and one on its validation images is optimistic (they can
+    have chosen its best epoch or settings). The verdict in words (``held out``, ``optimistic``, ``not held
+    out``) leads the report, so a 1.000 on training images is not read as accuracy."""
+    membership = manifest.get("split_membership") or {}
+    trained, validated = set(membership.get("train") or []), set(membership.get("val") or [])
+    on_train = sum(1 for i in image_ids if i in trained)
+    on_val = sum(1 for i in image_ids if i in validated and i not in trained)
+    study = manifest.get("study") if isinstance(manifest.get("study"), dict) else {}
+    if on_train:
+        why = " (a study refitted it on all train+val images)" if study.get("refitted") else ""
+        verdict, message = "not held out", (f"not an estimate for new images: the model trained on {on_train} of "
+                                            f"these {n} images{why}; judge it on the test subset (--split test)")
+    elif on_val:
+        verdict, message = "optimistic", (f"optimistic: {on_val} of these {n} images are the run's validation "
+                                          "images, which can have chosen its best epoch or settings; the test "
+                                          "subset (--split test) is the held-out estimate")
+    else:
+        verdict, message = "held out", "held out: the model neither trained nor validated on these images"
+    return {"verdict": verdict, "message": message, "trained_on": on_train, "validated_on": on_val, "n": n}
 
 
 def _frozen_probs(ws: Workspace, bundle: Any, decoded: np.ndarray, sha256s: list[str]) -> np.ndarray | None:
