@@ -86,3 +86,17 @@ def test_the_entry_point_leaves_what_is_alive_at_exit_out_of_the_final_collectio
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_an_option_named_by_a_run_config_key_says_how_to_give_the_key(monkeypatch, capsys):
+    """`train --model.head=logistic` was Click's bare "No such option": the key=value form is the fix."""
+    from handlens.cli import app as app_module
+
+    assert app_module.dotted_option(["train", "--dataset", "d", "--out=a.b", "x.y=1"]) is None
+    assert app_module.dotted_option(["predict", "--", "--odd.name.png"]) is None
+    monkeypatch.setattr("sys.argv", ["handlens", "train", "--dataset", "d", "--model.head=logistic"])
+    with pytest.raises(SystemExit) as exited:
+        app_module.run()
+    assert exited.value.code == 2
+    assert ("error: --model.head=logistic: no handlens option has a dot; a run-config key is given without dashes, "
+            "as key=value after the options (e.g. model.head=logistic)") in capsys.readouterr().err

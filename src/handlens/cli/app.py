@@ -38,10 +38,32 @@ app.add_typer(detecting.detect_app, name="detect")
 
 def run() -> None:
     """Console-script entry point."""
+    import sys
+
+    dotted = dotted_option(sys.argv[1:])
+    if dotted:  # Click would answer "No such option: --model.head" and leave the user there
+        from handlens.cli.output import ERROR, stderr
+
+        key = dotted.lstrip("-")
+        example = key if "=" in key else f"{key}=VALUE"
+        stderr.print(ERROR, f"{dotted}: no handlens option has a dot; a run-config key is given without dashes, "
+                     f"as key=value after the options (e.g. {example})")
+        raise SystemExit(2)
     try:
         app()
     finally:
         skip_final_collection()
+
+
+def dotted_option(argv: list[str]) -> str | None:
+    """The first argument that looks like an option named by a run-config key (``--model.head=logistic``): no
+    option's name has a dot, and overrides are ``key=value`` words. Arguments after ``--`` are positional."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            return arg
+    return None
 
 
 def skip_final_collection() -> None:
