@@ -81,6 +81,34 @@ def test_a_class_that_alone_is_grey_png_is_a_mode_and_format_shortcut(tmp_path, 
     assert "class 'xray' alone has mode L" in joined and "JPEG compression" in joined
 
 
+def test_grey_pictures_stored_as_rgb_are_no_mode_shortcut_against_grey_files(tmp_path, catalog):
+    """X-rays of one class saved as L, of the other as RGB with R = G = B: the stored modes differ, the pixels
+    training sees do not. A colour class against an L class stays a shortcut."""
+    from PIL import Image
+
+    from tests.conftest import write_image
+
+    for i in range(6):
+        write_image(tmp_path / "t" / "normal" / f"a{i}.png", i, mode="L")
+        grey = write_image(tmp_path / "t" / "effusion" / f"b{i}.png", 100 + i, mode="L")
+        with Image.open(grey) as img:
+            img.convert("RGB").save(grey)
+    stats = _stats(catalog, tmp_path / "t")
+    assert stats["classes"]["effusion"]["modes"] == {"RGB": 6}  # as stored
+    found = stats["mode_shortcut"]
+    assert found["verdict"] == ("no shortcut: the RGB files of class(es) 'effusion' (6 of 6 sampled) hold grey "
+                                "pictures (R = G = B), which look as the L files do once training converts every "
+                                "file to RGB")
+    assert found["findings"] == [] and not any("mode" in w for w in stats["warnings"])
+    for i in range(6):  # colour pictures in a third class: RGB is its own again
+        write_image(tmp_path / "t" / "photo" / f"c{i}.png", 200 + i)
+    import_path(catalog, tmp_path / "t", "colour", workers=1)
+    with catalog.session() as session:
+        ds = find_dataset(session, "colour")
+        again = dataset_stats(session, ds, find_labelset(session, ds, None))["mode_shortcut"]
+    assert again["verdict"].startswith("shortcut:"), again["verdict"]
+
+
 def test_shared_modes_and_formats_are_no_shortcut(make_tree, catalog):
     stats = _stats(catalog, make_tree({"a": 4, "b": 4}))
     assert stats["mode_shortcut"]["verdict"] == "no shortcut: every image has mode RGB"

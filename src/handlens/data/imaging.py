@@ -258,3 +258,27 @@ def small_grey(path: str | Path, side: int) -> Any:
             scaled = array / 257.0 if wide else (array * 255.0 if float(array.max(initial=0)) <= 1.0 else array)
             upright = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))
         return np.asarray(upright.convert("L").resize((side, side), Image.Resampling.BOX))
+
+
+#: the largest difference between an RGB image's channels (of 255, on a small thumbnail) still called grey:
+#: a grey JPEG saved as RGB carries a little chroma noise
+GREY_TOLERANCE = 4
+
+
+def rgb_is_grey(path: str | Path, side: int = 64) -> bool | None:
+    """Whether an RGB file holds a grey picture (R = G = B, within :data:`GREY_TOLERANCE`, on a ``side``-px
+    thumbnail): such an image is, once training converts every file to RGB, what an L (grey) file becomes.
+    None when the file cannot be read."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            opened.draft("RGB", (side, side))  # JPEG only: decode at 1/2..1/8 scale
+            small = opened.convert("RGB")
+            small.thumbnail((side, side))
+            array = np.asarray(small, dtype=np.int16)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+    spread = np.abs(array[..., 0] - array[..., 1]).max(initial=0), np.abs(array[..., 1] - array[..., 2]).max(initial=0)
+    return bool(max(spread) <= GREY_TOLERANCE)

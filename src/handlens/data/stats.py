@@ -44,6 +44,9 @@ ATTRIBUTE_MIN_IMAGES = 3
 #: ... or when the class never has a value that this share of the other classes' images have
 #: (SIZE_NEVER_SEEN_SHARE, as for sizes).
 
+#: RGB images sampled per class (evenly through its images) to tell grey pictures stored as RGB from colour
+GREY_SAMPLE = 16
+
 #: File-name ids: the characters that separate the parts of a name (``H1_23a_4``, ``S12-03``).
 NAME_SEPARATORS = "_- ."
 #: A leading part of the names counts as an id when at least this many ids cover 2+ images each ...
@@ -149,6 +152,39 @@ _ATTRIBUTE_WHY = {
     "format": "Training decodes every file to the same kind of pixels, but JPEG compression leaves 8x8 block "
               "artefacts a network can see",
 }
+
+
+def grey_stored_as_rgb(found: dict[str, Any], images: list[LabelledImage], modes: dict[str, Counter[str]],
+                       mode_of: dict[int, str]) -> dict[str, Any]:
+    """A mode shortcut between L and RGB files that is none in pixels: when every RGB image sampled from a class
+    (:data:`GREY_SAMPLE`, evenly) is a grey picture (:func:`~handlens.data.imaging.rgb_is_grey`), that class's
+    RGB files look, once training converts every file to RGB, as L files do. The shortcut is asked again with
+    those files counted as L; when it goes away, the verdict says why ("no shortcut: ..."). Only decodes
+    anything when the stored modes alone found a shortcut involving L and RGB."""
+    from handlens.data.imaging import rgb_is_grey
+
+    if not found["findings"] or not {"L", "RGB"} <= {value for counter in modes.values() for value in counter}:
+        return found
+    grey: dict[str, int] = {}
+    for label in sorted(modes):
+        rgb = [img for img in images if img.label == label and mode_of.get(img.id) == "RGB"]
+        if not rgb:
+            continue
+        step = max(1, len(rgb) // GREY_SAMPLE)
+        sample = rgb[::step][:GREY_SAMPLE]
+        if all(rgb_is_grey(img.path) for img in sample):
+            grey[label] = len(sample)
+    if not grey:
+        return found
+    effective = {label: Counter({("L" if value == "RGB" and label in grey else value): count
+                                 for value, count in counter.items()}) for label, counter in modes.items()}
+    again = attribute_shortcut(effective, "mode")
+    if again["findings"]:
+        return found
+    classes = ", ".join(f"{label!r} ({n} of {n} sampled)" for label, n in grey.items())
+    return {**again, "values": found["values"], "grey_rgb": grey,
+            "verdict": f"no shortcut: the RGB files of class(es) {classes} hold grey pictures (R = G = B), which "
+                       "look as the L files do once training converts every file to RGB"}
 
 
 def _attribute_warning(finding: dict[str, Any], attribute: str) -> str:
@@ -276,7 +312,8 @@ def dataset_stats(session: Session, dataset: Dataset, labelset: Labelset) -> dic
     duplicates, conflicts = duplicate_report(session, dataset.id)
     conflicts = [c for c in conflicts if c["labelset"] == labelset.name]
     groups = {img.group for img in images if img.group}
-    mode_shortcut = attribute_shortcut(modes, "mode")
+    mode_shortcut = grey_stored_as_rgb(attribute_shortcut(modes, "mode"), images, modes,
+                                       {i: m for i, (m, _) in mode_format.items()})
     format_shortcut = attribute_shortcut(formats, "format")
     ids = filename_ids(images, len(groups))
     warnings: list[str] = []
