@@ -33,6 +33,8 @@ def test_study_run_show_list_export(trained_workspace, tmp_path):
     assert misspelt.exit_code != 0 and "no study 'clu' (did you mean 'cli'?)" in misspelt.output
     listed = json.loads(cli(trained_workspace, "study", "list", "--json").stdout)
     assert [s["name"] for s in listed] == ["cli"] and listed[0]["trials"] == {"complete": 2}
+    assert (listed[0]["cv"], listed[0]["ensemble"], listed[0]["copies"]) == (3, 1, 0)
+    assert "3-fold" in cli(trained_workspace, "study", "list").stdout
     rows = list(csv.DictReader(io.StringIO(cli(trained_workspace, "study", "export", "cli", "--csv").stdout)))
     assert [r["train.lr"] for r in rows] == ["0.03", "0.01"] and all(r["cv_mean"] for r in rows)
     again = cli(trained_workspace, "study", "run", "--dataset", "colours", "--space", str(space), "--name", "cli")

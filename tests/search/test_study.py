@@ -595,3 +595,25 @@ def test_a_model_based_sampler_with_too_few_trials_is_said_to_be_a_random_search
                         trials=1), trained_workspace)
     assert ("warning: --sampler tpe draws its first 8 trials at random: with 1 trial(s) this study is a random "
             "search; give --trials 20 or more") in capsys.readouterr().err
+
+
+def test_importances_leave_out_trials_that_copied_an_earlier_score():
+    """A logistic trial's lr is unused: its 'same as trial N' copies, counted again, would weigh lr by how often
+    it was drawn. Importances are those of the trials scored themselves."""
+    from handlens.search.records import importances
+
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1), "lr": optuna.distributions.FloatDistribution(0, 1)}
+
+    def trial(x, lr, value, **attrs):
+        return optuna.trial.create_trial(params={"x": x, "lr": lr}, distributions=dist, value=value, user_attrs=attrs)
+
+    scored = [trial(0.1, 0.5, 0.1), trial(0.5, 0.6, 0.5), trial(0.9, 0.4, 0.9), trial(0.3, 0.7, 0.3)]
+    copies = [trial(0.9, lr, 0.9, duplicate_of=2) for lr in (0.05, 0.15, 0.25, 0.35, 0.85, 0.95)]
+    full = optuna.create_study(direction="maximize")
+    full.add_trials(scored + copies)
+    alone = optuna.create_study(direction="maximize")
+    alone.add_trials(scored)
+    expected = {k: round(float(v), 4) for k, v in optuna.importance.get_param_importances(alone).items()}
+    assert importances(full) == expected
+    counted = {k: round(float(v), 4) for k, v in optuna.importance.get_param_importances(full).items()}
+    assert counted != expected  # the copies would have changed them

@@ -120,6 +120,8 @@ def _print_study(result: Any, top: int | None = None) -> None:
     rows = []
     for t in trials:
         cv = f"{t.cv_mean:.3f} ± {t.cv_std:.3f}" if t.cv_mean is not None else "-"
+        if t.cv_mean is not None and t.status != "complete":  # a pruned or failed trial's folds so far
+            cv += " (partial)"
         rows.append([t.number, params_line(t.params), cv, t.epochs if t.epochs is not None else "-",
                      f"{t.seconds:.1f}s" if t.seconds is not None else "-", t.status, t.run_id or "-",
                      t.note[:60]])
@@ -159,11 +161,26 @@ def list_cmd(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     if as_json:
         emit_json(studies)
         return
-    rows = [[s["name"], s["dataset"], s["space"], s["sampler"],
-             ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())),
+    rows = [[s["name"], s["dataset"], s["space"], s["sampler"], _cv_words(s), _refit_words(s), _trial_words(s),
              s["best_cv_mean"] if s["best_cv_mean"] is not None else "-", s["bundle"] or "-"] for s in studies]
-    stdout.print(table("Studies", ["name", "dataset", "space", "sampler", "trials", "best CV", "bundle"], rows,
-                       justify_numbers=False))
+    stdout.print(table("Studies", ["name", "dataset", "space", "sampler", "cv", "refit", "trials", "best CV",
+                                   "bundle"], rows, justify_numbers=False))
+
+
+def _cv_words(study: dict[str, Any]) -> str:
+    if not study.get("cv"):
+        return "-"
+    return f"{study['cv']}-fold" + (f" x{study['repeats']}" if (study.get("repeats") or 1) > 1 else "")
+
+
+def _refit_words(study: dict[str, Any]) -> str:
+    words = f"ensemble of {study['ensemble']}" if (study.get("ensemble") or 1) > 1 else "winner"
+    return words + (", one-se" if study.get("one_se") else "")
+
+
+def _trial_words(study: dict[str, Any]) -> str:
+    words = ", ".join(f"{n} {k}" for k, n in sorted(study["trials"].items()))
+    return words + (f" ({study['copies']} same as an earlier trial)" if study.get("copies") else "")
 
 
 @study_app.command("export")

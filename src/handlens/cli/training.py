@@ -207,7 +207,8 @@ def _print_evaluation(report: dict[str, Any]) -> None:
     auc = f"{report['roc_auc']:.3f}" if report.get("roc_auc") is not None else "n/a (a class is absent)"
     stdout.print(f"{report['source']}: {report['n']} images · accuracy {report['accuracy']:.3f} · "
                  f"macro-F1 {report['macro_f1']:.3f} · ROC-AUC {auc}")
-    rows = [[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in report["per_class"].items()]
+    rows = [[c, *(f"{float(v[k]):.3f}" for k in ("precision", "recall", "f1")), v["support"]]
+            for c, v in report["per_class"].items()]  # 1.000 beside 0.500, not 1
     stdout.print(table("Per class", ["class", "precision", "recall", "F1", "images"], rows))
     classes = report["classes"]
     stdout.print(table("Confusion (rows: true, columns: predicted)", ["", *classes],

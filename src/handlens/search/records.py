@@ -211,13 +211,20 @@ def _against_runner_up(winner: TrialRow, rows: list[TrialRow]) -> str:
 
 
 def importances(study: Any) -> dict[str, float]:
+    """Optuna's parameter importances over the trials that were scored themselves: a trial whose config had
+    the same effect as an earlier one's (``same as trial N``: a logistic head's learning rate or epochs, which
+    it does not use) carries a copied score, and counted again it would make those keys look important or not
+    by how often they were drawn. Computed on an in-memory copy of those trials."""
     import optuna
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if "duplicate_of" not in t.user_attrs and not t.user_attrs.get("skipped")]
     if len(complete) < 3:
         return {}
+    scored = optuna.create_study(direction=study.direction)
+    scored.add_trials(complete)
     try:
-        return {k: round(float(v), 4) for k, v in optuna.importance.get_param_importances(study).items()}
+        return {k: round(float(v), 4) for k, v in optuna.importance.get_param_importances(scored).items()}
     except Exception:  # too few distinct values to tell
         return {}
 
@@ -256,7 +263,9 @@ def show_study(name: str, workspace: Workspace | None = None, *, storage: Any = 
 
 
 def list_studies(workspace: Workspace | None = None, *, storage: Any = None) -> list[dict[str, Any]]:
-    """Every handlens study in the workspace's storage: name, dataset, trials by status, best CV."""
+    """Every handlens study in the workspace's storage: name, dataset, how it is cross-validated and refitted,
+    trials by status (``copies``: complete trials whose config had the same effect as an earlier one's and
+    carry its score), best CV."""
     import optuna
 
     ws = workspace or Workspace.open()
@@ -272,9 +281,13 @@ def list_studies(workspace: Workspace | None = None, *, storage: Any = None) -> 
         counts: dict[str, int] = {}
         for row in rows:
             counts[row.status] = counts.get(row.status, 0) + 1
-        out.append({"name": summary.study_name, "dataset": attrs["settings"]["dataset"],
-                    "space": attrs["space"].get("source", ""), "sampler": attrs["settings"]["sampler"],
-                    "trials": counts, "best_cv_mean": best.cv_mean if best else None,
+        settings = attrs["settings"]
+        out.append({"name": summary.study_name, "dataset": settings["dataset"],
+                    "space": attrs["space"].get("source", ""), "sampler": settings["sampler"],
+                    "cv": settings.get("cv"), "repeats": settings.get("repeats", 1),
+                    "ensemble": settings.get("ensemble", 1), "one_se": bool(settings.get("one_se")),
+                    "trials": counts, "copies": sum(1 for r in rows if r.note.startswith("same as")),
+                    "best_cv_mean": best.cv_mean if best else None,
                     "bundle": attrs.get("bundle"), "created_at": attrs.get("created_at")})
     return out
 
