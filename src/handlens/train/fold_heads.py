@@ -186,6 +186,9 @@ class _StackedFit:
         for linear in _linears(self.template):  # (K, in, out) weights and (K, 1, out) biases, every fold alike
             self.params.append(linear.weight.detach().t().unsqueeze(0).repeat(k, 1, 1).requires_grad_())
             self.params.append(linear.bias.detach().view(1, 1, -1).repeat(k, 1, 1).requires_grad_())
+        # the weights' gradients of the closed-form path, written in place each step (AdamW's kernel has read the
+        # last ones): see _gradients
+        self._weight_grads = [torch.empty_like(p) for p in self.params[::2]]
         self.train_rows, self.targets, self.loss_fns, self.val = [], [], [], []
         sampler = balance_mode(data_cfg) == "sampler"
         self.draw_weights: list[torch.Tensor | None] = []
@@ -284,7 +287,9 @@ class _StackedFit:
         grad = grad * scale.view(-1, 1, 1)
         grads: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
         for i in reversed(range(len(inputs))):
-            grads[2 * i] = torch.bmm(inputs[i].transpose(1, 2), grad)
+            # into a kept buffer: an MLP's (5, 1280, 256) gradient is 6.5 MB, and a fresh one every step was
+            # page faults of newly mapped memory (measured: 2.4 ms against up to 3.7 ms a step)
+            grads[2 * i] = torch.bmm(inputs[i].transpose(1, 2), grad, out=self._weight_grads[i])
             grads[2 * i + 1] = grad.sum(1, keepdim=True)
             if i:
                 grad = torch.bmm(grad, self.params[2 * i].transpose(1, 2)) * gates[i - 1]
