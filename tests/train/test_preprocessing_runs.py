@@ -77,6 +77,19 @@ def test_preset_preprocessing_applies_unless_the_config_says_otherwise(trained_w
     assert load_bundle(mine.bundle).preprocess.normalize == "unit"  # the run's own choice wins
 
 
+def test_a_frozen_run_whose_policy_samples_patches_says_it_is_not_on_cached_features(trained_workspace, capsys):
+    """thin-section turns patch sampling on: a frozen backbone then runs on every new patch (17 s against 1 s on
+    cached features in a newcomer's try); the note says so, and how to get the cached path."""
+    args = ("augment.policy=thin-section", "preprocess.patches.size=24", "preprocess.patches.max_side=0",
+            "preprocess.size=24", "model.freeze=frozen", "train.epochs=1")
+    train(tiny_config(*args), trained_workspace)
+    assert ("note: augment.policy=thin-section samples random patches (its preprocess.patches): the frozen backbone's "
+            "features are computed for every new patch each epoch") in capsys.readouterr().err
+    cached = train(tiny_config(*args, "preprocess.patches.enabled=false", "train.views=2"), trained_workspace)
+    assert "samples random patches" not in capsys.readouterr().err
+    assert not load_bundle(cached.bundle).patch_trained
+
+
 def test_roi_rules(trained_workspace):
     result = train(tiny_config(*PATCHES, "preprocess.roi.source=threshold", "preprocess.patches.min_roi=0.3"),
                    trained_workspace)

@@ -236,6 +236,10 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
                          "a backbone that learns, a new random patch or a mixed batch has no fixed features")
     on_features = on_cached_features(cfg, policy)
     check_policy_has_effect(cfg, on_features)
+    if freeze.mode == "frozen" and patches and "patches" in (policy.preprocess if policy is not None else {}):
+        print(f"note: augment.policy={cfg.augment.policy} samples random patches (its preprocess.patches): the frozen "
+              "backbone's features are computed for every new patch each epoch, not cached once (slower); for the "
+              "cached path add preprocess.patches.enabled=false train.views=4", file=sys.stderr, flush=True)
     cfg.model.head = resolve_head(cfg.model, cfg.train, on_features=on_features)  # type: ignore[assignment]
     if cfg.model.head == "logistic":
         if not on_features:
