@@ -168,6 +168,8 @@ def test_file_names_with_sample_ids_and_a_coarser_prefix_list_both():
     ([f"img_{i:03d}.png" for i in range(40)], None, "they share one prefix ('img')"),
     ([f"{c}_{i:02d}.png" for c in ("red", "green") for i in range(20)], ["red"] * 20 + ["green"] * 20,
      "one prefix per class (green, red)"),
+    ([f"tr_img_{c}_{i:03d}.png" for c in ("covid", "normal") for i in range(20)], ["covid"] * 20 + ["normal"] * 20,
+     "one prefix per class (tr_img_covid, tr_img_normal)"),
     ([f"{i:04d}.png" for i in range(40)], None, "no leading part"),
     ([f"IMG{i:04d}.png" for i in range(40)], None, "no leading part"),
 ])

@@ -243,10 +243,10 @@ def filename_ids(images: list[LabelledImage], groups: int = 0) -> dict[str, Any]
             break
         sizes = [len(v) for v in ids.values()]
         repeated = [n for n in sizes if n >= 2]
-        if k == 1 and len(ids) == 1:
+        if len(ids) == 1:  # the deepest part every name shares (img_, tr_img_)
             single_prefix = next(iter(ids))
-        elif k == 1 and len(ids) <= classes and all(len({img.label for img in v}) == 1 for v in ids.values()):
-            class_prefix = sorted(ids)
+        elif class_prefix is None and len(ids) <= classes and all(len({i.label for i in v}) == 1 for v in ids.values()):
+            class_prefix = sorted(ids)  # at any depth: red_01, tr_img_covid_001
         if len(repeated) >= ID_MIN_REPEATED and sum(repeated) / len(images) >= ID_MIN_SHARE and len(ids) > classes:
             example = next(img for members in ids.values() if len(members) >= 2 for img in members)
             levels.append({
@@ -258,12 +258,12 @@ def filename_ids(images: list[LabelledImage], groups: int = 0) -> dict[str, Any]
     already = (f" (the dataset already has {groups} groups from its import; --group-by group uses them)"
                if groups else "")
     if not levels:
-        if single_prefix is not None:
-            verdict = (f"no ids in file names: they share one prefix ({single_prefix!r}) followed by a number, "
-                       "which names no sample")
-        elif class_prefix is not None:
+        if class_prefix is not None:
             verdict = (f"no ids in file names: they start with one prefix per class ({', '.join(class_prefix[:4])}"
                        f"{', ...' if len(class_prefix) > 4 else ''}), which names the class, not a sample")
+        elif single_prefix is not None:
+            verdict = (f"no ids in file names: they share one prefix ({single_prefix!r}), and no part after it "
+                       "repeats the way a sample or patient id would")
         else:
             verdict = "no ids in file names: no leading part of the names repeats the way a sample or patient id would"
         return {"verdict": verdict + already, "levels": [], "suggested_regex": None}
