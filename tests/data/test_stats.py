@@ -106,7 +106,8 @@ def test_grey_pictures_stored_as_rgb_are_no_mode_shortcut_against_grey_files(tmp
     with catalog.session() as session:
         ds = find_dataset(session, "colour")
         again = dataset_stats(session, ds, find_labelset(session, ds, None))["mode_shortcut"]
-    assert again["verdict"].startswith("shortcut:"), again["verdict"]
+    assert again["verdict"].startswith("shortcut: class 'photo' alone has mode RGB"), again["verdict"]
+    assert "counted as L" in again["verdict"]
 
 
 def test_shared_modes_and_formats_are_no_shortcut(make_tree, catalog):

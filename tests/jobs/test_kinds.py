@@ -38,6 +38,8 @@ def test_study_evaluate_and_explain_jobs(job_ws, tmp_path):
     run_id = trained.result["run_id"]
     evaluated = _run_one(ws, catalog, "evaluate", {"bundle": run_id, "subset": "test"})
     assert 0.0 <= evaluated.result["macro_f1"] <= 1.0 and evaluated.result["leakage"]
+    refit_val = _run_one(ws, catalog, "evaluate", {"bundle": study.result["bundle"], "subset": "val"})
+    assert refit_val.result["held_out"] == "not held out"  # the study's refit trained on val
     explained = _run_one(ws, catalog, "explain", {"bundle": run_id, "subset": "test", "method": "gradcam",
                                                   "formats": ["png", "geojson"]})
     assert explained.result["images"] == 6  # a quarter of 24 images

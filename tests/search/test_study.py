@@ -171,6 +171,14 @@ def test_ensemble_bundle_loads_and_averages_its_members(trained_workspace, tmp_p
         explanation = explainable.explain([image], method=method)
         maps = np.asarray(explanation.maps)
         assert maps.shape[-2:] == (32, 32) and np.isfinite(maps).all() and maps.max() > 0
+    # a resume may refit otherwise: show and list then describe that refit, not the first one
+    from handlens.search.records import list_studies, show_study
+
+    again = run_study(StudyConfig(name="s1", resume=True, ensemble=1, one_se=True, tracking="none"), trained_workspace)
+    assert again.members == [again.winner.number]
+    (listed,) = list_studies(trained_workspace)
+    assert (listed["ensemble"], listed["one_se"]) == (1, True)
+    assert "--one-se" in show_study("s1", trained_workspace).verdict
 
 
 def test_fine_tuning_trials_train_a_run_per_fold_and_drop_fold_weights(trained_workspace, tmp_path):
@@ -617,3 +625,17 @@ def test_importances_leave_out_trials_that_copied_an_earlier_score():
     assert importances(full) == expected
     counted = {k: round(float(v), 4) for k, v in optuna.importance.get_param_importances(full).items()}
     assert counted != expected  # the copies would have changed them
+
+
+def test_a_policy_that_samples_patches_makes_a_frozen_trial_train_as_train_would(trained_workspace, tmp_path):
+    """thin-section turns patch sampling on: a frozen trial then trains on patches (as its refit and `train` do),
+    not on whole-image cached features, and is not refused as a policy that changes nothing."""
+    patches = ["augment.policy=thin-section", "preprocess.patches.size=24", "preprocess.patches.max_side=0",
+               "preprocess.size=24", "preprocess.patches.per_image=1"]
+    result = run_study(study_cfg(tmp_path, {"train.lr": [0.01]}, fixed={"model.head": "linear", "train.epochs": 1},
+                                 cv=2, sampler="grid", overrides=patches), trained_workspace)
+    (trial,) = result.trials
+    assert trial.status == "complete" and trial.kind != "frozen", trial
+    from handlens.models.bundle import load_bundle
+
+    assert load_bundle(result.bundle).patch_trained

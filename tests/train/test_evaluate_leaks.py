@@ -144,10 +144,19 @@ def test_cli_evaluate_prints_the_verdict_and_the_pairs(leaky):
 def test_scores_on_images_the_model_learnt_from_lead_with_what_they_are_worth(leaky, tmp_path):
     """The train subset is not held out, val is optimistic, test is held out; after a study's refit (val images
     moved into train) val is not held out either, and the CLI says so before the scores."""
+    from handlens.train.evaluate import held_out
+
     ws, bundle, _ = leaky
-    for subset, verdict in (("train", "not held out"), ("val", "optimistic"), ("test", "held out")):
+    for subset, verdict in (("train", "not held out"), ("val", "optimistic")):
         held = evaluate(bundle, ws, subset=subset)["held_out"]
         assert held["verdict"] == verdict, (subset, held)
+    test = evaluate(bundle, ws, subset="test")["held_out"]  # its byte copies of training images
+    assert (test["verdict"], test["trained_on"], test["copies_of_training_images"]) == ("not held out", 0, 2)
+    assert "2 of these" in test["message"] and "see the leak check" in test["message"]
+    manifest = {"dataset": "d", "split": "s", "split_membership": {"train": [1, 2], "val": [3], "test": [4, 5]}}
+    assert held_out(manifest, [4, 5], sha256s=None, dataset="d", n=2)["verdict"] == "held out"
+    assert held_out(manifest, [3, 4], sha256s=None, dataset="d", n=2)["verdict"] == "optimistic"
+    assert held_out(manifest, [1], sha256s=None, dataset="other", n=1)["verdict"] == "unknown"  # ids of another
     n_val = evaluate(bundle, ws, subset="val")["n"]
     refitted = tmp_path / "refitted"
     shutil.copytree(bundle, refitted)
@@ -163,7 +172,28 @@ def test_scores_on_images_the_model_learnt_from_lead_with_what_they_are_worth(le
     first = result.stdout.index(f"warning: not an estimate for new images: the model trained on {n_val} of these "
                                 f"{n_val} images (a study refitted it on all train+val images)")
     assert first < result.stdout.index("macro-F1")
-    assert "held out" not in runner.invoke(app, ["--workspace", str(ws.root), "evaluate", str(bundle)]).stdout
+    assert f"judge it on the test subset of split {manifest['split']!r}" in held["message"]
+
+
+def test_held_out_checks_ids_against_contents_and_says_unknown_without_either(leaky, tmp_path):
+    """Ids of another workspace mean other images: the recorded contents decide then (the test subset's two byte
+    copies of training images are 'not held out'); a bundle that records neither is 'unknown', not 'held out'."""
+    ws, bundle, _ = leaky
+    moved = tmp_path / "moved"
+    shutil.copytree(bundle, moved)
+    manifest = json.loads((moved / "bundle.json").read_text())
+    manifest["split_membership"] = {k: [i + 10_000 for i in v] for k, v in manifest["split_membership"].items()}
+    (moved / "bundle.json").write_text(json.dumps(manifest))
+    train_images = evaluate(moved, ws, subset="train")["held_out"]
+    assert train_images["verdict"] == "not held out" and train_images["checked_by"].startswith("by content")
+    test_images = evaluate(moved, ws, subset="test")["held_out"]
+    assert (test_images["verdict"], test_images["copies_of_training_images"]) == ("not held out", 2)
+    del manifest["training_sha256"]
+    manifest["split_membership"] = {}
+    (moved / "bundle.json").write_text(json.dumps(manifest))
+    assert evaluate(moved, ws, subset="val")["held_out"]["verdict"] == "unknown"
+    result = runner.invoke(app, ["--workspace", str(ws.root), "evaluate", str(moved), "--split", "val"])
+    assert "warning: unknown: the bundle records neither" in result.stdout
 
 
 def test_tta_in_evaluate_and_predict_uses_the_policy_flips(leaky, tmp_path):

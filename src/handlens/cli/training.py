@@ -202,7 +202,7 @@ def evaluate_cmd(
 def _print_evaluation(report: dict[str, Any]) -> None:
     print_tta(report["tta"])
     held = report.get("held_out") or {}
-    if held.get("verdict") in ("not held out", "optimistic"):  # before the scores it qualifies
+    if held.get("verdict") in ("not held out", "optimistic", "unknown"):  # before the scores it qualifies
         warn([held["message"]])
     auc = f"{report['roc_auc']:.3f}" if report.get("roc_auc") is not None else "n/a (a class is absent)"
     stdout.print(f"{report['source']}: {report['n']} images · accuracy {report['accuracy']:.3f} · "

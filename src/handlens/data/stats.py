@@ -168,20 +168,23 @@ def grey_stored_as_rgb(found: dict[str, Any], images: list[LabelledImage], modes
     grey: dict[str, int] = {}
     for label in sorted(modes):
         rgb = [img for img in images if img.label == label and mode_of.get(img.id) == "RGB"]
-        if not rgb:
-            continue
-        step = max(1, len(rgb) // GREY_SAMPLE)
-        sample = rgb[::step][:GREY_SAMPLE]
-        if all(rgb_is_grey(img.path) for img in sample):
-            grey[label] = len(sample)
+        count = min(GREY_SAMPLE, len(rgb))
+        sample = [rgb[i * len(rgb) // count] for i in range(count)]  # spread evenly through the class
+        if sample and all(rgb_is_grey(img.path) for img in sample):
+            grey[label] = count
     if not grey:
         return found
-    effective = {label: Counter({("L" if value == "RGB" and label in grey else value): count
-                                 for value, count in counter.items()}) for label, counter in modes.items()}
+    effective: dict[str, Counter[str]] = {}
+    for label, counter in modes.items():
+        effective[label] = Counter()
+        for value, n in counter.items():
+            effective[label]["L" if value == "RGB" and label in grey else value] += n
     again = attribute_shortcut(effective, "mode")
-    if again["findings"]:
-        return found
     classes = ", ".join(f"{label!r} ({n} of {n} sampled)" for label, n in grey.items())
+    if again["findings"]:  # a shortcut in the pixels too, told as the pixels have it
+        return {**again, "values": found["values"], "grey_rgb": grey,
+                "verdict": f"{again['verdict']} (the RGB files of class(es) {classes} hold grey pictures, counted "
+                           "as L: training converts every file to RGB, so they look as L files do)"}
     return {**again, "values": found["values"], "grey_rgb": grey,
             "verdict": f"no shortcut: the RGB files of class(es) {classes} hold grey pictures (R = G = B), which "
                        "look as the L files do once training converts every file to RGB"}

@@ -93,7 +93,8 @@ def _evaluate(config: Any, ctx: JobContext) -> dict[str, Any]:
     report = evaluate(config.bundle, ctx.workspace, dataset=config.dataset, subset=config.subset,
                       split=config.split, images=Path(config.images) if config.images else None, tta=config.tta)
     return {"bundle": report["bundle"], "accuracy": report.get("accuracy"), "macro_f1": report.get("macro_f1"),
-            "report": report["report"], "leakage": report["leakage"].get("verdict")}
+            "report": report["report"], "leakage": report["leakage"].get("verdict"),
+            "held_out": (report.get("held_out") or {}).get("verdict")}  # a val score of a refit is not an estimate
 
 
 def _explain(config: Any, ctx: JobContext) -> dict[str, Any]:

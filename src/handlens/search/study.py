@@ -225,7 +225,9 @@ def _base_config(cfg: StudyConfig, data: Any) -> dict[str, Any]:
                             "tracking": {"backend": cfg.tracking}})
     run.train.progress = False
     run.tracking.experiment = f"study-{cfg.name}"
-    return run.model_dump(mode="json")
+    # the keys set, not every default: a trial's config then knows what it leaves to its policy (a preset's
+    # recommended preprocessing, thin-section's patches or xray's normalisation, applies as in `train`)
+    return run.model_dump(mode="json", exclude_unset=True)
 
 
 def _user_settings(cfg: StudyConfig, space: SearchSpace) -> dict[str, Any]:
@@ -270,8 +272,8 @@ def _check_buildable(ctx: StudyContext) -> None:
     base = {p.key: p.samples()[0] for p in ctx.space.params}
     # with the freeze, views, cache or augmentation searched, whether an augmentation setting counts depends on
     # the point: such a trial fails on its own, with the same message, and the others run
-    mixed = any(p.key.startswith("augment.") or p.key in ("model.freeze", "train.views", "train.feature_cache")
-                for p in ctx.space.params)
+    mixed = any(p.key.startswith(("augment.", "preprocess.patches.")) or
+                p.key in ("model.freeze", "train.views", "train.feature_cache") for p in ctx.space.params)
     for values in itertools.product(*searched.values()):
         point = {**base, **dict(zip(searched, values, strict=True))}
         cfg = ctx.trial_config(point)
@@ -1002,6 +1004,8 @@ def finish_study(ctx: StudyContext, ws: Workspace, storage: Any, *, one_se: bool
         refit_info = {"members": [info for _, info in refits]}
     study.set_user_attr("bundle", str(bundle))
     study.set_user_attr("winner", winner.number)
+    # the refit's own choices (a resume may change them): what `study show` and `study list` describe
+    study.set_user_attr("settings", {**study.user_attrs["settings"], "one_se": one_se, "ensemble": ensemble})
     return StudyResult(name=ctx.name, bundle=bundle, winner=winner, trials=rows, importances=importances(study),
                        seconds=time.time() - started, feature_passes=feature_passes, refit=refit_info,
                        members=[m.number for m in members], verdict=verdict(winner, rows, one_se=one_se))
@@ -1020,13 +1024,10 @@ def _ensemble_members(ctx: StudyContext, rows: list[TrialRow], winner: TrialRow,
 def _preprocess_key(ctx: StudyContext, row: TrialRow) -> str:
     """The model input a trial's run would build (policy recommendations applied, size resolved)."""
     from handlens.models.backbones import BACKBONES
-    from handlens.train.run import apply_policy_preprocess, build_preprocess, resolve_policy
-    from handlens.transforms.augment import policy_for
+    from handlens.train.run import build_preprocess, settle_policy
 
     cfg = ctx.trial_config(row.params)
-    resolve_policy(cfg)
-    policy = policy_for(cfg.augment)
-    apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
+    settle_policy(cfg)
     return json.dumps(build_preprocess(cfg, BACKBONES.get(cfg.model.backbone)).model_key(), default=str)
 
 

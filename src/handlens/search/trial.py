@@ -78,12 +78,10 @@ class TrialScore:
 
 def on_cached_features(cfg: Any) -> bool:
     """True when ``cfg`` trains only a head on fixed backbone features (the fast, shared path)."""
-    from handlens.train.run import check_policy_has_effect, resolve_policy
+    from handlens.train.run import check_policy_has_effect, settle_policy
     from handlens.train.run import on_cached_features as cached
-    from handlens.transforms.augment import policy_for
 
-    resolve_policy(cfg)
-    answer = cached(cfg, policy_for(cfg.augment))
+    answer = cached(cfg, settle_policy(cfg))  # a policy's patch sampling counts, as in train
     check_policy_has_effect(cfg, answer)  # as train refuses it (the refit would): an augmentation that does nothing
     return answer
 
@@ -108,12 +106,10 @@ class PoolFeatures:
         from handlens.models.backbones import BACKBONES
         from handlens.models.classifier import create_classifier
         from handlens.train.features import feature_rows
-        from handlens.train.run import apply_policy_preprocess, build_preprocess, feature_key_parts, resolve_policy
-        from handlens.transforms.augment import build_augmenter, policy_for
+        from handlens.train.run import build_preprocess, feature_key_parts, settle_policy
+        from handlens.transforms.augment import build_augmenter
 
-        resolve_policy(cfg)
-        policy = policy_for(cfg.augment)
-        apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
+        settle_policy(cfg)
         if cfg.preprocess.normalize == "dataset":
             raise InputError("studies do not support preprocess.normalize=dataset yet (each fold would need its "
                              "own statistics): use backbone, unit, minmax or percentile")

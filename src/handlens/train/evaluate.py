@@ -153,7 +153,8 @@ def evaluate(
     judged = judge(bundle_ref, ws, dataset=dataset, subset=subset, split=split, images=images, tta=tta)
     bundle, path, paths, probs, targets = judged.bundle, judged.path, judged.paths, judged.probs, judged.targets
     metrics = classification_metrics(torch.from_numpy(probs), torch.from_numpy(targets), bundle.classes)
-    held = held_out(bundle.manifest, judged.image_ids, n=len(paths)) if judged.image_ids is not None else None
+    held = (held_out(bundle.manifest, judged.image_ids, sha256s=judged.sha256s, n=len(paths),
+                     dataset=dataset or bundle.manifest.get("dataset", "")) if judged.image_ids is not None else None)
     if images is None and subset != "test":
         leakage: dict[str, Any] = {"verdict": f"not checked: the model trained on (or was selected on) the {subset} "
                                    "subset; the leak check is for test subsets and --images", "pairs": []}
@@ -178,28 +179,67 @@ def evaluate(
     return {**report, "report": str(report_file)}
 
 
-def held_out(manifest: dict[str, Any], image_ids: list[int], *, n: int) -> dict[str, Any]:
-    """Whether catalog images judged by a bundle were kept from it, by the image ids it records
-    (``split_membership``): a score on images the model trained on (the train subset; val too after a study's
-    refit on train+val) says nothing about new images, and one on its validation images is optimistic (they can
-    have chosen its best epoch or settings). The verdict in words (``held out``, ``optimistic``, ``not held
-    out``) leads the report, so a 1.000 on training images is not read as accuracy."""
+def held_out(manifest: dict[str, Any], image_ids: list[int], *, sha256s: list[str] | None, dataset: str,
+             n: int) -> dict[str, Any]:
+    """Whether catalog images judged by a bundle were kept from it: a score on images the model trained on (the
+    train subset; val too after a study's refit on train+val) says nothing about new images, and one on its
+    validation images is optimistic (they can have chosen its best epoch or settings). The verdict in words
+    (``held out``, ``optimistic``, ``not held out``, ``unknown``) leads the report, so a 1.000 on training
+    images is not read as accuracy.
+
+    By the image ids the bundle records (``split_membership``) when they are ids of this dataset, each checked
+    against the contents it records (``training_sha256``) where it has them: ids of another workspace or of a
+    re-imported dataset mean other images. Otherwise by content alone (``training_sha256`` lumps train and
+    val); with neither, the verdict is ``unknown``."""
     membership = manifest.get("split_membership") or {}
-    trained, validated = set(membership.get("train") or []), set(membership.get("val") or [])
-    on_train = sum(1 for i in image_ids if i in trained)
-    on_val = sum(1 for i in image_ids if i in validated and i not in trained)
+    recorded = set(manifest.get("training_sha256") or [])
+    own = manifest.get("dataset") == dataset and bool(membership)
+    if not recorded and not own:
+        return {"verdict": "unknown", "checked_by": None, "trained_on": None, "validated_on": None,
+                "copies_of_training_images": None, "n": n,
+                "message": "unknown: the bundle records neither its training images' ids for this dataset nor "
+                           "their contents, so whether these images trained it cannot be told"}
+    trained = set(membership.get("train") or []) if own else set()
+    validated = set(membership.get("val") or []) if own else set()
+    shas = list(sha256s) if sha256s else [None] * len(image_ids)
+    on_train = on_val = copies = 0
+    for image_id, sha in zip(image_ids, shas, strict=True):
+        if recorded and sha not in recorded:
+            continue  # not a picture the model learnt from, whatever its id says
+        if image_id in trained:
+            on_train += 1
+        elif image_id in validated:
+            on_val += 1
+        elif recorded:  # the contents of a training image under another id: a copy (or ids from elsewhere)
+            copies += 1
+    by = ("by content (its training_sha256) and image ids" if recorded and own else
+          "by content (its training_sha256)" if recorded else "by the image ids it records")
+    out = {"checked_by": by, "trained_on": on_train, "validated_on": on_val, "copies_of_training_images": copies,
+           "n": n}
+    return {"verdict": _held_verdict(on_train + copies, on_val), "message": _held_message(
+        manifest, on_train=on_train, on_val=on_val, copies=copies, n=n), **out}
+
+
+def _held_verdict(learnt: int, validated: int) -> str:
+    return "not held out" if learnt else "optimistic" if validated else "held out"
+
+
+def _held_message(manifest: dict[str, Any], *, on_train: int, on_val: int, copies: int, n: int) -> str:
     study = manifest.get("study") if isinstance(manifest.get("study"), dict) else {}
-    if on_train:
-        why = " (a study refitted it on all train+val images)" if study.get("refitted") else ""
-        verdict, message = "not held out", (f"not an estimate for new images: the model trained on {on_train} of "
-                                            f"these {n} images{why}; judge it on the test subset (--split test)")
-    elif on_val:
-        verdict, message = "optimistic", (f"optimistic: {on_val} of these {n} images are the run's validation "
-                                          "images, which can have chosen its best epoch or settings; the test "
-                                          "subset (--split test) is the held-out estimate")
-    else:
-        verdict, message = "held out", "held out: the model neither trained nor validated on these images"
-    return {"verdict": verdict, "message": message, "trained_on": on_train, "validated_on": on_val, "n": n}
+    split = f"the test subset of split {manifest['split']!r}" if manifest.get("split") else "held-out images"
+    if on_train or copies:
+        parts = []
+        if on_train:
+            why = " (a study refitted it on all train+val images)" if study.get("refitted") else ""
+            parts.append(f"the model trained on {on_train} of these {n} images{why}; judge it on {split}")
+        if copies:
+            parts.append(f"{copies} of these {n} images have the contents of images it learnt from (copies: see "
+                         "the leak check)")
+        return "not an estimate for new images: " + "; ".join(parts)
+    if on_val:
+        return (f"optimistic: {on_val} of these {n} images are the run's validation images, which can have chosen "
+                f"its best epoch or settings; {split} is the held-out estimate")
+    return "held out: the model neither trained nor validated on these images"
 
 
 def _frozen_probs(ws: Workspace, bundle: Any, decoded: np.ndarray, sha256s: list[str]) -> np.ndarray | None:

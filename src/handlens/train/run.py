@@ -119,6 +119,19 @@ def resolve_policy(cfg: RunConfig) -> str:
     return cfg.augment.policy
 
 
+def settle_policy(cfg: RunConfig) -> Any:
+    """The run's augmentation policy, settled into ``cfg``: ``auto`` resolved (:func:`resolve_policy`), then the
+    policy's recommended preprocessing taken for each key the config does not set (:func:`apply_policy_preprocess`:
+    thin-section's patch sampling). Train, a study's trials and its refit decide from the same settled config
+    (whether a run is on cached features depends on the patches)."""
+    from handlens.transforms.augment import policy_for
+
+    resolve_policy(cfg)
+    policy = policy_for(cfg.augment)
+    apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
+    return policy
+
+
 def feature_key_parts(cfg: RunConfig, spec: Any, preprocess: Any, views: int) -> dict[str, Any]:
     """What identifies a frozen backbone's features in the per-image store (train runs and studies share it)."""
     from handlens.transforms.cache import DECODER_VERSION
@@ -208,7 +221,6 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
     from handlens.models.freeze import FreezeSpec
     from handlens.train.data import load_split_data
     from handlens.train.head import check_logistic, resolve_head
-    from handlens.transforms.augment import policy_for
     from handlens.transforms.policy import batch_mixer
 
     if not cfg.data.dataset:
@@ -216,9 +228,7 @@ def prepare(cfg: RunConfig, ws: Workspace, catalog: Any, *, subsets: dict[str, l
     timings: dict[str, float] = {}
     seed_everything(cfg.train.seed)
     torch.set_num_threads(training_threads())
-    resolve_policy(cfg)
-    policy = policy_for(cfg.augment)
-    apply_policy_preprocess(cfg, policy.preprocess if policy is not None else {})
+    policy = settle_policy(cfg)
     spec = BACKBONES.get(cfg.model.backbone)
     data = load_split_data(catalog, cfg.data.dataset, cfg.data.labelset, split_name=cfg.data.split,
                            fold=cfg.data.fold)
