@@ -639,3 +639,9 @@ def test_a_policy_that_samples_patches_makes_a_frozen_trial_train_as_train_would
     from handlens.models.bundle import load_bundle
 
     assert load_bundle(result.bundle).patch_trained
+    # the base pins every default (a worker of another version trains the same trials), but of preprocess only
+    # the keys set, which the policy's recommendations then fill
+    base = stored(trained_workspace).user_attrs["base_config"]
+    assert base["train"]["progress"] is False and base["train"]["lr"] == 1e-3
+    assert base["preprocess"] == {"size": 24, "patches": {"size": 24, "max_side": 0, "per_image": 1}}
+    assert base["train"]["batch_size"] == 32 and base["model"]["freeze"] == "frozen"

@@ -152,11 +152,16 @@ def test_scores_on_images_the_model_learnt_from_lead_with_what_they_are_worth(le
         assert held["verdict"] == verdict, (subset, held)
     test = evaluate(bundle, ws, subset="test")["held_out"]  # its byte copies of training images
     assert (test["verdict"], test["trained_on"], test["copies_of_training_images"]) == ("not held out", 0, 2)
-    assert "2 of these" in test["message"] and "see the leak check" in test["message"]
+    assert "2 of these" in test["message"] and "byte copies" in test["message"]
     manifest = {"dataset": "d", "split": "s", "split_membership": {"train": [1, 2], "val": [3], "test": [4, 5]}}
     assert held_out(manifest, [4, 5], sha256s=None, dataset="d", n=2)["verdict"] == "held out"
     assert held_out(manifest, [3, 4], sha256s=None, dataset="d", n=2)["verdict"] == "optimistic"
     assert held_out(manifest, [1], sha256s=None, dataset="other", n=1)["verdict"] == "unknown"  # ids of another
+    recorded = {**manifest, "training_sha256": ["a", "b", "c"]}  # image 3 (val) has contents c
+    copy_of_val = held_out(recorded, [4, 5], sha256s=["c", "e"], dataset="d", n=2, val_contents={"c"})
+    assert (copy_of_val["verdict"], copy_of_val["validated_on"]) == ("optimistic", 1)
+    copy_of_train = held_out(recorded, [4], sha256s=["a"], dataset="d", n=1, val_contents={"c"})
+    assert copy_of_train["verdict"] == "not held out" and "1 of these 1 images has the" in copy_of_train["message"]
     n_val = evaluate(bundle, ws, subset="val")["n"]
     refitted = tmp_path / "refitted"
     shutil.copytree(bundle, refitted)

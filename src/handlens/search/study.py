@@ -225,9 +225,11 @@ def _base_config(cfg: StudyConfig, data: Any) -> dict[str, Any]:
                             "tracking": {"backend": cfg.tracking}})
     run.train.progress = False
     run.tracking.experiment = f"study-{cfg.name}"
-    # the keys set, not every default: a trial's config then knows what it leaves to its policy (a preset's
-    # recommended preprocessing, thin-section's patches or xray's normalisation, applies as in `train`)
-    return run.model_dump(mode="json", exclude_unset=True)
+    base = run.model_dump(mode="json")  # every default pinned: a worker of another version trains the same trials
+    # ... but of preprocess only the keys set: a trial's config then knows what it leaves to its policy (a
+    # preset's recommended preprocessing, thin-section's patches or xray's normalisation, applies as in `train`)
+    base["preprocess"] = run.preprocess.model_dump(mode="json", exclude_unset=True)
+    return base
 
 
 def _user_settings(cfg: StudyConfig, space: SearchSpace) -> dict[str, Any]:
@@ -1005,7 +1007,7 @@ def finish_study(ctx: StudyContext, ws: Workspace, storage: Any, *, one_se: bool
     study.set_user_attr("bundle", str(bundle))
     study.set_user_attr("winner", winner.number)
     # the refit's own choices (a resume may change them): what `study show` and `study list` describe
-    study.set_user_attr("settings", {**study.user_attrs["settings"], "one_se": one_se, "ensemble": ensemble})
+    study.set_user_attr("settings", {**study.user_attrs["settings"], "one_se": one_se, "ensemble": len(members)})
     return StudyResult(name=ctx.name, bundle=bundle, winner=winner, trials=rows, importances=importances(study),
                        seconds=time.time() - started, feature_passes=feature_passes, refit=refit_info,
                        members=[m.number for m in members], verdict=verdict(winner, rows, one_se=one_se))

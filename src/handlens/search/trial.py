@@ -176,9 +176,8 @@ def effective_key(cfg: Any) -> str:
 
     from handlens.train.head import resolve_head
 
+    cached = on_cached_features(cfg)  # settles the policy into cfg first: its preprocessing is part of the key
     data = cfg.model_dump(mode="json")
-    cached = on_cached_features(cfg)
-    data["augment"]["policy"] = cfg.augment.policy
     head = resolve_head(cfg.model, cfg.train, on_features=cached)
     data["model"]["head"] = head
     if head == "logistic":

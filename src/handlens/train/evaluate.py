@@ -153,8 +153,11 @@ def evaluate(
     judged = judge(bundle_ref, ws, dataset=dataset, subset=subset, split=split, images=images, tta=tta)
     bundle, path, paths, probs, targets = judged.bundle, judged.path, judged.paths, judged.probs, judged.targets
     metrics = classification_metrics(torch.from_numpy(probs), torch.from_numpy(targets), bundle.classes)
-    held = (held_out(bundle.manifest, judged.image_ids, sha256s=judged.sha256s, n=len(paths),
-                     dataset=dataset or bundle.manifest.get("dataset", "")) if judged.image_ids is not None else None)
+    held = None
+    if judged.image_ids is not None:
+        name = dataset or bundle.manifest.get("dataset", "")
+        held = held_out(bundle.manifest, judged.image_ids, sha256s=judged.sha256s, n=len(paths), dataset=name,
+                        val_contents=_validation_contents(ws, bundle.manifest))
     if images is None and subset != "test":
         leakage: dict[str, Any] = {"verdict": f"not checked: the model trained on (or was selected on) the {subset} "
                                    "subset; the leak check is for test subsets and --images", "pairs": []}
@@ -180,7 +183,7 @@ def evaluate(
 
 
 def held_out(manifest: dict[str, Any], image_ids: list[int], *, sha256s: list[str] | None, dataset: str,
-             n: int) -> dict[str, Any]:
+             n: int, val_contents: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     """Whether catalog images judged by a bundle were kept from it: a score on images the model trained on (the
     train subset; val too after a study's refit on train+val) says nothing about new images, and one on its
     validation images is optimistic (they can have chosen its best epoch or settings). The verdict in words
@@ -190,7 +193,8 @@ def held_out(manifest: dict[str, Any], image_ids: list[int], *, sha256s: list[st
     By the image ids the bundle records (``split_membership``) when they are ids of this dataset, each checked
     against the contents it records (``training_sha256``) where it has them: ids of another workspace or of a
     re-imported dataset mean other images. Otherwise by content alone (``training_sha256`` lumps train and
-    val); with neither, the verdict is ``unknown``."""
+    val; ``val_contents``, the SHA-256s of its validation images, tells a copy of one apart); with neither, the
+    verdict is ``unknown``."""
     membership = manifest.get("split_membership") or {}
     recorded = set(manifest.get("training_sha256") or [])
     own = manifest.get("dataset") == dataset and bool(membership)
@@ -208,7 +212,7 @@ def held_out(manifest: dict[str, Any], image_ids: list[int], *, sha256s: list[st
             continue  # not a picture the model learnt from, whatever its id says
         if image_id in trained:
             on_train += 1
-        elif image_id in validated:
+        elif image_id in validated or sha in val_contents:  # a validation image, or a copy of one
             on_val += 1
         elif recorded:  # the contents of a training image under another id: a copy (or ids from elsewhere)
             copies += 1
@@ -218,6 +222,24 @@ def held_out(manifest: dict[str, Any], image_ids: list[int], *, sha256s: list[st
            "n": n}
     return {"verdict": _held_verdict(on_train + copies, on_val), "message": _held_message(
         manifest, on_train=on_train, on_val=on_val, copies=copies, n=n), **out}
+
+
+def _validation_contents(ws: Workspace, manifest: dict[str, Any]) -> set[str]:
+    """The SHA-256s of a bundle's validation images, through the catalog (by their ids, under its dataset)."""
+    from sqlalchemy import select
+
+    from handlens.data.catalog import Dataset, Image, open_catalog
+
+    ids = [int(i) for i in (manifest.get("split_membership") or {}).get("val") or []]
+    if not ids:
+        return set()
+    catalog = open_catalog(ws.db_url)
+    try:
+        with catalog.session() as session:
+            return set(session.scalars(select(Image.sha256).join(Dataset, Dataset.id == Image.dataset_id)
+                                       .where(Dataset.name == manifest.get("dataset"), Image.id.in_(ids))))
+    finally:
+        catalog.close()
 
 
 def _held_verdict(learnt: int, validated: int) -> str:
@@ -233,8 +255,8 @@ def _held_message(manifest: dict[str, Any], *, on_train: int, on_val: int, copie
             why = " (a study refitted it on all train+val images)" if study.get("refitted") else ""
             parts.append(f"the model trained on {on_train} of these {n} images{why}; judge it on {split}")
         if copies:
-            parts.append(f"{copies} of these {n} images have the contents of images it learnt from (copies: see "
-                         "the leak check)")
+            parts.append(f"{copies} of these {n} images {'has' if copies == 1 else 'have'} the contents of images "
+                         "it learnt from (byte copies, or the same images under other ids)")
         return "not an estimate for new images: " + "; ".join(parts)
     if on_val:
         return (f"optimistic: {on_val} of these {n} images are the run's validation images, which can have chosen "
