@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from handlens.core.errors import BusyError, ConflictError, HandlensError, InputError, NotFoundError
 from handlens.core.workspace import Workspace
 from handlens.models.bundle import raise_if_disk_full
-from handlens.train.config import RunConfig, load_config, on_cached_features
+from handlens.train.config import AugmentConfig, RunConfig, load_config, on_cached_features
 from handlens.transforms.augment import build_augmenter
 
 CONFIG_FILE = "config.yaml"
@@ -144,8 +144,9 @@ def feature_key_parts(cfg: RunConfig, spec: Any, preprocess: Any, views: int) ->
     return {**base, "augment": cfg.augment.model_dump(), "seed": cfg.train.seed} if views else base
 
 
-#: the basic policy's own settings (their defaults): they shape ``augment.policy=basic`` and nothing else
-BASIC_POLICY_KNOBS = {"hflip": True, "vflip": False, "crop_scale": 0.8}
+#: the basic policy's own settings and their defaults (the run config's): they shape ``augment.policy=basic`` and
+#: nothing else
+BASIC_POLICY_KNOBS = {key: AugmentConfig.model_fields[key].default for key in ("hflip", "vflip", "crop_scale")}
 
 
 def check_policy_has_effect(cfg: RunConfig, on_features: bool) -> None:
