@@ -645,3 +645,27 @@ def test_a_policy_that_samples_patches_makes_a_frozen_trial_train_as_train_would
     assert base["train"]["progress"] is False and base["train"]["lr"] == 1e-3
     assert base["preprocess"] == {"size": 24, "patches": {"size": 24, "max_side": 0, "per_image": 1}}
     assert base["train"]["batch_size"] == 32 and base["model"]["freeze"] == "frozen"
+
+
+def test_a_frozen_trial_that_needs_a_new_feature_pass_has_it_estimated_for_the_budget(trained_workspace):
+    """The budget counted only a frozen trial's fold work: a trial with a new input size started a feature pass
+    minutes long at the budget's end. The pass is estimated per pixel from the study's passes so far."""
+    from handlens.search.trial import PoolFeatures
+    from handlens.train.config import load_config
+
+    catalog = open_catalog(trained_workspace.db_url)
+    try:
+        pool = load_split_data(catalog, "colours").subsets["train"]
+    finally:
+        catalog.close()
+    features = PoolFeatures(trained_workspace, pool)
+
+    def cfg(size):
+        return load_config(None, ["data.dataset=colours", "model.backbone=tiny_cnn", "model.weights=none",
+                                  "model.freeze=frozen", f"preprocess.size={size}"])
+
+    assert features.missing_seconds(cfg(28)) is None  # no pass to go by yet
+    features.rows(cfg(28))
+    assert features.missing_seconds(cfg(28)) == 0.0
+    (rate,) = features._rates
+    assert features.missing_seconds(cfg(56)) == pytest.approx(rate * len(pool.sha256s) * 56 ** 2)  # 4x the pass

@@ -453,7 +453,7 @@ class _Objective:
 
         kind = "frozen" if on_cached_features(cfg) else "train"
         trial.set_user_attr("kind", kind)
-        self._check_budget(trial, kind, params)
+        self._check_budget(trial, kind, params, cfg)
         started = time.perf_counter()
 
         def after_fold(step: int, running_mean: float) -> None:
@@ -562,8 +562,9 @@ class _Objective:
             return None
         return MAX_TRIAL_SHARE * self.ctx.budget
 
-    def _check_budget(self, trial: Any, kind: str, params: dict[str, Any]) -> None:
-        """Do not start a trial whose kind's typical duration no longer fits in the budget."""
+    def _check_budget(self, trial: Any, kind: str, params: dict[str, Any], cfg: Any) -> None:
+        """Do not start a trial whose kind's typical duration, with the feature pass a frozen trial would compute
+        first (features of an input size, pool or backbone not seen yet), no longer fits in the budget."""
         import optuna
 
         if self.ctx.deadline is None:
@@ -583,11 +584,16 @@ class _Objective:
             trial.set_user_attr("shape", list(shape))
             if seen:
                 expected = float(np.median(seen)) * cfg.train.epochs * len(self.ctx.folds)
+        what = f"a {kind} trial"
+        if kind == "frozen":
+            missing = self._pool_features().missing_seconds(cfg)
+            if missing:
+                expected, what = (expected or 0.0) + missing, "a frozen trial with features not computed yet"
         cap = self._trial_cap(trial) if kind == "train" else None
         if left <= 0 or (expected is not None and expected > min(left, cap or left)):
             limit = (f"{_minutes(max(left, 0))} left" if cap is None or left <= cap else
                      f"more than {MAX_TRIAL_SHARE:.0%} of the study's {_minutes(self.ctx.budget)}")
-            trial.set_user_attr("skipped", f"budget: a {kind} trial takes ~{_minutes(expected)}, {limit}")
+            trial.set_user_attr("skipped", f"budget: {what} takes ~{_minutes(expected)}, {limit}")
             if self.grid:  # keep the point for a resumed study
                 trial.study.enqueue_trial(params, skip_if_exists=False)
             raise optuna.TrialPruned()

@@ -96,48 +96,76 @@ class PoolFeatures:
         self._features: dict[str, Any] = {}
         self._images: dict[str, Any] = {}
         self.passes = 0  # feature sets this study computed or loaded (not served from memory)
+        self._rates: list[float] = []  # seconds per pixel (image x size^2 x views) of each pass computed here
 
     def rows(self, cfg: Any, views: int = 0) -> Any:
         """Features of the pool in pool order: (N, F), or (N, V, F) with ``views`` augmented views."""
-        import json
-
         import torch
 
-        from handlens.models.backbones import BACKBONES
         from handlens.models.classifier import create_classifier
         from handlens.train.features import feature_rows
-        from handlens.train.run import build_preprocess, feature_key_parts, settle_policy
+        from handlens.train.run import seed_everything
         from handlens.transforms.augment import build_augmenter
+
+        key, parts, preprocess = self._key(cfg, views)
+        if key in self._features or self._load_stored(key, parts, views):
+            return self._features[key]
+        started = time.perf_counter()
+        images = self._images_for(cfg, preprocess)
+        seed_everything(cfg.train.seed)  # as train() does: a random backbone (weights none) is the refit's
+        model = create_classifier(cfg.model.backbone, 2, weights=cfg.model.weights, freeze="frozen",
+                                  pool=cfg.model.pool)
+        self._features[key] = feature_rows(
+            model, images, self.pool.sha256s, key_parts=parts, cache_dir=self.ws.cache_dir,
+            normalize=preprocess.normalize_batch, views=views, augment=build_augmenter(cfg.augment) if views else None,
+            generator=torch.Generator().manual_seed(cfg.train.seed))
+        self.passes += 1
+        self._rates.append((time.perf_counter() - started) / self._pixels(preprocess, views))
+        return self._features[key]
+
+    def missing_seconds(self, cfg: Any) -> float | None:
+        """How long the features ``cfg`` trains on would take to compute: 0 when this study has them (in memory
+        or in the workspace's store), else this study's passes so far per pixel of every view of every image,
+        times this one's pixels (a 288-px pass is ~1.7x a 224-px one); None before any pass to go by. A budget
+        that counted only the fold work let a trial with a new input size start a minutes-long pass at the
+        budget's end."""
+        needed = {cfg.train.views, 0}  # augmented training rows, and the plain rows every trial validates on
+        missing = []
+        for views in sorted(needed):
+            key, parts, preprocess = self._key(cfg, views)
+            if key not in self._features and not self._load_stored(key, parts, views):
+                missing.append(self._pixels(preprocess, views))
+        if not missing:
+            return 0.0
+        return float(np.median(self._rates)) * sum(missing) if self._rates else None
+
+    def _key(self, cfg: Any, views: int) -> tuple[str, dict[str, Any], Any]:
+        import json
+
+        from handlens.models.backbones import BACKBONES
+        from handlens.train.run import build_preprocess, feature_key_parts, settle_policy
 
         settle_policy(cfg)
         if cfg.preprocess.normalize == "dataset":
             raise InputError("studies do not support preprocess.normalize=dataset yet (each fold would need its "
                              "own statistics): use backbone, unit, minmax or percentile")
-        spec = BACKBONES.get(cfg.model.backbone)
-        preprocess = build_preprocess(cfg, spec)
-        parts = feature_key_parts(cfg, spec, preprocess, views)
-        key = json.dumps([parts, views], sort_keys=True, default=str)
-        if key not in self._features:
-            from handlens.train.features import stored_rows
+        preprocess = build_preprocess(cfg, BACKBONES.get(cfg.model.backbone))
+        parts = feature_key_parts(cfg, BACKBONES.get(cfg.model.backbone), preprocess, views)
+        return json.dumps([parts, views], sort_keys=True, default=str), parts, preprocess
 
-            stored = stored_rows(self.pool.sha256s, key_parts=parts, cache_dir=self.ws.cache_dir, views=views)
-            if stored is not None:  # every image is in the store: no decode, no backbone
-                self._features[key] = stored
-                self.passes += 1
-                return stored
-            from handlens.train.run import seed_everything
+    def _load_stored(self, key: str, parts: dict[str, Any], views: int) -> bool:
+        """Every pool image's features are in the store: keep them (no decode, no backbone)."""
+        from handlens.train.features import stored_rows
 
-            images = self._images_for(cfg, preprocess)
-            seed_everything(cfg.train.seed)  # as train() does: a random backbone (weights none) is the refit's
-            model = create_classifier(cfg.model.backbone, 2, weights=cfg.model.weights, freeze="frozen",
-                                      pool=cfg.model.pool)
-            self._features[key] = feature_rows(
-                model, images, self.pool.sha256s, key_parts=parts, cache_dir=self.ws.cache_dir,
-                normalize=preprocess.normalize_batch, views=views,
-                augment=build_augmenter(cfg.augment) if views else None,
-                generator=torch.Generator().manual_seed(cfg.train.seed))
-            self.passes += 1
-        return self._features[key]
+        stored = stored_rows(self.pool.sha256s, key_parts=parts, cache_dir=self.ws.cache_dir, views=views)
+        if stored is None:
+            return False
+        self._features[key] = stored
+        self.passes += 1
+        return True
+
+    def _pixels(self, preprocess: Any, views: int) -> float:
+        return float(len(self.pool.sha256s)) * preprocess.size ** 2 * max(1, views)
 
     def _images_for(self, cfg: Any, preprocess: Any) -> Any:
         from handlens.train.data import as_tensor_images
