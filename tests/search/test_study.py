@@ -148,7 +148,7 @@ def test_two_workers_on_one_grid_study_never_run_a_point_twice(trained_workspace
     assert len(workers) == 2  # both processes took trials, and no point twice
 
 
-def test_ensemble_bundle_loads_and_averages_its_members(trained_workspace, tmp_path):
+def test_ensemble_bundle_loads_and_averages_its_members(trained_workspace, tmp_path, capsys):
     from handlens.models.bundle import load_bundle
 
     cfg = study_cfg(tmp_path, {"train.lr": [0.03, 0.01, 0.003]}, fixed={"model.head": "linear"}, sampler="grid",
@@ -176,6 +176,7 @@ def test_ensemble_bundle_loads_and_averages_its_members(trained_workspace, tmp_p
 
     again = run_study(StudyConfig(name="s1", resume=True, ensemble=1, one_se=True, tracking="none"), trained_workspace)
     assert again.members == [again.winner.number]
+    assert "study s1: nothing left to run (3 trial(s) finished" in capsys.readouterr().err
     (listed,) = list_studies(trained_workspace)
     assert (listed["ensemble"], listed["one_se"]) == (1, True)
     assert "--one-se" in show_study("s1", trained_workspace).verdict

@@ -178,6 +178,16 @@ def test_scores_on_images_the_model_learnt_from_lead_with_what_they_are_worth(le
                                 f"{n_val} images (a study refitted it on all train+val images)")
     assert first < result.stdout.index("macro-F1")
     assert f"judge it on the test subset of split {manifest['split']!r}" in held["message"]
+    clean = json.loads((bundle / "bundle.json").read_text())
+    catalog = open_catalog(ws.db_url)
+    try:
+        tested = set(load_split_data(catalog, "colours").subsets["test"].sha256s)
+    finally:
+        catalog.close()
+    clean["training_sha256"] = [s for s in clean["training_sha256"] if s not in tested]  # no test copies now
+    (refitted / "bundle.json").write_text(json.dumps(clean))
+    shown = runner.invoke(app, ["--workspace", str(ws.root), "evaluate", str(refitted)]).stdout
+    assert shown.index("held out: the model neither trained nor validated on these images.") < shown.index("macro-F1")
 
 
 def test_held_out_checks_ids_against_contents_and_says_unknown_without_either(leaky, tmp_path):

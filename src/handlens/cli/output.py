@@ -77,7 +77,8 @@ class ProgressBar:
 def table(title: str, columns: list[str], rows: list[list[Any]], justify_numbers: bool = True) -> Table:
     out = Table(title=title, title_justify="left", show_lines=False)
     for index, column in enumerate(columns):
-        out.add_column(column, justify="right" if justify_numbers and index > 0 else "left")
+        # fold, not cut: a study name or a path cut to "lithology-quick-2026…" cannot be typed back
+        out.add_column(column, justify="right" if justify_numbers and index > 0 else "left", overflow="fold")
     for row in rows:
         out.add_row(*[fmt(v) for v in row])
     return out

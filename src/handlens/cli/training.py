@@ -204,6 +204,8 @@ def _print_evaluation(report: dict[str, Any]) -> None:
     held = report.get("held_out") or {}
     if held.get("verdict") in ("not held out", "optimistic", "unknown"):  # before the scores it qualifies
         warn([held["message"]])
+    elif held:
+        stdout.print(f"{held['message']}.")
     auc = f"{report['roc_auc']:.3f}" if report.get("roc_auc") is not None else "n/a (a class is absent)"
     stdout.print(f"{report['source']}: {report['n']} images · accuracy {report['accuracy']:.3f} · "
                  f"macro-F1 {report['macro_f1']:.3f} · ROC-AUC {auc}")

@@ -950,16 +950,24 @@ def run_study(cfg: StudyConfig, workspace: Workspace | None = None) -> StudyResu
                                                                ctx.deadline, threads, index))
             process.start()
             processes.append(process)
+    before = _finished_count(storage, ctx.name) if cfg.resume else None
     try:
         objective = _work(ctx, ws, storage, trials_wanted)
     finally:
         for process in processes:
             process.join()
+    if before is not None and _finished_count(storage, ctx.name) == before:
+        print(f"study {ctx.name}: nothing left to run ({before} trial(s) finished; give --trials N above that or "
+              "a --budget for more); its winner is refitted again", file=sys.stderr, flush=True)
     given = cfg.model_fields_set
     return finish_study(ctx, ws, storage,
                         one_se=cfg.one_se if "one_se" in given or not cfg.resume else bool(ctx.settings["one_se"]),
                         ensemble=cfg.ensemble if "ensemble" in given or not cfg.resume else ctx.settings["ensemble"],
                         started=started, feature_passes=objective.features.passes if objective.features else 0)
+
+
+def _finished_count(storage: Any, name: str) -> int:
+    return sum(1 for t in load_study(storage, name).get_trials(deepcopy=False) if t.state.is_finished())
 
 
 def work_study(name: str, workspace: Workspace | None = None, *, budget: float | None = None,
