@@ -70,3 +70,12 @@ def test_budget_words():
 
     with pytest.raises(InputError, match="wall time like 20m"):
         parse_budget("twenty minutes")
+
+
+def test_the_refit_line_says_what_the_folds_chose():
+    from handlens.cli.study import _refit_line
+
+    line = _refit_line({"trial": 3, "run_id": "r1", "epochs": 1, "chosen_on_folds": {"model.logistic_c": 0.01}})
+    assert line == ("trial 3 retrained on all train+val images for 1 epoch, model.logistic_c=0.01 (chosen on the "
+                    "folds) (run r1)")
+    assert _refit_line({"trial": 0, "run_id": "r2", "epochs": 25}).endswith("for 25 epochs (run r2)")

@@ -106,8 +106,10 @@ def _refit_line(refit: dict[str, Any]) -> str:
         return "ensemble of " + ", ".join(f"trial {m['trial']} ({_epochs(m['epochs'])})" for m in refit["members"])
     if not refit:
         return "-"
-    return (f"trial {refit['trial']} retrained on all train+val images for {_epochs(refit['epochs'])} "
-            f"(run {refit['run_id']})")
+    chosen = "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}"
+                     for k, v in (refit.get("chosen_on_folds") or {}).items())
+    return (f"trial {refit['trial']} retrained on all train+val images for {_epochs(refit['epochs'])}"
+            f"{chosen + ' (chosen on the folds)' if chosen else ''} (run {refit['run_id']})")
 
 
 def _print_study(result: Any, top: int | None = None) -> None:

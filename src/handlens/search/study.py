@@ -1073,7 +1073,8 @@ def refit(ctx: StudyContext, ws: Workspace, row: TrialRow) -> tuple[Path, dict[s
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)
     return result.bundle, {"trial": row.number, "run_id": result.run_id, "epochs": cfg.train.epochs,
-                           "seconds": round(result.seconds, 2), "bundle": str(result.bundle)}
+                           "seconds": round(result.seconds, 2), "bundle": str(result.bundle),
+                           "chosen_on_folds": dict(row.refit_set)}  # e.g. a logistic head's C
 
 
 
