@@ -46,7 +46,8 @@ def stored(ws, name: str = "s1"):
     return optuna.load_study(study_name=name, storage=open_storage(ws.db_url))
 
 
-def test_frozen_grid_study_shares_features_refits_on_train_val_and_never_sees_test(trained_workspace, tmp_path):
+def test_frozen_grid_study_shares_features_refits_on_train_val_and_never_sees_test(trained_workspace, tmp_path,
+                                                                                     capsys):
     from handlens.models.bundle import load_bundle
     from handlens.train import features
 
@@ -54,6 +55,7 @@ def test_frozen_grid_study_shares_features_refits_on_train_val_and_never_sees_te
     before = features.FEATURE_IMAGES
     cfg = study_cfg(tmp_path, {"model.head": ["logistic", "linear"], "train.lr": [0.01, 0.003]}, sampler="grid")
     result = run_study(cfg, ws)
+    assert "epoch 1/" not in capsys.readouterr().err  # the refit of a head on features prints no epoch lines
     assert [t.status for t in result.trials] == ["complete"] * 4
     assert all(t.folds == 3 and t.cv_mean is not None for t in result.trials)
     # a logistic head ignores train.lr: its second lr is the same model, scored once

@@ -582,15 +582,18 @@ def _weights_identity(source: str) -> str:
     return f"{path.resolve()}:{stat.st_size if stat else 0}:{stat.st_mtime_ns if stat else 0}"
 
 
-def _epoch_reporter(tracker: Any, total_epochs: int, run_dir: Path, history: list[dict[str, Any]]) -> Any:
-    """One line per epoch on stderr, metrics to the tracker, and the history so far for a resume."""
+def _epoch_reporter(tracker: Any, total_epochs: int, run_dir: Path, history: list[dict[str, Any]], *,
+                    say: bool = True) -> Any:
+    """One line per epoch on stderr (unless ``say`` is false), metrics to the tracker, and the history so far for
+    a resume."""
 
     def report(record: dict[str, Any]) -> None:
         scalars = {k: v for k, v in record.items() if isinstance(v, float) and not k.endswith("_seconds")}
         tracker.log_metrics(scalars, step=record["epoch"])
         shown = "  ".join(f"{k}={v:.4f}" for k, v in scalars.items()
                           if k in ("train_loss", "val_loss", "train_macro_f1", "val_macro_f1", "val_accuracy"))
-        print(f"epoch {record['epoch']}/{total_epochs}  {shown}", file=sys.stderr, flush=True)
+        if say:
+            print(f"epoch {record['epoch']}/{total_epochs}  {shown}", file=sys.stderr, flush=True)
         (run_dir / "history.partial.json").write_text(json.dumps(history, indent=1))  # progress, for people
 
     return report
@@ -760,7 +763,8 @@ def _train(cfg: RunConfig, ws: Workspace, resume: str | None, progress: bool | N
         fit_started = time.perf_counter()
         if prepared.module is None:
             best_epoch, history, epochs, head_fit = _fit_on_features(
-                prepared, tracker, run_dir, _stopping_hook(epoch_hook, should_stop, run_id))
+                prepared, tracker, run_dir, _stopping_hook(epoch_hook, should_stop, run_id),
+                say_epochs=progress is not False)  # a study's refit of a head: seconds, not 25 lines
         else:
             if world is not None:  # the other processes start now that the run's config is resolved
                 world.start(ws, {"run_id": run_id, "config": cfg.to_yaml(), "subsets": subsets,
@@ -1048,8 +1052,8 @@ def _train_groups(catalog: Any, data: Any) -> list[str | None] | None:
         return split_groups(session, find_dataset(session, data.dataset).id, data.split, data.subsets["train"].ids)
 
 
-def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path,
-                     epoch_hook: Any = None) -> tuple[int, list[dict[str, Any]], int, dict[str, Any]]:
+def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path, epoch_hook: Any = None, *,
+                     say_epochs: bool = True) -> tuple[int, list[dict[str, Any]], int, dict[str, Any]]:
     """Train the head on the cached features with fit_head; the fitted head becomes the model's head."""
     from handlens.train.head import fit_head
 
@@ -1059,7 +1063,7 @@ def _fit_on_features(prepared: Prepared, tracker: Any, run_dir: Path,
     val_x, val_y = features.get("val", (None, None))
     history: list[dict[str, Any]] = []
     logistic = cfg.model.head == "logistic"
-    reporter = _epoch_reporter(tracker, 1 if logistic else cfg.train.epochs, run_dir, history)
+    reporter = _epoch_reporter(tracker, 1 if logistic else cfg.train.epochs, run_dir, history, say=say_epochs)
 
     def on_epoch(record: dict[str, Any]) -> None:
         history.append(record)
