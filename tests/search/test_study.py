@@ -672,3 +672,16 @@ def test_a_frozen_trial_that_needs_a_new_feature_pass_has_it_estimated_for_the_b
     assert features.missing_seconds(cfg(28)) == 0.0
     (rate,) = features._rates
     assert features.missing_seconds(cfg(56)) == pytest.approx(rate * len(pool.sha256s) * 56 ** 2)  # 4x the pass
+
+
+def test_trials_count_configs_scored_not_copies_and_an_exhausted_space_stops(trained_workspace, tmp_path):
+    """--trials 3 over a space with 3 distinct configs (a logistic head ignores train.lr) scores all 3, however
+    many copies the sampler draws; a space with one distinct config stops after MAX_BUDGET_SKIPS copies."""
+    from handlens.search.study import MAX_BUDGET_SKIPS, scored_trials
+
+    space = {"model.head": ["logistic", "linear"], "train.lr": [0.01, 0.03]}
+    result = run_study(study_cfg(tmp_path, space, sampler="random", trials=3), trained_workspace)
+    assert len(scored_trials(result.trials)) == 3
+    one = run_study(study_cfg(tmp_path, {"train.lr": [0.01, 0.1]}, fixed={"model.head": "logistic"}, name="s2",
+                              sampler="random", trials=3), trained_workspace)
+    assert len(scored_trials(one.trials)) == 1 and len(one.trials) == 1 + MAX_BUDGET_SKIPS

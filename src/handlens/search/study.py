@@ -60,7 +60,7 @@ from handlens.search.space import SearchSpace, load_space, set_key
 from handlens.search.trial import effective_key
 
 SAMPLERS = ("grid", "random", "tpe", "gp")
-MAX_BUDGET_SKIPS = 20  # consecutive trials skipped for the budget before a study stops
+MAX_BUDGET_SKIPS = 20  # consecutive trials skipped for the budget (or copies of earlier ones) before a study stops
 #: a new study whose space searches model.freeze over frozen and fine-tuning starts with this many frozen trials
 #: (their other keys sampled as usual): they cost seconds, give the study a floor, and give the median pruner the
 #: finished trials it judges against (it prunes from the 4th on) before a fine-tuning trial can take the budget.
@@ -681,8 +681,13 @@ def _stop_when_done(ctx: StudyContext, trials_wanted: int | None) -> Any:
     def callback(study: Any, trial: Any) -> None:
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state in finished_states and not t.user_attrs.get("skipped")]
-        if trials_wanted is not None and len(done) >= trials_wanted:
+        # --trials N counts configs scored: a copy of an earlier trial's effect ("same as trial N", a logistic
+        # head drawn with another learning rate it does not use) costs nothing and is not one of the N
+        scored = [t for t in done if "duplicate_of" not in t.user_attrs]
+        if trials_wanted is not None and len(scored) >= trials_wanted:
             study.stop()
+        if len(done) >= MAX_BUDGET_SKIPS and all("duplicate_of" in t.user_attrs for t in done[-MAX_BUDGET_SKIPS:]):
+            study.stop()  # the sampler keeps proposing what was scored: the space has no new config left
         if ctx.settings["sampler"] == "grid" and not any(
                 t.state == optuna.trial.TrialState.WAITING for t in trials):
             study.stop()
